@@ -1,0 +1,174 @@
+//! The bridge between planes: the data plane asks (authenticate, decide) and awaits an answer the
+//! control plane gives through the request's handle, possibly much later; events are batched as
+//! JSON lines. A socketpair becomes readable when something is pending, so the Python loop sleeps
+//! until then and drains everything with one call.
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Authenticate,
+    Decide,
+}
+
+impl RequestKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RequestKind::Authenticate => "authenticate",
+            RequestKind::Decide => "decide",
+        }
+    }
+}
+
+/// A question waiting for the control plane. Dropping it unanswered makes the asker fail closed.
+pub struct PendingRequest {
+    pub id: u64,
+    pub kind: RequestKind,
+    pub payload: Value,
+    pub reply: oneshot::Sender<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AskError {
+    /// No answer within the timeout.
+    TimedOut,
+    /// The control plane dropped the request (shutdown, crash in a handler).
+    Dropped,
+}
+
+pub struct Bridge {
+    queue: Mutex<Vec<PendingRequest>>,
+    events: Mutex<Vec<u8>>,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+    signaled: AtomicBool,
+    next_id: AtomicU64,
+    event_backlog_wakeup: usize,
+    pub timed_out: AtomicU64,
+}
+
+impl Bridge {
+    pub fn new(event_backlog_wakeup: usize) -> std::io::Result<Self> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(Bridge {
+            queue: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
+            wake_tx,
+            wake_rx,
+            signaled: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            event_backlog_wakeup: event_backlog_wakeup.max(1) * 200,
+            timed_out: AtomicU64::new(0),
+        })
+    }
+
+    pub fn wakeup_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.wake_rx.as_raw_fd()
+    }
+
+    fn signal(&self) {
+        if !self.signaled.swap(true, Ordering::AcqRel) {
+            // A full socket buffer means a wakeup is already pending: ignoring the error is right.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
+
+    /// Asks the control plane and waits for the answer, failing closed after `timeout`.
+    pub async fn ask(&self, kind: RequestKind, payload: Value, timeout: Duration) -> Result<Value, AskError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.queue.lock().push(PendingRequest { id, kind, payload, reply: tx });
+        self.signal();
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(AskError::Dropped),
+            Err(_) => {
+                self.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(AskError::TimedOut)
+            }
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.queue.lock().len()
+    }
+
+    /// Takes every pending request and clears the wakeup (order matters: see comments).
+    pub fn take_requests(&self) -> Vec<PendingRequest> {
+        // Clear the flag first: a request pushed from now on signals again, so none is missed.
+        self.signaled.store(false, Ordering::Release);
+        let mut sink = [0u8; 256];
+        while let Ok(n) = (&self.wake_rx).read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        std::mem::take(&mut *self.queue.lock())
+    }
+
+    /// Appends one event (already a JSON object) as a line.
+    pub fn emit(&self, event: &Value) {
+        let mut ev = self.events.lock();
+        // serde_json cannot fail on a Value.
+        let _ = serde_json::to_writer(&mut *ev, event);
+        ev.push(b'\n');
+        let big = ev.len() >= self.event_backlog_wakeup;
+        drop(ev);
+        if big {
+            self.signal();
+        }
+    }
+
+    pub fn take_events(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.events.lock())
+    }
+}
+
+pub fn now_ts() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ask_answer_and_timeout() {
+        let b = std::sync::Arc::new(Bridge::new(10).unwrap());
+        let b2 = b.clone();
+        let h = tokio::spawn(async move { b2.ask(RequestKind::Decide, Value::Null, Duration::from_secs(5)).await });
+        let reqs = loop {
+            let r = b.take_requests();
+            if !r.is_empty() {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(reqs.len(), 1);
+        for r in reqs {
+            r.reply.send(serde_json::json!({"ok": true})).unwrap();
+        }
+        assert_eq!(h.await.unwrap().unwrap()["ok"], true);
+        let r = b.ask(RequestKind::Decide, Value::Null, Duration::from_millis(20)).await;
+        assert_eq!(r, Err(AskError::TimedOut));
+        assert_eq!(b.timed_out.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn events_are_json_lines() {
+        let b = Bridge::new(10).unwrap();
+        b.emit(&serde_json::json!({"event": "x"}));
+        b.emit(&serde_json::json!({"event": "y"}));
+        assert_eq!(b.take_events(), b"{\"event\":\"x\"}\n{\"event\":\"y\"}\n");
+        assert!(b.take_events().is_empty());
+    }
+}

@@ -1,0 +1,165 @@
+//! The decision cache: decisions keyed by (identity class, exact statement text) and, when the
+//! control plane says a decision does not depend on literal values, by normalized text too.
+//! An epoch the control plane bumps (reload) invalidates everything at once.
+
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Beyond this many entries per map the cache is cleared (simple, bounded memory).
+const MAX_ENTRIES: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny { sqlstate: String, message: String, hint: Option<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    None,
+    Exact,
+    Normalized,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub action: Action,
+    pub reuse: Reuse,
+    /// PHI-free statement form for events.
+    pub normalized: Option<Arc<str>>,
+}
+
+type Key = (Arc<str>, Box<[u8]>);
+
+#[derive(Default)]
+struct Maps {
+    epoch: u64,
+    exact: HashMap<Key, Arc<Decision>>,
+    normalized: HashMap<(Arc<str>, Box<str>), Arc<Decision>>,
+}
+
+pub struct DecisionCache {
+    maps: RwLock<Maps>,
+    epoch: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl Default for DecisionCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DecisionCache {
+    pub fn new() -> Self {
+        DecisionCache { maps: RwLock::new(Maps { epoch: 1, ..Default::default() }), epoch: AtomicU64::new(1), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Invalidates every entry; returns the new epoch.
+    pub fn bump_epoch(&self) -> u64 {
+        let mut m = self.maps.write();
+        let e = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        m.exact.clear();
+        m.normalized.clear();
+        m.epoch = e;
+        e
+    }
+
+    pub fn len(&self) -> usize {
+        let m = self.maps.read();
+        m.exact.len() + m.normalized.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Looks up by exact text, then by normalized text (computed lazily, only on an exact miss).
+    /// Returns the decision and the normalized text if it was computed (to reuse on insert).
+    pub fn lookup(&self, class: &Arc<str>, sql: &[u8]) -> (Option<Arc<Decision>>, Option<String>) {
+        let m = self.maps.read();
+        let key: Key = (class.clone(), sql.into());
+        if let Some(d) = m.exact.get(&key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return (Some(d.clone()), None);
+        }
+        let norm = crate::normalize::normalize(sql);
+        if let Some(n) = &norm {
+            if let Some(d) = m.normalized.get(&(class.clone(), n.as_str().into())) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return (Some(d.clone()), norm);
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        (None, norm)
+    }
+
+    /// Stores a decision made under `epoch` (ignored if the epoch moved on meanwhile).
+    pub fn insert(&self, epoch: u64, class: &Arc<str>, sql: &[u8], norm: Option<String>, d: Arc<Decision>) {
+        if d.reuse == Reuse::None {
+            return;
+        }
+        let mut m = self.maps.write();
+        if m.epoch != epoch {
+            return;
+        }
+        if m.exact.len() >= MAX_ENTRIES {
+            m.exact.clear();
+        }
+        if m.normalized.len() >= MAX_ENTRIES {
+            m.normalized.clear();
+        }
+        if d.reuse == Reuse::Normalized {
+            if let Some(n) = norm {
+                m.normalized.insert((class.clone(), n.into_boxed_str()), d.clone());
+                return;
+            }
+        }
+        m.exact.insert((class.clone(), sql.into()), d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow(reuse: Reuse) -> Arc<Decision> {
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None })
+    }
+
+    #[test]
+    fn exact_and_normalized_reuse() {
+        let c = DecisionCache::new();
+        let class: Arc<str> = "clinicians".into();
+        let e = c.epoch();
+        let (d, n) = c.lookup(&class, b"select * from t where id = 1");
+        assert!(d.is_none());
+        c.insert(e, &class, b"select * from t where id = 1", n, allow(Reuse::Normalized));
+        assert!(c.lookup(&class, b"select * from t where id = 2").0.is_some());
+        assert!(c.lookup(&class, b"select * from u where id = 2").0.is_none());
+        let other: Arc<str> = "billing".into();
+        assert!(c.lookup(&other, b"select * from t where id = 2").0.is_none());
+    }
+
+    #[test]
+    fn exact_only_does_not_generalize_and_epoch_invalidates() {
+        let c = DecisionCache::new();
+        let class: Arc<str> = "a".into();
+        let e = c.epoch();
+        c.insert(e, &class, b"select 1", None, allow(Reuse::Exact));
+        assert!(c.lookup(&class, b"select 1").0.is_some());
+        assert!(c.lookup(&class, b"select 2").0.is_none());
+        c.bump_epoch();
+        assert!(c.lookup(&class, b"select 1").0.is_none());
+        // A decision made under the old epoch is not stored after the bump.
+        c.insert(e, &class, b"select 1", None, allow(Reuse::Exact));
+        assert!(c.lookup(&class, b"select 1").0.is_none());
+    }
+}

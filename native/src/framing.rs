@@ -1,0 +1,211 @@
+//! Cuts PostgreSQL wire messages out of a growable per-connection buffer, checking every length
+//! before anything is allocated for it.
+
+use bytes::{Buf, BytesMut};
+
+/// A length field below 4 cannot describe a valid message (the length counts itself).
+pub const MIN_LENGTH: usize = 4;
+/// Startup packets are small; PostgreSQL itself caps them at 10,000 bytes.
+pub const MAX_STARTUP_LENGTH: usize = 10_000;
+
+/// Why a byte stream is not a valid sequence of messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length field is below 4.
+    LengthTooSmall { tag: u8, length: u32 },
+    /// The length field exceeds what we are willing to buffer for this message type.
+    TooLarge { tag: u8, length: usize, limit: usize },
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::LengthTooSmall { tag, length } => {
+                write!(f, "message type 0x{tag:02x} has invalid length {length}")
+            }
+            FrameError::TooLarge { tag, length, limit } => write!(
+                f,
+                "message type 0x{tag:02x} of {length} bytes exceeds the limit of {limit} bytes"
+            ),
+        }
+    }
+}
+
+/// The header of a regular (tagged) message: tag and total size on the wire (1 + length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub tag: u8,
+    /// Value of the length field (includes the 4 length bytes, excludes the tag).
+    pub length: usize,
+}
+
+impl Header {
+    /// Size of the whole message on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.length + 1
+    }
+    pub fn body_len(&self) -> usize {
+        self.length - 4
+    }
+}
+
+/// Reads the header at the start of `buf` if 5 bytes are present. Fails on a length below 4.
+pub fn peek_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let length = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if (length as usize) < MIN_LENGTH {
+        return Err(FrameError::LengthTooSmall { tag, length });
+    }
+    Ok(Some(Header { tag, length: length as usize }))
+}
+
+/// A complete tagged message cut from the buffer: its tag and the whole wire bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    /// The whole message including tag and length (zero-copy slice of the read buffer).
+    pub bytes: bytes::Bytes,
+}
+
+impl Frame {
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+}
+
+/// Cuts the next complete message from `buf`, or returns None if more bytes are needed.
+/// `limit` caps the length we agree to buffer; the caller decides per message type.
+pub fn next_frame(
+    buf: &mut BytesMut,
+    limit: impl Fn(u8) -> usize,
+) -> Result<Option<Frame>, FrameError> {
+    let Some(h) = peek_header(buf)? else { return Ok(None) };
+    let lim = limit(h.tag);
+    if h.length > lim {
+        return Err(FrameError::TooLarge { tag: h.tag, length: h.length, limit: lim });
+    }
+    if buf.len() < h.wire_len() {
+        // Reserve only what this (already size-checked) message needs.
+        buf.reserve(h.wire_len() - buf.len());
+        return Ok(None);
+    }
+    let bytes = buf.split_to(h.wire_len()).freeze();
+    Ok(Some(Frame { tag: h.tag, bytes }))
+}
+
+/// Cuts an untagged startup-phase packet (StartupMessage, SSLRequest, CancelRequest...).
+pub fn next_startup_packet(buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let length = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if length < 8 {
+        return Err(FrameError::LengthTooSmall { tag: 0, length: length as u32 });
+    }
+    if length > MAX_STARTUP_LENGTH {
+        return Err(FrameError::TooLarge { tag: 0, length, limit: MAX_STARTUP_LENGTH });
+    }
+    if buf.len() < length {
+        return Ok(None);
+    }
+    let mut pkt = buf.split_to(length);
+    pkt.advance(4);
+    Ok(Some(pkt))
+}
+
+/// Reads a NUL-terminated string from `body` at `*pos`, advancing past the NUL.
+pub fn read_cstr<'a>(body: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
+    let rest = body.get(*pos..)?;
+    let nul = rest.iter().position(|&b| b == 0)?;
+    let s = &rest[..nul];
+    *pos += nul + 1;
+    Some(s)
+}
+
+pub fn read_i16(body: &[u8], pos: &mut usize) -> Option<i16> {
+    let b = body.get(*pos..*pos + 2)?;
+    *pos += 2;
+    Some(i16::from_be_bytes([b[0], b[1]]))
+}
+
+pub fn read_i32(body: &[u8], pos: &mut usize) -> Option<i32> {
+    let b = body.get(*pos..*pos + 4)?;
+    *pos += 4;
+    Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn cut_all(chunks: &[Vec<u8>]) -> Vec<(u8, Vec<u8>)> {
+        let mut buf = BytesMut::new();
+        let mut out = vec![];
+        for c in chunks {
+            buf.extend_from_slice(c);
+            while let Some(f) = next_frame(&mut buf, |_| 1 << 20).unwrap() {
+                out.push((f.tag, f.body().to_vec()));
+            }
+        }
+        assert!(buf.is_empty(), "leftover bytes after a complete stream");
+        out
+    }
+
+    #[test]
+    fn rejects_length_below_four() {
+        let mut buf = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert_eq!(
+            next_frame(&mut buf, |_| 100),
+            Err(FrameError::LengthTooSmall { tag: b'Q', length: 3 })
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_before_buffering() {
+        let mut buf = BytesMut::from(&[b'Q', 0x7f, 0, 0, 0][..]);
+        assert!(matches!(next_frame(&mut buf, |_| 1000), Err(FrameError::TooLarge { .. })));
+        // Nothing was reserved for the claimed 2 GB.
+        assert!(buf.capacity() < 1 << 20);
+    }
+
+    #[test]
+    fn startup_packet_limits() {
+        let mut buf = BytesMut::from(&[0, 0, 0, 4, 0, 0, 0, 0][..]);
+        assert!(next_startup_packet(&mut buf).is_err());
+        let mut buf = BytesMut::from(&[0, 1, 0, 0][..]);
+        assert!(next_startup_packet(&mut buf).is_err());
+        let mut buf = BytesMut::from(&[0, 0, 0, 8, 4, 210, 22, 47][..]);
+        let pkt = next_startup_packet(&mut buf).unwrap().unwrap();
+        assert_eq!(&pkt[..], &[4, 210, 22, 47]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_yields_same_messages(
+            bodies in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300)), 1..20),
+            cuts in proptest::collection::vec(any::<usize>(), 0..30),
+        ) {
+            let mut stream = vec![];
+            for (t, b) in &bodies { stream.extend(msg(*t, b)); }
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            points.sort();
+            let mut chunks = vec![];
+            let mut last = 0;
+            for p in points { chunks.push(stream[last..p].to_vec()); last = p; }
+            chunks.push(stream[last..].to_vec());
+            let expected: Vec<(u8, Vec<u8>)> = bodies.clone();
+            prop_assert_eq!(cut_all(&chunks), expected);
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The client side of a session up to ReadyForQuery: TLS negotiation (SSLRequest, GSSENCRequest,
+//! PG17 direct TLS with ALPN), the StartupMessage, token authentication through the control plane,
+//! the upstream connection, then hand-off to the relay.
+
+use bytes::{Buf, BytesMut};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+use crate::bridge::{now_ts, AskError, RequestKind};
+use crate::engine::{EngineCore, Settings};
+use crate::errors::{sqlstate, GateError};
+use crate::framing::{next_frame, next_startup_packet};
+use crate::messages::{authentication, session, startup, tag_f, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
+use crate::stream::Stream;
+
+/// Passwords (tokens) are at most this long; JWTs with many groups stay well below.
+const MAX_PASSWORD_MESSAGE: usize = 64 * 1024;
+
+/// The identity the control plane established for this session.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: String,
+    pub groups: Vec<String>,
+    pub class: Arc<str>,
+}
+
+/// A failed startup: the error for the client (if the socket is still usable) and what to log.
+struct Failure {
+    stream: Option<Stream>,
+    error: Option<GateError>,
+}
+
+impl Failure {
+    fn silent() -> Self {
+        Failure { stream: None, error: None }
+    }
+    fn to(stream: Stream, error: GateError) -> Self {
+        Failure { stream: Some(stream), error: Some(error) }
+    }
+}
+
+/// Counts a session as active for as long as it lives.
+struct ActiveGuard(Arc<EngineCore>);
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.counters.sessions_active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr) {
+    core.counters.sessions_active.fetch_add(1, Ordering::AcqRel);
+    let _guard = ActiveGuard(core.clone());
+    let settings = core.settings();
+    let session_id = core.next_session_id();
+    let started = std::time::Instant::now();
+    let timeout = settings.cfg.startup_timeout();
+    let result = match tokio::time::timeout(timeout, startup(&core, &settings, tcp, peer, session_id)).await {
+        Ok(r) => r,
+        Err(_) => return, // the half-open socket is dropped; nothing useful to say to it
+    };
+    let est = match result {
+        Ok(est) => est,
+        Err(f) => {
+            if let (Some(mut s), Some(e)) = (f.stream, f.error) {
+                if e.sqlstate == sqlstate::PROTOCOL_VIOLATION {
+                    core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
+                    core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": session_id,
+                        "peer": peer.to_string(), "detail": e.message}));
+                }
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.write_all(&e.to_error_response())).await;
+            }
+            return;
+        }
+    };
+    core.counters.sessions_total.fetch_add(1, Ordering::Relaxed);
+    core.bridge.emit(&json!({
+        "ts": now_ts(), "event": "session_start", "session_id": session_id,
+        "subject": est.identity.subject, "groups": est.identity.groups, "peer": peer.to_string(),
+        "target": est.target_name, "application_name": est.application_name, "tls": est.tls,
+        "dropped_parameters": est.dropped_parameters,
+    }));
+    let our_pid = est.our_pid;
+    let end = crate::relay::run(core.clone(), settings.clone(), est, session_id).await;
+    core.cancels.unregister(our_pid);
+    core.bridge.emit(&json!({
+        "ts": now_ts(), "event": "session_end", "session_id": session_id,
+        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        "bytes_in": end.bytes_in, "bytes_out": end.bytes_out, "statements": end.statements, "reason": end.reason,
+    }));
+}
+
+/// What a successful startup hands to the relay.
+pub struct Established {
+    pub client: Stream,
+    pub client_buf: BytesMut,
+    pub upstream: crate::backend::Upstream,
+    pub identity: Identity,
+    pub target_name: String,
+    pub application_name: String,
+    pub tls: bool,
+    pub dropped_parameters: Vec<String>,
+    pub our_pid: i32,
+}
+
+async fn read_packet(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<BytesMut>, GateError> {
+    loop {
+        match next_startup_packet(buf) {
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => {}
+            Err(e) => return Err(GateError::protocol(format!("invalid startup packet: {e}"))),
+        }
+        match stream.read_into(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Refuses plaintext bytes that arrived behind an SSLRequest/GSSENCRequest: a client waits for
+/// our one-byte answer, so anything already sent was injected (CVE-2021-23222 class).
+fn check_nothing_buffered(stream: &Stream, buf: &BytesMut) -> Result<(), GateError> {
+    let mut extra = !buf.is_empty();
+    if let Stream::Plain(t) = stream {
+        let mut probe = [0u8; 1];
+        if let Ok(n) = t.try_read(&mut probe) {
+            extra |= n > 0;
+        }
+    }
+    if extra {
+        return Err(GateError::protocol("received unencrypted data after SSL request")
+            .with_hint("This could be either a client-software bug or evidence of an attempted man-in-the-middle attack."));
+    }
+    Ok(())
+}
+
+async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStream, peer: SocketAddr, session_id: u64) -> Result<Established, Failure> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(1) => {}
+        _ => return Err(Failure::silent()),
+    }
+    let mut stream = Stream::Plain(tcp);
+    let mut buf = BytesMut::new();
+    let mut tls = false;
+
+    if first[0] == 0x16 {
+        // PG17 direct TLS: a TLS ClientHello instead of SSLRequest. ALPN `postgresql` is mandatory.
+        let Some(acceptor_cfg) = settings.server_tls.clone() else { return Err(Failure::silent()) };
+        let Stream::Plain(tcp) = stream else { unreachable!() };
+        let conn = match tokio_rustls::TlsAcceptor::from(acceptor_cfg).accept(tcp).await {
+            Ok(c) => c,
+            Err(_) => return Err(Failure::silent()),
+        };
+        let alpn_ok = conn.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL);
+        stream = Stream::ServerTls(Box::new(conn));
+        if !alpn_ok {
+            return Err(Failure::to(stream, GateError::protocol("direct TLS connections must negotiate ALPN \"postgresql\"")));
+        }
+        tls = true;
+    }
+
+    let mut negotiations = 0;
+    let pkt = loop {
+        negotiations += 1;
+        let mut pkt = match read_packet(&mut stream, &mut buf).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(Failure::silent()),
+            Err(e) => return Err(Failure::to(stream, e)),
+        };
+        if negotiations > 4 {
+            return Err(Failure::to(stream, GateError::protocol("too many negotiation requests")));
+        }
+        let code = i32::from_be_bytes([pkt[0], pkt[1], pkt[2], pkt[3]]);
+        match code {
+            SSL_REQUEST_CODE if pkt.len() == 4 => {
+                if tls {
+                    return Err(Failure::to(stream, GateError::protocol("SSLRequest received on an encrypted connection")));
+                }
+                if let Err(e) = check_nothing_buffered(&stream, &buf) {
+                    return Err(Failure::to(stream, e));
+                }
+                let Some(cfg) = settings.server_tls.clone() else {
+                    if stream.write_all(b"N").await.is_err() {
+                        return Err(Failure::silent());
+                    }
+                    continue;
+                };
+                if stream.write_all(b"S").await.is_err() {
+                    return Err(Failure::silent());
+                }
+                let Stream::Plain(tcp) = stream else { unreachable!() };
+                match tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                    Ok(c) => stream = Stream::ServerTls(Box::new(c)),
+                    Err(_) => return Err(Failure::silent()),
+                }
+                tls = true;
+            }
+            GSSENC_REQUEST_CODE if pkt.len() == 4 => {
+                if tls {
+                    return Err(Failure::to(stream, GateError::protocol("GSSENCRequest received on an encrypted connection")));
+                }
+                if let Err(e) = check_nothing_buffered(&stream, &buf) {
+                    return Err(Failure::to(stream, e));
+                }
+                // GSSAPI encryption is not offered; the client goes on with SSLRequest or plaintext.
+                if stream.write_all(b"N").await.is_err() {
+                    return Err(Failure::silent());
+                }
+            }
+            CANCEL_REQUEST_CODE if pkt.len() == 12 => {
+                pkt.advance(4);
+                let pid = pkt.get_i32();
+                let secret = pkt.get_i32();
+                forward_cancel(core, pid, secret).await;
+                return Err(Failure::silent());
+            }
+            CANCEL_REQUEST_CODE => {
+                // Protocol 3.2 longer keys: we only ever issue 4-byte keys, so no such key exists.
+                return Err(Failure::silent());
+            }
+            _ if (code >> 16) == 3 => break pkt,
+            _ => {
+                let (maj, min) = ((code >> 16) & 0xffff, code & 0xffff);
+                return Err(Failure::to(stream, GateError::fatal(sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("unsupported frontend protocol {maj}.{min}: phigate supports 3.0"))));
+            }
+        }
+    };
+
+    let msg = match startup::parse(&pkt) {
+        Ok(m) => m,
+        Err(e) => return Err(Failure::to(stream, GateError::protocol(format!("invalid startup packet: {e}")))),
+    };
+    let mut out = BytesMut::new();
+    if msg.minor > 0 || !msg.protocol_options.is_empty() {
+        out.extend_from_slice(&session::negotiate_protocol_version(0, &msg.protocol_options));
+    }
+    if let Some(r) = msg.get("replication") {
+        if !matches!(r.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
+            return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_AUTHORIZATION,
+                "replication connections are not allowed through phigate")));
+        }
+    }
+    if settings.cfg.require_tls && !tls {
+        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_AUTHORIZATION,
+            "phigate requires an encrypted connection").with_hint("Connect with sslmode=require or sslmode=verify-full.")));
+    }
+    let Some(user) = msg.get("user").filter(|u| !u.is_empty()).map(str::to_string) else {
+        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_AUTHORIZATION, "no user name specified in the startup packet")));
+    };
+    let database = msg.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    let Some(target) = settings.targets.get(&database) else {
+        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" is not a target configured on this gateway"))
+            .with_hint("Use the target name your gateway administrator gave you as the database name.")));
+    };
+    let mut forwarded = vec![];
+    let mut dropped = vec![];
+    for (k, v) in &msg.params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            _ if settings.cfg.parameter_allowed(k) => forwarded.push((k.clone(), v.clone())),
+            _ => dropped.push(k.clone()),
+        }
+    }
+    let application_name = msg.get("application_name").unwrap_or("").to_string();
+
+    // Ask for the token as a cleartext password: only ever inside TLS unless TLS is explicitly off.
+    out.extend_from_slice(&authentication::cleartext_password());
+    if stream.write_all(&out).await.is_err() {
+        return Err(Failure::silent());
+    }
+    let password = loop {
+        match next_frame(&mut buf, |_| MAX_PASSWORD_MESSAGE) {
+            Ok(Some(f)) if f.tag == tag_f::PASSWORD => match authentication::password_from_body(f.body()) {
+                Some(p) => break p.to_vec(),
+                None => return Err(Failure::to(stream, GateError::protocol("invalid password message"))),
+            },
+            Ok(Some(_)) => return Err(Failure::to(stream, GateError::protocol("expected a password response"))),
+            Ok(None) => match stream.read_into(&mut buf).await {
+                Ok(0) | Err(_) => return Err(Failure::silent()),
+                Ok(_) => {}
+            },
+            Err(e) => return Err(Failure::to(stream, GateError::protocol(format!("invalid password message: {e}")))),
+        }
+    };
+    let Ok(password) = String::from_utf8(password) else {
+        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_PASSWORD, "the password must be an access token or API key (UTF-8 text)")));
+    };
+    if password.is_empty() {
+        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_PASSWORD, "empty password: present an access token as the password")));
+    }
+
+    let payload = json!({"session_id": session_id, "user": user, "database": database, "password": password,
+        "peer": peer.to_string(), "tls": tls, "application_name": application_name});
+    let auth_fail = |sqlstate: &'static str, message: String| {
+        core.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        core.bridge.emit(&json!({"ts": now_ts(), "event": "auth_failure", "session_id": session_id,
+            "peer": peer.to_string(), "sqlstate": sqlstate, "user": user}));
+        GateError::fatal(sqlstate, message)
+    };
+    let answer = match core.bridge.ask(RequestKind::Authenticate, payload, settings.cfg.auth_timeout()).await {
+        Ok(a) => a,
+        Err(AskError::TimedOut) | Err(AskError::Dropped) => {
+            return Err(Failure::to(stream, auth_fail(sqlstate::CONNECTION_FAILURE,
+                "phigate could not verify your identity in time; try again, and if it persists tell the gateway operator".into())));
+        }
+    };
+    let identity = match parse_auth_answer(&answer) {
+        Ok(i) => i,
+        Err((code, msg)) => return Err(Failure::to(stream, auth_fail(code, msg))),
+    };
+
+    let upstream = match crate::backend::connect(&target.target, target.tls.clone(), &forwarded).await {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("phigate: session {session_id}: upstream for target {database:?} failed: {}", e.log);
+            return Err(Failure::to(stream, GateError::fatal(sqlstate::CONNECTION_FAILURE,
+                format!("the upstream database for target \"{database}\" is unavailable: {}", e.public))
+                .with_hint("The gateway operator can find details in the gateway log.")));
+        }
+    };
+    let (our_pid, our_secret) = core.cancels.register(crate::cancel::UpstreamKey {
+        target: target.target.clone(),
+        pid: upstream.pid,
+        secret: upstream.secret,
+    });
+    let mut hello = BytesMut::with_capacity(512);
+    hello.extend_from_slice(&authentication::ok());
+    for n in &upstream.notices {
+        hello.extend_from_slice(n);
+    }
+    for p in &upstream.parameter_status {
+        hello.extend_from_slice(p);
+    }
+    hello.extend_from_slice(&session::backend_key_data(our_pid, our_secret));
+    hello.extend_from_slice(&session::ready_for_query(b'I'));
+    if stream.write_all(&hello).await.is_err() {
+        core.cancels.unregister(our_pid);
+        return Err(Failure::silent());
+    }
+    Ok(Established {
+        client: stream,
+        client_buf: buf,
+        upstream,
+        identity,
+        target_name: database,
+        application_name,
+        tls,
+        dropped_parameters: dropped,
+        our_pid,
+    })
+}
+
+fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, String)> {
+    let internal = || (sqlstate::INVALID_AUTHORIZATION, "phigate could not establish your identity (internal error); tell the gateway operator".to_string());
+    if a.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+        let code = match a.get("sqlstate").and_then(|v| v.as_str()) {
+            Some("28P01") => sqlstate::INVALID_PASSWORD,
+            _ => sqlstate::INVALID_AUTHORIZATION,
+        };
+        let msg = a.get("message").and_then(|v| v.as_str()).unwrap_or("authentication failed").to_string();
+        return Err((code, msg));
+    }
+    let subject = a.get("subject").and_then(|v| v.as_str()).ok_or_else(internal)?.to_string();
+    let groups = a.get("groups").and_then(|v| v.as_array()).ok_or_else(internal)?
+        .iter().map(|g| g.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(internal)?;
+    let class = a.get("identity_class").and_then(|v| v.as_str()).ok_or_else(internal)?;
+    Ok(Identity { subject, groups, class: class.into() })
+}
+
+async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {
+    let Some(key) = core.cancels.lookup(pid, secret) else { return };
+    let tls = core.settings().targets.values().find(|t| Arc::ptr_eq(&t.target, &key.target)).and_then(|t| t.tls.clone())
+        .or_else(|| crate::tls::client_config(&key.target).ok().flatten());
+    if crate::backend::send_cancel(&key.target, tls, key.pid, key.secret).await.is_ok() {
+        core.counters.cancels_forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,187 @@
+//! The #[pymodule] `phigate._native`: exports Engine and Request to the control plane. Only this
+//! file knows PyO3; it converts JSON values at the boundary, once per request, never per row.
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyInt, PyString, PyTuple};
+use serde_json::Value;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+use crate::bridge::PendingRequest;
+use crate::engine::Engine as CoreEngine;
+
+fn to_py(py: Python<'_>, v: &Value) -> PyResult<PyObject> {
+    Ok(match v {
+        Value::Null => py.None(),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any().unbind()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any().unbind()
+            } else {
+                PyFloat::new(py, n.as_f64().unwrap_or(0.0)).into_any().unbind()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any().unbind(),
+        Value::Array(a) => {
+            let items = a.iter().map(|x| to_py(py, x)).collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any().unbind()
+        }
+        Value::Object(m) => {
+            let d = PyDict::new(py);
+            for (k, x) in m {
+                d.set_item(k, to_py(py, x)?)?;
+            }
+            d.into_any().unbind()
+        }
+    })
+}
+
+fn from_py(o: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
+    if depth > 32 {
+        return Err(PyValueError::new_err("answer is nested too deeply"));
+    }
+    if o.is_none() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = o.downcast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if o.is_instance_of::<PyInt>() {
+        return Ok(Value::from(o.extract::<i64>()?));
+    }
+    if let Ok(f) = o.downcast::<PyFloat>() {
+        return Ok(serde_json::Number::from_f64(f.value()).map(Value::Number).unwrap_or(Value::Null));
+    }
+    if let Ok(s) = o.downcast::<PyString>() {
+        return Ok(Value::String(s.to_str()?.to_string()));
+    }
+    if let Ok(d) = o.downcast::<PyDict>() {
+        let mut m = serde_json::Map::new();
+        for (k, v) in d.iter() {
+            let k: String = k.extract().map_err(|_| PyValueError::new_err("answer keys must be strings"))?;
+            m.insert(k, from_py(&v, depth + 1)?);
+        }
+        return Ok(Value::Object(m));
+    }
+    if o.is_instance_of::<PyList>() || o.is_instance_of::<PyTuple>() {
+        let mut a = vec![];
+        for x in o.try_iter()? {
+            a.push(from_py(&x?, depth + 1)?);
+        }
+        return Ok(Value::Array(a));
+    }
+    Err(PyValueError::new_err(format!("unsupported value of type {} in answer", o.get_type().name()?)))
+}
+
+/// One question from the data plane; answer it exactly once with reply().
+#[pyclass(module = "phigate._native")]
+struct Request {
+    #[pyo3(get)]
+    id: u64,
+    #[pyo3(get)]
+    kind: &'static str,
+    payload: Value,
+    reply_tx: Mutex<Option<oneshot::Sender<Value>>>,
+}
+
+#[pymethods]
+impl Request {
+    #[getter]
+    fn payload(&self, py: Python<'_>) -> PyResult<PyObject> {
+        to_py(py, &self.payload)
+    }
+
+    /// Sends the answer; False if the data plane already gave up on this request.
+    fn reply(&self, answer: &Bound<'_, PyAny>) -> PyResult<bool> {
+        if !answer.is_instance_of::<PyDict>() {
+            return Err(PyValueError::new_err("reply() takes a dict"));
+        }
+        let tx = self.reply_tx.lock().take().ok_or_else(|| PyRuntimeError::new_err("request already answered"))?;
+        let value = match from_py(answer, 0) {
+            Ok(v) => v,
+            Err(e) => {
+                // Dropping tx makes the data plane fail closed for this request.
+                drop(tx);
+                return Err(e);
+            }
+        };
+        Ok(tx.send(value).is_ok())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Request {} {}>", self.id, self.kind)
+    }
+}
+
+impl Request {
+    fn from_pending(p: PendingRequest) -> Self {
+        Request { id: p.id, kind: p.kind.as_str(), payload: p.payload, reply_tx: Mutex::new(Some(p.reply)) }
+    }
+}
+
+#[pyclass(module = "phigate._native")]
+struct Engine {
+    inner: CoreEngine,
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    fn new(config_json: &str) -> PyResult<Self> {
+        Ok(Engine { inner: CoreEngine::new(config_json).map_err(PyValueError::new_err)? })
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.start()).map_err(|e| PyOSError::new_err(e.to_string()))
+    }
+
+    fn listen_addresses(&self) -> Vec<String> {
+        self.inner.listen_addresses()
+    }
+
+    fn wakeup_fd(&self) -> i32 {
+        self.inner.core.bridge.wakeup_fd()
+    }
+
+    fn take_requests(&self) -> Vec<Request> {
+        self.inner.core.bridge.take_requests().into_iter().map(Request::from_pending).collect()
+    }
+
+    fn take_events<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let ev = self.inner.core.bridge.take_events();
+        PyBytes::new(py, &ev)
+    }
+
+    fn reconfigure(&self, config_json: &str) -> PyResult<u64> {
+        self.inner.reconfigure(config_json).map_err(PyValueError::new_err)
+    }
+
+    fn bump_epoch(&self) -> u64 {
+        self.inner.core.cache.bump_epoch()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.inner.stats() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    fn shutdown(&self, py: Python<'_>, grace_seconds: f64) {
+        let grace = Duration::from_secs_f64(grace_seconds.clamp(0.0, 86_400.0));
+        py.allow_threads(|| self.inner.shutdown(grace));
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Engine>()?;
+    m.add_class::<Request>()?;
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! The relay: after startup, moves bytes both ways. Client→upstream cuts every message, judges
+//! statements (decision cache first, the control plane on a miss) and forwards; upstream→client
+//! streams results through untouched except the few message types it must see.
+//!
+//! Refusals keep PostgreSQL's exact error semantics by letting PostgreSQL produce the error: a
+//! refused statement is replaced by a per-session marker that fails to parse upstream, and the
+//! upstream's ErrorResponse for that marker is swapped for the gateway's own. So transaction
+//! state, "skip until Sync" in pipelines and the single ReadyForQuery are PostgreSQL's own, and
+//! responses can never be reordered.
+
+use bytes::{Buf, Bytes, BytesMut};
+use parking_lot::Mutex;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Notify;
+
+use crate::bridge::{now_ts, RequestKind};
+use crate::cache::{Action, Decision, Reuse};
+use crate::engine::{EngineCore, Settings};
+use crate::errors::{sqlstate, GateError};
+use crate::framing::{next_frame, peek_header, Header};
+use crate::frontend::{Established, Identity};
+use crate::messages::{error_response, query, session, tag_b, tag_f};
+use crate::stream::{release_if_idle, ReadPart, WritePart};
+
+/// Upstream messages the relay must see whole; everything else streams through.
+fn upstream_inspected(tag: u8) -> bool {
+    matches!(tag, b'E' | b'Z' | b'C' | b'R' | b'K' | b'W' | b'v')
+}
+
+/// Refusal markers remembered at most; older ones were necessarily skipped by an earlier error.
+const MAX_MARKERS: usize = 4096;
+
+pub struct SessionEnd {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub statements: u64,
+    pub reason: &'static str,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Refusals in flight: marker number → the ErrorResponse the client gets instead.
+    markers: VecDeque<(u64, Bytes)>,
+    /// Start times of request cycles (Query, Sync) awaiting their ReadyForQuery.
+    cycles: VecDeque<Instant>,
+    /// A fatal error the client→upstream half hit; the other half writes it and ends the session.
+    fatal: Option<Bytes>,
+}
+
+struct Ctx {
+    core: Arc<EngineCore>,
+    settings: Arc<Settings>,
+    session_id: u64,
+    identity: Identity,
+    marker_prefix: String,
+    next_marker: AtomicU64,
+    shared: Mutex<Shared>,
+    kill: Notify,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    statements: AtomicU64,
+}
+
+enum Verdict {
+    Allow,
+    Deny(GateError),
+}
+
+pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Established, session_id: u64) -> SessionEnd {
+    let (cr, cw) = est.client.split();
+    let up = est.upstream;
+    let (ur, uw) = up.stream.split();
+    let ctx = Ctx {
+        core,
+        settings,
+        session_id,
+        identity: est.identity,
+        marker_prefix: format!("phigate_refusal_{:016x}_", rand::random::<u64>()),
+        next_marker: AtomicU64::new(1),
+        shared: Mutex::new(Shared::default()),
+        kill: Notify::new(),
+        bytes_in: AtomicU64::new(0),
+        bytes_out: AtomicU64::new(0),
+        statements: AtomicU64::new(0),
+    };
+    let reason = tokio::select! {
+        r = client_to_upstream(&ctx, cr, uw, est.client_buf) => r,
+        r = upstream_to_client(&ctx, ur, cw, up.leftover) => r,
+    };
+    let c = &ctx.core.counters;
+    let (bi, bo) = (ctx.bytes_in.load(Ordering::Relaxed), ctx.bytes_out.load(Ordering::Relaxed));
+    c.bytes_in.fetch_add(bi, Ordering::Relaxed);
+    c.bytes_out.fetch_add(bo, Ordering::Relaxed);
+    SessionEnd { bytes_in: bi, bytes_out: bo, statements: ctx.statements.load(Ordering::Relaxed), reason }
+}
+
+impl Ctx {
+    /// Hands a fatal error to the upstream→client half, which sends it and ends the session.
+    async fn die(&self, err: GateError) -> &'static str {
+        if err.sqlstate == sqlstate::PROTOCOL_VIOLATION {
+            self.core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
+            self.core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": self.session_id, "detail": err.message}));
+        }
+        self.shared.lock().fatal = Some(err.to_error_response());
+        self.kill.notify_one();
+        std::future::pending::<()>().await;
+        "protocol_violation"
+    }
+
+    fn push_cycle(&self) {
+        let mut s = self.shared.lock();
+        // Bounded: a client that pipelines without ever reading cannot grow this without limit,
+        // because upstream stops reading once its output is not drained.
+        if s.cycles.len() < 1 << 16 {
+            s.cycles.push_back(Instant::now());
+        }
+    }
+
+    /// Registers a refusal and returns the marker statement text that stands in for it upstream.
+    fn marker(&self, err: &GateError) -> String {
+        let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.shared.lock();
+        if s.markers.len() >= MAX_MARKERS {
+            s.markers.pop_front();
+        }
+        s.markers.push_back((n, err.to_error_response()));
+        format!("{}{n}", self.marker_prefix)
+    }
+
+    /// The gateway's replacement for an upstream ErrorResponse caused by one of our markers.
+    fn replacement_for(&self, body: &[u8]) -> Option<Bytes> {
+        let msg = error_response::field(body, b'M')?;
+        let p = self.marker_prefix.as_bytes();
+        let at = msg.windows(p.len()).position(|w| w == p)?;
+        let digits: Vec<u8> = msg[at + p.len()..].iter().copied().take_while(u8::is_ascii_digit).collect();
+        let n: u64 = std::str::from_utf8(&digits).ok()?.parse().ok()?;
+        let mut s = self.shared.lock();
+        while let Some((id, _)) = s.markers.front() {
+            if *id < n {
+                s.markers.pop_front();
+            } else {
+                break;
+            }
+        }
+        match s.markers.front() {
+            Some((id, _)) if *id == n => s.markers.pop_front().map(|(_, b)| b),
+            _ => None,
+        }
+    }
+
+    async fn decide(&self, sql: &[u8], name: Option<&[u8]>, protocol: &'static str, out: &mut BytesMut, uw: &mut WritePart) -> Result<Verdict, &'static str> {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        self.core.counters.statements.fetch_add(1, Ordering::Relaxed);
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return Ok(Verdict::Deny(GateError::error(sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+                "statement text is not valid UTF-8").with_hint("Set client_encoding to UTF8.")));
+        };
+        let cache = &self.core.cache;
+        let (hit, norm) = cache.lookup(&self.identity.class, sql);
+        let (decision, cached) = match hit {
+            Some(d) => (d, true),
+            None => {
+                // Earlier pipelined messages go upstream now; the answer may take a while.
+                if !out.is_empty() {
+                    uw.write_all(out).await.map_err(|_| "upstream_write_failed")?;
+                    out.clear();
+                }
+                let epoch = cache.epoch();
+                let payload = json!({"session_id": self.session_id, "identity_class": &*self.identity.class,
+                    "subject": self.identity.subject, "sql": text,
+                    "statement_name": name.map(|n| String::from_utf8_lossy(n).into_owned()), "protocol": protocol});
+                let timeout = self.settings.cfg.decision_timeout();
+                match self.core.bridge.ask(RequestKind::Decide, payload, timeout).await {
+                    Ok(answer) => match parse_decision(&answer) {
+                        Some(d) => {
+                            let d = Arc::new(d);
+                            cache.insert(epoch, &self.identity.class, sql, norm, d.clone());
+                            (d, false)
+                        }
+                        None => return Ok(Verdict::Deny(GateError::error(sqlstate::SYSTEM_ERROR,
+                            "phigate's control plane gave an invalid decision; the statement was not run")
+                            .with_hint("Tell the gateway operator; details are in the gateway log."))),
+                    },
+                    Err(_) => return Ok(Verdict::Deny(GateError::error(sqlstate::SYSTEM_ERROR,
+                        format!("phigate's control plane did not decide within {} ms; the statement was not run", timeout.as_millis()))
+                        .with_hint("Retry; if this persists, tell the gateway operator."))),
+                }
+            }
+        };
+        let allowed = decision.action == Action::Allow;
+        self.core.bridge.emit(&json!({"ts": now_ts(), "event": "statement", "session_id": self.session_id,
+            "decision": if allowed { "allow" } else { "deny" }, "cached": cached, "protocol": protocol,
+            "normalized": decision.normalized.as_deref()}));
+        Ok(match &decision.action {
+            Action::Allow => Verdict::Allow,
+            Action::Deny { sqlstate, message, hint } => {
+                let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());
+                e.hint = hint.clone();
+                Verdict::Deny(e)
+            }
+        })
+    }
+}
+
+/// SQLSTATEs are 5 ASCII alphanumerics; anything else from the control plane becomes 42501.
+fn leak_sqlstate(s: &str) -> &'static str {
+    const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000"];
+    KNOWN.iter().find(|k| **k == s).copied().unwrap_or(sqlstate::INSUFFICIENT_PRIVILEGE)
+}
+
+fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
+    let action = match a.get("action")?.as_str()? {
+        "allow" => Action::Allow,
+        "deny" => Action::Deny {
+            sqlstate: a.get("sqlstate").and_then(|v| v.as_str()).unwrap_or("42501").to_string(),
+            message: a.get("message").and_then(|v| v.as_str()).unwrap_or("statement refused by gateway policy").to_string(),
+            hint: a.get("hint").and_then(|v| v.as_str()).map(str::to_string),
+        },
+        _ => return None,
+    };
+    let reuse = match a.get("cache").and_then(|v| v.as_str()).unwrap_or("none") {
+        "exact" => Reuse::Exact,
+        "normalized" => Reuse::Normalized,
+        _ => Reuse::None,
+    };
+    let normalized = a.get("normalized").and_then(|v| v.as_str()).map(Arc::from);
+    Some(Decision { action, reuse, normalized })
+}
+
+async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {
+    let max_statement = ctx.settings.cfg.max_statement_bytes;
+    let max_message = ctx.settings.cfg.max_message_bytes;
+    let mut out = BytesMut::new();
+    // Bytes of a CopyData message still to stream through (large COPY IN rows are not buffered).
+    let mut pass_remaining = 0usize;
+    // Bytes of an oversized Query/Parse still to discard, and which it was.
+    let mut discard_remaining = 0usize;
+    let mut discard_tag = 0u8;
+    loop {
+        loop {
+            if pass_remaining > 0 {
+                if buf.is_empty() {
+                    break;
+                }
+                let take = pass_remaining.min(buf.len());
+                out.extend_from_slice(&buf[..take]);
+                buf.advance(take);
+                pass_remaining -= take;
+                continue;
+            }
+            if discard_remaining > 0 {
+                if buf.is_empty() {
+                    break;
+                }
+                let take = discard_remaining.min(buf.len());
+                buf.advance(take);
+                discard_remaining -= take;
+                if discard_remaining == 0 {
+                    let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        format!("statement is larger than this gateway's limit of {max_statement} bytes"))
+                        .with_hint("Send smaller statements (use parameters or COPY for bulk data), or ask the operator to raise max_statement_bytes.");
+                    let marker = ctx.marker(&err);
+                    if discard_tag == tag_f::QUERY {
+                        ctx.push_cycle();
+                        out.extend_from_slice(&session::query(marker.as_bytes()));
+                    } else {
+                        out.extend_from_slice(&session::parse(b"", marker.as_bytes()));
+                    }
+                }
+                continue;
+            }
+            let h: Header = match peek_header(&buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return ctx.die(GateError::protocol(format!("invalid message from client: {e}"))).await,
+            };
+            match h.tag {
+                tag_f::COPY_DATA => {
+                    if h.length > max_message {
+                        return ctx.die(GateError::protocol(format!("CopyData message of {} bytes exceeds the limit of {max_message}", h.length))).await;
+                    }
+                    let take = h.wire_len().min(buf.len());
+                    out.extend_from_slice(&buf[..take]);
+                    buf.advance(take);
+                    pass_remaining = h.wire_len() - take;
+                    continue;
+                }
+                tag_f::QUERY | tag_f::PARSE if h.body_len() > max_statement && h.length <= max_message => {
+                    discard_remaining = h.wire_len();
+                    discard_tag = h.tag;
+                    continue;
+                }
+                _ => {}
+            }
+            let frame = match next_frame(&mut buf, |_| max_message) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return ctx.die(GateError::protocol(format!("invalid message from client: {e}"))).await,
+            };
+            match frame.tag {
+                tag_f::QUERY => {
+                    let Some(sql) = query::query_text(frame.body()) else {
+                        return ctx.die(GateError::protocol("invalid Query message")).await;
+                    };
+                    let verdict = match ctx.decide(sql, None, "simple", &mut out, &mut uw).await {
+                        Ok(v) => v,
+                        Err(r) => return r,
+                    };
+                    ctx.push_cycle();
+                    match verdict {
+                        Verdict::Allow => out.extend_from_slice(&frame.bytes),
+                        Verdict::Deny(err) => out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes())),
+                    }
+                }
+                tag_f::PARSE => {
+                    let Some((name, sql)) = query::parse_fields(frame.body()) else {
+                        return ctx.die(GateError::protocol("invalid Parse message")).await;
+                    };
+                    let verdict = match ctx.decide(sql, Some(name), "extended", &mut out, &mut uw).await {
+                        Ok(v) => v,
+                        Err(r) => return r,
+                    };
+                    match verdict {
+                        Verdict::Allow => out.extend_from_slice(&frame.bytes),
+                        Verdict::Deny(err) => out.extend_from_slice(&session::parse(name, ctx.marker(&err).as_bytes())),
+                    }
+                }
+                tag_f::SYNC => {
+                    ctx.push_cycle();
+                    out.extend_from_slice(&frame.bytes);
+                }
+                tag_f::BIND | tag_f::DESCRIBE | tag_f::EXECUTE | tag_f::CLOSE | tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL => {
+                    out.extend_from_slice(&frame.bytes);
+                }
+                tag_f::FUNCTION_CALL => {
+                    // Fast-path calls carry no SQL to judge. The marker Query yields the same
+                    // response shape (ErrorResponse, ReadyForQuery) a failed FunctionCall would.
+                    let err = GateError::error(sqlstate::INSUFFICIENT_PRIVILEGE,
+                        "FunctionCall (fast-path) messages are refused by phigate: they carry no SQL the gateway can judge")
+                        .with_hint("Call the function from a SQL statement instead.");
+                    ctx.push_cycle();
+                    out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes()));
+                }
+                tag_f::TERMINATE => {
+                    out.extend_from_slice(&frame.bytes);
+                    let _ = uw.write_all(&out).await;
+                    return "client_terminated";
+                }
+                t => {
+                    return ctx.die(GateError::protocol(format!("unexpected message type 0x{t:02x} from client"))).await;
+                }
+            }
+        }
+        if !out.is_empty() {
+            if uw.write_all(&out).await.is_err() {
+                return "upstream_write_failed";
+            }
+            out.clear();
+        }
+        release_if_idle(&mut out);
+        release_if_idle(&mut buf);
+        match cr.read_into(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = uw.write_all(&session::terminate()).await;
+                return "client_closed";
+            }
+            Ok(n) => {
+                ctx.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut buf: BytesMut) -> &'static str {
+    let max_message = ctx.settings.cfg.max_message_bytes;
+    let mut shutdown = ctx.core.force_close.subscribe();
+    let mut out = BytesMut::new();
+    let mut pass_remaining = 0usize;
+    let mut cycle_rows = 0u64;
+    let mut cycle_bytes = 0u64;
+    let mut cycle_error: Option<String> = None;
+    loop {
+        loop {
+            if pass_remaining > 0 {
+                if buf.is_empty() {
+                    break;
+                }
+                let take = pass_remaining.min(buf.len());
+                out.extend_from_slice(&buf[..take]);
+                buf.advance(take);
+                pass_remaining -= take;
+                continue;
+            }
+            let h = match peek_header(&buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), "upstream_protocol_error").await,
+            };
+            if !upstream_inspected(h.tag) {
+                // Rows, descriptions, COPY data: stream through without waiting for the whole message.
+                let take = h.wire_len().min(buf.len());
+                out.extend_from_slice(&buf[..take]);
+                buf.advance(take);
+                pass_remaining = h.wire_len() - take;
+                continue;
+            }
+            let frame = match next_frame(&mut buf, |_| max_message) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an oversized message; closing the session"), "upstream_protocol_error").await,
+            };
+            match frame.tag {
+                tag_b::READY_FOR_QUERY => {
+                    out.extend_from_slice(&frame.bytes);
+                    let started = ctx.shared.lock().cycles.pop_front();
+                    let duration_ms = started.map(|s| s.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
+                    ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "result", "session_id": ctx.session_id,
+                        "rows": cycle_rows, "bytes": cycle_bytes + out.len() as u64, "duration_ms": duration_ms, "error": cycle_error.take()}));
+                    cycle_rows = 0;
+                    cycle_bytes = 0;
+                }
+                tag_b::COMMAND_COMPLETE => {
+                    cycle_rows += query::command_rows(frame.body());
+                    out.extend_from_slice(&frame.bytes);
+                }
+                tag_b::ERROR_RESPONSE => {
+                    let replacement = ctx.replacement_for(frame.body());
+                    let bytes = replacement.unwrap_or(frame.bytes);
+                    cycle_error = error_response::field(&bytes[5..], b'C').map(|c| String::from_utf8_lossy(c).into_owned());
+                    out.extend_from_slice(&bytes);
+                }
+                _ => {
+                    // Authentication, BackendKeyData, CopyBoth or protocol negotiation mid-session:
+                    // never legitimate after startup (CopyBoth is replication, which is refused).
+                    return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an unexpected message; closing the session"), "upstream_protocol_error").await;
+                }
+            }
+        }
+        if !out.is_empty() {
+            cycle_bytes += out.len() as u64;
+            ctx.bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
+            if cw.write_all(&out).await.is_err() {
+                return "client_write_failed";
+            }
+            out.clear();
+        }
+        release_if_idle(&mut out);
+        release_if_idle(&mut buf);
+        tokio::select! {
+            biased;
+            _ = ctx.kill.notified() => {
+                let fatal = ctx.shared.lock().fatal.take();
+                if let Some(f) = fatal {
+                    let _ = cw.write_all(&f).await;
+                }
+                cw.shutdown().await;
+                return "protocol_violation";
+            }
+            _ = shutdown.changed() => {
+                let e = GateError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because the gateway is shutting down");
+                let _ = cw.write_all(&e.to_error_response()).await;
+                cw.shutdown().await;
+                return "gateway_shutdown";
+            }
+            r = ur.read_into(&mut buf) => match r {
+                Ok(0) | Err(_) => return "upstream_closed",
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+async fn end_with(cw: &mut WritePart, out: &mut BytesMut, err: GateError, reason: &'static str) -> &'static str {
+    out.extend_from_slice(&err.to_error_response());
+    let _ = cw.write_all(out).await;
+    cw.shutdown().await;
+    reason
+}
