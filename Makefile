@@ -1,0 +1,50 @@
+# phigate — the index of commands. `make help` lists them.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+
+.PHONY: help setup build demo demo-check test test-rust test-py lint bench clean
+
+help:
+	@echo "make demo        build everything, then run 'phigate demo' (embedded PostgreSQL + gateway)"
+	@echo "make test        build, then run the Rust and Python test suites"
+	@echo "make build       (re)build the Rust extension into the virtualenv $(VENV)"
+	@echo "make demo-check  the demo as a self-test: start, query through the gateway, exit"
+	@echo "make lint        ruff, mypy and cargo clippy"
+	@echo "make bench       pgbench direct vs PgBouncer vs phigate; report in benches/results/"
+	@echo "make clean       remove build products and the virtualenv"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Installs the Python dependencies and builds the extension (release profile) in place.
+setup build: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+
+demo: build
+	$(BIN)/phigate demo $(DEMO_ARGS)
+
+demo-check: build
+	$(BIN)/phigate demo --check --port 0
+
+test: build test-rust test-py
+
+test-rust:
+	cd native && cargo test --quiet
+
+test-py:
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: build
+	$(BIN)/ruff check python tests benches
+	$(BIN)/mypy
+	cd native && cargo clippy --quiet --features python -- -D warnings
+
+bench: build
+	$(BIN)/python benches/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) native/target python/phigate/*.so .pytest_cache .hypothesis
