@@ -1,0 +1,607 @@
+"""Load and validate phigate's TOML config into frozen dataclasses and the data-plane JSON."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn
+
+from phigate.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_STARTUP_PARAMETERS",
+    "Config",
+    "OidcConfig",
+    "IdentityConfig",
+    "Secret",
+    "ServerConfig",
+    "TargetConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_STARTUP_PARAMETERS: tuple[str, ...] = (
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "standard_conforming_strings",
+)
+# The gateway itself decides these: forwarding them from the client would let an agent pick the
+# upstream database or user, start replication, or set arbitrary GUCs (search_path, role) via
+# `options=-c ...`, all of which policy relies on being pinned.
+_NEVER_FORWARDED = frozenset({"user", "database", "replication", "options"})
+_ALLOWED_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+_DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+_TARGET_TLS_MODES = ("disable", "require", "verify-full")
+# PostgreSQL truncates identifiers (and so database names) at 63 bytes; a target name is what
+# clients send as dbname, so keep it to a safe, unambiguous alphabet.
+_TARGET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
+_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,62}")
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_@-][A-Za-z0-9_.@-]{0,254}")
+_MAX_SECRET_BYTES = 4096
+_MAX_PG_MESSAGE = 0x3FFF_FFFF  # PostgreSQL's MaxAllocSize - 1: no legal message is larger
+_EVENT_BACKLOG_WAKEUP = 512
+_SERVER_KEYS = frozenset({
+    "listen", "require_tls", "tls_cert", "tls_key", "workers", "auth_timeout",
+    "decision_timeout", "startup_timeout", "max_statement_bytes", "max_message_bytes",
+    "startup_parameters", "events_log", "drain_timeout",
+})  # fmt: skip
+_OIDC_KEYS = frozenset({
+    "issuer", "audience", "jwks_file", "jwks_url", "groups_claim", "algorithms", "leeway",
+    "jwks_cache_ttl", "jwks_min_refresh_interval",
+})  # fmt: skip
+_TARGET_KEYS = frozenset({
+    "host", "port", "database", "user", "password_file", "password_env", "password_credential",
+    "tls", "ca_file", "server_name", "connect_timeout", "params",
+})  # fmt: skip
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True, repr=False)
+class Secret:
+    """A secret string that never shows up in repr(), str() or f-strings; call reveal()."""
+
+    _value: str
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...]
+    require_tls: bool
+    tls_cert: Path | None
+    tls_key: Path | None
+    workers: int
+    auth_timeout: float
+    decision_timeout: float
+    startup_timeout: float
+    max_statement_bytes: int
+    max_message_bytes: int
+    startup_parameters: tuple[str, ...]
+    events_log: str  # "-" means stdout, otherwise an absolute path
+    drain_timeout: float
+
+
+@dataclass(frozen=True)
+class OidcConfig:
+    issuer: str
+    audience: str
+    jwks_file: Path | None
+    jwks_url: str | None
+    groups_claim: str
+    algorithms: tuple[str, ...]
+    leeway: float
+    jwks_cache_ttl: float
+    jwks_min_refresh_interval: float
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    oidc: OidcConfig
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    host: str
+    port: int
+    database: str
+    user: str
+    password: Secret | None  # None means trust authentication upstream
+    password_source: str | None  # where it came from ("file /x", "env VAR"), never the value
+    tls: Literal["disable", "require", "verify-full"]
+    ca_file: Path | None
+    server_name: str | None  # None only when tls = "disable"
+    connect_timeout: float
+    params: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    identity: IdentityConfig
+    targets: Mapping[str, TargetConfig]
+    source: str  # the file it was loaded from, or "<string>"
+
+    def native_json(self) -> str:
+        """The data-plane config (docs/native-config.md); holds resolved secrets, never log it."""
+        s = self.server
+        tls = None
+        if s.tls_cert is not None and s.tls_key is not None:
+            tls = {"cert_file": str(s.tls_cert), "key_file": str(s.tls_key)}
+        doc = {
+            "listen": list(s.listen),
+            "workers": s.workers,
+            "tls": tls,
+            "require_tls": s.require_tls,
+            "auth_timeout_ms": _ms(s.auth_timeout),
+            "decision_timeout_ms": _ms(s.decision_timeout),
+            "startup_timeout_ms": _ms(s.startup_timeout),
+            "max_statement_bytes": s.max_statement_bytes,
+            "max_message_bytes": s.max_message_bytes,
+            "startup_parameters": list(s.startup_parameters),
+            "event_backlog_wakeup": _EVENT_BACKLOG_WAKEUP,
+            "targets": {name: _native_target(t) for name, t in self.targets.items()},
+        }
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _native_target(t: TargetConfig) -> dict[str, Any]:
+    return {
+        "host": t.host,
+        "port": t.port,
+        "database": t.database,
+        "user": t.user,
+        "password": t.password.reveal() if t.password is not None else None,
+        "tls": t.tls,
+        "ca_file": str(t.ca_file) if t.ca_file is not None else None,
+        "server_name": t.server_name,
+        "connect_timeout_ms": _ms(t.connect_timeout),
+        "params": dict(t.params),
+    }
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; relative paths in it resolve against its directory."""
+    p = Path(path).absolute()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("", str(p), "config file not found") from None
+    except OSError as exc:
+        raise ConfigError("", str(p), f"cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", str(p), "config file is not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", str(p), f"invalid TOML: {exc}") from None
+    return parse_config(data, source=str(p), base_dir=p.parent)
+
+
+def parse_config(
+    data: Mapping[str, Any], source: str = "<string>", *, base_dir: str | Path | None = None
+) -> Config:
+    """Validate an already-parsed TOML document.
+
+    Relative paths resolve against ``base_dir``, else the directory of ``source`` when it is a
+    path, else the current directory.
+    """
+    if base_dir is None:
+        base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
+    ctx = _Ctx(source, Path(base_dir).absolute())
+    root = _Table(data, "", ctx, {"server", "identity", "targets"})
+    server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
+    identity = root.table("identity", required=True, allowed={"oidc"})
+    oidc = _oidc(identity.table("oidc", required=True, allowed=_OIDC_KEYS))
+    targets_tbl = root.table("targets", required=True, allowed=None)
+    if not targets_tbl.data:
+        targets_tbl.fail("", "at least one target is required, e.g. [targets.ehr]")
+    targets: dict[str, TargetConfig] = {}
+    for name in targets_tbl.data:
+        if not _TARGET_NAME.fullmatch(name):
+            targets_tbl.fail(
+                name, "target names are what clients send as dbname: use 1-63 of A-Z a-z 0-9 _ . -"
+            )
+        targets[name] = _target(name, targets_tbl.table(name, required=True, allowed=_TARGET_KEYS))
+    return Config(
+        server=server,
+        identity=IdentityConfig(oidc=oidc),
+        targets=MappingProxyType(targets),
+        source=source,
+    )
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    file: str
+    base_dir: Path
+
+
+class _Table:
+    """One TOML table under validation; unknown keys are rejected up front (typos fail loudly)."""
+
+    def __init__(
+        self, data: Any, prefix: str, ctx: _Ctx, allowed: set[str] | frozenset[str] | None
+    ) -> None:
+        self.prefix = prefix
+        self.ctx = ctx
+        if not isinstance(data, Mapping):
+            self.fail("", f"must be a table, not {_kind(data)}")
+        self.data: Mapping[str, Any] = data
+        if allowed is not None:
+            for key in data:
+                if key not in allowed:
+                    near = difflib.get_close_matches(key, sorted(allowed), n=1)
+                    hint = f" (did you mean {near[0]!r}?)" if near else ""
+                    self.fail(key, f"unknown key{hint}")
+
+    def key(self, key: str) -> str:
+        if not key:
+            return self.prefix
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        raise ConfigError(self.key(key), self.ctx.file, message)
+
+    def table(
+        self, key: str, *, required: bool, allowed: set[str] | frozenset[str] | None
+    ) -> _Table:
+        if key not in self.data:
+            if required:
+                self.fail(key, "is required")
+            return _Table({}, self.key(key), self.ctx, allowed)
+        return _Table(self.data[key], self.key(key), self.ctx, allowed)
+
+    def string(self, key: str, default: Any = _MISSING) -> str:
+        value = self.data.get(key, default)
+        if value is _MISSING:
+            self.fail(key, "is required")
+        if not isinstance(value, str):
+            self.fail(key, f"must be a string, not {_kind(value)}")
+        if not value or "\x00" in value:
+            self.fail(key, "must be a non-empty string without NUL characters")
+        return value
+
+    def opt_string(self, key: str) -> str | None:
+        return self.string(key) if key in self.data else None
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, not {_kind(value)}")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.data.get(key, default)
+        # bool is an int subclass in Python; `port = true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"must be an integer, not {_kind(value)}")
+        if not lo <= value <= hi:
+            self.fail(key, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: float, lo: float, hi: float, *, lo_open: bool) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(key, f"must be a number of seconds, not {_kind(value)}")
+        bad_lo = value <= lo if lo_open else value < lo
+        if bad_lo or value > hi or value != value:  # value != value catches NaN
+            bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+            self.fail(key, f"must be {bound} and at most {hi:g} seconds, got {value}")
+        return float(value)
+
+    def string_list(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.data.get(key, list(default))
+        if not isinstance(value, list):
+            self.fail(key, f"must be a list of strings, not {_kind(value)}")
+        for item in value:
+            if not isinstance(item, str) or not item:
+                self.fail(key, "must be a list of non-empty strings")
+        return tuple(value)
+
+    def path(self, key: str, *, what: str) -> Path | None:
+        """A file that must exist now; relative paths resolve against the config's directory."""
+        if key not in self.data:
+            return None
+        p = Path(self.string(key)).expanduser()
+        if not p.is_absolute():
+            p = self.ctx.base_dir / p
+        if not p.is_file():
+            self.fail(key, f"{what} {str(p)!r} does not exist or is not a regular file")
+        if not os.access(p, os.R_OK):
+            self.fail(key, f"{what} {str(p)!r} is not readable by this user")
+        return p
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return names.get(type(value), type(value).__name__)
+
+
+def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
+    raw_listen = t.data.get("listen", "127.0.0.1:6432")
+    listen = (t.string("listen"),) if isinstance(raw_listen, str) else t.string_list("listen", ())
+    if not listen:
+        t.fail("listen", "needs at least one address")
+    for addr in listen:
+        _check_listen(t, addr)
+    if len(set(listen)) != len(listen):
+        t.fail("listen", "lists the same address twice")
+
+    require_tls = t.boolean("require_tls", True)
+    cert = t.path("tls_cert", what="certificate file")
+    key = t.path("tls_key", what="private key file")
+    if (cert is None) != (key is None):
+        t.fail("tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together")
+    if require_tls and cert is None:
+        t.fail(
+            "tls_cert",
+            "is required when require_tls = true (agents send tokens as passwords; "
+            "`phigate cert dev` makes a development pair)",
+        )
+
+    max_stmt = t.integer("max_statement_bytes", 8 * 1024 * 1024, 1024, _MAX_PG_MESSAGE)
+    max_msg = t.integer("max_message_bytes", 64 * 1024 * 1024, 8192, _MAX_PG_MESSAGE)
+    if max_stmt > max_msg:
+        t.fail("max_statement_bytes", f"must not exceed max_message_bytes ({max_msg})")
+
+    params = t.string_list("startup_parameters", DEFAULT_STARTUP_PARAMETERS)
+    for name in params:
+        if name in _NEVER_FORWARDED or name.startswith("_pq_."):
+            t.fail("startup_parameters", f"{name!r} is set by the gateway and is never forwarded")
+        if not _GUC_NAME.fullmatch(name):
+            t.fail("startup_parameters", f"{name!r} is not a parameter name")
+
+    events_log = t.string("events_log", "-")
+    if events_log != "-":
+        p = Path(events_log).expanduser()
+        p = p if p.is_absolute() else ctx.base_dir / p
+        if not p.parent.is_dir():
+            t.fail("events_log", f"directory {str(p.parent)!r} does not exist")
+        events_log = str(p)
+
+    return ServerConfig(
+        listen=listen,
+        require_tls=require_tls,
+        tls_cert=cert,
+        tls_key=key,
+        workers=t.integer("workers", min(os.cpu_count() or 1, 8), 1, 64),
+        auth_timeout=t.seconds("auth_timeout", 10, 0, 600, lo_open=True),
+        decision_timeout=t.seconds("decision_timeout", 5, 0, 86400, lo_open=True),
+        startup_timeout=t.seconds("startup_timeout", 15, 0, 600, lo_open=True),
+        max_statement_bytes=max_stmt,
+        max_message_bytes=max_msg,
+        startup_parameters=params,
+        events_log=events_log,
+        drain_timeout=t.seconds("drain_timeout", 30, 0, 86400, lo_open=False),
+    )
+
+
+def _check_listen(t: _Table, addr: str) -> None:
+    host, sep, port = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        t.fail("listen", f"{addr!r}: write IPv6 addresses in brackets, e.g. [::1]:6432")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and port.isdigit() and 0 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        t.fail("listen", f"{addr!r} is not 'ip:port' (e.g. 127.0.0.1:6432 or [::1]:6432)")
+
+
+def _oidc(t: _Table) -> OidcConfig:
+    jwks_file = t.path("jwks_file", what="JWKS file")
+    jwks_url = t.opt_string("jwks_url")
+    if (jwks_file is None) == (jwks_url is None):
+        t.fail("jwks_file", "set exactly one of jwks_file or jwks_url")
+    if jwks_file is not None:
+        _check_jwks_file(t, jwks_file)
+    if jwks_url is not None:
+        _check_jwks_url(t, jwks_url)
+
+    algorithms = t.string_list("algorithms", _DEFAULT_ALGORITHMS)
+    if not algorithms:
+        t.fail("algorithms", "needs at least one algorithm")
+    for alg in algorithms:
+        if alg.lower() == "none":
+            t.fail("algorithms", "'none' is never allowed: it accepts unsigned tokens")
+        if alg.upper().startswith("HS"):
+            t.fail(
+                "algorithms",
+                f"{alg!r} is never allowed: HMAC keyed with a published key lets anyone forge "
+                "tokens",
+            )
+        if alg not in _ALLOWED_ALGORITHMS:
+            t.fail("algorithms", f"unknown algorithm {alg!r}; use {', '.join(_ALLOWED_ALGORITHMS)}")
+
+    ttl = t.seconds("jwks_cache_ttl", 3600, 0, 7 * 86400, lo_open=True)
+    return OidcConfig(
+        issuer=t.string("issuer"),
+        audience=t.string("audience"),
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        groups_claim=t.string("groups_claim", "groups"),
+        algorithms=algorithms,
+        leeway=t.seconds("leeway", 30, 0, 300, lo_open=False),
+        jwks_cache_ttl=ttl,
+        jwks_min_refresh_interval=t.seconds(
+            "jwks_min_refresh_interval", 30, 0, 3600, lo_open=False
+        ),
+    )
+
+
+def _check_jwks_file(t: _Table, path: Path) -> None:
+    # A broken JWKS file would reject every agent; catch it at check-config time instead.
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        t.fail("jwks_file", f"{str(path)!r} is not valid JSON")
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
+        t.fail("jwks_file", f'{str(path)!r} is not a JWKS (needs a non-empty "keys" list)')
+
+
+def _check_jwks_url(t: _Table, url: str) -> None:
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host = host[1:].split("]", 1)[0] if host.startswith("[") else host.split(":", 1)[0]
+    if scheme == "https" and host:
+        return
+    if scheme == "http" and host and _is_loopback(host):
+        return  # a development IdP on this machine
+    t.fail("jwks_url", "must be an https:// URL (http:// only for a loopback host)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _target(name: str, t: _Table) -> TargetConfig:
+    host = t.string("host")
+    if host.startswith("/") or any(c.isspace() for c in host):
+        t.fail("host", "must be a hostname or IP address (Unix sockets are not supported)")
+    tls = t.string("tls", "verify-full")
+    if tls not in _TARGET_TLS_MODES:
+        t.fail("tls", f"must be one of {', '.join(map(repr, _TARGET_TLS_MODES))}, got {tls!r}")
+    if tls == "disable" and not _is_loopback(host):
+        t.fail(
+            "tls",
+            "'disable' is only allowed for loopback hosts (127.0.0.0/8, ::1, localhost); "
+            "use 'verify-full' with ca_file",
+        )
+    ca_file = t.path("ca_file", what="CA file")
+    if tls == "verify-full" and ca_file is None:
+        t.fail("ca_file", "is required when tls = 'verify-full'")
+    if tls != "verify-full" and ca_file is not None:
+        t.fail("ca_file", "is only used with tls = 'verify-full'; remove it or change tls")
+    server_name = t.opt_string("server_name")
+    if tls == "disable" and server_name is not None:
+        t.fail("server_name", "is meaningless with tls = 'disable'")
+    if tls != "disable" and server_name is None:
+        server_name = host
+    password, source = _password(t)
+    return TargetConfig(
+        name=name,
+        host=host,
+        port=t.integer("port", 5432, 1, 65535),
+        database=t.string("database"),
+        user=t.string("user"),
+        password=password,
+        password_source=source,
+        tls=tls,  # type: ignore[arg-type]  # checked against _TARGET_TLS_MODES above
+        ca_file=ca_file,
+        server_name=server_name,
+        connect_timeout=t.seconds("connect_timeout", 5, 0, 600, lo_open=True),
+        params=MappingProxyType(_params(t)),
+    )
+
+
+def _params(t: _Table) -> dict[str, str]:
+    raw = t.data.get("params", {})
+    if not isinstance(raw, Mapping):
+        t.fail("params", f"must be a table of strings, not {_kind(raw)}")
+    # Policy resolves unqualified names against a pinned search_path, so it is always sent.
+    params = {"search_path": "public"}
+    for key, value in raw.items():
+        if not _GUC_NAME.fullmatch(key) or key in _NEVER_FORWARDED:
+            t.fail(f"params.{key}", "is not a settable parameter name")
+        if not isinstance(value, str) or "\x00" in value:
+            t.fail(f"params.{key}", f"must be a string, not {_kind(value)}")
+        params[key] = value
+    return params
+
+
+def _password(t: _Table) -> tuple[Secret | None, str | None]:
+    """Resolve the upstream password now, so a missing secret fails at load, not at first use."""
+    given = [k for k in ("password_file", "password_env", "password_credential") if k in t.data]
+    if len(given) > 1:
+        t.fail(given[1], "set only one of password_file, password_env, password_credential")
+    if not given:
+        return None, None
+    key = given[0]
+    if key == "password_env":
+        var = t.string(key)
+        value = os.environ.get(var)
+        if value is None:
+            t.fail(key, f"environment variable {var} is not set")
+        return _secret(t, key, value, f"environment variable {var}"), f"env {var}"
+    if key == "password_credential":
+        name = t.string(key)
+        if not _CREDENTIAL_NAME.fullmatch(name) or name in (".", ".."):
+            t.fail(key, "must be a systemd credential name, not a path")
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred_dir:
+            t.fail(key, "$CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
+        path = Path(cred_dir) / name
+        if not path.is_file():
+            t.fail(key, f"credential {name!r} not found in $CREDENTIALS_DIRECTORY")
+        where = f"credential {name}"
+        return _secret(t, key, _read_secret(t, key, path), where), where
+    file_path = t.path(key, what="password file")
+    if file_path is None:  # unreachable: the key is present, so path() returned or raised
+        t.fail(key, "is required")
+    where = f"file {file_path}"
+    return _secret(t, key, _read_secret(t, key, file_path), where), where
+
+
+def _read_secret(t: _Table, key: str, path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(_MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        t.fail(key, f"cannot read {str(path)!r}: {exc.strerror}")
+    if len(raw) > _MAX_SECRET_BYTES:
+        t.fail(key, f"{str(path)!r} is larger than {_MAX_SECRET_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        t.fail(key, f"{str(path)!r} is not UTF-8")
+    # Editors and `echo` add one trailing newline; passwords never end in one.
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def _secret(t: _Table, key: str, value: str, where: str) -> Secret:
+    if not value:
+        t.fail(key, f"{where} is empty")
+    if "\x00" in value:
+        t.fail(key, f"{where} contains a NUL character")
+    return Secret(value)

@@ -1,0 +1,386 @@
+"""Config loading: defaults, every validation an operator can trip over, and the data-plane JSON."""
+
+# ruff: noqa: S105  # the "passwords" here are test fixtures and key names
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phigate.cli import main as cli_main
+from phigate.config import DEFAULT_STARTUP_PARAMETERS, Config, load_config, parse_config
+from phigate.errors import ConfigError
+
+SECRET = "s3cr3t-upstream-pw"
+
+BASE_TOML = """
+[server]
+listen = "127.0.0.1:0"
+tls_cert = "tls/server.crt"
+tls_key = "tls/server.key"
+
+[identity.oidc]
+issuer = "https://idp.example/"
+audience = "phigate"
+jwks_file = "jwks.json"
+
+[targets.ehr]
+host = "db.internal"
+port = 5433
+database = "ehr"
+user = "phigate_svc"
+password_file = "ehr.password"
+ca_file = "upstream-ca.pem"
+"""
+
+
+@pytest.fixture
+def confdir(tmp_path: Path) -> Path:
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls/server.crt").write_text("cert")
+    (tmp_path / "tls/server.key").write_text("key")
+    (tmp_path / "jwks.json").write_text(
+        json.dumps({"keys": [{"kty": "RSA", "n": "x", "e": "AQAB"}]})
+    )
+    (tmp_path / "upstream-ca.pem").write_text("ca")
+    (tmp_path / "ehr.password").write_text(SECRET + "\n")
+    (tmp_path / "phigate.toml").write_text(BASE_TOML)
+    return tmp_path
+
+
+@pytest.fixture
+def base(confdir: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(BASE_TOML)
+
+
+def parse(data: dict[str, Any], confdir: Path) -> Config:
+    return parse_config(data, source=str(confdir / "phigate.toml"))
+
+
+def error(data: dict[str, Any], confdir: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(data, confdir)
+    return info.value
+
+
+def test_valid_file_loads_with_defaults_and_resolves_relative_paths(confdir: Path) -> None:
+    config = load_config(confdir / "phigate.toml")
+    s = config.server
+    assert s.listen == ("127.0.0.1:0",)
+    assert s.require_tls is True
+    assert s.tls_cert == confdir / "tls/server.crt"
+    assert 1 <= s.workers <= 8
+    assert (s.auth_timeout, s.decision_timeout, s.startup_timeout, s.drain_timeout) == (
+        10,
+        5,
+        15,
+        30,
+    )
+    assert s.startup_parameters == DEFAULT_STARTUP_PARAMETERS
+    assert s.events_log == "-"
+    oidc = config.identity.oidc
+    assert oidc.jwks_file == confdir / "jwks.json"
+    assert (oidc.groups_claim, oidc.leeway, oidc.jwks_cache_ttl) == ("groups", 30, 3600)
+    assert oidc.algorithms == ("RS256", "ES256", "EdDSA")
+    ehr = config.targets["ehr"]
+    assert ehr.tls == "verify-full"
+    assert ehr.server_name == "db.internal"
+    assert ehr.password is not None and ehr.password.reveal() == SECRET  # newline stripped
+    assert dict(ehr.params) == {"search_path": "public"}
+
+
+def test_native_json_matches_documented_schema(confdir: Path) -> None:
+    doc = json.loads(load_config(confdir / "phigate.toml").native_json())
+    assert set(doc) == {
+        "listen", "workers", "tls", "require_tls", "auth_timeout_ms", "decision_timeout_ms",
+        "startup_timeout_ms", "max_statement_bytes", "max_message_bytes", "startup_parameters",
+        "event_backlog_wakeup", "targets",
+    }  # fmt: skip
+    assert doc["tls"] == {
+        "cert_file": str(confdir / "tls/server.crt"),
+        "key_file": str(confdir / "tls/server.key"),
+    }
+    assert doc["auth_timeout_ms"] == 10000 and doc["decision_timeout_ms"] == 5000
+    assert doc["startup_parameters"][0] == "application_name"
+    assert doc["targets"]["ehr"] == {
+        "host": "db.internal",
+        "port": 5433,
+        "database": "ehr",
+        "user": "phigate_svc",
+        "password": SECRET,
+        "tls": "verify-full",
+        "ca_file": str(confdir / "upstream-ca.pem"),
+        "server_name": "db.internal",
+        "connect_timeout_ms": 5000,
+        "params": {"search_path": "public"},
+    }
+
+
+def test_secrets_never_show_in_repr_or_str(confdir: Path) -> None:
+    config = load_config(confdir / "phigate.toml")
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config)
+    assert SECRET not in f"{config.targets['ehr'].password}"
+
+
+def test_error_names_file_and_dotted_key(confdir: Path) -> None:
+    (confdir / "phigate.toml").write_text(BASE_TOML.replace("port = 5433", "port = 70000"))
+    with pytest.raises(ConfigError) as info:
+        load_config(confdir / "phigate.toml")
+    message = str(info.value)
+    assert str(confdir / "phigate.toml") in message
+    assert "targets.ehr.port" in message
+    assert "between 1 and 65535" in message
+
+
+def test_unknown_key_is_an_error_with_suggestion(base: dict[str, Any], confdir: Path) -> None:
+    base["server"]["listn"] = "127.0.0.1:1"
+    err = error(base, confdir)
+    assert err.key == "server.listn"
+    assert "unknown key" in str(err) and "'listen'" in str(err)
+
+
+def test_unknown_section_and_nested_unknown_keys(base: dict[str, Any], confdir: Path) -> None:
+    data = copy.deepcopy(base)
+    data["policy"] = {}
+    assert error(data, confdir).key == "policy"
+    data = copy.deepcopy(base)
+    data["identity"]["oidc"]["jwks_uri"] = "https://x/"
+    assert error(data, confdir).key == "identity.oidc.jwks_uri"
+    data = copy.deepcopy(base)
+    data["targets"]["ehr"]["passwd"] = "x"
+    assert error(data, confdir).key == "targets.ehr.passwd"
+
+
+def test_invalid_toml_names_the_file(confdir: Path) -> None:
+    (confdir / "phigate.toml").write_text("[server\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(confdir / "phigate.toml")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("server", "workers", True, "must be an integer"),
+        ("server", "workers", 0, "between 1 and 64"),
+        ("server", "auth_timeout", "10", "number of seconds"),
+        ("server", "auth_timeout", 0, "greater than 0"),
+        ("server", "drain_timeout", -1, "at least 0"),
+        ("server", "require_tls", "yes", "true or false"),
+        ("server", "listen", "localhost:6432", "not 'ip:port'"),
+        ("server", "listen", "127.0.0.1:99999", "not 'ip:port'"),
+        ("server", "listen", "::1:6432", "brackets"),
+        ("server", "listen", [], "at least one"),
+        ("server", "max_statement_bytes", 10, "between"),
+        ("server", "startup_parameters", ["application_name", "options"], "never forwarded"),
+        ("server", "startup_parameters", ["replication"], "never forwarded"),
+        ("server", "events_log", "/nonexistent-dir/events.jsonl", "does not exist"),
+        ("oidc", "leeway", 301, "at most 300"),
+        ("oidc", "algorithms", ["RS256", "none"], "'none' is never allowed"),
+        ("oidc", "algorithms", ["HS256"], "never allowed"),
+        ("oidc", "algorithms", ["RS1"], "unknown algorithm"),
+        ("oidc", "algorithms", [], "at least one"),
+        ("oidc", "jwks_file", "missing.json", "does not exist"),
+        ("ehr", "port", "5432", "must be an integer"),
+        ("ehr", "tls", "prefer", "must be one of"),
+        ("ehr", "ca_file", "missing.pem", "does not exist"),
+        ("ehr", "params", {"search_path": 1}, "must be a string"),
+        ("ehr", "params", {"user": "postgres"}, "not a settable parameter"),
+        ("ehr", "host", "/var/run/postgresql", "Unix sockets"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(
+    base: dict[str, Any], confdir: Path, section: str, key: str, value: Any, message: str
+) -> None:
+    table = {
+        "server": base["server"],
+        "oidc": base["identity"]["oidc"],
+        "ehr": base["targets"]["ehr"],
+    }[section]
+    table[key] = value
+    err = error(base, confdir)
+    assert key in err.key
+    assert message in err.message
+
+
+def test_listen_accepts_list_and_ipv6(base: dict[str, Any], confdir: Path) -> None:
+    base["server"]["listen"] = ["127.0.0.1:6432", "[::1]:6432"]
+    assert parse(base, confdir).server.listen == ("127.0.0.1:6432", "[::1]:6432")
+
+
+def test_require_tls_needs_cert_and_key(base: dict[str, Any], confdir: Path) -> None:
+    del base["server"]["tls_cert"], base["server"]["tls_key"]
+    err = error(base, confdir)
+    assert err.key == "server.tls_cert" and "require_tls" in err.message
+    base["server"]["require_tls"] = False
+    config = parse(base, confdir)
+    assert json.loads(config.native_json())["tls"] is None
+
+
+def test_cert_without_key_is_rejected(base: dict[str, Any], confdir: Path) -> None:
+    del base["server"]["tls_key"]
+    assert error(base, confdir).key == "server.tls_key"
+
+
+def test_exactly_one_jwks_source(base: dict[str, Any], confdir: Path) -> None:
+    base["identity"]["oidc"]["jwks_url"] = "https://idp.example/jwks"
+    assert "exactly one" in error(base, confdir).message
+    del base["identity"]["oidc"]["jwks_file"]
+    assert parse(base, confdir).identity.oidc.jwks_url == "https://idp.example/jwks"
+    base["identity"]["oidc"]["jwks_url"] = "http://idp.example/jwks"
+    assert "https" in error(base, confdir).message
+    base["identity"]["oidc"]["jwks_url"] = "http://127.0.0.1:8080/jwks"
+    assert parse(base, confdir).identity.oidc.jwks_url == "http://127.0.0.1:8080/jwks"
+
+
+def test_jwks_file_must_be_a_jwks(base: dict[str, Any], confdir: Path) -> None:
+    (confdir / "jwks.json").write_text("{not json")
+    assert "not valid JSON" in error(base, confdir).message
+    (confdir / "jwks.json").write_text('{"keys": []}')
+    assert "not a JWKS" in error(base, confdir).message
+
+
+def test_identity_oidc_is_required(base: dict[str, Any], confdir: Path) -> None:
+    del base["identity"]
+    assert error(base, confdir).key == "identity"
+
+
+def test_at_least_one_target(base: dict[str, Any], confdir: Path) -> None:
+    base["targets"] = {}
+    assert "at least one target" in error(base, confdir).message
+    del base["targets"]
+    assert error(base, confdir).key == "targets"
+
+
+def test_target_name_must_be_a_plain_dbname(base: dict[str, Any], confdir: Path) -> None:
+    base["targets"]["bad name"] = base["targets"].pop("ehr")
+    assert error(base, confdir).key == "targets.bad name"
+
+
+def test_tls_disable_only_for_loopback(base: dict[str, Any], confdir: Path) -> None:
+    ehr = base["targets"]["ehr"]
+    ehr["tls"] = "disable"
+    del ehr["ca_file"]
+    err = error(base, confdir)
+    assert err.key == "targets.ehr.tls" and "loopback" in err.message
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost"):
+        ehr["host"] = host
+        target = parse(base, confdir).targets["ehr"]
+        assert target.tls == "disable" and target.server_name is None
+
+
+def test_verify_full_needs_ca_and_require_does_not(base: dict[str, Any], confdir: Path) -> None:
+    ehr = base["targets"]["ehr"]
+    del ehr["ca_file"]
+    assert error(base, confdir).key == "targets.ehr.ca_file"
+    ehr["tls"] = "require"
+    assert parse(base, confdir).targets["ehr"].ca_file is None
+
+
+def test_server_name_override(base: dict[str, Any], confdir: Path) -> None:
+    base["targets"]["ehr"]["host"] = "10.0.0.5"
+    base["targets"]["ehr"]["server_name"] = "db.internal"
+    assert json.loads(parse(base, confdir).native_json())["targets"]["ehr"]["server_name"] == (
+        "db.internal"
+    )
+
+
+def test_password_from_env(
+    base: dict[str, Any], confdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ehr = base["targets"]["ehr"]
+    del ehr["password_file"]
+    ehr["password_env"] = "PHIGATE_TEST_PW"
+    monkeypatch.delenv("PHIGATE_TEST_PW", raising=False)
+    err = error(base, confdir)
+    assert "PHIGATE_TEST_PW is not set" in err.message
+    monkeypatch.setenv("PHIGATE_TEST_PW", SECRET)
+    target = parse(base, confdir).targets["ehr"]
+    assert target.password is not None and target.password.reveal() == SECRET
+    assert SECRET not in repr(target)
+
+
+def test_password_from_systemd_credential(
+    base: dict[str, Any], confdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ehr = base["targets"]["ehr"]
+    del ehr["password_file"]
+    ehr["password_credential"] = "ehr-db"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert "CREDENTIALS_DIRECTORY" in error(base, confdir).message
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert "not found" in error(base, confdir).message
+    (creds / "ehr-db").write_text(SECRET)
+    target = parse(base, confdir).targets["ehr"]
+    assert target.password is not None and target.password.reveal() == SECRET
+    ehr["password_credential"] = "../etc/passwd"
+    assert "not a path" in error(base, confdir).message
+
+
+def test_only_one_password_source_and_none_means_trust(base: dict[str, Any], confdir: Path) -> None:
+    ehr = base["targets"]["ehr"]
+    ehr["password_env"] = "X"
+    assert "only one" in error(base, confdir).message
+    del ehr["password_env"], ehr["password_file"]
+    config = parse(base, confdir)
+    assert config.targets["ehr"].password is None
+    assert json.loads(config.native_json())["targets"]["ehr"]["password"] is None
+
+
+def test_empty_password_file_is_rejected_without_echoing(
+    base: dict[str, Any], confdir: Path
+) -> None:
+    (confdir / "ehr.password").write_text("\n")
+    err = error(base, confdir)
+    assert err.key == "targets.ehr.password_file" and "empty" in err.message
+
+
+def test_params_keep_search_path_pinned(base: dict[str, Any], confdir: Path) -> None:
+    base["targets"]["ehr"]["params"] = {"statement_timeout": "30s"}
+    assert dict(parse(base, confdir).targets["ehr"].params) == {
+        "search_path": "public",
+        "statement_timeout": "30s",
+    }
+
+
+def test_statement_cap_not_above_message_cap(base: dict[str, Any], confdir: Path) -> None:
+    base["server"]["max_statement_bytes"] = 2_000_000
+    base["server"]["max_message_bytes"] = 1_000_000
+    assert error(base, confdir).key == "server.max_statement_bytes"
+
+
+def test_float_seconds_and_events_log_path(base: dict[str, Any], confdir: Path) -> None:
+    base["server"]["auth_timeout"] = 2.5
+    base["server"]["events_log"] = "events.jsonl"
+    config = parse(base, confdir)
+    assert json.loads(config.native_json())["auth_timeout_ms"] == 2500
+    assert config.server.events_log == str(confdir / "events.jsonl")
+
+
+def test_check_config_command(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["check-config", str(confdir / "phigate.toml")]) == 0
+    assert capsys.readouterr().out.strip() == "ok: 1 target, listening on 127.0.0.1:0"
+    (confdir / "phigate.toml").write_text(BASE_TOML.replace('database = "ehr"\n', ""))
+    assert cli_main(["check-config", str(confdir / "phigate.toml")]) == 1
+    err = capsys.readouterr().err
+    assert "targets.ehr.database: is required" in err
+    assert "Traceback" not in err
+
+
+def test_cli_usage_error_exits_2() -> None:
+    with pytest.raises(SystemExit) as info:
+        cli_main(["check-config"])
+    assert info.value.code == 2

@@ -1,0 +1,465 @@
+"""The control loop against a fake engine: every request answered once, fail closed, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from phigate import server
+from phigate.config import Config, load_config
+from phigate.errors import IdentityError
+from phigate.identity import Identity, OidcVerifier
+from phigate.server import ControlPlane, Gateway, GatewayThread, sd_notify
+from phigate.tokens import DevIssuer
+
+
+class FakeRequest:
+    def __init__(self, kind: str, payload: dict[str, Any], *, id: int = 1) -> None:
+        self.id, self.kind, self.payload = id, kind, payload
+        self.answers: list[dict[str, Any]] = []
+        self.answered = threading.Event()
+
+    def reply(self, answer: dict[str, Any]) -> bool:
+        self.answers.append(answer)
+        self.answered.set()
+        return True
+
+    @property
+    def answer(self) -> dict[str, Any]:
+        assert len(self.answers) == 1, f"expected exactly one reply, got {self.answers}"
+        return self.answers[0]
+
+
+class FakeEngine:
+    """Mimics phigate._native.Engine: a pipe as the wakeup fd, queues for requests and events."""
+
+    def __init__(self, config_json: str) -> None:
+        self.configs = [json.loads(config_json)]
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        self._requests: list[FakeRequest] = []
+        self._events = b""
+        self._lock = threading.Lock()
+        self.started = False
+        self.shutdown_grace: float | None = None
+        self.epoch = 0
+
+    def start(self) -> None:
+        self.started = True
+
+    def listen_addresses(self) -> list[str]:
+        return ["127.0.0.1:16432", "[::1]:16432"]
+
+    def wakeup_fd(self) -> int:
+        return self._r
+
+    def push(self, req: FakeRequest) -> None:
+        with self._lock:
+            self._requests.append(req)
+        os.write(self._w, b"x")
+
+    def push_events(self, blob: bytes) -> None:
+        with self._lock:
+            self._events += blob
+
+    def take_requests(self) -> list[FakeRequest]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 4096)
+        with self._lock:
+            reqs, self._requests = self._requests, []
+        return reqs
+
+    def take_events(self) -> bytes:
+        with self._lock:
+            blob, self._events = self._events, b""
+        return blob
+
+    def reconfigure(self, config_json: str) -> int:
+        self.configs.append(json.loads(config_json))
+        self.epoch += 1
+        return self.epoch
+
+    def shutdown(self, grace_seconds: float) -> None:
+        self.shutdown_grace = grace_seconds
+
+
+class FailingVerifier:
+    """A verifier with a bug: its exception text must never reach logs or clients."""
+
+    def verify_cached(self, token: str) -> Identity | None:
+        raise RuntimeError(f"boom {token}")
+
+    async def verify(self, token: str) -> Identity:
+        raise RuntimeError(f"boom {token}")
+
+
+class SlowFailingVerifier(FailingVerifier):
+    def verify_cached(self, token: str) -> Identity | None:
+        return None
+
+
+class HangingVerifier(SlowFailingVerifier):
+    async def verify(self, token: str) -> Identity:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> DevIssuer:
+    dev = DevIssuer(tmp_path / "keys")
+    dev.ensure_keys()
+    return dev
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, issuer: DevIssuer) -> Path:
+    path = tmp_path / "phigate.toml"
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:0"
+require_tls = false
+events_log = "events.jsonl"
+drain_timeout = 7
+
+[identity.oidc]
+issuer = "phigate-dev"
+audience = "phigate"
+jwks_file = "{issuer.jwks_path}"
+
+[targets.ehr]
+host = "127.0.0.1"
+database = "ehr"
+user = "svc"
+tls = "disable"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def config(config_path: Path) -> Config:
+    return load_config(config_path)
+
+
+@pytest.fixture
+def verifier(config: Config) -> OidcVerifier:
+    return OidcVerifier(config.identity.oidc)
+
+
+def auth(token: str, id: int = 1) -> FakeRequest:
+    payload = {"session_id": id, "user": "agent", "database": "ehr", "password": token,
+               "peer": "127.0.0.1:5555", "tls": True, "application_name": "psql"}  # fmt: skip
+    return FakeRequest("authenticate", payload, id=id)
+
+
+def decide(sql: Any, id: int = 1) -> FakeRequest:
+    payload = {"session_id": 1, "identity_class": "[]", "subject": "agent", "sql": sql,
+               "statement_name": None, "protocol": "simple"}  # fmt: skip
+    return FakeRequest("decide", payload, id=id)
+
+
+def in_loop(fn: Callable[[], Awaitable[None]]) -> None:
+    uvloop.run(fn())  # type: ignore[arg-type]
+
+
+def test_authenticate_ok_slow_then_fast_path(issuer: DevIssuer, verifier: OidcVerifier) -> None:
+    token = issuer.mint("agent-7", ["readers", "analysts"])
+    first, second = auth(token, 1), auth(token, 2)
+
+    async def go() -> None:
+        control = ControlPlane(verifier)
+        control.dispatch([first])  # keys not loaded yet: answered from a task
+        await control.wait_idle()
+        control.dispatch([second])  # keys cached: answered before dispatch returns
+        assert second.answers
+
+    in_loop(go)
+    for req in (first, second):
+        answer = req.answer
+        assert answer["ok"] is True
+        assert answer["subject"] == "agent-7"
+        assert answer["groups"] == ["readers", "analysts"]
+        assert (
+            answer["identity_class"] == Identity("x", ("analysts", "readers"), None).identity_class
+        )
+        assert answer["expires_at"] > time.time()
+
+
+def test_authenticate_refused_with_reason(
+    issuer: DevIssuer, verifier: OidcVerifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = issuer.mint("agent-7", [], ttl_seconds=60, now=time.time() - 3600)
+    req = auth(token)
+
+    async def go() -> None:
+        await verifier.prime()
+        ControlPlane(verifier).dispatch([req])
+
+    caplog.set_level(logging.DEBUG)
+    in_loop(go)
+    assert req.answer["ok"] is False
+    assert req.answer["sqlstate"] == "28P01"
+    assert req.answer["message"].startswith("token expired 5")
+    assert token not in caplog.text
+
+
+@pytest.mark.parametrize("verifier_cls", [FailingVerifier, SlowFailingVerifier])
+def test_verifier_bug_fails_closed_without_leaking(
+    verifier_cls: type[FailingVerifier], caplog: pytest.LogCaptureFixture
+) -> None:
+    req = auth("secret-token-value")
+
+    async def go() -> None:
+        control = ControlPlane(verifier_cls())
+        control.dispatch([req])
+        await control.wait_idle()
+
+    caplog.set_level(logging.DEBUG)
+    in_loop(go)
+    assert req.answer == {
+        "ok": False,
+        "sqlstate": "28000",
+        "message": "internal error while verifying identity, see gateway log",
+    }
+    assert "RuntimeError" in caplog.text  # the operator sees that something broke
+    assert "secret-token-value" not in caplog.text
+
+
+def test_shutdown_answers_pending_slow_authentications() -> None:
+    req = auth("whatever")
+
+    async def go() -> None:
+        control = ControlPlane(HangingVerifier())
+        control.dispatch([req])
+        await asyncio.sleep(0)
+        await control.close()
+
+    in_loop(go)
+    assert req.answer["ok"] is False and req.answer["sqlstate"] == "28000"
+
+
+def test_decide_allows_with_normalized_sql() -> None:
+    req = decide("SELECT name FROM patients WHERE mrn = 'MRN-000123' AND age > 40")
+    ControlPlane(FailingVerifier()).dispatch([req])
+    assert req.answer == {
+        "action": "allow",
+        "cache": "normalized",
+        "normalized": "SELECT name FROM patients WHERE mrn = $1 AND age > $2",
+    }
+
+
+def test_decide_unparsable_sql_is_cached_exactly() -> None:
+    req = decide("SELEC oops FROM")
+    ControlPlane(FailingVerifier()).dispatch([req])
+    assert req.answer == {"action": "allow", "cache": "exact", "normalized": None}
+
+
+@pytest.mark.parametrize(
+    "req", [decide(None), FakeRequest("decide", {}), FakeRequest("mystery", {})]
+)
+def test_malformed_or_unknown_requests_are_denied(req: FakeRequest) -> None:
+    ControlPlane(FailingVerifier()).dispatch([req])
+    answer = req.answer
+    assert answer["action"] == "deny" and answer["sqlstate"] == "58000"
+    assert "see gateway log" in answer["message"]
+
+
+def test_a_rejected_reply_does_not_stop_the_batch() -> None:
+    class Rejecting(FakeRequest):
+        def reply(self, answer: dict[str, Any]) -> bool:
+            super().reply(answer)
+            raise ValueError("malformed answer")
+
+    bad, good = Rejecting("decide", {"sql": "SELECT 1"}), decide("SELECT 2", id=2)
+    ControlPlane(FailingVerifier()).dispatch([bad, good])
+    assert len(bad.answers) == 1
+    assert good.answer["action"] == "allow"
+
+
+def test_gateway_serves_requests_drains_events_reloads_and_stops(
+    config: Config, config_path: Path, issuer: DevIssuer, tmp_path: Path
+) -> None:
+    engines: list[FakeEngine] = []
+
+    def factory(config_json: str) -> FakeEngine:
+        engines.append(FakeEngine(config_json))
+        return engines[0]
+
+    token = issuer.mint("agent-7", ["readers"])
+    events_log = tmp_path / "events.jsonl"
+
+    async def go() -> None:
+        gateway = Gateway(config, engine_factory=factory)
+        await gateway.start()
+        engine = engines[0]
+        assert engine.started and engine.configs[0]["targets"]["ehr"]["database"] == "ehr"
+        assert gateway.addresses == ["127.0.0.1:16432", "[::1]:16432"]
+
+        engine.push_events(b'{"event":"session_start","session_id":1}\n')
+        req = auth(token)
+        engine.push(req)  # wakes the loop through the fd
+        for _ in range(100):
+            if req.answers:
+                break
+            await asyncio.sleep(0.01)
+        assert req.answer["ok"] is True
+        assert events_log.read_text().count("session_start") == 1
+
+        engine.push_events(b'{"event":"session_end","session_id":1}')
+        await asyncio.sleep(server.EVENT_DRAIN_INTERVAL * 2.5)  # the periodic drain
+        assert events_log.read_text().endswith('"session_end","session_id":1}\n')
+
+        config_path.write_text(config_path.read_text().replace('user = "svc"', 'user = "svc2"'))
+        gateway.reload(load_config(config_path))
+        assert engine.configs[-1]["targets"]["ehr"]["user"] == "svc2"
+
+        engine.push_events(b'{"event":"session_end","session_id":2}\n')
+        await gateway.stop(0.5)
+        assert engine.shutdown_grace == 0.5
+        assert 'session_id":2' in events_log.read_text()  # final drain on stop
+
+    in_loop(go)
+
+
+def test_gateway_thread(config: Config, issuer: DevIssuer) -> None:
+    engine: FakeEngine | None = None
+
+    def factory(config_json: str) -> FakeEngine:
+        nonlocal engine
+        engine = FakeEngine(config_json)
+        return engine
+
+    gw = GatewayThread(config, engine_factory=factory).start()
+    try:
+        assert gw.engine is engine
+        assert (gw.address, gw.host, gw.port) == ("127.0.0.1:16432", "127.0.0.1", 16432)
+        assert engine is not None
+        req = auth(issuer.mint("agent-7", []))
+        engine.push(req)
+        assert req.answered.wait(5)
+        assert req.answer["ok"] is True
+        gw.reload(config)
+        assert len(engine.configs) == 2
+        assert gw.is_alive()
+    finally:
+        gw.stop()
+    assert engine.shutdown_grace == 1.0
+    assert not gw.is_alive()
+
+
+def test_gateway_thread_start_raises_when_bind_fails(config: Config) -> None:
+    class Unbindable(FakeEngine):
+        def start(self) -> None:
+            raise OSError(98, "Address already in use")
+
+    with pytest.raises(OSError, match="Address already in use"):
+        GatewayThread(config, engine_factory=Unbindable).start()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    return sock
+
+
+def test_sd_notify(notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sd_notify("READY=1")
+    assert notify_socket.recv(1024) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert sd_notify("READY=1") is False
+
+
+def test_run_handles_sighup_and_sigterm(
+    config_path: Path, notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    engines: list[FakeEngine] = []
+
+    def factory(config_json: str) -> FakeEngine:
+        engines.append(FakeEngine(config_json))
+        return engines[-1]
+
+    monkeypatch.setattr(server, "_native_engine", factory)
+    messages: list[bytes] = []
+
+    async def go() -> None:
+        task = asyncio.get_running_loop().create_task(server.run(config_path))
+        while not engines or not engines[0].started:
+            await asyncio.sleep(0.01)
+        messages.append(await asyncio.to_thread(notify_socket.recv, 1024))
+
+        config_path.write_text(config_path.read_text().replace("[server]", "[server]\nbogus = 1"))
+        os.kill(os.getpid(), signal.SIGHUP)  # a broken config keeps the old one
+        messages.append(await asyncio.to_thread(notify_socket.recv, 1024))
+        messages.append(await asyncio.to_thread(notify_socket.recv, 1024))
+        assert len(engines[0].configs) == 1
+
+        config_path.write_text(config_path.read_text().replace("bogus = 1\n", ""))
+        os.kill(os.getpid(), signal.SIGHUP)
+        messages.append(await asyncio.to_thread(notify_socket.recv, 1024))
+        messages.append(await asyncio.to_thread(notify_socket.recv, 1024))
+        assert len(engines[0].configs) == 2
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 5)
+        messages.append(await asyncio.to_thread(notify_socket.recv, 1024))
+
+    caplog.set_level(logging.INFO)
+    in_loop(go)
+    assert messages[0].startswith(b"READY=1\nSTATUS=listening on 127.0.0.1:16432")
+    assert messages[1].startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    assert messages[2] == b"READY=1"
+    assert messages[5] == b"STOPPING=1"
+    assert "server.bogus: unknown key" in caplog.text
+    assert engines[0].shutdown_grace == 7  # server.drain_timeout
+
+
+def test_identity_error_requires_auth_sqlstate() -> None:
+    with pytest.raises(ValueError):
+        IdentityError("42501", "x")  # type: ignore[arg-type]
+
+
+def test_event_sink_appends_lines_and_reopens_after_logrotate(tmp_path: Path) -> None:
+    from phigate.events import EventSink
+
+    path = tmp_path / "events.jsonl"
+    sink = EventSink(path)
+    sink.write(b'{"event":"a"}\n{"event":"b"}\n')
+    sink.write(b'{"event":"c"}')  # a batch without its final newline still ends a line
+    sink.write(b"")
+    assert path.read_text().splitlines() == ['{"event":"a"}', '{"event":"b"}', '{"event":"c"}']
+    path.rename(tmp_path / "events.jsonl.1")  # what logrotate does before sending SIGHUP
+    sink.reopen()
+    sink.write(b'{"event":"d"}\n')
+    sink.close()
+    assert path.read_text() == '{"event":"d"}\n'
+    assert (tmp_path / "events.jsonl.1").read_text().count("\n") == 3
+    assert path.stat().st_mode & 0o007 == 0  # not world-readable
+
+
+def test_event_sink_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    from phigate.events import EventSink
+
+    sink = EventSink("-")
+    sink.write(b'{"event":"x"}\n')
+    sink.reopen()
+    sink.write(b'{"event":"y"}\n')
+    assert capfdbinary.readouterr().out == b'{"event":"x"}\n{"event":"y"}\n'
