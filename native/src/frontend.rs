@@ -57,7 +57,8 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
     let session_id = core.next_session_id();
     let started = std::time::Instant::now();
     let timeout = settings.cfg.startup_timeout();
-    let result = match tokio::time::timeout(timeout, startup(&core, &settings, tcp, peer, session_id)).await {
+    // Boxed so the (large) startup state is freed once the session is established.
+    let result = match tokio::time::timeout(timeout, Box::pin(startup(&core, &settings, tcp, peer, session_id))).await {
         Ok(r) => r,
         Err(_) => return, // the half-open socket is dropped; nothing useful to say to it
     };
@@ -83,7 +84,7 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
         "dropped_parameters": est.dropped_parameters,
     }));
     let our_pid = est.our_pid;
-    let end = crate::relay::run(core.clone(), settings.clone(), est, session_id).await;
+    let end = Box::pin(crate::relay::run(core.clone(), settings.clone(), est, session_id)).await;
     core.cancels.unregister(our_pid);
     core.bridge.emit(&json!({
         "ts": now_ts(), "event": "session_end", "session_id": session_id,

@@ -8,6 +8,8 @@ use tokio::net::TcpStream;
 
 /// Bytes reserved for one read; large enough that bulk results move in few syscalls.
 pub const READ_CHUNK: usize = 64 * 1024;
+/// Bytes reserved for one read from a TLS stream (one TLS record).
+const TLS_CHUNK: usize = 16 * 1024;
 
 pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 pub type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
@@ -95,12 +97,13 @@ impl ReadPart {
                     Err(e) => return Err(e),
                 }
             },
+            // rustls hands out at most one record (16 kB) per read anyway.
             ReadPart::ServerTls(s) => {
-                buf.reserve(READ_CHUNK);
+                buf.reserve(TLS_CHUNK);
                 s.read_buf(buf).await
             }
             ReadPart::ClientTls(s) => {
-                buf.reserve(READ_CHUNK);
+                buf.reserve(TLS_CHUNK);
                 s.read_buf(buf).await
             }
         }
