@@ -37,6 +37,10 @@ impl Failure {
     fn silent() -> Self {
         Failure { stream: None, error: None }
     }
+    /// Close without an error message (cancel requests get no answer, as in PostgreSQL).
+    fn quiet(stream: Stream) -> Self {
+        Failure { stream: Some(stream), error: None }
+    }
     fn to(stream: Stream, error: GateError) -> Self {
         Failure { stream: Some(stream), error: Some(error) }
     }
@@ -65,14 +69,20 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
     let est = match result {
         Ok(est) => est,
         Err(f) => {
-            if let (Some(mut s), Some(e)) = (f.stream, f.error) {
-                if e.sqlstate == sqlstate::PROTOCOL_VIOLATION {
-                    core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
-                    core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": session_id,
-                        "peer": peer.to_string(), "detail": e.message}));
+            let Some(mut s) = f.stream else { return };
+            let goodbye = async {
+                if let Some(e) = f.error {
+                    if e.sqlstate == sqlstate::PROTOCOL_VIOLATION {
+                        core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
+                        core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": session_id,
+                            "peer": peer.to_string(), "detail": e.message}));
+                    }
+                    let _ = s.write_all(&e.to_error_response()).await;
                 }
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.write_all(&e.to_error_response())).await;
-            }
+                // TLS clients (libpq 17 sends CancelRequest inside TLS) expect close_notify.
+                s.shutdown().await;
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), goodbye).await;
             return;
         }
     };
@@ -216,11 +226,11 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
                 let pid = pkt.get_i32();
                 let secret = pkt.get_i32();
                 forward_cancel(core, pid, secret).await;
-                return Err(Failure::silent());
+                return Err(Failure::quiet(stream));
             }
             CANCEL_REQUEST_CODE => {
                 // Protocol 3.2 longer keys: we only ever issue 4-byte keys, so no such key exists.
-                return Err(Failure::silent());
+                return Err(Failure::quiet(stream));
             }
             _ if (code >> 16) == 3 => break pkt,
             _ => {

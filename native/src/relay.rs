@@ -243,13 +243,9 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
     loop {
         loop {
             if pass_remaining > 0 {
-                if buf.is_empty() {
+                if !stream_through(&mut buf, &mut out, &mut pass_remaining) {
                     break;
                 }
-                let take = pass_remaining.min(buf.len());
-                out.extend_from_slice(&buf[..take]);
-                buf.advance(take);
-                pass_remaining -= take;
                 continue;
             }
             if discard_remaining > 0 {
@@ -386,13 +382,9 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
     loop {
         loop {
             if pass_remaining > 0 {
-                if buf.is_empty() {
+                if !stream_through(&mut buf, &mut out, &mut pass_remaining) {
                     break;
                 }
-                let take = pass_remaining.min(buf.len());
-                out.extend_from_slice(&buf[..take]);
-                buf.advance(take);
-                pass_remaining -= take;
                 continue;
             }
             let h = match peek_header(&buf) {
@@ -472,6 +464,19 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
             }
         }
     }
+}
+
+/// Moves up to `remaining` bytes of a message being streamed from `buf` to `out`; false when
+/// `buf` is empty and more must be read first.
+fn stream_through(buf: &mut BytesMut, out: &mut BytesMut, remaining: &mut usize) -> bool {
+    if buf.is_empty() {
+        return false;
+    }
+    let take = (*remaining).min(buf.len());
+    out.extend_from_slice(&buf[..take]);
+    buf.advance(take);
+    *remaining -= take;
+    true
 }
 
 async fn end_with(cw: &mut WritePart, out: &mut BytesMut, err: GateError, reason: &'static str) -> &'static str {

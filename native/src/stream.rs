@@ -64,6 +64,15 @@ impl Stream {
         }
     }
 
+    /// Ends the stream cleanly (TLS close_notify first, so clients see an orderly end).
+    pub async fn shutdown(&mut self) {
+        let _ = match self {
+            Stream::Plain(s) => s.shutdown().await,
+            Stream::ServerTls(s) => s.shutdown().await,
+            Stream::ClientTls(s) => s.shutdown().await,
+        };
+    }
+
     pub async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Stream::Plain(s) => s.write_all(data).await,
