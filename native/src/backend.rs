@@ -45,9 +45,17 @@ pub async fn connect(
     target: &Arc<Target>,
     tls: Option<Arc<rustls::ClientConfig>>,
     client_params: &[(String, String)],
+    db_role: Option<&str>,
 ) -> Result<Upstream, UpstreamError> {
     let timeout = Duration::from_millis(target.connect_timeout_ms);
-    match tokio::time::timeout(timeout, connect_inner(target, tls, client_params)).await {
+    let work = async {
+        let mut up = connect_inner(target, tls, client_params).await?;
+        if let Some(role) = db_role {
+            set_role(&mut up, role).await?;
+        }
+        Ok(up)
+    };
+    match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(fail("timed out", format!("no answer from {}:{} within {:?}", target.host, target.port, timeout))),
     }
@@ -150,6 +158,56 @@ async fn connect_inner(
             }
             t => return Err(fail("protocol error", format!("unexpected upstream message {:?} during startup", t as char))),
         }
+    }
+}
+
+/// Quotes an identifier the way PostgreSQL's quote_ident does (always quoted).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Makes the session run as the role's database user, so the database enforces least privilege
+/// too. Agents can never undo it: SET ROLE, RESET ROLE, DISCARD and SET SESSION AUTHORIZATION are
+/// refused by policy.
+async fn set_role(up: &mut Upstream, role: &str) -> Result<(), UpstreamError> {
+    let io = |e: std::io::Error| fail("connection lost during startup", e.to_string());
+    let sql = format!("SET ROLE {}", quote_ident(role));
+    up.stream.write_all(&session::query(sql.as_bytes())).await.map_err(io)?;
+    let mut buf = std::mem::take(&mut up.leftover);
+    let mut error: Option<String> = None;
+    loop {
+        let frame = loop {
+            match next_frame(&mut buf, |_| MAX_STARTUP_MESSAGE) {
+                Ok(Some(f)) => break f,
+                Ok(None) => {
+                    if up.stream.read_into(&mut buf).await.map_err(io)? == 0 {
+                        return Err(fail("connection closed during startup", "upstream closed the connection during SET ROLE"));
+                    }
+                }
+                Err(e) => return Err(fail("protocol error", format!("upstream SET ROLE: {e}"))),
+            }
+        };
+        match frame.tag {
+            tag_b::ERROR_RESPONSE => {
+                let msg = error_response::field(frame.body(), b'M').map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+                error = Some(msg);
+            }
+            tag_b::PARAMETER_STATUS => {
+                // A later report of the same parameter replaces the earlier one.
+                let name_of = |b: &Bytes| b[5..].split(|&c| c == 0).next().map(<[u8]>::to_vec);
+                let name = name_of(&frame.bytes);
+                up.parameter_status.retain(|p| name_of(p) != name);
+                up.parameter_status.push(frame.bytes.clone());
+            }
+            tag_b::NOTICE_RESPONSE => up.notices.push(frame.bytes.clone()),
+            tag_b::READY_FOR_QUERY => break,
+            _ => {}
+        }
+    }
+    up.leftover = buf;
+    match error {
+        Some(e) => Err(fail("the gateway could not switch to this role's database user", format!("SET ROLE {role:?}: {e}"))),
+        None => Ok(()),
     }
 }
 

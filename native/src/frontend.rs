@@ -25,6 +25,10 @@ pub struct Identity {
     pub subject: String,
     pub groups: Vec<String>,
     pub class: Arc<str>,
+    /// Upstream role the session runs as (SET ROLE right after the gateway's own login).
+    pub db_role: Option<String>,
+    /// When the credential stops being valid, if the session must close then.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 /// A failed startup: the error for the client (if the socket is still usable) and what to log.
@@ -325,7 +329,7 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
         Err((code, msg)) => return Err(Failure::to(stream, auth_fail(code, msg))),
     };
 
-    let upstream = match crate::backend::connect(&target.target, target.tls.clone(), &forwarded).await {
+    let upstream = match crate::backend::connect(&target.target, target.tls.clone(), &forwarded, identity.db_role.as_deref()).await {
         Ok(u) => u,
         Err(e) => {
             eprintln!("phigate: session {session_id}: upstream for target {database:?} failed: {}", e.log);
@@ -380,7 +384,18 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
     let groups = a.get("groups").and_then(|v| v.as_array()).ok_or_else(internal)?
         .iter().map(|g| g.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(internal)?;
     let class = a.get("identity_class").and_then(|v| v.as_str()).ok_or_else(internal)?;
-    Ok(Identity { subject, groups, class: class.into() })
+    let db_role = match a.get("db_role") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v.as_str().filter(|r| !r.is_empty() && !r.contains('\0')).ok_or_else(internal)?.to_string()),
+    };
+    let close_on_expiry = a.get("close_on_expiry").and_then(|v| v.as_bool()).unwrap_or(true);
+    let expires_at = match a.get("expires_at").and_then(|v| v.as_f64()) {
+        Some(t) if close_on_expiry && t.is_finite() && t > 0.0 => {
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(t))
+        }
+        _ => None,
+    };
+    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at })
 }
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {

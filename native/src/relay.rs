@@ -11,7 +11,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
 use serde_json::json;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,6 +70,22 @@ enum Verdict {
     Deny(GateError),
 }
 
+/// Prepared statements and portals a client may have at most (per session); more is refused.
+const MAX_PREPARED: usize = 100_000;
+
+/// What the gateway knows of a prepared statement: its text and the epoch it was judged under.
+/// A reload bumps the epoch, and the next Bind or Execute judges the text again.
+struct Prepared {
+    sql: Bytes,
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct Extended {
+    statements: HashMap<Vec<u8>, Prepared>,
+    portals: HashMap<Vec<u8>, Vec<u8>>,
+}
+
 pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Established, session_id: u64) -> SessionEnd {
     let (cr, cw) = est.client.split();
     let up = est.upstream;
@@ -101,6 +117,7 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
 impl Ctx {
     /// Hands a fatal error to the upstream→client half, which sends it and ends the session.
     async fn die(&self, err: GateError) -> &'static str {
+        let reason = if err.sqlstate == sqlstate::PROTOCOL_VIOLATION { "protocol_violation" } else { "credential_expired" };
         if err.sqlstate == sqlstate::PROTOCOL_VIOLATION {
             self.core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
             self.core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": self.session_id, "detail": err.message}));
@@ -108,7 +125,16 @@ impl Ctx {
         self.shared.lock().fatal = Some(err.to_error_response());
         self.kill.notify_one();
         std::future::pending::<()>().await;
-        "protocol_violation"
+        reason
+    }
+
+    /// The session's credential expired (and the identity source asked to close on expiry).
+    fn expired(&self) -> Option<GateError> {
+        let at = self.identity.expires_at?;
+        (std::time::SystemTime::now() >= at).then(|| {
+            GateError::fatal(sqlstate::INVALID_PASSWORD, "your access token has expired; this session is closed")
+                .with_hint("Reconnect with a fresh token.")
+        })
     }
 
     fn push_cycle(&self) {
@@ -206,6 +232,26 @@ impl Ctx {
     }
 }
 
+/// A Bind (F) naming a statement that cannot exist: PostgreSQL answers with an ErrorResponse that
+/// carries the marker, which the other half swaps for the gateway's refusal.
+fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
+    let mut o = BytesMut::new();
+    crate::messages::put_message(&mut o, b'B', |o| {
+        crate::messages::put_cstr(o, portal);
+        crate::messages::put_cstr(o, marker.as_bytes());
+        o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    });
+    o.freeze()
+}
+
+/// Portal and statement names at the start of a Bind body.
+fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut pos = 0;
+    let portal = crate::framing::read_cstr(body, &mut pos)?;
+    let stmt = crate::framing::read_cstr(body, &mut pos)?;
+    Some((portal, stmt))
+}
+
 /// SQLSTATEs are 5 ASCII alphanumerics; anything else from the control plane becomes 42501.
 fn leak_sqlstate(s: &str) -> &'static str {
     const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000"];
@@ -240,6 +286,8 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
     // Bytes of an oversized Query/Parse still to discard, and which it was.
     let mut discard_remaining = 0usize;
     let mut discard_tag = 0u8;
+    let mut ext = Extended::default();
+    let cache = &ctx.core.cache;
     loop {
         loop {
             if pass_remaining > 0 {
@@ -298,6 +346,13 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                 Err(e) => return ctx.die(GateError::protocol(format!("invalid message from client: {e}"))).await,
             };
             match frame.tag {
+                tag_f::QUERY | tag_f::PARSE | tag_f::BIND | tag_f::EXECUTE | tag_f::FUNCTION_CALL if ctx.expired().is_some() => {
+                    let err = ctx.expired().expect("checked");
+                    if !out.is_empty() {
+                        let _ = uw.write_all(&out).await;
+                    }
+                    return ctx.die(err).await;
+                }
                 tag_f::QUERY => {
                     let Some(sql) = query::query_text(frame.body()) else {
                         return ctx.die(GateError::protocol("invalid Query message")).await;
@@ -316,20 +371,119 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     let Some((name, sql)) = query::parse_fields(frame.body()) else {
                         return ctx.die(GateError::protocol("invalid Parse message")).await;
                     };
+                    let epoch = cache.epoch();
                     let verdict = match ctx.decide(sql, Some(name), "extended", &mut out, &mut uw).await {
                         Ok(v) => v,
                         Err(r) => return r,
                     };
                     match verdict {
-                        Verdict::Allow => out.extend_from_slice(&frame.bytes),
-                        Verdict::Deny(err) => out.extend_from_slice(&session::parse(name, ctx.marker(&err).as_bytes())),
+                        Verdict::Allow if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
+                            let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                                format!("this session already has {MAX_PREPARED} prepared statements"))
+                                .with_hint("Close (deallocate) prepared statements you no longer need.");
+                            out.extend_from_slice(&session::parse(name, ctx.marker(&err).as_bytes()));
+                        }
+                        Verdict::Allow => {
+                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch });
+                            out.extend_from_slice(&frame.bytes);
+                        }
+                        Verdict::Deny(err) => {
+                            ext.statements.remove(name);
+                            out.extend_from_slice(&session::parse(name, ctx.marker(&err).as_bytes()));
+                        }
                     }
+                }
+                tag_f::BIND => {
+                    let Some((portal, stmt)) = bind_names(frame.body()) else {
+                        return ctx.die(GateError::protocol("invalid Bind message")).await;
+                    };
+                    let refusal = match ext.statements.get(stmt) {
+                        None => Some(GateError::error("26000",
+                            format!("prepared statement \"{}\" was not prepared through this gateway", String::from_utf8_lossy(stmt)))
+                            .with_hint("Prepare statements with the protocol's Parse message in this session.")),
+                        Some(p) if p.epoch != cache.epoch() => {
+                            let sql = p.sql.clone();
+                            let epoch = cache.epoch();
+                            match ctx.decide(&sql, Some(stmt), "extended", &mut out, &mut uw).await {
+                                Ok(Verdict::Allow) => {
+                                    if let Some(p) = ext.statements.get_mut(stmt) {
+                                        p.epoch = epoch;
+                                    }
+                                    None
+                                }
+                                Ok(Verdict::Deny(e)) => Some(e),
+                                Err(r) => return r,
+                            }
+                        }
+                        Some(_) if ext.portals.len() >= MAX_PREPARED && !ext.portals.contains_key(portal) => {
+                            Some(GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this session already has {MAX_PREPARED} open portals"))
+                                .with_hint("Close portals you no longer need."))
+                        }
+                        Some(_) => None,
+                    };
+                    match refusal {
+                        None => {
+                            ext.portals.insert(portal.to_vec(), stmt.to_vec());
+                            out.extend_from_slice(&frame.bytes);
+                        }
+                        Some(err) => {
+                            ext.portals.remove(portal);
+                            out.extend_from_slice(&marker_bind(portal, &ctx.marker(&err)));
+                        }
+                    }
+                }
+                tag_f::EXECUTE => {
+                    // A portal bound before a reload is judged again before it runs (portals from
+                    // SQL-level DECLARE are not in the map: their DECLARE was judged).
+                    let mut pos = 0;
+                    let Some(portal) = crate::framing::read_cstr(frame.body(), &mut pos) else {
+                        return ctx.die(GateError::protocol("invalid Execute message")).await;
+                    };
+                    let stale = ext.portals.get(portal).and_then(|stmt| {
+                        ext.statements.get(stmt).filter(|p| p.epoch != cache.epoch()).map(|p| (stmt.clone(), p.sql.clone()))
+                    });
+                    let refusal = match stale {
+                        None => None,
+                        Some((stmt, sql)) => {
+                            let epoch = cache.epoch();
+                            match ctx.decide(&sql, Some(&stmt), "extended", &mut out, &mut uw).await {
+                                Ok(Verdict::Allow) => {
+                                    if let Some(p) = ext.statements.get_mut(&stmt) {
+                                        p.epoch = epoch;
+                                    }
+                                    None
+                                }
+                                Ok(Verdict::Deny(e)) => Some(e),
+                                Err(r) => return r,
+                            }
+                        }
+                    };
+                    match refusal {
+                        None => out.extend_from_slice(&frame.bytes),
+                        Some(err) => out.extend_from_slice(&marker_bind(b"", &ctx.marker(&err))),
+                    }
+                }
+                tag_f::CLOSE => {
+                    let body = frame.body();
+                    let mut pos = 1;
+                    if let (Some(kind), Some(name)) = (body.first(), crate::framing::read_cstr(body, &mut pos)) {
+                        match kind {
+                            b'S' => {
+                                ext.statements.remove(name);
+                            }
+                            b'P' => {
+                                ext.portals.remove(name);
+                            }
+                            _ => {}
+                        }
+                    }
+                    out.extend_from_slice(&frame.bytes);
                 }
                 tag_f::SYNC => {
                     ctx.push_cycle();
                     out.extend_from_slice(&frame.bytes);
                 }
-                tag_f::BIND | tag_f::DESCRIBE | tag_f::EXECUTE | tag_f::CLOSE | tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL => {
+                tag_f::DESCRIBE | tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL => {
                     out.extend_from_slice(&frame.bytes);
                 }
                 tag_f::FUNCTION_CALL => {
