@@ -102,24 +102,34 @@ impl Bridge {
         self.queue.lock().len()
     }
 
-    /// Takes every pending request and clears the wakeup (order matters: see comments).
+    /// Takes every pending request and clears the wakeup. The order is what makes it safe:
+    /// 1. drain the socket, 2. clear the flag, 3. take the queue. A request pushed before (2)
+    /// sees the flag set and writes nothing, but (3) takes it; one pushed after (2) writes a
+    /// byte. Clearing before draining would let the drain eat the byte of a request pushed in
+    /// between, leaving the flag set with no byte pending: every later request would hang.
     pub fn take_requests(&self) -> Vec<PendingRequest> {
-        // Clear the flag first: a request pushed from now on signals again, so none is missed.
-        self.signaled.store(false, Ordering::Release);
         let mut sink = [0u8; 256];
         while let Ok(n) = (&self.wake_rx).read(&mut sink) {
             if n == 0 {
                 break;
             }
         }
+        self.signaled.store(false, Ordering::Release);
         std::mem::take(&mut *self.queue.lock())
     }
 
     /// Appends one event (already a JSON object) as a line.
     pub fn emit(&self, event: &Value) {
-        let mut ev = self.events.lock();
         // serde_json cannot fail on a Value.
-        let _ = serde_json::to_writer(&mut *ev, event);
+        let line = serde_json::to_vec(event).unwrap_or_default();
+        self.emit_line(&line);
+    }
+
+    /// Appends one pre-serialized JSON object (without newline); the hot path for per-statement
+    /// events, which are formatted without building a Value tree.
+    pub fn emit_line(&self, line: &[u8]) {
+        let mut ev = self.events.lock();
+        ev.extend_from_slice(line);
         ev.push(b'\n');
         let big = ev.len() >= self.event_backlog_wakeup;
         drop(ev);
@@ -161,6 +171,37 @@ mod tests {
         let r = b.ask(RequestKind::Decide, Value::Null, Duration::from_millis(20)).await;
         assert_eq!(r, Err(AskError::TimedOut));
         assert_eq!(b.timed_out.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn wakeup_is_never_lost_under_concurrent_pushes() {
+        // Regression: clearing the flag before draining the socket let a concurrent push's byte
+        // be eaten, leaving the flag set and no byte pending; the control plane then slept
+        // forever while work piled up.
+        let b = std::sync::Arc::new(Bridge::new(1).unwrap()); // wake on every ~200 bytes
+        const N: usize = 20_000;
+        let producer = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                let line = vec![b'x'; 300];
+                for i in 0..N {
+                    b.emit_line(&line);
+                    if i % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        };
+        let mut consumed = 0;
+        while consumed < N {
+            let mut pfd = libc::pollfd { fd: b.wakeup_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 2000) };
+            assert!(ready > 0, "wakeup lost: {consumed} of {N} events consumed, the rest never signaled");
+            let _ = b.take_requests();
+            consumed += b.take_events().iter().filter(|&&c| c == b'\n').count();
+        }
+        producer.join().unwrap();
     }
 
     #[test]

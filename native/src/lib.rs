@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod events;
 pub mod framing;
 pub mod frontend;
 pub mod messages;

@@ -218,9 +218,7 @@ impl Ctx {
             }
         };
         let allowed = decision.action == Action::Allow;
-        self.core.bridge.emit(&json!({"ts": now_ts(), "event": "statement", "session_id": self.session_id,
-            "decision": if allowed { "allow" } else { "deny" }, "cached": cached, "protocol": protocol,
-            "normalized": decision.normalized.as_deref()}));
+        self.core.bridge.emit_line(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
         Ok(match &decision.action {
             Action::Allow => Verdict::Allow,
             Action::Deny { sqlstate, message, hint } => {
@@ -564,8 +562,8 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                     out.extend_from_slice(&frame.bytes);
                     let started = ctx.shared.lock().cycles.pop_front();
                     let duration_ms = started.map(|s| s.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
-                    ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "result", "session_id": ctx.session_id,
-                        "rows": cycle_rows, "bytes": cycle_bytes + out.len() as u64, "duration_ms": duration_ms, "error": cycle_error.take()}));
+                    ctx.core.bridge.emit_line(&crate::events::result(ctx.session_id, cycle_rows, cycle_bytes + out.len() as u64,
+                        duration_ms, cycle_error.take().as_deref()));
                     cycle_rows = 0;
                     cycle_bytes = 0;
                 }

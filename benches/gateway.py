@@ -1,0 +1,132 @@
+"""phigate for the benchmark: dev token, TOML config with TLS off on both legs, `phigate serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from procs import LOOPBACK, Registry, free_port, log, run, wait_port
+
+REPO = Path(__file__).resolve().parent.parent
+ISSUER = "https://phigate-bench.invalid/"
+AUDIENCE = "phigate"
+AGENT = "bench-agent"
+GROUPS = ["bench"]
+
+
+def _env() -> dict[str, str]:
+    """Environment in which `phigate` imports from this checkout even if it is not pip-installed."""
+    env = dict(os.environ)
+    py = str(REPO / "python")
+    env["PYTHONPATH"] = py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def importable() -> tuple[bool, str]:
+    """Whether the gateway (Rust extension + server) imports; the reason if it does not."""
+    cp = run([sys.executable, "-c", "import phigate._native, phigate.server, phigate.cli"],
+             timeout=60, env=_env(), check=False)
+    return cp.returncode == 0, (cp.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def native_version() -> str:
+    cp = run([sys.executable, "-c", "import phigate._native as n; print(n.__version__)"],
+             timeout=60, env=_env(), check=False)
+    return cp.stdout.strip() if cp.returncode == 0 else "?"
+
+
+def mint_token(key_dir: Path, ttl_seconds: int) -> tuple[str, Path]:
+    """A dev token from phigate.tokens.DevIssuer and the JWKS file that verifies it."""
+    from phigate.tokens import DevIssuer
+
+    iss = DevIssuer(key_dir, issuer=ISSUER)
+    iss.ensure_keys()
+    tok = iss.mint(AGENT, GROUPS, ttl_seconds, audience=AUDIENCE, issuer=ISSUER)
+    return tok, iss.jwks_path
+
+
+def _q(s: str | Path) -> str:
+    return json.dumps(str(s))  # a JSON string is a valid TOML basic string
+
+
+def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_port: int | None,
+                 pool_db: str, upstream_db: str, svc_user: str, svc_password: str,
+                 events_log: str, workers: int) -> Path:
+    """The gateway TOML: plaintext listener, `bench` -> PostgreSQL, `bench_pool` -> PgBouncer."""
+    pw = workdir / "svc.password"
+    pw.write_text(svc_password + "\n")
+    pw.chmod(0o600)
+    toml = f"""\
+[server]
+listen = "{LOOPBACK}:{port}"
+require_tls = false
+events_log = {_q(events_log)}
+workers = {workers}
+
+[identity.oidc]
+issuer = {_q(ISSUER)}
+audience = {_q(AUDIENCE)}
+jwks_file = {_q(jwks)}
+
+[targets.bench]
+host = "{LOOPBACK}"
+port = {pg_port}
+database = {_q(upstream_db)}
+user = {_q(svc_user)}
+password_file = {_q(pw)}
+tls = "disable"
+"""
+    if pool_port is not None:
+        # Only for the 10k idle-connection RSS test: PostgreSQL cannot hold 10k backends here.
+        toml += f"""
+[targets.bench_pool]
+host = "{LOOPBACK}"
+port = {pool_port}
+database = {_q(pool_db)}
+user = {_q(svc_user)}
+password_file = {_q(pw)}
+tls = "disable"
+"""
+    path = workdir / "phigate.toml"
+    path.write_text(toml)
+    return path
+
+
+class Gateway:
+    """`python -m phigate.cli serve --config FILE` as its own process (CPU apart from pgbench)."""
+
+    def __init__(self, reg: Registry, workdir: Path):
+        self.reg = reg
+        self.dir = workdir / "phigate"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "phigate.log"
+
+    def start(self, config: Path) -> None:
+        self.proc = self.reg.spawn(
+            "phigate", [sys.executable, "-m", "phigate.cli", "serve", "--config", str(config)],
+            log_path=self.log_path, env=_env(), cwd=REPO)
+        try:
+            wait_port(self.port, 60, self.proc)
+        except Exception:
+            log("phigate did not come up; last log lines:\n" + self.log_tail())
+            raise
+        log(f"phigate on {LOOPBACK}:{self.port} (pid {self.proc.pid})")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"

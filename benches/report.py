@@ -1,0 +1,261 @@
+"""Machine/version facts, the target checks, and the Markdown + JSON report of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("direct", "pgbouncer", "phigate")
+TPS_RATIO_TARGET = 0.9
+BULK_RATIO_TARGET = 0.9
+RSS_TARGET_KB = 16.0
+
+
+def _cmd(cmd: list[str], cwd: Path | None = None) -> str:
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    out = (cp.stdout or cp.stderr).strip()
+    return out.splitlines()[0] if out and cp.returncode == 0 else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    """nproc, CPU model, memory, kernel: enough to tell whether two reports are comparable."""
+    cpu = "?"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else "?"
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        m2 = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
+        mem_kb = int(m2.group(1)) if m2 else 0
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem_kb / 1024 / 1024, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_at_end": round(os.getloadavg()[0], 2)}
+
+
+def git_info(repo: Path) -> dict[str, Any]:
+    """Short sha (or 'nocommit' before the first commit) and whether the tree is dirty."""
+    sha = _cmd(["git", "rev-parse", "--short", "HEAD"], cwd=repo)
+    if sha == "?" or not re.fullmatch(r"[0-9a-f]{4,40}", sha):
+        sha = "nocommit"
+    try:
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                                    text=True, timeout=30, cwd=repo).stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = True
+    return {"sha": sha, "dirty": dirty}
+
+
+def rustc_version() -> str:
+    return _cmd(["rustc", "--version"])
+
+
+# ---- formatting -----------------------------------------------------------------------------
+
+def _f(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _cell(res: dict[str, Any], sysname: str, key: str) -> float | None:
+    r = res.get(sysname)
+    if not r or "error" in r:
+        return None
+    v = r.get(key)
+    return float(v) if v is not None else None
+
+
+def _errnote(res: dict[str, Any], sysname: str) -> str:
+    r = res.get(sysname)
+    if r is None:
+        return "not run"
+    return "error" if "error" in r else ""
+
+
+def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each met / not met / not measured (met=None)."""
+    out: list[dict[str, Any]] = []
+    for row in data.get("pgbench", []):
+        res = row["results"]
+        r = _ratio(_cell(res, "phigate", "tps"), _cell(res, "pgbouncer", "tps"))
+        out.append({"target": f"-S {row['mode']} c={row['clients']}: TPS >= 0.9x PgBouncer",
+                    "value": r, "unit": "x", "met": None if r is None else r >= TPS_RATIO_TARGET})
+    bulk = data.get("bulk", {})
+    r = _ratio(_cell(bulk, "phigate", "select_best_mb_s"),
+               _cell(bulk, "pgbouncer", "select_best_mb_s"))
+    out.append({"target": "bulk read MB/s >= 0.9x PgBouncer", "value": r, "unit": "x",
+                "met": None if r is None else r >= BULK_RATIO_TARGET})
+    rss_rows = [x for x in data.get("rss", []) if x.get("system") == "phigate"]
+    for x in rss_rows:
+        v = x.get("per_conn_kb")
+        out.append({"target": f"RSS per idle connection < 16 kB at {x['n']:,} "
+                              f"(upstream {x['upstream']})",
+                    "value": v, "unit": "kB", "met": None if v is None else v < RSS_TARGET_KB})
+    if not rss_rows:
+        out.append({"target": "RSS per idle connection < 16 kB", "value": None, "unit": "kB",
+                    "met": None})
+    return out
+
+
+def _mark(met: bool | None) -> str:
+    return {True: "**met**", False: "**NOT met**", None: "not measured"}[met]
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """The whole report as Markdown (also printed to stdout)."""
+    meta = data["meta"]
+    m, v = meta["machine"], meta["versions"]
+    L: list[str] = []
+    L.append(f"# phigate benchmark — {meta['date']} — {v['phigate_git']}")
+    L.append("")
+    L.append(f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, "
+             f"Linux {m['kernel']}, load average {m.get('loadavg_at_start', 0):.2f} at start, "
+             f"{m.get('loadavg_at_end', 0):.2f} at end")
+    L.append(f"- PostgreSQL: {v['postgres']} (started by: {v['pg_starter']}); "
+             f"PgBouncer: {v['pgbouncer']}; phigate: git {v['phigate_git']}, "
+             f"native {v['phigate_native']}; {v['rustc']}; Python {m['python']}; "
+             f"psycopg {v['psycopg']}")
+    s = meta["settings"]
+    L.append(f"- settings: pgbench -S, {s['duration_s']} s per run, scale {s['scale']}, "
+             f"warm-up {s['warmup_s']} s per mode and system; -S matrix run {s.get('repeat', 1)}x "
+             f"(median-TPS run shown); bulk best of {s['bulk_repeats']}; "
+             f"phigate workers={s['workers']}, events_log={s['events_log']}; TLS off on every leg; "
+             f"PgBouncer pool_mode=session, auth SCRAM; PostgreSQL auth SCRAM")
+    L.append("- latency: p50/p99 from pgbench per-transaction logs (`--log`), i.e. what the "
+             "client measured per transaction; \"added\" = phigate p50 minus the other's p50")
+    L.append("")
+
+    L.append("## pgbench -S (TPS)")
+    L.append("")
+    L.append("| mode | clients | direct | pgbouncer | phigate | phigate/pgbouncer "
+             "| phigate/direct | proxy CPU µs/txn (pgb / phigate) |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in data.get("pgbench", []):
+        res = row["results"]
+        t = {k: _cell(res, k, "tps") for k in SYSTEMS}
+        cells = [_f(t[k]) if t[k] is not None else (_errnote(res, k) or "–") for k in SYSTEMS]
+        L.append(f"| {row['mode']} | {row['clients']} | " + " | ".join(cells) + " | "
+                 f"{_f(_ratio(t['phigate'], t['pgbouncer']), 2)} | "
+                 f"{_f(_ratio(t['phigate'], t['direct']), 2)} | "
+                 f"{_f(_cell(res, 'pgbouncer', 'proxy_cpu_us_per_txn'), 1)} / "
+                 f"{_f(_cell(res, 'phigate', 'proxy_cpu_us_per_txn'), 1)} |")
+    L.append("")
+    L.append("## pgbench -S latency (ms, p50 / p99)")
+    L.append("")
+    L.append("| mode | clients | direct | pgbouncer | phigate | added p50 vs direct |"
+             " added p50 vs pgbouncer |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    for row in data.get("pgbench", []):
+        res = row["results"]
+
+        def lat(k: str, res: dict[str, Any] = res) -> str:
+            p50, p99 = _cell(res, k, "p50_ms"), _cell(res, k, "p99_ms")
+            return f"{_f(p50, 3)} / {_f(p99, 3)}" if p50 is not None else (
+                _errnote(res, k) or "–")
+
+        p = {k: _cell(res, k, "p50_ms") for k in SYSTEMS}
+        add_d, add_b = _diff(p["phigate"], p["direct"]), _diff(p["phigate"], p["pgbouncer"])
+        L.append(f"| {row['mode']} | {row['clients']} | {lat('direct')} | {lat('pgbouncer')} | "
+                 f"{lat('phigate')} | {_f(add_d, 3)} | {_f(add_b, 3)} |")
+    L.append("")
+
+    if data.get("connect"):
+        L.append("## Connection setup (`pgbench -C -S -M simple`: one new connection per "
+                 "transaction)")
+        L.append("")
+        L.append("| clients | direct conn/s | pgbouncer conn/s | phigate conn/s | "
+                 "phigate/pgbouncer | phigate/direct | avg connect ms (d / pgb / phigate) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for row in data["connect"]:
+            res = row["results"]
+            c = {k: _cell(res, k, "tps") for k in SYSTEMS}
+            ct = " / ".join(_f(_cell(res, k, "conn_time_ms"), 2) for k in SYSTEMS)
+            L.append(f"| {row['clients']} | " + " | ".join(
+                _f(c[k]) if c[k] is not None else (_errnote(res, k) or "–") for k in SYSTEMS)
+                + f" | {_f(_ratio(c['phigate'], c['pgbouncer']), 2)} | "
+                f"{_f(_ratio(c['phigate'], c['direct']), 2)} | {ct} |")
+        L.append("")
+
+    if data.get("bulk"):
+        b = data["bulk"]
+        L.append(f"## Bulk read: {b.get('rows', 20000):,} rows × 1 KB, psycopg text format "
+                 "(payload MB/s, best of N; median in parentheses)")
+        L.append("")
+        L.append("| fetch | direct | pgbouncer | phigate | phigate/pgbouncer | phigate/direct |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for label, best, med in (("SELECT * → fetchall()", "select_best_mb_s",
+                                  "select_median_mb_s"),
+                                 ("COPY TO STDOUT", "copy_best_mb_s", "copy_median_mb_s")):
+            vals = {k: _cell(b, k, best) for k in SYSTEMS}
+            cells = [f"{_f(vals[k], 1)} ({_f(_cell(b, k, med), 1)})" if vals[k] is not None
+                     else (_errnote(b, k) or "–") for k in SYSTEMS]
+            L.append(f"| {label} | " + " | ".join(cells) + " | "
+                     f"{_f(_ratio(vals['phigate'], vals['pgbouncer']), 2)} | "
+                     f"{_f(_ratio(vals['phigate'], vals['direct']), 2)} |")
+        L.append("")
+        L.append("Masking is not implemented yet, so there is no \"with masking\" row.")
+        L.append("")
+
+    if data.get("rss"):
+        L.append("## RSS per idle authenticated connection")
+        L.append("")
+        L.append("| system | connections | upstream | opened | RSS before kB | RSS with conns kB |"
+                 " kB per connection |")
+        L.append("|---|---:|---|---:|---:|---:|---:|")
+        for x in data["rss"]:
+            L.append(f"| {x['system']} | {x['n']:,} | {x['upstream']} | {x.get('opened', 0):,} | "
+                     f"{_f(x.get('rss_before_kb'))} | {_f(x.get('rss_after_kb'))} | "
+                     f"{_f(x.get('per_conn_kb'), 2)} |")
+        L.append("")
+
+    L.append("## Targets (issue 2)")
+    L.append("")
+    L.append("| target | measured | result |")
+    L.append("|---|---:|---|")
+    for t in data.get("targets", []):
+        unit = t["unit"] if t["value"] is not None else ""
+        L.append(f"| {t['target']} | {_f(t['value'], 2)} {unit} | {_mark(t['met'])} |")
+    L.append("")
+
+    if meta.get("notes"):
+        L.append("## Notes")
+        L.append("")
+        L.extend(f"- {n}" for n in meta["notes"])
+        L.append("")
+    errs = data.get("errors", [])
+    if errs:
+        L.append("## Errors")
+        L.append("")
+        L.extend(f"- {e}" for e in errs)
+        L.append("")
+    return "\n".join(L)
+
+
+def write(data: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write <date>-<shortsha>.md and .json into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{data['meta']['date']}-{data['meta']['versions']['phigate_git']}"
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md.write_text(render_markdown(data))
+    js.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return md, js
