@@ -526,6 +526,11 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
 async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut buf: BytesMut) -> &'static str {
     let max_message = ctx.settings.cfg.max_message_bytes;
     let mut shutdown = ctx.core.force_close.subscribe();
+    // Created once per session: a fresh Notified/changed() per loop turn costs a lock each.
+    let kill = ctx.kill.notified();
+    tokio::pin!(kill);
+    let gateway_stop = shutdown.changed();
+    tokio::pin!(gateway_stop);
     let mut out = BytesMut::new();
     let mut pass_remaining = 0usize;
     let mut cycle_rows = 0u64;
@@ -596,7 +601,7 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
         release_if_idle(&mut buf);
         tokio::select! {
             biased;
-            _ = ctx.kill.notified() => {
+            _ = &mut kill => {
                 let fatal = ctx.shared.lock().fatal.take();
                 if let Some(f) = fatal {
                     let _ = cw.write_all(&f).await;
@@ -604,7 +609,7 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                 cw.shutdown().await;
                 return "protocol_violation";
             }
-            _ = shutdown.changed() => {
+            _ = &mut gateway_stop => {
                 let e = GateError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because the gateway is shutting down");
                 let _ = cw.write_all(&e.to_error_response()).await;
                 cw.shutdown().await;

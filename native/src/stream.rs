@@ -2,8 +2,8 @@
 //! halves wait for readability before reserving a buffer, so an idle connection holds no buffer.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Bytes reserved for one read; large enough that bulk results move in few syscalls.
@@ -20,14 +20,16 @@ pub enum Stream {
     ClientTls(Box<ClientTls>),
 }
 
+/// Plain TCP halves share the stream: tokio's TcpStream does all I/O through `&self`, and only
+/// the stream itself offers `try_io`, which the read path needs (see `read_into`).
 pub enum ReadPart {
-    Plain(OwnedReadHalf),
+    Plain(Arc<TcpStream>),
     ServerTls(ReadHalf<ServerTls>),
     ClientTls(ReadHalf<ClientTls>),
 }
 
 pub enum WritePart {
-    Plain(OwnedWriteHalf),
+    Plain(Arc<TcpStream>),
     ServerTls(WriteHalf<ServerTls>),
     ClientTls(WriteHalf<ClientTls>),
 }
@@ -40,8 +42,8 @@ impl Stream {
     pub fn split(self) -> (ReadPart, WritePart) {
         match self {
             Stream::Plain(s) => {
-                let (r, w) = s.into_split();
-                (ReadPart::Plain(r), WritePart::Plain(w))
+                let s = Arc::new(s);
+                (ReadPart::Plain(s.clone()), WritePart::Plain(s))
             }
             Stream::ServerTls(s) => {
                 let (r, w) = tokio::io::split(*s);
@@ -93,15 +95,32 @@ impl ReadPart {
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
             ReadPart::Plain(s) => loop {
-                if buf.capacity() - buf.len() == 0 {
-                    // Idle sockets hold no buffer: reserve only once data is there to read.
-                    s.readable().await?;
+                // Idle sockets hold no buffer: wait for data before reserving one.
+                s.readable().await?;
+                if buf.capacity() == buf.len() {
                     buf.reserve(READ_CHUNK);
                 }
-                match s.try_read_buf(buf) {
+                let spare = buf.capacity() - buf.len();
+                let mut short_read = None;
+                // A read that returns less than the space offered drained the socket, so its
+                // readiness is cleared right away (by reporting WouldBlock to try_io) instead of
+                // by a second read that returns EAGAIN: one syscall less per message and
+                // direction. tokio's readiness ticks keep data that arrives meanwhile from being
+                // missed.
+                let res = s.try_io(Interest::READABLE, || {
+                    let n = s.try_read_buf(buf)?;
+                    if n > 0 && n < spare {
+                        short_read = Some(n);
+                        return Err(std::io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match res {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        s.readable().await?;
+                        if let Some(n) = short_read {
+                            return Ok(n);
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -125,7 +144,18 @@ impl WritePart {
             return Ok(());
         }
         match self {
-            WritePart::Plain(s) => s.write_all(data).await,
+            WritePart::Plain(s) => {
+                let mut off = 0;
+                while off < data.len() {
+                    s.writable().await?;
+                    match s.try_write(&data[off..]) {
+                        Ok(n) => off += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
             WritePart::ServerTls(s) => {
                 s.write_all(data).await?;
                 s.flush().await
@@ -139,7 +169,7 @@ impl WritePart {
 
     pub async fn shutdown(&mut self) {
         let _ = match self {
-            WritePart::Plain(s) => s.shutdown().await,
+            WritePart::Plain(s) => socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Write),
             WritePart::ServerTls(s) => s.shutdown().await,
             WritePart::ClientTls(s) => s.shutdown().await,
         };
