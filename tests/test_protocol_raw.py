@@ -143,6 +143,18 @@ def test_disallowed_startup_parameters_are_not_forwarded(plain_gateway, token):
     assert b"evil" not in rows[0] and b"raw-test" in rows[0]
 
 
+def test_client_encoding_is_pinned_to_utf8(plain_gateway, token):
+    # A multi-byte client encoding (SJIS, GBK...) would let the server read the bytes the
+    # gateway judged as UTF-8 differently; the upstream session always speaks UTF-8.
+    c = RawConn(plain_gateway.host, plain_gateway.port)
+    out = c.login(token(), client_encoding="SJIS")
+    assert out[-1].tag == "Z"
+    reported = [m.body for m in out if m.tag == "S" and m.body.startswith(b"client_encoding\0")]
+    assert reported == [b"client_encoding\0UTF8\0"]
+    c.send(query("show client_encoding"))
+    assert [m.body for m in c.read_until() if m.tag == "D"] == [b"\x00\x01\x00\x00\x00\x04UTF8"]
+
+
 def test_startup_packet_length_checks(plain_gateway):
     c = RawConn(plain_gateway.host, plain_gateway.port)
     c.send(struct.pack("!i", 2_000_000_000))  # claims 2 GB: refused before allocating

@@ -97,13 +97,20 @@ async fn connect_inner(
     let mut stream = open_transport(target, tls).await?;
     let mut params: Vec<(String, String)> = vec![("user".into(), target.user.clone()), ("database".into(), target.database.clone())];
     for (k, v) in client_params {
-        if !target.params.keys().any(|p| p.eq_ignore_ascii_case(k)) {
+        let pinned = target.params.keys().any(|p| p.eq_ignore_ascii_case(k)) || k.eq_ignore_ascii_case("client_encoding");
+        if !pinned {
             params.push((k.clone(), v.clone()));
         }
     }
     for (k, v) in &target.params {
-        params.push((k.clone(), v.clone()));
+        if !k.eq_ignore_ascii_case("client_encoding") {
+            params.push((k.clone(), v.clone()));
+        }
     }
+    // The gateway judges statement text as UTF-8. A client encoding such as SJIS or GBK would
+    // make the server convert and parse the same bytes differently (a trail byte can be a quote
+    // or backslash), so every upstream session speaks UTF-8, whatever the client asked for.
+    params.push(("client_encoding".into(), "UTF8".into()));
     let io = |e: std::io::Error| fail("connection lost during startup", e.to_string());
     stream.write_all(&startup::build(&params)).await.map_err(io)?;
 
