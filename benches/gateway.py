@@ -71,6 +71,15 @@ issuer = {_q(ISSUER)}
 audience = {_q(AUDIENCE)}
 jwks_file = {_q(jwks)}
 
+# Policy is on, as in production: the benchmark agent may read pgbench's tables (and the bulk
+# table) and nothing else; decisions are cached after the warm-up, so pgbench never enters Python.
+[groups]
+{GROUPS[0]} = ["bench-reader"]
+
+[roles.bench-reader]
+relations = ["public.*"]
+operations = ["select", "copy_to"]
+
 [targets.bench]
 host = "{LOOPBACK}"
 port = {pg_port}

@@ -32,6 +32,7 @@ CONFIG_SECTIONS = frozenset(
         "server",
         "identity",
         "targets",
+        "groups",
         "roles",
         "policy",
         "masking",
@@ -41,6 +42,25 @@ CONFIG_SECTIONS = frozenset(
         "siem",
     }
 )
+
+
+TEST_POLICY: dict[str, Any] = {
+    "groups": {g: ["gateway-tests"] for g in ("clinicians", "billing", "research")},
+    "roles": {
+        "gateway-tests": {
+            "relations": ["public.*", "pg_temp.*"],
+            "operations": [
+                "select", "insert", "update", "delete", "merge", "copy_to", "copy_from",
+                "truncate", "ddl",
+            ],
+            "allow": [
+                "listen", "notify", "prepare", "lock", "maintenance", "explain", "do", "call",
+                "set_role", "discard", "catalog",
+            ],
+            "functions": ["pg_catalog.pg_sleep"],
+        },
+    },
+}
 
 
 def native_import_error() -> str | None:
@@ -165,6 +185,9 @@ class GatewayFactory:
             service_user=self.pg.service_user,
             password_file=self.password_file,
         )
+        # The gateway tests exercise the wire, not the policy: their groups get a role that
+        # opens everything a role can open (tests/test_policy_* cover the policy itself).
+        base = merge_config(base, TEST_POLICY)
         nested: dict[str, Any] = {}
         server: dict[str, Any] = {}
         for key, value in overrides.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -20,7 +21,9 @@ def cstr(s: str | bytes) -> bytes:
 
 
 def startup_packet(params: dict[str, str], version: int = 196608) -> bytes:
-    body = struct.pack("!i", version) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    body = (
+        struct.pack("!i", version) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    )
     return struct.pack("!i", len(body) + 4) + body
 
 
@@ -74,7 +77,9 @@ class RawConn:
     """A socket speaking the wire protocol; no helpful client logic in the way."""
 
     def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((host, port), timeout=timeout)
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            (host, port), timeout=timeout
+        )
         self.buf = b""
 
     def send(self, data: bytes) -> None:
@@ -125,7 +130,9 @@ class RawConn:
             ctx.set_alpn_protocols(alpn)
         self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
 
-    def login(self, token: str, user: str = "agent-raw", database: str = "ehr", **params: str) -> list[Message]:
+    def login(
+        self, token: str, user: str = "agent-raw", database: str = "ehr", **params: str
+    ) -> list[Message]:
         """StartupMessage + token; returns everything up to the first ReadyForQuery."""
         self.send(startup_packet({"user": user, "database": database, **params}))
         first = self.read_message()
@@ -135,10 +142,8 @@ class RawConn:
         return self.read_until("Z")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def tags(msgs: list[Message]) -> str:

@@ -384,3 +384,87 @@ def test_cli_usage_error_exits_2() -> None:
     with pytest.raises(SystemExit) as info:
         cli_main(["check-config"])
     assert info.value.code == 2
+
+
+# --- roles ---------------------------------------------------------------------------------
+
+
+def with_roles(base: dict[str, Any], roles: Any, groups: Any) -> dict[str, Any]:
+    data = copy.deepcopy(base)
+    data["roles"] = roles
+    data["groups"] = groups
+    return data
+
+
+def test_roles_fold_names_and_union_by_groups(base: dict[str, Any], confdir: Path) -> None:
+    roles = {
+        "clinician": {
+            "relations": ['public."Patients"', "Public.Encounters", "lab.*"],
+            "columns": {'public."Patients"': ["ID", '"Mrn"']},
+            "operations": ["select", "insert"],
+            "allow": ["explain"],
+            "approval": ["write"],
+            "functions": ["public.my_fn"],
+            "db_role": "phigate_clinician",
+        },
+        "analyst": {
+            "targets": ["ehr"], "relations": ["public.diagnoses"], "db_role": "phigate_clinician"
+        },  # fmt: skip
+    }
+    config = parse(with_roles(base, roles, {"clin": ["clinician"], "ana": ["analyst"]}), confdir)
+    c = config.roles["clinician"]
+    assert c.relations == {("public", "Patients"), ("public", "encounters")}
+    assert c.schemas == {"lab"} and c.targets is None
+    assert c.columns[("public", "Patients")] == {"id", "Mrn"}
+    assert dict(c.approval) == {"insert": "write"}
+    assert c.functions == {("public", "my_fn")}
+    rs = config.roles_for(["clin", "ana", "unknown"], target="ehr")
+    assert rs is not None and rs.names == ("analyst", "clinician")
+    assert rs.db_role == "phigate_clinician"
+    assert rs.identity_class == '[["analyst","clinician"],"ehr"]'
+    assert config.roles_for(["unknown"]) is None
+    # Without a target only roles valid for every target count.
+    only = config.roles_for(["ana", "clin"])
+    assert only is not None and only.names == ("clinician",)
+
+
+def test_roles_with_different_db_roles_are_refused_at_login(
+    base: dict[str, Any], confdir: Path
+) -> None:
+    from phigate.errors import IdentityError
+
+    roles = {"a": {"relations": ["public.x"], "db_role": "r1"}, "b": {"relations": ["public.x"]}}
+    config = parse(with_roles(base, roles, {"ga": ["a"], "gb": ["b"]}), confdir)
+    with pytest.raises(IdentityError) as info:
+        config.roles_for(["ga", "gb"], target="ehr")
+    assert info.value.sqlstate == "28000" and "db_role" in info.value.message
+    err = error(with_roles(base, roles, {"both": ["a", "b"]}), confdir)
+    assert err.key == "groups.both" and "db_role" in err.message
+
+
+@pytest.mark.parametrize(
+    ("roles", "groups", "key", "text"),
+    [
+        ({"r": {"relations": ["patients"]}}, {}, "roles.r.relations", "schema-qualified"),
+        ({"r": {"relations": ['public."x']}}, {}, "roles.r.relations", "unterminated"),
+        ({"r": {"relations": ["pg_catalog.pg_authid"]}}, {}, "roles.r.relations", "never"),
+        ({"r": {"relations": ["pg_catalog.*"]}}, {}, "roles.r.relations", "catalog"),
+        ({"r": {"operations": ["selcet"]}}, {}, "roles.r.operations", "'select'"),
+        ({"r": {"allow": ["everything"]}}, {}, "roles.r.allow", "unknown allow entry"),
+        ({"r": {"approval": ["write"]}}, {}, "roles.r.approval", "does not grant"),
+        ({"r": {"functions": ["public.dblink_exec"]}}, {}, "roles.r.functions", "never"),
+        ({"r": {"functions": ["pg_catalog.query_to_xml"]}}, {}, "roles.r.functions", "never"),
+        ({"r": {"targets": ["nope"]}}, {}, "roles.r.targets", "not a configured target"),
+        ({"r": {"relations": ["public.a"], "columns": {"public.b": ["x"]}}}, {},
+         "roles.r.columns.public.b", "not one of this role's relations"),
+        ({"r": {"relatons": []}}, {}, "roles.r.relatons", "unknown key"),
+        ({"r": {}}, {"g": ["rr"]}, "groups.g", "not defined"),
+        ({"bad name": {}}, {}, "roles.bad name", "role names"),
+    ],
+)  # fmt: skip
+def test_role_errors_name_the_key(
+    base: dict[str, Any], confdir: Path, roles: Any, groups: Any, key: str, text: str
+) -> None:
+    err = error(with_roles(base, roles, groups), confdir)
+    assert err.key == key, err
+    assert text in err.message, err

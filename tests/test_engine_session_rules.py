@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from rawpg import SYNC, RawConn, bind, execute, parse, query, tags
 
 pytestmark = pytest.mark.integration
@@ -29,10 +30,18 @@ class ScriptedControlPlane:
         from phigate import _native
 
         cfg = {
-            "listen": ["127.0.0.1:0"], "require_tls": False,
-            "targets": {"ehr": {"host": self.pg.host, "port": self.pg.port,
-                                "database": self.pg.ehr_database, "user": self.pg.service_user,
-                                "password": self.pg.service_password, "tls": "disable"}},
+            "listen": ["127.0.0.1:0"],
+            "require_tls": False,
+            "targets": {
+                "ehr": {
+                    "host": self.pg.host,
+                    "port": self.pg.port,
+                    "database": self.pg.ehr_database,
+                    "user": self.pg.service_user,
+                    "password": self.pg.service_password,
+                    "tls": "disable",
+                }
+            },
         }
         self.engine = _native.Engine(json.dumps(cfg))
         self.engine.start()
@@ -47,12 +56,27 @@ class ScriptedControlPlane:
             for r in self.engine.take_requests():
                 p = r.payload
                 if r.kind == "authenticate":
-                    r.reply({"ok": True, "subject": "agent", "groups": [], "identity_class": "c", **self.auth})
+                    r.reply(
+                        {
+                            "ok": True,
+                            "subject": "agent",
+                            "groups": [],
+                            "identity_class": "c",
+                            **self.auth,
+                        }
+                    )
                 else:
                     self.decided.append(p["sql"])
                     if self.deny_word and self.deny_word in p["sql"]:
-                        r.reply({"action": "deny", "sqlstate": "42501", "message": "refused by rule test",
-                                 "hint": "ask for it", "cache": "exact"})
+                        r.reply(
+                            {
+                                "action": "deny",
+                                "sqlstate": "42501",
+                                "message": "refused by rule test",
+                                "hint": "ask for it",
+                                "cache": "exact",
+                            }
+                        )
                     else:
                         r.reply({"action": "allow", "cache": "exact"})
             time.sleep(0.005)
@@ -108,8 +132,12 @@ def test_portal_bound_before_reload_is_judged_at_execute(scripted):
     c = cp.connect()
     c.send(query("begin"))
     c.read_until()
-    c.send(parse("select g from generate_series(1, 10) g", name="s2") + bind("p1", "s2")
-           + execute("p1", max_rows=3) + SYNC)
+    c.send(
+        parse("select g from generate_series(1, 10) g", name="s2")
+        + bind("p1", "s2")
+        + execute("p1", max_rows=3)
+        + SYNC
+    )
     assert tags(c.read_until()) == "12DDDsZ"
     cp.reload(deny_word="generate_series")
     c.send(execute("p1", max_rows=3) + SYNC)
@@ -149,9 +177,12 @@ def test_expiry_ignored_when_not_configured(scripted):
 
 
 def test_session_runs_as_the_roles_db_user(scripted, pg):
-    pg.psql("do $$ begin if not exists (select from pg_roles where rolname = 'phigate_reader') "
-            "then create role phigate_reader nologin; end if; end $$; "
-            f"grant phigate_reader to {pg.service_user};", dbname="postgres")
+    pg.psql(
+        "do $$ begin if not exists (select from pg_roles where rolname = 'phigate_reader') "
+        "then create role phigate_reader nologin; end if; end $$; "
+        f"grant phigate_reader to {pg.service_user};",
+        dbname="postgres",
+    )
     cp = scripted(auth={"db_role": "phigate_reader"})
     c = cp.connect()
     c.send(query("select current_user, session_user"))

@@ -9,6 +9,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from rawpg import SYNC, RawConn, bind, execute, parse, query
 
 pytestmark = pytest.mark.integration
@@ -16,8 +17,11 @@ pytestmark = pytest.mark.integration
 PIPELINE = (
     query("select 1; select 'two'")
     + parse("select $1::int + 1")  # unnamed statement, parameter type inferred
-    + bind(params=(b"41",)) + execute()
-    + parse("select repeat('z', 70000)") + bind() + execute()
+    + bind(params=(b"41",))
+    + execute()
+    + parse("select repeat('z', 70000)")
+    + bind()
+    + execute()
     + SYNC
 )
 
@@ -43,8 +47,12 @@ def reference(plain, token):
     return out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cuts=st.lists(st.integers(min_value=1, max_value=len(PIPELINE) - 1), max_size=12, unique=True))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=len(PIPELINE) - 1), max_size=12, unique=True)
+)
 def test_any_split_gives_same_answers(plain, token, reference, cuts):
     c = RawConn(plain.host, plain.port)
     assert c.login(token())[-1].tag == "Z"

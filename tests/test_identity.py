@@ -100,7 +100,8 @@ def good_claims() -> dict[str, object]:
 def test_valid_token(issuer: DevIssuer, verifier: OidcVerifier) -> None:
     token = issuer.mint("agent-7", ["readers", "analysts"], now=T0)
     identity = asyncio.run(verifier.verify(token))
-    assert identity == Identity("agent-7", ("readers", "analysts"), T0 + 900, "oidc")
+    # expires_at is when the gateway stops accepting it: exp plus the 30 s clock-skew leeway
+    assert identity == Identity("agent-7", ("readers", "analysts"), T0 + 900 + 30, "oidc")
     assert verifier.verify_cached(token) == identity  # no I/O needed once keys are cached
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+
 from rawpg import (
     FLUSH,
     GSSENC_REQUEST,
@@ -106,7 +107,9 @@ def test_bytes_smuggled_before_tls_handshake(gateway):
 
 def test_newer_protocol_minor_and_options_are_negotiated(plain_gateway, token):
     c = RawConn(plain_gateway.host, plain_gateway.port)
-    c.send(startup_packet({"user": "a", "database": "ehr", "_pq_.fancy": "1"}, version=(3 << 16) | 2))
+    c.send(
+        startup_packet({"user": "a", "database": "ehr", "_pq_.fancy": "1"}, version=(3 << 16) | 2)
+    )
     v = c.read_message()
     assert v.tag == "v"
     newest, n = struct.unpack("!ii", v.body[:8])
@@ -137,7 +140,9 @@ def test_unknown_database_names_no_upstream(plain_gateway, token):
 
 def test_disallowed_startup_parameters_are_not_forwarded(plain_gateway, token):
     # `options` could set any GUC (e.g. search_path) behind the gateway's back.
-    c = raw_login(plain_gateway, token(), options="-c search_path=evil", application_name="raw-test")
+    c = raw_login(
+        plain_gateway, token(), options="-c search_path=evil", application_name="raw-test"
+    )
     c.send(query("select current_setting('search_path'), current_setting('application_name')"))
     rows = [m.body for m in c.read_until() if m.tag == "D"]
     assert b"evil" not in rows[0] and b"raw-test" in rows[0]
@@ -213,9 +218,15 @@ def test_pipeline_with_gateway_refusal_in_the_middle(_session_gateways, token):
     c.send(query("create temp table pipe_t(x int)"))
     c.read_until()
     c.send(
-        parse("insert into pipe_t values (1)") + bind() + execute()
-        + parse("select '" + "y" * 5000 + "'") + bind() + execute()
-        + parse("insert into pipe_t values (3)") + bind() + execute()
+        parse("insert into pipe_t values (1)")
+        + bind()
+        + execute()
+        + parse("select '" + "y" * 5000 + "'")
+        + bind()
+        + execute()
+        + parse("insert into pipe_t values (3)")
+        + bind()
+        + execute()
         + SYNC
     )
     out = c.read_until()
@@ -230,11 +241,20 @@ def test_pipeline_with_gateway_refusal_in_the_middle(_session_gateways, token):
 def test_pipeline_with_upstream_error_in_the_middle(plain_gateway, token):
     c = raw_login(plain_gateway, token())
     c.send(
-        parse("select 1") + bind() + execute()
-        + parse("select 1/0") + bind() + execute()
-        + parse("select 3") + bind() + execute()
+        parse("select 1")
+        + bind()
+        + execute()
+        + parse("select 1/0")
+        + bind()
+        + execute()
+        + parse("select 3")
+        + bind()
+        + execute()
         + SYNC
-        + parse("select 4") + bind() + execute() + SYNC
+        + parse("select 4")
+        + bind()
+        + execute()
+        + SYNC
     )
     first = c.read_until()
     assert tags(first) == "12DC1EZ" and first[5].fields()["C"] == "22012"
@@ -304,11 +324,20 @@ def _engine_without_answers(pg, auth_answer):
     from phigate import _native
 
     cfg = {
-        "listen": ["127.0.0.1:0"], "require_tls": False, "auth_timeout_ms": 700,
+        "listen": ["127.0.0.1:0"],
+        "require_tls": False,
+        "auth_timeout_ms": 700,
         "decision_timeout_ms": 700,
-        "targets": {"ehr": {"host": pg.host, "port": pg.port, "database": pg.ehr_database,
-                            "user": pg.service_user, "password": pg.service_password,
-                            "tls": "disable"}},
+        "targets": {
+            "ehr": {
+                "host": pg.host,
+                "port": pg.port,
+                "database": pg.ehr_database,
+                "user": pg.service_user,
+                "password": pg.service_password,
+                "tls": "disable",
+            }
+        },
     }
     eng = _native.Engine(json.dumps(cfg))
     eng.start()

@@ -145,6 +145,12 @@ host = "127.0.0.1"
 database = "ehr"
 user = "svc"
 tls = "disable"
+
+[groups]
+readers = ["reader"]
+
+[roles.reader]
+relations = ["public.*"]
 """
     )
     return path
@@ -166,9 +172,12 @@ def auth(token: str, id: int = 1) -> FakeRequest:
     return FakeRequest("authenticate", payload, id=id)
 
 
-def decide(sql: Any, id: int = 1) -> FakeRequest:
-    payload = {"session_id": 1, "identity_class": "[]", "subject": "agent", "sql": sql,
-               "statement_name": None, "protocol": "simple"}  # fmt: skip
+READER_CLASS = '[["reader"],"ehr"]'  # RoleSet.identity_class of role "reader" on target ehr
+
+
+def decide(sql: Any, id: int = 1, identity_class: str = READER_CLASS) -> FakeRequest:
+    payload = {"session_id": 1, "identity_class": identity_class, "subject": "agent",
+               "sql": sql, "statement_name": None, "protocol": "simple"}  # fmt: skip
     return FakeRequest("decide", payload, id=id)
 
 
@@ -252,9 +261,9 @@ def test_shutdown_answers_pending_slow_authentications() -> None:
     assert req.answer["ok"] is False and req.answer["sqlstate"] == "28000"
 
 
-def test_decide_allows_with_normalized_sql() -> None:
+def test_decide_allows_with_normalized_sql(config: Config) -> None:
     req = decide("SELECT name FROM patients WHERE mrn = 'MRN-000123' AND age > 40")
-    ControlPlane(FailingVerifier()).dispatch([req])
+    ControlPlane(FailingVerifier(), config=config).dispatch([req])
     assert req.answer == {
         "action": "allow",
         "cache": "normalized",
@@ -262,10 +271,36 @@ def test_decide_allows_with_normalized_sql() -> None:
     }
 
 
-def test_decide_unparsable_sql_is_cached_exactly() -> None:
+def test_decide_refuses_by_policy_and_caches_literal_sensitive_exactly(config: Config) -> None:
+    control = ControlPlane(FailingVerifier(), config=config)
+    refused, literal, nobody = (
+        decide("DELETE FROM notes WHERE body = 'PHI here'"),
+        decide("SET statement_timeout = '5s'", id=2),
+        decide("SELECT 1", id=3, identity_class='[["no-such-role"],"ehr"]'),
+    )
+    control.dispatch([refused, literal, nobody])
+    assert refused.answer["action"] == "deny" and refused.answer["sqlstate"] == "42501"
+    assert "rule: operation" in refused.answer["message"]
+    assert "PHI" not in refused.answer["message"] + (refused.answer["hint"] or "")
+    assert refused.answer["cache"] == "normalized"
+    assert literal.answer == {
+        "action": "allow", "cache": "exact", "normalized": "SET statement_timeout = $1",
+    }  # fmt: skip
+    assert nobody.answer["action"] == "deny" and "rule: no-role" in nobody.answer["message"]
+
+
+def test_decide_unparsable_sql_is_refused_and_cached_exactly(config: Config) -> None:
     req = decide("SELEC oops FROM")
+    ControlPlane(FailingVerifier(), config=config).dispatch([req])
+    answer = req.answer
+    assert (answer["action"], answer["sqlstate"], answer["cache"]) == ("deny", "42601", "exact")
+    assert answer["message"] == 'syntax error at or near "SELEC" at character 1'
+
+
+def test_decide_without_config_refuses_everything() -> None:
+    req = decide("SELECT 1")
     ControlPlane(FailingVerifier()).dispatch([req])
-    assert req.answer == {"action": "allow", "cache": "exact", "normalized": None}
+    assert req.answer["action"] == "deny" and req.answer["sqlstate"] == "42501"
 
 
 @pytest.mark.parametrize(
@@ -278,14 +313,14 @@ def test_malformed_or_unknown_requests_are_denied(req: FakeRequest) -> None:
     assert "see gateway log" in answer["message"]
 
 
-def test_a_rejected_reply_does_not_stop_the_batch() -> None:
+def test_a_rejected_reply_does_not_stop_the_batch(config: Config) -> None:
     class Rejecting(FakeRequest):
         def reply(self, answer: dict[str, Any]) -> bool:
             super().reply(answer)
             raise ValueError("malformed answer")
 
     bad, good = Rejecting("decide", {"sql": "SELECT 1"}), decide("SELECT 2", id=2)
-    ControlPlane(FailingVerifier()).dispatch([bad, good])
+    ControlPlane(FailingVerifier(), config=config).dispatch([bad, good])
     assert len(bad.answers) == 1
     assert good.answer["action"] == "allow"
 
@@ -348,7 +383,7 @@ def test_gateway_thread(config: Config, issuer: DevIssuer) -> None:
         assert gw.engine is engine
         assert (gw.address, gw.host, gw.port) == ("127.0.0.1:16432", "127.0.0.1", 16432)
         assert engine is not None
-        req = auth(issuer.mint("agent-7", []))
+        req = auth(issuer.mint("agent-7", ["readers"]))
         engine.push(req)
         assert req.answered.wait(5)
         assert req.answer["ok"] is True

@@ -17,10 +17,13 @@ Requests (data plane asks, control plane answers):
     payload = {"session_id": int, "user": str, "database": str, "password": str,
                "peer": "ip:port", "tls": bool, "application_name": str}
     answer  = {"ok": True, "subject": str, "groups": [str, ...],
-               "identity_class": str,            # decision-cache key for this identity (e.g. sorted roles)
-               "expires_at": float | None}       # unix seconds; informational in this version
+               "identity_class": str,            # decision-cache key: roles + target
+               "db_role": str | None,            # upstream role: SET ROLE after the gateway's login
+               "expires_at": float | None,       # unix seconds the credential stops being valid
+               "close_on_expiry": bool}          # true: next statement after expires_at gets
+                                                 # FATAL 28P01 and the session closes
            or {"ok": False, "sqlstate": "28P01" | "28000", "message": str}
-                                                 # sent to the client as FATAL, then the socket closes
+                                                 # sent as FATAL, then the socket closes
 
   kind == "decide"         per statement text that is not in the decision cache
     payload = {"session_id": int, "identity_class": str, "subject": str, "sql": str,
@@ -33,6 +36,9 @@ Requests (data plane asks, control plane answers):
                   # normalized: also for texts equal after literal normalization
                   # (only when the decision cannot depend on literal values)
                "normalized": str | None}         # PHI-free form of the statement for events
+
+  Decisions attach to the statement (Parse) and are enforced at Bind/Execute: a statement or
+  portal judged under an older epoch (before reload/bump_epoch) is judged again before it runs.
 
   If a request is not answered within the configured timeout the data plane fails
   closed (auth: FATAL 08006 and close; decide: ErrorResponse 58000, statement not run)

@@ -8,22 +8,29 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
-from phigate.errors import ConfigError
+from phigate.errors import ConfigError, IdentityError
 
 __all__ = [
     "DEFAULT_STARTUP_PARAMETERS",
+    "ApiKeysConfig",
     "Config",
     "OidcConfig",
     "IdentityConfig",
+    "OPERATIONS",
+    "ALLOW_CLASSES",
+    "APPROVAL_CLASSES",
+    "RoleConfig",
+    "RoleSet",
     "Secret",
     "ServerConfig",
     "TargetConfig",
+    "apikeys_store_from_file",
     "load_config",
     "parse_config",
 ]
@@ -66,11 +73,46 @@ _OIDC_KEYS = frozenset({
     "issuer", "audience", "jwks_file", "jwks_url", "groups_claim", "algorithms", "leeway",
     "jwks_cache_ttl", "jwks_min_refresh_interval",
 })  # fmt: skip
+_IDENTITY_KEYS = frozenset({"oidc", "apikeys", "close_on_expiry"})
+_APIKEYS_KEYS = frozenset({"store"})
 _TARGET_KEYS = frozenset({
     "host", "port", "database", "user", "password_file", "password_env", "password_credential",
     "tls", "ca_file", "server_name", "connect_timeout", "params",
 })  # fmt: skip
 _MISSING: Any = object()
+
+#: What a role may do to the relations it lists (`operations`); the default is ["select"].
+OPERATIONS: tuple[str, ...] = (
+    "select", "insert", "update", "delete", "merge", "copy_to", "copy_from", "truncate", "ddl",
+)  # fmt: skip
+#: Statement classes refused for agents unless a role opens them (`allow`).
+ALLOW_CLASSES: tuple[str, ...] = (
+    "listen", "notify", "prepare", "lock", "maintenance", "explain", "do", "call", "set_role",
+    "discard", "catalog",
+)  # fmt: skip
+#: Shorthands usable in `approval`, besides the operations and allow classes themselves.
+_APPROVAL_GROUPS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "write": frozenset({"insert", "update", "delete", "merge", "copy_from", "truncate"}),
+    "read": frozenset({"select", "copy_to"}),
+})  # fmt: skip
+APPROVAL_CLASSES: tuple[str, ...] = (*_APPROVAL_GROUPS, *OPERATIONS, *ALLOW_CLASSES)
+_ROLE_KEYS = frozenset({
+    "targets", "relations", "columns", "operations", "functions", "allow", "approval", "db_role",
+})  # fmt: skip
+_ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
+_NAMEDATALEN = 64
+# Relations no role may list: they hold other sessions' statements, column statistics (sampled
+# values, i.e. PHI), password hashes or credentials. Kept in sync with policy/rules.py.
+NEVER_RELATIONS: frozenset[tuple[str, str]] = frozenset(
+    ("pg_catalog", n)
+    for n in (
+        "pg_authid", "pg_shadow", "pg_user_mapping", "pg_user_mappings", "pg_statistic",
+        "pg_statistic_ext_data", "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs",
+        "pg_stat_activity", "pg_largeobject", "pg_file_settings", "pg_hba_file_rules",
+        "pg_ident_file_mappings", "pg_subscription", "pg_replication_slots",
+        "pg_stat_statements", "pg_stat_statements_info", "pg_prepared_xacts",
+    )
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -119,8 +161,15 @@ class OidcConfig:
 
 
 @dataclass(frozen=True)
+class ApiKeysConfig:
+    store: Path  # absolute; the file may not exist yet (no keys created), its directory does
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
-    oidc: OidcConfig
+    oidc: OidcConfig | None  # None: API keys only (then apikeys is set)
+    apikeys: ApiKeysConfig | None = None  # None: passwords starting with phk_ are refused
+    close_on_expiry: bool = True  # close a session at its next statement once its token expired
 
 
 @dataclass(frozen=True)
@@ -139,12 +188,109 @@ class TargetConfig:
     params: Mapping[str, str]
 
 
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: rules cache per object
+class RoleConfig:
+    """One `[roles.NAME]` table. Names are folded like PostgreSQL folds identifiers."""
+
+    name: str
+    targets: frozenset[str] | None  # None: every target
+    relations: frozenset[tuple[str, str]]  # exact (schema, name)
+    schemas: frozenset[str]  # "schema.*" patterns
+    columns: Mapping[tuple[str, str], frozenset[str]]  # absent relation: every column
+    operations: frozenset[str]
+    functions: frozenset[tuple[str, str]]  # (schema, name) beyond the default allow-list
+    allow: frozenset[str]
+    approval: Mapping[str, str]  # operation or allow class -> the `approval` entry naming it
+    db_role: str | None
+
+    def covers(self, schema: str, name: str) -> bool:
+        return schema in self.schemas or (schema, name) in self.relations
+
+    def applies_to(self, target: str | None) -> bool:
+        return self.targets is None or (target is not None and target in self.targets)
+
+
+@dataclass(frozen=True, eq=False)
+class RoleSet:
+    """The roles one identity holds (the union of its groups' roles), seen from one target.
+
+    Rules check every access against the roles one by one and allow it if any role does, so
+    the union never grants a pairing (operation x relation, column) no single role grants.
+    """
+
+    roles: tuple[RoleConfig, ...]  # sorted by name; only roles that apply to `target`
+    target: str | None  # None: bound to no target, so only roles valid for every target count
+    db_role: str | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.roles)
+
+    @property
+    def identity_class(self) -> str:
+        """The decision-cache key: identities with the same roles on a target share decisions."""
+        return _identity_class(self.names, self.target)
+
+
+def _identity_class(names: tuple[str, ...], target: str | None) -> str:
+    return json.dumps([list(names), target], separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_identity_class(value: str) -> tuple[tuple[str, ...], str | None] | None:
+    """Inverse of RoleSet.identity_class; None if ``value`` is not one."""
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    if (
+        isinstance(doc, list)
+        and len(doc) == 2
+        and isinstance(doc[0], list)
+        and all(isinstance(n, str) for n in doc[0])
+        and (doc[1] is None or isinstance(doc[1], str))
+    ):
+        return tuple(doc[0]), doc[1]
+    return None
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig
     identity: IdentityConfig
     targets: Mapping[str, TargetConfig]
     source: str  # the file it was loaded from, or "<string>"
+    # token group -> role names; role name -> role. Empty: no identity has a role (refused).
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    roles: Mapping[str, RoleConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+    def roles_for(self, groups: Iterable[str], target: str | None = None) -> RoleSet | None:
+        """The RoleSet of an identity with these token groups, or None if it has no role.
+
+        With ``target`` (the dbname the client asked for) only roles that apply to it count,
+        and the identity class includes it; without, only roles valid for every target count.
+        Raises IdentityError (28000) when the roles disagree on ``db_role``: running as either
+        upstream user would give the session more than one of its roles allows.
+        """
+        names = {n for g in groups for n in self.groups.get(g, ())}
+        return self.roleset(names, target)
+
+    def roleset(self, names: Iterable[str], target: str | None) -> RoleSet | None:
+        """The RoleSet for these role names (unknown names are ignored), or None if empty."""
+        roles = tuple(
+            self.roles[n] for n in sorted(set(names)) if n in self.roles
+        )
+        roles = tuple(r for r in roles if r.applies_to(target))
+        if not roles:
+            return None
+        db_roles = {r.db_role for r in roles}
+        if len(db_roles) > 1:
+            raise IdentityError(
+                "28000",
+                "your groups map to roles that run as different database users ("
+                + ", ".join(f"{r.name}: {r.db_role or 'the gateway user'}" for r in roles)
+                + "); ask your gateway administrator to give these roles the same db_role",
+            )
+        return RoleSet(roles=roles, target=target, db_role=roles[0].db_role)
 
     def native_json(self) -> str:
         """The data-plane config (docs/native-config.md); holds resolved secrets, never log it."""
@@ -217,10 +363,10 @@ def parse_config(
     if base_dir is None:
         base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
     ctx = _Ctx(source, Path(base_dir).absolute())
-    root = _Table(data, "", ctx, {"server", "identity", "targets"})
+    root = _Table(data, "", ctx, {"server", "identity", "targets", "groups", "roles"})
     server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
-    identity = root.table("identity", required=True, allowed={"oidc"})
-    oidc = _oidc(identity.table("oidc", required=True, allowed=_OIDC_KEYS))
+    identity = root.table("identity", required=True, allowed=_IDENTITY_KEYS)
+    identity_config = _identity(identity)
     targets_tbl = root.table("targets", required=True, allowed=None)
     if not targets_tbl.data:
         targets_tbl.fail("", "at least one target is required, e.g. [targets.ehr]")
@@ -231,11 +377,15 @@ def parse_config(
                 name, "target names are what clients send as dbname: use 1-63 of A-Z a-z 0-9 _ . -"
             )
         targets[name] = _target(name, targets_tbl.table(name, required=True, allowed=_TARGET_KEYS))
+    roles = _roles(root.table("roles", required=False, allowed=None), targets)
+    groups = _groups(root.table("groups", required=False, allowed=None), roles)
     return Config(
         server=server,
-        identity=IdentityConfig(oidc=oidc),
+        identity=identity_config,
         targets=MappingProxyType(targets),
         source=source,
+        groups=MappingProxyType(groups),
+        roles=MappingProxyType(roles),
     )
 
 
@@ -352,7 +502,10 @@ def _kind(value: Any) -> str:
 
 def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
     raw_listen = t.data.get("listen", "127.0.0.1:6432")
-    listen = (t.string("listen"),) if isinstance(raw_listen, str) else t.string_list("listen", ())
+    if isinstance(raw_listen, str):
+        listen: tuple[str, ...] = (t.string("listen", "127.0.0.1:6432"),)
+    else:
+        listen = t.string_list("listen", ())
     if not listen:
         t.fail("listen", "needs at least one address")
     for addr in listen:
@@ -422,6 +575,59 @@ def _check_listen(t: _Table, addr: str) -> None:
         ok = False
     if not ok:
         t.fail("listen", f"{addr!r} is not 'ip:port' (e.g. 127.0.0.1:6432 or [::1]:6432)")
+
+
+def _identity(t: _Table) -> IdentityConfig:
+    apikeys = None
+    if "apikeys" in t.data:
+        apikeys = _apikeys(t.table("apikeys", required=True, allowed=_APIKEYS_KEYS))
+    oidc = None
+    if "oidc" in t.data or apikeys is None:
+        if "oidc" not in t.data:
+            t.fail("oidc", "is required (or [identity.apikeys] for a gateway taking API keys only)")
+        oidc = _oidc(t.table("oidc", required=True, allowed=_OIDC_KEYS))
+    return IdentityConfig(
+        oidc=oidc, apikeys=apikeys, close_on_expiry=t.boolean("close_on_expiry", True)
+    )
+
+
+def _apikeys(t: _Table) -> ApiKeysConfig:
+    p = Path(t.string("store")).expanduser()
+    if not p.is_absolute():
+        p = t.ctx.base_dir / p
+    if not p.parent.is_dir():
+        t.fail("store", f"directory {str(p.parent)!r} does not exist")
+    if p.exists():
+        if not p.is_file():
+            t.fail("store", f"{str(p)!r} is not a regular file")
+        if not os.access(p, os.R_OK):
+            t.fail("store", f"{str(p)!r} is not readable by this user")
+    # A missing file is fine: it is an empty store until `phigate apikey create` writes it.
+    return ApiKeysConfig(store=p)
+
+
+def apikeys_store_from_file(path: str | os.PathLike[str]) -> Path | None:
+    """The ``[identity.apikeys] store`` of a config file, validating only that section.
+
+    `phigate apikey` uses this instead of load_config(): an administrator managing keys may not
+    be able to read the upstream password files or systemd credentials the full config names.
+    """
+    p = Path(path).absolute()
+    try:
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("", str(p), "config file not found") from None
+    except OSError as exc:
+        raise ConfigError("", str(p), f"cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", str(p), "config file is not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", str(p), f"invalid TOML: {exc}") from None
+    ctx = _Ctx(str(p), p.parent)
+    identity = _Table(data.get("identity", {}), "identity", ctx, None)
+    if "apikeys" not in identity.data:
+        return None
+    return _apikeys(identity.table("apikeys", required=True, allowed=_APIKEYS_KEYS)).store
 
 
 def _oidc(t: _Table) -> OidcConfig:
@@ -605,3 +811,211 @@ def _secret(t: _Table, key: str, value: str, where: str) -> Secret:
     if "\x00" in value:
         t.fail(key, f"{where} contains a NUL character")
     return Secret(value)
+
+
+# --- roles ----------------------------------------------------------------------------------
+
+
+def fold_name(text: str, *, allow_star: bool = False) -> tuple[str, ...]:
+    """Split a dotted SQL name and fold it like PostgreSQL: unquoted parts lower-cased (ASCII
+    only, as the server does), quoted parts kept with "" unescaped, all truncated to 63 bytes.
+
+    ``public.Patients`` -> ("public", "patients"); ``public."Patients"`` -> ("public",
+    "Patients"). With ``allow_star`` a last part ``*`` is kept as "*". Raises ValueError.
+    """
+    parts: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i].isspace():
+            i += 1
+        if i < n and text[i] == '"':
+            j, buf = i + 1, []
+            while True:
+                k = text.find('"', j)
+                if k < 0:
+                    raise ValueError("unterminated quoted identifier")
+                buf.append(text[j:k])
+                if k + 1 < n and text[k + 1] == '"':
+                    buf.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            part = "".join(buf)
+            if not part:
+                raise ValueError("zero-length quoted identifier")
+        else:
+            j = i
+            while j < n and text[j] not in '."' and not text[j].isspace():
+                j += 1
+            raw = text[i:j]
+            i = j
+            if raw == "*" and allow_star:
+                part = "*"
+            elif not raw or not (raw[0].isalpha() or raw[0] == "_") or not all(
+                c.isalnum() or c in "_$" for c in raw
+            ):
+                raise ValueError(f"{raw or 'an empty name'!r} is not an identifier")
+            else:
+                part = raw.translate(_ASCII_LOWER)
+        parts.append(_truncate_identifier(part))
+        while i < n and text[i].isspace():
+            i += 1
+        if i == n:
+            break
+        if text[i] != "." or parts[-1] == "*":
+            raise ValueError(f"unexpected {text[i]!r}")
+        i += 1
+    return tuple(parts)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _truncate_identifier(name: str) -> str:
+    raw = name.encode("utf-8")
+    if len(raw) < _NAMEDATALEN:
+        return name
+    return raw[: _NAMEDATALEN - 1].decode("utf-8", errors="ignore")
+
+
+def _qualified(t: _Table, key: str, text: str, *, allow_star: bool) -> tuple[str, str]:
+    try:
+        parts = fold_name(text, allow_star=allow_star)
+    except ValueError as exc:
+        t.fail(key, f"{text!r}: {exc}")
+    if len(parts) != 2:
+        example = "public.patients" + (' or "public.*"' if allow_star else "")
+        t.fail(key, f"{text!r} must be schema-qualified, e.g. {example}")
+    return parts[0], parts[1]
+
+
+def _roles(t: _Table, targets: Mapping[str, TargetConfig]) -> dict[str, RoleConfig]:
+    roles: dict[str, RoleConfig] = {}
+    for name in t.data:
+        if not _ROLE_NAME.fullmatch(name):
+            t.fail(name, "role names use 1-63 of A-Z a-z 0-9 _ . - (they appear in messages)")
+        roles[name] = _role(name, t.table(name, required=True, allowed=_ROLE_KEYS), targets)
+    return roles
+
+
+def _names(
+    t: _Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]
+) -> frozenset[str]:
+    values = t.string_list(key, default)
+    for v in values:
+        if v not in allowed:
+            near = difflib.get_close_matches(v, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            t.fail(key, f"unknown {key} entry {v!r}{hint}; use {', '.join(allowed)}")
+    return frozenset(values)
+
+
+def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConfig:
+    role_targets: frozenset[str] | None = None
+    if "targets" in t.data:
+        listed = t.string_list("targets", ())
+        for target in listed:
+            if target not in targets:
+                t.fail("targets", f"{target!r} is not a configured target ([targets.{target}])")
+        role_targets = frozenset(listed)
+
+    relations: set[tuple[str, str]] = set()
+    schemas: set[str] = set()
+    for text in t.string_list("relations", ()):
+        schema, rel = _qualified(t, "relations", text, allow_star=True)
+        if (schema, rel) in NEVER_RELATIONS:
+            t.fail("relations", f"{text!r} is never allowed through the gateway")
+        if rel == "*":
+            if schema == "pg_catalog":
+                t.fail("relations", '"pg_catalog.*" is not allowed; use allow = ["catalog"]')
+            schemas.add(schema)
+        else:
+            relations.add((schema, rel))
+
+    columns: dict[tuple[str, str], frozenset[str]] = {}
+    raw_columns = t.data.get("columns", {})
+    if not isinstance(raw_columns, Mapping):
+        t.fail("columns", f"must be a table of relation = [columns], not {_kind(raw_columns)}")
+    for rel_text, cols in raw_columns.items():
+        key = f"columns.{rel_text}"
+        schema, rel = _qualified(t, key, rel_text, allow_star=False)
+        if not (schema in schemas or (schema, rel) in relations):
+            t.fail(key, f"{rel_text!r} is not one of this role's relations")
+        if not isinstance(cols, list) or not cols:
+            t.fail(key, "must be a non-empty list of column names")
+        folded: set[str] = set()
+        for col in cols:
+            if not isinstance(col, str) or not col:
+                t.fail(key, "must be a list of non-empty column names")
+            try:
+                parts = fold_name(col)
+            except ValueError as exc:
+                t.fail(key, f"{col!r}: {exc}")
+            if len(parts) != 1:
+                t.fail(key, f"{col!r} is a column name, write it without a relation")
+            folded.add(parts[0])
+        if (schema, rel) in columns:
+            t.fail(key, "lists the same relation twice (after folding names)")
+        columns[(schema, rel)] = frozenset(folded)
+
+    operations = _names(t, "operations", OPERATIONS, ("select",))
+    allow = _names(t, "allow", ALLOW_CLASSES, ())
+
+    functions: set[tuple[str, str]] = set()
+    for text in t.string_list("functions", ()):
+        schema, fn = _qualified(t, "functions", text, allow_star=False)
+        from phigate.policy.functions import never_reason  # late: policy imports this module
+
+        reason = never_reason(fn)
+        if reason is not None:
+            t.fail("functions", f"{text!r} is never allowed: {reason}")
+        functions.add((schema, fn))
+
+    approval: dict[str, str] = {}
+    for cls in sorted(_names(t, "approval", APPROVAL_CLASSES, ())):
+        expanded = _APPROVAL_GROUPS.get(cls, frozenset({cls}))
+        granted = expanded & (operations | allow)
+        if not granted:
+            t.fail(
+                "approval",
+                f"{cls!r} needs approval but the role does not grant it; add it to "
+                + ("allow" if cls in ALLOW_CLASSES else "operations"),
+            )
+        for g in granted:
+            approval.setdefault(g, cls)
+
+    db_role = t.opt_string("db_role")
+    if db_role is not None and len(db_role.encode("utf-8")) >= _NAMEDATALEN:
+        t.fail("db_role", "must be at most 63 bytes (a PostgreSQL role name)")
+
+    return RoleConfig(
+        name=name,
+        targets=role_targets,
+        relations=frozenset(relations),
+        schemas=frozenset(schemas),
+        columns=MappingProxyType(columns),
+        operations=operations,
+        functions=frozenset(functions),
+        allow=allow,
+        approval=MappingProxyType(approval),
+        db_role=db_role,
+    )
+
+
+def _groups(t: _Table, roles: Mapping[str, RoleConfig]) -> dict[str, tuple[str, ...]]:
+    groups: dict[str, tuple[str, ...]] = {}
+    for group in t.data:
+        if not group or "\x00" in group:
+            t.fail(group, "group names must be non-empty")
+        names = t.string_list(group, ())
+        for role in names:
+            if role not in roles:
+                near = difflib.get_close_matches(role, sorted(roles), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                t.fail(group, f"role {role!r} is not defined as [roles.{role}]{hint}")
+        db_roles = {roles[r].db_role for r in names}
+        if len(db_roles) > 1:
+            t.fail(group, "maps to roles with different db_role values; a session runs as one")
+        groups[group] = tuple(dict.fromkeys(names))
+    return groups

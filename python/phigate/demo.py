@@ -138,6 +138,21 @@ def base_config(
                 "tls": "disable",
             },
         },
+        # Token groups -> roles (README "Roles and policy"). Clinicians read the whole EHR and
+        # may use psql's \d commands; analysts see encounters and diagnoses without free text.
+        "groups": {"clinicians": ["clinician"], "analysts": ["analyst"]},
+        "roles": {
+            "clinician": {"relations": ["public.*"], "allow": ["catalog", "explain"]},
+            "analyst": {
+                "relations": ["public.encounters", "public.diagnoses"],
+                "columns": {
+                    "public.encounters": [
+                        "id", "patient_id", "admitted_at", "discharged_at", "department",
+                    ],
+                    "public.diagnoses": ["id", "encounter_id", "icd10_code", "diagnosed_at"],
+                },
+            },
+        },
     }
 
 

@@ -19,7 +19,7 @@ from jwt.exceptions import InvalidSignatureError, PyJWTError
 from phigate.config import OidcConfig
 from phigate.errors import IdentityError
 
-__all__ = ["Identity", "OidcVerifier", "JwksCache"]
+__all__ = ["Identity", "OidcVerifier", "JwksCache", "NoOidcVerifier"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class Identity:
 
     subject: str
     groups: tuple[str, ...]
-    expires_at: float | None
-    source: str = "oidc"
+    expires_at: float | None  # unix seconds after which the credential is refused (None: never)
+    source: str = "oidc"  # "oidc" or "apikey"
 
     @property
     def identity_class(self) -> str:
@@ -257,7 +257,11 @@ class OidcVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 255:
             raise IdentityError("28000", "token has no usable subject (sub claim)")
-        return Identity(subject=sub, groups=self._groups(claims), expires_at=exp)
+        # The moment this gateway stops accepting the token: exp plus the clock-skew leeway, so
+        # a session is never closed for expiry while a new login with the same token would
+        # still succeed (a token accepted within the leeway must survive its first statement).
+        expires_at = exp + leeway if exp is not None else None
+        return Identity(subject=sub, groups=self._groups(claims), expires_at=expires_at)
 
     def _groups(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
         name = self.config.groups_claim
@@ -275,6 +279,25 @@ class OidcVerifier:
         if isinstance(value, list) and all(isinstance(g, str) for g in value):
             return tuple(value)
         raise IdentityError("28000", f"token claim {name!r} must be a list of group names")
+
+
+class NoOidcVerifier:
+    """Stands in for OidcVerifier on a gateway configured for API keys only."""
+
+    async def prime(self) -> bool:
+        return True
+
+    def verify_cached(self, token: str) -> Identity | None:
+        raise _no_oidc()
+
+    async def verify(self, token: str) -> Identity:
+        raise _no_oidc()
+
+
+def _no_oidc() -> IdentityError:
+    return IdentityError(
+        "28P01", "this gateway accepts API keys only: send your phk_... key as the password"
+    )
 
 
 def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:

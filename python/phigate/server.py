@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import uvloop
-from pglast import parser as pg_parser
 
+from phigate.apikeys import ApiKeyVerifier, looks_like_api_key
 from phigate.config import Config, load_config
 from phigate.errors import IdentityError, PhigateError
 from phigate.events import EventSink
-from phigate.identity import Identity, OidcVerifier
+from phigate.identity import Identity, NoOidcVerifier, OidcVerifier
+from phigate.policy.engine import PolicyEngine
 
 __all__ = [
     "ControlPlane",
@@ -68,6 +70,10 @@ class Verifier(Protocol):
     async def verify(self, token: str) -> Identity: ...
 
 
+class PrimableVerifier(Verifier, Protocol):
+    async def prime(self) -> bool: ...
+
+
 EngineFactory = Callable[[str], EngineLike]
 
 
@@ -75,9 +81,31 @@ class ControlPlane:
     """Answers data-plane requests. Every request gets exactly one reply, even on bugs: if the
     answer cannot be computed it fails closed (auth refused, statement denied)."""
 
-    def __init__(self, verifier: Verifier) -> None:
-        self.verifier = verifier
+    def __init__(
+        self,
+        verifier: Verifier,
+        *,
+        apikeys: ApiKeyVerifier | None = None,
+        config: Config | None = None,
+    ) -> None:
+        self.verifier = verifier  # OIDC access tokens
+        self.apikeys = apikeys  # None: API keys are not enabled
+        # Roles mapping and identity settings; None (unit tests) keeps group-based classes.
+        self.config = config
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def policy(self) -> PolicyEngine | None:
+        """Statement policy of the current config, rebuilt when a reload swaps ``config``
+        (the data plane's epoch bump drops cached decisions at the same time). None without
+        a config: every statement is refused."""
+        config = self.config
+        if config is None:
+            return None
+        engine: PolicyEngine | None = getattr(self, "_policy", None)
+        if engine is None or engine.config is not config:
+            engine = self._policy = PolicyEngine(config)
+        return engine
 
     def dispatch(self, requests: Iterable[RequestLike]) -> None:
         for req in requests:
@@ -89,7 +117,7 @@ class ControlPlane:
             if kind == "authenticate":
                 self._authenticate(req)
             elif kind == "decide":
-                _reply(req, _decide(req.payload))
+                _reply(req, _decide(req.payload, self.policy))
             else:
                 log.error("request %s: unknown kind %r, refusing it", req.id, kind)
                 _reply(req, _deny_internal())
@@ -111,22 +139,50 @@ class ControlPlane:
     def _authenticate(self, req: RequestLike) -> None:
         token = req.payload.get("password")
         token = token if isinstance(token, str) else ""
-        verifier = self.verifier  # a reload may swap it; this request keeps the one it started with
+        # A reload may swap these; this request keeps the ones it started with.
+        verifier, config = self.verifier, self.config
+        if looks_like_api_key(token):
+            self._authenticate_apikey(req, token, config)
+            return
         try:
             identity = verifier.verify_cached(token)
+            if identity is not None:
+                _reply(req, _auth_ok(identity, config, _target(req)))
+                return
         except IdentityError as exc:
             _reply(req, _auth_refused(req, exc))
             return
-        if identity is not None:
-            _reply(req, _auth_ok(identity))
-            return
-        task = asyncio.get_running_loop().create_task(self._authenticate_slow(req, token, verifier))
+        task = asyncio.get_running_loop().create_task(
+            self._authenticate_slow(req, token, verifier, config)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _authenticate_slow(self, req: RequestLike, token: str, verifier: Verifier) -> None:
+    def _authenticate_apikey(self, req: RequestLike, key: str, config: Config | None) -> None:
+        # Never falls back to OIDC: a phk_ password is an API key or nothing.
+        apikeys = self.apikeys
         try:
-            answer = _auth_ok(await verifier.verify(token))
+            if apikeys is None:
+                raise IdentityError(
+                    "28P01",
+                    "API keys are not enabled on this gateway: send an OIDC access token as the "
+                    "password",
+                )
+            answer = _auth_ok(apikeys.verify(key), config, _target(req))
+        except IdentityError as exc:
+            _reply(req, _auth_refused(req, exc))
+            return
+        _reply(req, answer)
+        if apikeys.flush_due():  # record last use off the loop: it locks, fsyncs and renames
+            apikeys.mark_flushing()
+            future = asyncio.get_running_loop().run_in_executor(None, apikeys.flush)
+            future.add_done_callback(_log_flush_failure)
+
+    async def _authenticate_slow(
+        self, req: RequestLike, token: str, verifier: Verifier, config: Config | None
+    ) -> None:
+        try:
+            answer = _auth_ok(await verifier.verify(token), config, _target(req))
         except IdentityError as exc:
             answer = _auth_refused(req, exc)
         except asyncio.CancelledError:
@@ -138,14 +194,64 @@ class ControlPlane:
         _reply(req, answer)
 
 
-def _auth_ok(identity: Identity) -> dict[str, Any]:
+def _target(req: RequestLike) -> str | None:
+    database = req.payload.get("database")
+    return database if isinstance(database, str) else None
+
+
+def _auth_ok(
+    identity: Identity, config: Config | None = None, target: str | None = None
+) -> dict[str, Any]:
+    """The data plane's answer for a verified identity; IdentityError(28000) if no role fits.
+
+    Groups map to roles through ``config.roles_for(groups, target=...)`` (the policy side owns
+    it): it returns a role set, or None when no role grants access on that target (it may also
+    raise IdentityError itself). The role set's canonical ``identity_class`` keys the decision
+    cache; ``db_role`` is the upstream role the session runs as. Without ``config`` (unit tests
+    of the dispatch) the class is the groups'.
+    """
+    identity_class = identity.identity_class
+    db_role: str | None = None
+    roles_for = getattr(config, "roles_for", None)
+    if roles_for is not None:
+        roleset = roles_for(identity.groups, target=target)
+        if roleset is None:
+            raise IdentityError("28000", _no_role_message(identity))
+        identity_class = roleset.identity_class
+        db_role = roleset.db_role or None
+    close_on_expiry = config.identity.close_on_expiry if config is not None else True
     return {
         "ok": True,
         "subject": identity.subject,
         "groups": list(identity.groups),
-        "identity_class": identity.identity_class,
+        "identity_class": identity_class,
+        "db_role": db_role,
         "expires_at": identity.expires_at,
+        "close_on_expiry": close_on_expiry,
     }
+
+
+_MAX_GROUPS_SHOWN = 10
+
+
+def _no_role_message(identity: Identity) -> str:
+    # json.dumps quotes and escapes: a subject or group holding quotes or control characters
+    # cannot forge the rest of the message (it is also logged).
+    shown = [json.dumps(g, ensure_ascii=False) for g in identity.groups[:_MAX_GROUPS_SHOWN]]
+    more = len(identity.groups) - len(shown)
+    if more > 0:
+        shown.append(f"and {more} more")
+    groups = ", ".join(shown) if shown else "none"
+    return (
+        f"no role grants access to identity {json.dumps(identity.subject, ensure_ascii=False)} "
+        f"(groups: {groups}); ask your gateway administrator to map one of your groups to a role"
+    )
+
+
+def _log_flush_failure(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        exc = future.exception()
+        log.error("recording API key use failed: %s", type(exc).__name__)
 
 
 def _auth_refused(req: RequestLike, exc: IdentityError) -> dict[str, Any]:
@@ -160,19 +266,25 @@ def _auth_refused(req: RequestLike, exc: IdentityError) -> dict[str, Any]:
     return {"ok": False, "sqlstate": exc.sqlstate, "message": exc.message}
 
 
-def _decide(payload: dict[str, Any]) -> dict[str, Any]:
-    # Policy arrives with its own issue; until then every statement is allowed, and the
-    # normalized text (literals replaced by $n) keys the cache and the PHI-free event.
+def _decide(payload: dict[str, Any], policy: PolicyEngine | None) -> dict[str, Any]:
+    # Analyze with the PostgreSQL parser and judge against the session's roles (its
+    # identity_class comes from the authenticate answer). The normalized text (literals
+    # replaced by $n) keys the cache when the decision cannot depend on literals, and is the
+    # PHI-free text of the statement event.
     sql = payload["sql"]
-    if not isinstance(sql, str):
-        raise TypeError("decide payload without SQL text")
-    try:
-        normalized: str | None = pg_parser.normalize(sql)
-    except Exception:  # noqa: BLE001  # unparsable: PostgreSQL will report the syntax error
-        normalized = None
-    if normalized is None:
-        return {"action": "allow", "cache": "exact", "normalized": None}
-    return {"action": "allow", "cache": "normalized", "normalized": normalized}
+    identity_class = payload["identity_class"]
+    if not isinstance(sql, str) or not isinstance(identity_class, str):
+        raise TypeError("decide payload without SQL text or identity class")
+    if policy is None:
+        return {
+            "action": "deny",
+            "sqlstate": "42501",
+            "message": "no statement policy is loaded on this gateway (rule: no-policy)",
+            "hint": None,
+            "cache": "none",
+            "normalized": None,
+        }
+    return policy.decide(identity_class, sql)
 
 
 def _deny_internal() -> dict[str, Any]:
@@ -243,6 +355,23 @@ def _native_engine(config_json: str) -> EngineLike:
     return _native.Engine(config_json)
 
 
+def _oidc_verifier(config: Config) -> PrimableVerifier:
+    oidc = config.identity.oidc
+    return OidcVerifier(oidc) if oidc is not None else NoOidcVerifier()
+
+
+def _apikey_verifier(config: Config, old: ApiKeyVerifier | None) -> ApiKeyVerifier | None:
+    """The API key verifier for a (re)loaded config; an unchanged store keeps its verifier (and
+    the uses it has not written yet), re-read now."""
+    settings = config.identity.apikeys
+    if settings is None:
+        return None
+    if old is not None and old.path == settings.store:
+        old.reload(force=True)
+        return old
+    return ApiKeyVerifier(settings.store)
+
+
 class Gateway:
     """One Engine plus the control loop that serves it, on the running (uvloop) event loop."""
 
@@ -275,10 +404,12 @@ class Gateway:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        verifier = OidcVerifier(self.config.identity.oidc)
+        verifier = _oidc_verifier(self.config)
         if not await verifier.prime():
             log.warning("no signing keys loaded yet; logins fail until the JWKS can be read")
-        self._control = ControlPlane(verifier)
+        self._control = ControlPlane(
+            verifier, apikeys=_apikey_verifier(self.config, None), config=self.config
+        )
         self._sink = EventSink(self.config.server.events_log)
         try:
             engine = self._engine_factory(self.config.native_json())
@@ -331,8 +462,10 @@ class Gateway:
             log.warning("listen addresses change only on restart; keeping %s", old.server.listen)
         # The engine validates first: if it refuses, nothing here has changed yet.
         epoch = self.engine.reconfigure(new_config.native_json())
-        verifier = OidcVerifier(new_config.identity.oidc)
+        verifier = _oidc_verifier(new_config)
         self.control.verifier = verifier
+        self.control.apikeys = _apikey_verifier(new_config, self.control.apikeys)
+        self.control.config = new_config
         self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         if new_config.server.events_log != old.server.events_log and self._sink is not None:
             self._drain_events()

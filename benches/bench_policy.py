@@ -1,0 +1,93 @@
+"""Micro-benchmark: analysis + decision per statement, as on a decision-cache miss.
+
+    python -m pytest benches/bench_policy.py --benchmark-only
+
+Each agent-style statement is analyzed (pglast parse_sql_json + orjson + the dict walker) and
+judged against a role every round; the per-role memo of rules.py is warm, as in a running
+gateway. "answer" adds what the control plane sends back (PostgreSQL's normalization of the
+text). The terminal summary lists p50 / p99 per statement; the target is p50 < 50 us.
+"""
+
+# ruff: noqa: E501  # the statements read better on one line each
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from phigate.policy.analyze import analyze  # noqa: E402
+from phigate.policy.engine import PolicyEngine  # noqa: E402
+from phigate.policy.rules import decide  # noqa: E402
+from policyconf import config, roleset  # noqa: E402
+
+ROUNDS = 3000
+
+AGENT_QUERIES: dict[str, str] = {
+    "point-lookup": "SELECT id, department, admitted_at FROM encounters WHERE patient_id = $1",
+    "patient-by-mrn": "select id, first_name, last_name, date_of_birth from patients where mrn = 'MRN-000123'",
+    "join-aggregate": (
+        "SELECT e.department, count(*) AS n FROM encounters e JOIN diagnoses d ON d.encounter_id = e.id "
+        "WHERE d.diagnosed_at > now() - interval '30 days' GROUP BY e.department ORDER BY n DESC LIMIT 10"
+    ),
+    "cte-window": (
+        "WITH recent AS (SELECT patient_id, admitted_at, row_number() OVER (PARTITION BY patient_id "
+        "ORDER BY admitted_at DESC) AS rn FROM encounters) SELECT p.mrn, r.admitted_at FROM recent r "
+        "JOIN patients p ON p.id = r.patient_id WHERE r.rn = 1 LIMIT 50"
+    ),
+    "subquery-in": (
+        "select id, icd10_code from diagnoses where encounter_id in (select id from encounters "
+        "where department = 'Cardiology' and admitted_at >= '2024-01-01') order by diagnosed_at desc"
+    ),
+    "json-report": (
+        "select json_build_object('mrn', p.mrn, 'meds', (select json_agg(m.name order by m.started_at) "
+        "from medications m where m.patient_id = p.id)) from patients p where p.id = $1"
+    ),
+    "notes-search": "SELECT n.id, n.author FROM notes n WHERE n.body ILIKE '%chest pain%' LIMIT 20",
+    "count": "SELECT count(*) FROM patients",
+    "refused-write": "DELETE FROM notes WHERE id = 42",
+    "refused-function": "SELECT pg_read_file('/etc/passwd')",
+    "set-timezone": "SET TimeZone = 'UTC'",
+    "begin": "BEGIN",
+}
+
+CONFIG = config()
+CLINICIAN = roleset(CONFIG, "clinician")
+ENGINE = PolicyEngine(CONFIG)
+CLASS = CLINICIAN.identity_class
+RESULTS: list[tuple[str, str, float, float]] = []
+
+
+def _record(benchmark: Any, what: str, name: str) -> None:
+    data = sorted(benchmark.stats.stats.data)
+    p50 = data[len(data) // 2] * 1e6
+    p99 = data[min(len(data) - 1, int(len(data) * 0.99))] * 1e6
+    benchmark.extra_info.update({"p50_us": round(p50, 1), "p99_us": round(p99, 1)})
+    RESULTS.append((what, name, p50, p99))
+
+
+@pytest.mark.parametrize("name", list(AGENT_QUERIES))
+def test_analyze_and_decide(benchmark: Any, name: str) -> None:
+    sql = AGENT_QUERIES[name]
+    decide(analyze(sql), CLINICIAN)  # warm the role's memo, as a running gateway has it
+    benchmark.pedantic(lambda: decide(analyze(sql), CLINICIAN), rounds=ROUNDS, iterations=1)
+    _record(benchmark, "analyze+decide", name)
+
+
+@pytest.mark.parametrize("name", list(AGENT_QUERIES))
+def test_full_answer(benchmark: Any, name: str) -> None:
+    sql = AGENT_QUERIES[name]
+    ENGINE.decide(CLASS, sql)
+    benchmark.pedantic(lambda: ENGINE.decide(CLASS, sql), rounds=ROUNDS, iterations=1)
+    _record(benchmark, "answer (+normalize)", name)
+
+
+def pytest_terminal_summary_lines() -> list[str]:
+    lines = [f"{'what':22} {'statement':18} {'p50 us':>8} {'p99 us':>8}"]
+    for what, name, p50, p99 in RESULTS:
+        lines.append(f"{what:22} {name:18} {p50:8.1f} {p99:8.1f}")
+    return lines

@@ -1,0 +1,86 @@
+"""Answer the data plane's "decide" requests: identity class -> RoleSet, analyze, judge.
+
+One PolicyEngine per loaded config; a reload builds a new one (and the data plane bumps its
+decision-cache epoch), so rule changes apply to the next statement of every live session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pglast import parser as _pg_parser
+
+from phigate.config import Config, RoleSet, parse_identity_class
+from phigate.errors import IdentityError
+from phigate.policy.analyze import analyze
+from phigate.policy.rules import Decision, decide
+
+__all__ = ["PolicyEngine"]
+
+log = logging.getLogger(__name__)
+
+_MAX_CLASSES = 4096  # distinct identity classes remembered (role combinations x targets)
+
+
+class PolicyEngine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._rolesets: dict[str, RoleSet | None] = {}
+
+    def roleset(self, identity_class: str) -> RoleSet | None:
+        """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
+        try:
+            return self._rolesets[identity_class]
+        except KeyError:
+            pass
+        rs = self._resolve(identity_class)
+        if len(self._rolesets) >= _MAX_CLASSES:
+            self._rolesets.clear()
+        self._rolesets[identity_class] = rs
+        return rs
+
+    def _resolve(self, identity_class: str) -> RoleSet | None:
+        try:
+            parsed = parse_identity_class(identity_class)
+            if parsed is not None:  # RoleSet.identity_class: [[roles...], target]
+                names, target = parsed
+                rs = self.config.roleset(names, target)
+                if rs is not None and rs.names != tuple(sorted(set(names))):
+                    # A role was removed or narrowed by a reload: judge with what is left.
+                    log.info("identity class %s: some roles no longer apply", identity_class)
+                return rs
+            # Transitional: an identity class that is the JSON list of the token's groups (the
+            # foundation's authenticate answer). Same mapping as Config.roles_for.
+            groups = json.loads(identity_class)
+            if isinstance(groups, list) and all(isinstance(g, str) for g in groups):
+                return self.config.roles_for(groups)
+        except (ValueError, IdentityError):
+            pass
+        return None
+
+    def decide(self, identity_class: str, sql: str) -> dict[str, Any]:
+        facts = analyze(sql)
+        decision = decide(facts, self.roleset(identity_class))
+        literal = any(f.literal_sensitive for f in facts)
+        try:
+            normalized: str | None = _pg_parser.normalize(sql)
+        except Exception:  # noqa: BLE001  # unparsable: refused below with 42601 anyway
+            normalized = None
+        cache = "exact" if literal or normalized is None else "normalized"
+        return answer(decision, cache, normalized)
+
+
+def answer(decision: Decision, cache: str, normalized: str | None) -> dict[str, Any]:
+    if decision.action == "allow":
+        return {"action": "allow", "cache": cache, "normalized": normalized}
+    # "approval" is refused until approvals land; its message names the rule that would ask.
+    return {
+        "action": "deny",
+        "sqlstate": decision.sqlstate or "42501",
+        "message": decision.message or "refused by policy",
+        "hint": decision.hint,
+        "cache": cache,
+        "normalized": normalized,
+    }
