@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from harness import psycopg_connect
 
 pytestmark = pytest.mark.integration
