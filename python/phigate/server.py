@@ -37,6 +37,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EVENT_DRAIN_INTERVAL = 0.2
+# How often the data plane's counters (sessions, decision-cache hits/misses, timeouts, bytes)
+# are written to the events log as a `stats` event, for operators and monitoring.
+STATS_INTERVAL = 60.0
 AUTH_INTERNAL_ERROR = "internal error while verifying identity, see gateway log"
 DECIDE_INTERNAL_ERROR = "internal error while deciding on this statement, see gateway log"
 
@@ -445,6 +448,7 @@ class Gateway:
         if self._engine is not None and self._loop is not None:
             self._loop.remove_reader(self._engine.wakeup_fd())
             self._on_wakeup()
+            self.write_stats()  # the final counters, so a short run still reports them
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -506,9 +510,25 @@ class Gateway:
             self._sink.write(blob)
 
     async def _drain_events_periodically(self) -> None:
+        next_stats = time.monotonic() + STATS_INTERVAL
         while True:
             await asyncio.sleep(EVENT_DRAIN_INTERVAL)
             self._drain_events()
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_INTERVAL
+                self.write_stats()
+
+    def write_stats(self) -> None:
+        """Append the data plane's counters to the events log as one `stats` event."""
+        if self._sink is None:
+            return
+        try:
+            counters = dict(self.engine.stats())
+        except Exception:  # noqa: BLE001 - statistics must never take the gateway down
+            log.exception("engine.stats failed")
+            return
+        line = {"ts": time.time(), "event": "stats", **counters}
+        self._sink.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
 
 async def run(config_path: str | os.PathLike[str], config: Config | None = None) -> None:
