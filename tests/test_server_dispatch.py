@@ -87,6 +87,9 @@ class FakeEngine:
             blob, self._events = self._events, b""
         return blob
 
+    def stats(self) -> dict[str, int]:
+        return {"sessions_active": 0, "cache_hits": 0, "cache_misses": 0}
+
     def reconfigure(self, config_json: str) -> int:
         self.configs.append(json.loads(config_json))
         self.epoch += 1
