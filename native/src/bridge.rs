@@ -103,10 +103,11 @@ impl Bridge {
     }
 
     /// Takes every pending request and clears the wakeup. The order is what makes it safe:
-    /// 1. drain the socket, 2. clear the flag, 3. take the queue. A request pushed before (2)
-    /// sees the flag set and writes nothing, but (3) takes it; one pushed after (2) writes a
-    /// byte. Clearing before draining would let the drain eat the byte of a request pushed in
-    /// between, leaving the flag set with no byte pending: every later request would hang.
+    /// drain the socket, then clear the flag, then take the queue. A request pushed before the
+    /// flag is cleared sees it set and writes nothing, but the take that follows gets it; one
+    /// pushed after writes a byte. Clearing before draining would let the drain eat the byte of
+    /// a request pushed in between, leaving the flag set with no byte pending: every later
+    /// request would hang.
     pub fn take_requests(&self) -> Vec<PendingRequest> {
         let mut sink = [0u8; 256];
         while let Ok(n) = (&self.wake_rx).read(&mut sink) {
