@@ -118,17 +118,7 @@ async fn connect_inner(
     let mut scram: Option<ScramSha256> = None;
     let mut up = Upstream { stream, parameter_status: vec![], notices: vec![], pid: 0, secret: 0, leftover: BytesMut::new() };
     loop {
-        let frame = loop {
-            match next_frame(&mut buf, |_| MAX_STARTUP_MESSAGE) {
-                Ok(Some(f)) => break f,
-                Ok(None) => {
-                    if up.stream.read_into(&mut buf).await.map_err(io)? == 0 {
-                        return Err(fail("connection closed during startup", "upstream closed the connection during startup"));
-                    }
-                }
-                Err(e) => return Err(fail("protocol error", format!("upstream startup: {e}"))),
-            }
-        };
+        let frame = read_frame(&mut up.stream, &mut buf, "startup").await?;
         let body = frame.body();
         match frame.tag {
             tag_b::AUTHENTICATION => {
@@ -168,6 +158,22 @@ async fn connect_inner(
     }
 }
 
+/// Reads the next whole upstream message during connection setup (`phase` names it for the log).
+async fn read_frame(stream: &mut Stream, buf: &mut BytesMut, phase: &str) -> Result<crate::framing::Frame, UpstreamError> {
+    loop {
+        match next_frame(buf, |_| MAX_STARTUP_MESSAGE) {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {
+                let n = stream.read_into(buf).await.map_err(|e| fail("connection lost during startup", e.to_string()))?;
+                if n == 0 {
+                    return Err(fail("connection closed during startup", format!("upstream closed the connection during {phase}")));
+                }
+            }
+            Err(e) => return Err(fail("protocol error", format!("upstream {phase}: {e}"))),
+        }
+    }
+}
+
 /// Quotes an identifier the way PostgreSQL's quote_ident does (always quoted).
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -183,17 +189,7 @@ async fn set_role(up: &mut Upstream, role: &str) -> Result<(), UpstreamError> {
     let mut buf = std::mem::take(&mut up.leftover);
     let mut error: Option<String> = None;
     loop {
-        let frame = loop {
-            match next_frame(&mut buf, |_| MAX_STARTUP_MESSAGE) {
-                Ok(Some(f)) => break f,
-                Ok(None) => {
-                    if up.stream.read_into(&mut buf).await.map_err(io)? == 0 {
-                        return Err(fail("connection closed during startup", "upstream closed the connection during SET ROLE"));
-                    }
-                }
-                Err(e) => return Err(fail("protocol error", format!("upstream SET ROLE: {e}"))),
-            }
-        };
+        let frame = read_frame(&mut up.stream, &mut buf, "SET ROLE").await?;
         match frame.tag {
             tag_b::ERROR_RESPONSE => {
                 let msg = error_response::field(frame.body(), b'M').map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
