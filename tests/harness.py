@@ -34,6 +34,7 @@ CONFIG_SECTIONS = frozenset(
         "targets",
         "groups",
         "roles",
+        "phi",
         "policy",
         "masking",
         "audit",

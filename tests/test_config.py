@@ -468,3 +468,137 @@ def test_role_errors_name_the_key(
     err = error(with_roles(base, roles, groups), confdir)
     assert err.key == key, err
     assert text in err.message, err
+
+
+# --- PHI classification ---------------------------------------------------------------------
+
+
+def with_phi(base: dict[str, Any], confdir: Path, **phi: Any) -> dict[str, Any]:
+    data = copy.deepcopy(base)
+    key = confdir / "pseudonym.key"
+    if not key.exists():
+        key.write_bytes(bytes(range(100, 140)))
+        key.chmod(0o600)
+    phi.setdefault("pseudonym_key_file", "pseudonym.key")
+    data["phi"] = phi
+    return data
+
+
+PHI_COLUMNS: dict[str, Any] = {
+    "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
+    'public."Patients".First_Name': {"kind": "name", "mask": "pseudonym"},
+    "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
+    "public.patients.email": {"kind": "email", "mask": "email_domain"},
+    "public.notes.body": {"kind": "free_text", "mask": "free_text"},
+    "public.patients.mrn": {"kind": "mrn"},
+}
+
+
+def test_phi_columns_parse_and_fold(base: dict[str, Any], confdir: Path) -> None:
+    data = with_phi(
+        base, confdir, columns=PHI_COLUMNS, mrn_pattern="MRN-\\d{7}",
+        extra_patterns={"badge": "EMP-\\d{6}"},
+    )  # fmt: skip
+    phi = parse(data, confdir).phi
+    ssn = phi.columns[("public", "patients", "ssn")]
+    assert (ssn.kind, ssn.mask, ssn.keep, ssn.mask_spec) == ("ssn", "partial", 4, "partial:4")
+    assert ssn.config_key == 'phi.columns."public.patients.ssn"'
+    name = phi.columns[("public", "Patients", "first_name")]
+    assert name.mask == "pseudonym" and name.keep is None
+    assert phi.columns[("public", "patients", "mrn")].mask == "redact"  # the default
+    assert phi.relations() == {("public", "patients"), ("public", "Patients"), ("public", "notes")}
+    assert phi.pseudonym_key is not None and phi.pseudonym_key.reveal() == bytes(range(100, 140))
+    assert "100" not in repr(phi) and "SecretBytes('********')" in repr(phi)
+    assert phi.pseudonym_key_file == confdir / "pseudonym.key"
+    assert phi.mrn_pattern == "MRN-\\d{7}" and dict(phi.extra_patterns) == {"badge": "EMP-\\d{6}"}
+    assert ssn.masked_for(frozenset({"dob"})) and not ssn.masked_for(frozenset({"ssn"}))
+
+
+def test_phi_defaults_to_nothing_classified(base: dict[str, Any], confdir: Path) -> None:
+    phi = parse(base, confdir).phi
+    assert not phi.columns and phi.pseudonym_key is None and phi.mrn_pattern is None
+
+
+def test_roles_see_clear_and_clear_kinds(base: dict[str, Any], confdir: Path) -> None:
+    roles = {
+        "clinician": {"relations": ["public.*"], "see_clear": ["dob", "name"]},
+        "billing": {"relations": ["public.*"], "see_clear": ["address"]},
+        "analyst": {"relations": ["public.*"]},
+    }
+    config = parse(with_roles(base, roles, {"c": ["clinician"], "b": ["billing"],
+                                            "a": ["analyst"]}), confdir)  # fmt: skip
+    assert config.roles["clinician"].see_clear == {"dob", "name"}
+    assert config.roles["analyst"].see_clear == frozenset()
+    rs = config.roles_for(["c", "b"], target="ehr")
+    assert rs is not None and rs.clear_kinds == {"dob", "name", "address"}
+    only = config.roles_for(["a"], target="ehr")
+    assert only is not None and only.clear_kinds == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("phi", "key", "text"),
+    [
+        ({"columns": {"patients.ssn": {"kind": "ssn"}}}, 'phi.columns."patients.ssn"',
+         "schema.table.column"),
+        ({"columns": {"public.p.ssn": {"kind": "sn"}}}, 'phi.columns."public.p.ssn".kind',
+         "did you mean 'ssn'"),
+        ({"columns": {"public.p.ssn": {"mask": "redact"}}}, 'phi.columns."public.p.ssn".kind',
+         "is required"),
+        ({"columns": {"public.p.ssn": {"kind": "ssn", "mask": "partial"}}},
+         'phi.columns."public.p.ssn".mask', "partial:N"),
+        ({"columns": {"public.p.ssn": {"kind": "ssn", "mask": "partial:0"}}},
+         'phi.columns."public.p.ssn".mask', "1 to 64"),
+        ({"columns": {"public.p.ssn": {"kind": "ssn", "mask": "hash"}}},
+         'phi.columns."public.p.ssn".mask', "unknown mask"),
+        ({"columns": {"public.p.ssn": {"kind": "ssn", "mask": "year"}}},
+         'phi.columns."public.p.ssn".mask', "does not fit kind 'ssn'"),
+        ({"columns": {"public.p.d": {"kind": "dob", "mask": "email_domain"}}},
+         'phi.columns."public.p.d".mask', "does not fit"),
+        ({"columns": {"public.p.d": {"kind": "dob", "mask": "partial:2"}}},
+         'phi.columns."public.p.d".mask', "does not fit"),
+        ({"columns": {"public.p.ssn": {"kind": "ssn", "colour": "x"}}},
+         'phi.columns."public.p.ssn".colour', "unknown key"),
+        ({"columns": {"public.p.ssn": "ssn"}}, 'phi.columns."public.p.ssn"', "must be a table"),
+        ({"columns": {"public.p.ssn": {"kind": "ssn"}, 'public."p".SSN': {"kind": "ssn"}}},
+         "phi.columns.", "same column"),
+        ({"columns": {"pg_catalog.pg_class.relname": {"kind": "other"}}},
+         'phi.columns."pg_catalog.pg_class.relname"', "system schemas"),
+        ({"columns": {"public.p.n": {"kind": "name", "mask": "pseudonym"}},
+          "pseudonym_key_file": None}, "phi.pseudonym_key_file", "is required"),
+        ({"mrn_pattern": "MRN-(\\d"}, "phi.mrn_pattern", "not a valid regular expression"),
+        ({"mrn_pattern": "\\d*"}, "phi.mrn_pattern", "empty string"),
+        ({"extra_patterns": {"Bad Name": "x"}}, 'phi.extra_patterns."Bad Name"', "pattern names"),
+        ({"extra_patterns": {"badge": 3}}, "phi.extra_patterns.badge", "must be a string"),
+        ({"maskz": {}}, "phi.maskz", "unknown key"),
+    ],
+)  # fmt: skip
+def test_phi_errors_name_the_key(
+    base: dict[str, Any], confdir: Path, phi: dict[str, Any], key: str, text: str
+) -> None:
+    data = with_phi(base, confdir, **phi)
+    if data["phi"].get("pseudonym_key_file") is None:
+        del data["phi"]["pseudonym_key_file"]
+    err = error(data, confdir)
+    assert err.key.startswith(key), (err.key, key)
+    assert text in err.message
+    assert str(confdir / "phigate.toml") in str(err)
+
+
+def test_pseudonym_key_file_checks(base: dict[str, Any], confdir: Path) -> None:
+    key = confdir / "pseudonym.key"
+    key.write_bytes(bytes(range(40)))
+    key.chmod(0o640)
+    err = error(with_phi(base, confdir), confdir)
+    assert err.key == "phi.pseudonym_key_file" and "chmod 600" in err.message
+    key.chmod(0o600)
+    key.write_bytes(b"short")
+    assert "at least 32" in error(with_phi(base, confdir), confdir).message
+    key.write_bytes(b"a" * 40)
+    assert "does not look random" in error(with_phi(base, confdir), confdir).message
+    key.write_bytes(bytes(range(40)))
+    assert parse(with_phi(base, confdir), confdir).phi.pseudonym_key is not None
+
+
+def test_see_clear_unknown_kind(base: dict[str, Any], confdir: Path) -> None:
+    err = error(with_roles(base, {"r": {"see_clear": ["dobb"]}}, {}), confdir)
+    assert err.key == "roles.r.see_clear" and "did you mean 'dob'" in err.message

@@ -90,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--out", required=True, type=Path, metavar="DIR")
     dev.add_argument("--host", action="append", metavar="NAME", help="DNS name or IP (repeatable)")
 
+    cat = sub.add_parser("catalog", help="PHI classification as resolved in the database")
+    cat_sub = cat.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")
+    show = cat_sub.add_parser(
+        "show", help="print classified columns and where each rule applies (reads the catalog)"
+    )
+    show.add_argument("--config", required=True, type=Path, metavar="FILE")
+    show.add_argument("--target", metavar="NAME", help="default: every target")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     demo = sub.add_parser(
         "demo", help="run a local demo (PostgreSQL, token issuer, gateway)", add_help=False
     )
@@ -141,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         return _token(args)
     if args.command == "apikey":
         return _apikey(args)
+    if args.command == "catalog":
+        return _catalog_show(args)
     if args.command == "cert":
         from phigate.certs import make_dev_cert
 
@@ -165,6 +176,52 @@ def _check_config(path: Path) -> int:
     n = len(config.targets)
     listen = ", ".join(config.server.listen)
     print(f"ok: {n} target{'s' if n != 1 else ''}, listening on {listen}")
+    return EXIT_OK
+
+
+def _catalog_show(args: argparse.Namespace) -> int:
+    from phigate.catalog import load_catalog
+    from phigate.config import load_config
+
+    config = load_config(args.config)
+    if args.target is not None and args.target not in config.targets:
+        known = ", ".join(sorted(config.targets))
+        raise PhigateError(f"{args.config}: no target {args.target!r} (targets: {known})")
+    names = [args.target] if args.target is not None else sorted(config.targets)
+    snapshots = [load_catalog(config, name) for name in names]
+    if args.json:
+        print(json.dumps([s.to_json() for s in snapshots], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not config.phi.columns:
+        print("no columns are classified ([phi.columns] is empty)")
+        return EXIT_OK
+    for snap in snapshots:
+        print(f"target {snap.target}:")
+        rels = sorted(snap.relations.values(), key=lambda r: (r.schema, r.name))
+        origins = ("configured", "partition", "child", "ancestor", "view")
+        for origin in origins:
+            group = [r for r in rels if r.origin == origin]
+            if not group:
+                continue
+            print(f"  {origin} relations:")
+            for r in group:
+                name = f"{r.schema}.{r.name}"
+                via = ", ".join(
+                    f"{snap.relations[o].schema}.{snap.relations[o].name}"
+                    for o in r.derived_from
+                    if o in snap.relations
+                )
+                suffix = f" (from {via})" if via else ""
+                if r.refuse_reason is not None:
+                    print(f"    {name} [oid {r.oid}]{suffix}: REFUSED: {r.refuse_reason}")
+                    continue
+                print(f"    {name} [oid {r.oid}]{suffix}")
+                for c in r.classified_columns():
+                    assert c.rule is not None
+                    print(
+                        f"      {c.name} (attnum {c.attnum}, {c.type_name}): "
+                        f"kind {c.rule.kind}, mask {c.rule.mask_spec}"
+                    )
     return EXIT_OK
 
 

@@ -19,7 +19,11 @@ from phigate.errors import ConfigError, IdentityError
 __all__ = [
     "DEFAULT_STARTUP_PARAMETERS",
     "ApiKeysConfig",
+    "ColumnRule",
     "Config",
+    "MASKS",
+    "PHI_KINDS",
+    "PhiConfig",
     "OidcConfig",
     "IdentityConfig",
     "OPERATIONS",
@@ -28,6 +32,7 @@ __all__ = [
     "RoleConfig",
     "RoleSet",
     "Secret",
+    "SecretBytes",
     "ServerConfig",
     "TargetConfig",
     "apikeys_store_from_file",
@@ -98,7 +103,29 @@ _APPROVAL_GROUPS: Mapping[str, frozenset[str]] = MappingProxyType({
 APPROVAL_CLASSES: tuple[str, ...] = (*_APPROVAL_GROUPS, *OPERATIONS, *ALLOW_CLASSES)
 _ROLE_KEYS = frozenset({
     "targets", "relations", "columns", "operations", "functions", "allow", "approval", "db_role",
+    "see_clear",
 })  # fmt: skip
+#: PHI kinds a classified column can have (`[phi.columns]` kind, roles' `see_clear`).
+PHI_KINDS: tuple[str, ...] = (
+    "ssn", "mrn", "name", "dob", "address", "phone", "email", "free_text", "other",
+)  # fmt: skip
+#: Masks (`partial` is written "partial:N", N = trailing characters kept).
+MASKS: tuple[str, ...] = (
+    "redact", "null", "partial", "year", "email_domain", "pseudonym", "free_text",
+)  # fmt: skip
+# Which kinds each mask makes sense for (the column's type is checked against the database by
+# phigate.catalog). Masks missing here fit every kind.
+_MASK_KINDS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "partial": frozenset({"ssn", "mrn", "name", "address", "phone", "email", "other"}),
+    "year": frozenset({"dob", "other"}),
+    "email_domain": frozenset({"email", "other"}),
+    "free_text": frozenset({"free_text", "address", "other"}),
+})  # fmt: skip
+_PHI_KEYS = frozenset({"columns", "pseudonym_key_file", "mrn_pattern", "extra_patterns"})
+_PHI_COLUMN_KEYS = frozenset({"kind", "mask"})
+_PARTIAL_MAX = 64
+_PSEUDONYM_KEY_MIN_BYTES = 32
+_PATTERN_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 _NAMEDATALEN = 64
 # Relations no role may list: they hold other sessions' statements, column statistics (sampled
@@ -128,6 +155,67 @@ class Secret:
         return "Secret('********')"
 
     __str__ = __repr__
+
+
+@dataclass(frozen=True, repr=False)
+class SecretBytes:
+    """Secret bytes (the pseudonym HMAC key) that never show up in repr() or str()."""
+
+    _value: bytes
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "SecretBytes('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """One `[phi.columns]` entry: a classified column, its PHI kind and its mask.
+
+    ``mask`` is one of MASKS; ``keep`` is N for "partial:N" and None otherwise. ``config_key``
+    is the dotted key naming the entry, e.g. ``phi.columns."public.patients.ssn"``, for messages.
+    Names are folded like PostgreSQL folds identifiers.
+    """
+
+    schema: str
+    table: str
+    column: str
+    kind: str
+    mask: str
+    keep: int | None
+    config_key: str
+
+    @property
+    def mask_spec(self) -> str:
+        """The mask as written in the config: "partial:4", "year", ..."""
+        return f"partial:{self.keep}" if self.mask == "partial" else self.mask
+
+    def masked_for(self, clear_kinds: frozenset[str]) -> bool:
+        """True if an identity seeing ``clear_kinds`` in clear gets this column masked."""
+        return self.kind not in clear_kinds
+
+
+@dataclass(frozen=True)
+class PhiConfig:
+    """The `[phi]` table: classified columns and what masking and the detectors need."""
+
+    # (schema, table, column) -> rule, as configured (partitions, children and views are
+    # resolved against the database by phigate.catalog).
+    columns: Mapping[tuple[str, str, str], ColumnRule] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    pseudonym_key_file: Path | None = None
+    pseudonym_key: SecretBytes | None = None  # the file's bytes, as-is; set with the file
+    mrn_pattern: str | None = None  # a regular expression; None: no MRN detector
+    extra_patterns: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def relations(self) -> frozenset[tuple[str, str]]:
+        """The (schema, table) pairs with at least one classified column."""
+        return frozenset((s, t) for s, t, _ in self.columns)
 
 
 @dataclass(frozen=True)
@@ -202,6 +290,7 @@ class RoleConfig:
     allow: frozenset[str]
     approval: Mapping[str, str]  # operation or allow class -> the `approval` entry naming it
     db_role: str | None
+    see_clear: frozenset[str] = frozenset()  # PHI kinds this role sees in clear
 
     def covers(self, schema: str, name: str) -> bool:
         return schema in self.schemas or (schema, name) in self.relations
@@ -225,6 +314,11 @@ class RoleSet:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(r.name for r in self.roles)
+
+    @property
+    def clear_kinds(self) -> frozenset[str]:
+        """PHI kinds this identity sees in clear: the union of its roles' ``see_clear``."""
+        return frozenset().union(*(r.see_clear for r in self.roles))
 
     @property
     def identity_class(self) -> str:
@@ -262,6 +356,7 @@ class Config:
     # token group -> role names; role name -> role. Empty: no identity has a role (refused).
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: MappingProxyType({}))
+    phi: PhiConfig = field(default_factory=PhiConfig)
 
     def roles_for(self, groups: Iterable[str], target: str | None = None) -> RoleSet | None:
         """The RoleSet of an identity with these token groups, or None if it has no role.
@@ -363,7 +458,7 @@ def parse_config(
     if base_dir is None:
         base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
     ctx = _Ctx(source, Path(base_dir).absolute())
-    root = _Table(data, "", ctx, {"server", "identity", "targets", "groups", "roles"})
+    root = _Table(data, "", ctx, {"server", "identity", "targets", "groups", "roles", "phi"})
     server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
     identity = root.table("identity", required=True, allowed=_IDENTITY_KEYS)
     identity_config = _identity(identity)
@@ -379,6 +474,7 @@ def parse_config(
         targets[name] = _target(name, targets_tbl.table(name, required=True, allowed=_TARGET_KEYS))
     roles = _roles(root.table("roles", required=False, allowed=None), targets)
     groups = _groups(root.table("groups", required=False, allowed=None), roles)
+    phi = _phi(root.table("phi", required=False, allowed=_PHI_KEYS))
     return Config(
         server=server,
         identity=identity_config,
@@ -386,6 +482,7 @@ def parse_config(
         source=source,
         groups=MappingProxyType(groups),
         roles=MappingProxyType(roles),
+        phi=phi,
     )
 
 
@@ -988,6 +1085,7 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     db_role = t.opt_string("db_role")
     if db_role is not None and len(db_role.encode("utf-8")) >= _NAMEDATALEN:
         t.fail("db_role", "must be at most 63 bytes (a PostgreSQL role name)")
+    see_clear = _names(t, "see_clear", PHI_KINDS, ())
 
     return RoleConfig(
         name=name,
@@ -1000,6 +1098,7 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
         allow=allow,
         approval=MappingProxyType(approval),
         db_role=db_role,
+        see_clear=see_clear,
     )
 
 
@@ -1019,3 +1118,143 @@ def _groups(t: _Table, roles: Mapping[str, RoleConfig]) -> dict[str, tuple[str, 
             t.fail(group, "maps to roles with different db_role values; a session runs as one")
         groups[group] = tuple(dict.fromkeys(names))
     return groups
+
+
+# --- PHI classification ---------------------------------------------------------------------
+
+
+def _toml_key(text: str) -> str:
+    """A TOML key as it would be written in the file: bare if it can be, else quoted."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _phi(t: _Table) -> PhiConfig:
+    cols_tbl = t.table("columns", required=False, allowed=None)
+    columns: dict[tuple[str, str, str], ColumnRule] = {}
+    for text, value in cols_tbl.data.items():
+        key = _toml_key(text)
+        try:
+            parts = fold_name(text)
+        except ValueError as exc:
+            cols_tbl.fail(key, f"{text!r}: {exc}")
+        if len(parts) != 3:
+            cols_tbl.fail(
+                key, f"{text!r} must name schema.table.column, e.g. \"public.patients.ssn\""
+            )
+        schema, table, column = parts
+        if schema == "pg_catalog" or schema.startswith("pg_"):
+            cols_tbl.fail(key, "system schemas cannot be classified")
+        entry = _Table(value, cols_tbl.key(key), t.ctx, _PHI_COLUMN_KEYS)
+        kind = entry.string("kind")
+        if kind not in PHI_KINDS:
+            near = difflib.get_close_matches(kind, PHI_KINDS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            entry.fail("kind", f"unknown kind {kind!r}{hint}; use {', '.join(PHI_KINDS)}")
+        mask, keep = _mask(entry, entry.string("mask", "redact"))
+        fits = _MASK_KINDS.get(mask)
+        if fits is not None and kind not in fits:
+            entry.fail(
+                "mask",
+                f"{mask!r} does not fit kind {kind!r} (it fits {', '.join(sorted(fits))})",
+            )
+        if (schema, table, column) in columns:
+            other = columns[(schema, table, column)].config_key
+            cols_tbl.fail(key, f"names the same column as {other} (after folding names)")
+        columns[(schema, table, column)] = ColumnRule(
+            schema=schema,
+            table=table,
+            column=column,
+            kind=kind,
+            mask=mask,
+            keep=keep,
+            config_key=cols_tbl.key(key),
+        )
+
+    key_file = t.path("pseudonym_key_file", what="pseudonym key file")
+    pseudonym_key = None
+    if key_file is not None:
+        pseudonym_key = _pseudonym_key(t, key_file)
+    elif any(r.mask == "pseudonym" for r in columns.values()):
+        first = next(r for r in columns.values() if r.mask == "pseudonym")
+        t.fail(
+            "pseudonym_key_file",
+            f"is required: {first.config_key} uses mask 'pseudonym' (make one with "
+            "`head -c 32 /dev/urandom > pseudonym.key; chmod 600 pseudonym.key`)",
+        )
+
+    mrn_pattern = t.opt_string("mrn_pattern")
+    if mrn_pattern is not None:
+        _check_pattern(t, "mrn_pattern", mrn_pattern)
+    extra_tbl = t.table("extra_patterns", required=False, allowed=None)
+    extra: dict[str, str] = {}
+    for name in extra_tbl.data:
+        if not _PATTERN_NAME.fullmatch(name):
+            extra_tbl.fail(
+                _toml_key(name), "pattern names use a-z 0-9 _ and start with a letter (they tag "
+                "what was found)",
+            )  # fmt: skip
+        pattern = extra_tbl.string(name)
+        _check_pattern(extra_tbl, name, pattern)
+        extra[name] = pattern
+    return PhiConfig(
+        columns=MappingProxyType(columns),
+        pseudonym_key_file=key_file,
+        pseudonym_key=pseudonym_key,
+        mrn_pattern=mrn_pattern,
+        extra_patterns=MappingProxyType(extra),
+    )
+
+
+def _mask(t: _Table, text: str) -> tuple[str, int | None]:
+    name, sep, arg = text.partition(":")
+    if name == "partial":
+        if not sep or not arg.isascii() or not arg.isdigit():
+            t.fail("mask", f"write partial as 'partial:N' (N = characters kept), got {text!r}")
+        keep = int(arg)
+        if not 1 <= keep <= _PARTIAL_MAX:
+            t.fail("mask", f"partial keeps 1 to {_PARTIAL_MAX} characters, got {keep}")
+        return name, keep
+    if name not in MASKS or sep:
+        near = difflib.get_close_matches(name, MASKS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        shown = ", ".join("partial:N" if m == "partial" else m for m in MASKS)
+        t.fail("mask", f"unknown mask {text!r}{hint}; use {shown}")
+    return name, None
+
+
+def _pseudonym_key(t: _Table, path: Path) -> SecretBytes:
+    key = "pseudonym_key_file"
+    try:
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(_MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        t.fail(key, f"cannot read {str(path)!r}: {exc.strerror}")
+    if mode & 0o077:
+        t.fail(
+            key,
+            f"{str(path)!r} is readable or writable by group or others (mode "
+            f"{mode & 0o777:04o}); run chmod 600 on it",
+        )
+    if len(raw) > _MAX_SECRET_BYTES:
+        t.fail(key, f"{str(path)!r} is larger than {_MAX_SECRET_BYTES} bytes")
+    if len(raw) < _PSEUDONYM_KEY_MIN_BYTES:
+        t.fail(
+            key,
+            f"{str(path)!r} holds {len(raw)} bytes; a pseudonym key needs at least "
+            f"{_PSEUDONYM_KEY_MIN_BYTES} random bytes",
+        )
+    if len(set(raw)) < 8:
+        t.fail(key, f"{str(path)!r} does not look random (too few distinct bytes)")
+    return SecretBytes(raw)
+
+
+def _check_pattern(t: _Table, key: str, pattern: str) -> None:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        t.fail(key, f"is not a valid regular expression: {exc}")
+    if compiled.fullmatch("") is not None:
+        t.fail(key, "matches the empty string; it would tag every value")
