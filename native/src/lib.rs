@@ -6,14 +6,17 @@ pub mod bridge;
 pub mod cache;
 pub mod cancel;
 pub mod config;
+pub mod detectors;
 pub mod engine;
 pub mod errors;
 pub mod events;
 pub mod framing;
 pub mod frontend;
+pub mod masking;
 pub mod messages;
 pub mod normalize;
 pub mod relay;
+pub mod scrub;
 pub mod stream;
 pub mod tls;
 

@@ -1,0 +1,299 @@
+//! Content detectors for PHI in free text (SSN, MRN, phone, email, dates of birth, configured
+//! patterns), compiled once and run over text going to masked identities.
+//!
+//! Matching uses the `regex` crate, so every scan is linear in the input whatever the pattern.
+//! Values without a hit are the common case and take the fast path: a byte prefilter, then one
+//! `RegexSet` pass; the per-pattern searches only run for the patterns the set says matched.
+
+use regex::{Regex, RegexSet};
+use std::borrow::Cow;
+
+/// Default medical record number shape when the config names none.
+pub const DEFAULT_MRN_PATTERN: &str = r"MRN-[0-9]{7}";
+
+// Digit-shaped identifiers are bounded by "no digit on either side", checked after the match
+// (the regex crate has no look-around): a word boundary would miss "pt123-45-6789".
+// Elsewhere ASCII word boundaries: the Unicode `\b` forces the slower engines on non-ASCII text.
+const SSN: &str = r"[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}";
+const PHONE: &str = r"(?:\+?1[-. ]?)?(?:\([0-9]{3}\)[-. ]?|[0-9]{3}[-. ])[0-9]{3}[-. ][0-9]{4}";
+const EMAIL: &str = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}(?-u:\b)";
+/// A birth keyword, then up to 40 characters without digits ("within a few words"), then a date.
+/// Only the date (group `date`) is replaced, so the text stays readable: "DOB: [DOB]".
+const DOB: &str = concat!(
+    r"(?i)(?-u:\b)(?:dob|d\.o\.b|date\s+of\s+birth|birth\s*date|birthday|born)",
+    r"[^0-9\n]{0,40}?(?P<date>",
+    r"[0-9]{1,2}[/.\-][0-9]{1,2}[/.\-][0-9]{2,4}",
+    r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}",
+    r"|(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+[0-9]{1,2}(?:st|nd|rd|th)?,?\s+[0-9]{4}",
+    r"|[0-9]{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?,?\s+[0-9]{4}",
+    r")(?-u:\b)",
+);
+
+/// What the detectors look for beyond the built-in kinds.
+#[derive(Debug, Clone, Default)]
+pub struct DetectorConfig {
+    /// MRN pattern from the config; `DEFAULT_MRN_PATTERN` when None.
+    pub mrn_pattern: Option<String>,
+    /// Extra (tag, pattern) pairs; a hit is replaced by `[TAG]`.
+    pub extra: Vec<(String, String)>,
+    /// Skip SSN-shaped numbers in ranges never issued (area 000, 666, 9xx; group 00; serial 0000).
+    /// Off by default: test data and canaries are often "invalid" SSNs, and masking a false
+    /// positive costs less than leaking a real one.
+    pub ssn_valid_only: bool,
+}
+
+struct Rule {
+    /// Replacement text, e.g. "[SSN]".
+    tag: String,
+    re: Regex,
+    /// Replace this capture group only (0 = the whole match).
+    group: usize,
+    /// Post-filter on (haystack, match start, match end): look-around the regex crate lacks.
+    accept: Option<Accept>,
+}
+
+/// One detected identifier: byte range in the input and its replacement tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub start: usize,
+    pub end: usize,
+    pub tag: String,
+}
+
+/// The compiled detectors. Build once per configuration and share (it is `Send + Sync`).
+pub struct Detectors {
+    set: RegexSet,
+    rules: Vec<Rule>,
+    /// True when only the built-in patterns are configured, whose shapes `may_match` knows.
+    prefilter: bool,
+}
+
+type Accept = fn(&str, usize, usize) -> bool;
+
+fn digit_bounded(text: &str, start: usize, end: usize) -> bool {
+    let b = text.as_bytes();
+    let before = start.checked_sub(1).and_then(|i| b.get(i));
+    !before.is_some_and(u8::is_ascii_digit) && !b.get(end).is_some_and(u8::is_ascii_digit)
+}
+
+fn ssn_issued(text: &str, start: usize, end: usize) -> bool {
+    if !digit_bounded(text, start, end) {
+        return false;
+    }
+    let d: Vec<u8> = text[start..end].bytes().filter(u8::is_ascii_digit).collect();
+    let area = &d[0..3];
+    area != b"000" && area != b"666" && area[0] != b'9' && &d[3..5] != b"00" && &d[5..9] != b"0000"
+}
+
+impl Detectors {
+    /// Compiles the built-in detectors plus the configured ones. Fails on an invalid pattern.
+    pub fn new(cfg: &DetectorConfig) -> Result<Self, regex::Error> {
+        let mut rules = vec![
+            Rule { tag: "[SSN]".into(), re: Regex::new(SSN)?, group: 0, accept: Some(if cfg.ssn_valid_only { ssn_issued } else { digit_bounded }) },
+            Rule {
+                tag: "[MRN]".into(),
+                re: Regex::new(cfg.mrn_pattern.as_deref().unwrap_or(DEFAULT_MRN_PATTERN))?,
+                group: 0,
+                accept: cfg.mrn_pattern.is_none().then_some(digit_bounded as Accept),
+            },
+            Rule { tag: "[PHONE]".into(), re: Regex::new(PHONE)?, group: 0, accept: Some(digit_bounded) },
+            Rule { tag: "[EMAIL]".into(), re: Regex::new(EMAIL)?, group: 0, accept: None },
+            Rule { tag: "[DOB]".into(), re: Regex::new(DOB)?, group: 1, accept: None },
+        ];
+        for (tag, pat) in &cfg.extra {
+            let tag = tag.trim_matches(|c| c == '[' || c == ']').to_ascii_uppercase();
+            rules.push(Rule { tag: format!("[{tag}]"), re: Regex::new(pat)?, group: 0, accept: None });
+        }
+        let set = RegexSet::new(rules.iter().map(|r| r.re.as_str()))?;
+        let prefilter = cfg.extra.is_empty() && cfg.mrn_pattern.is_none();
+        Ok(Detectors { set, rules, prefilter })
+    }
+
+    /// The built-in detectors with the default MRN pattern.
+    pub fn standard() -> Self {
+        Self::new(&DetectorConfig::default()).expect("built-in patterns compile")
+    }
+
+    /// Cheap check before any regex work; false means "certainly no hit". Every built-in
+    /// pattern needs an '@' (email) or at least 4 digits (the shortest is a birth date like
+    /// "1/2/80"; SSN, phone and MRN need more), which ordinary prose rarely has.
+    fn may_match(&self, text: &str) -> bool {
+        if !self.prefilter {
+            return true;
+        }
+        let mut digits = 0;
+        for b in text.bytes() {
+            if b == b'@' {
+                return true;
+            }
+            if b.is_ascii_digit() {
+                digits += 1;
+                if digits >= 4 {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// True if any detector fires on `text`.
+    pub fn has_hit(&self, text: &str) -> bool {
+        self.may_match(text) && !self.hits(text).is_empty()
+    }
+
+    /// Every hit, sorted by position, without overlaps (the earliest, then longest, wins).
+    pub fn hits(&self, text: &str) -> Vec<Hit> {
+        if !self.may_match(text) {
+            return Vec::new();
+        }
+        let matched = self.set.matches(text);
+        if !matched.matched_any() {
+            return Vec::new();
+        }
+        let mut all = Vec::new();
+        for i in matched.iter() {
+            let r = &self.rules[i];
+            if r.group == 0 {
+                for m in r.re.find_iter(text) {
+                    if r.accept.is_none_or(|ok| ok(text, m.start(), m.end())) {
+                        all.push(Hit { start: m.start(), end: m.end(), tag: r.tag.clone() });
+                    }
+                }
+            } else {
+                for c in r.re.captures_iter(text) {
+                    if let Some(m) = c.get(r.group) {
+                        all.push(Hit { start: m.start(), end: m.end(), tag: r.tag.clone() });
+                    }
+                }
+            }
+        }
+        all.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+        let mut out: Vec<Hit> = Vec::with_capacity(all.len());
+        for h in all {
+            if out.last().is_none_or(|l| h.start >= l.end) && h.end > h.start {
+                out.push(h);
+            }
+        }
+        out
+    }
+
+    /// `text` with every detected identifier replaced by its tag; borrowed when nothing matched.
+    /// Idempotent for the built-in detectors: tags contain no digits and no '@'.
+    pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let hits = self.hits(text);
+        if hits.is_empty() {
+            return Cow::Borrowed(text);
+        }
+        let mut s = String::with_capacity(text.len());
+        let mut last = 0;
+        for h in &hits {
+            s.push_str(&text[last..h.start]);
+            s.push_str(&h.tag);
+            last = h.end;
+        }
+        s.push_str(&text[last..]);
+        Cow::Owned(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn det() -> &'static Detectors {
+        static D: OnceLock<Detectors> = OnceLock::new();
+        D.get_or_init(Detectors::standard)
+    }
+
+    #[test]
+    fn replaces_each_kind() {
+        let d = det();
+        let cases = [
+            ("ssn 123-45-6789 on file", "ssn [SSN] on file"),
+            ("ssn 123 45 6789", "ssn [SSN]"),
+            ("record MRN-0012345.", "record [MRN]."),
+            ("call (555) 123-4567 or 555.987.6543", "call [PHONE] or [PHONE]"),
+            ("call +1 555-123-4567 now", "call [PHONE] now"),
+            ("mail jane.doe+x@mail.example.org today", "mail [EMAIL] today"),
+            ("DOB: 03/14/1962, allergic", "DOB: [DOB], allergic"),
+            ("date of birth is March 3, 1980.", "date of birth is [DOB]."),
+            ("Born on the 3rd of May 1980", "Born on the [DOB]"),
+            ("birthdate 1984-08-17", "birthdate [DOB]"),
+            ("dob 1/2/80", "dob [DOB]"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(d.scrub(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn leaves_ordinary_text_alone() {
+        let d = det();
+        for s in ["", "no identifiers here", "follow up in 14 days, 2 doses", "BP 120/80, temp 37.2", "visit 2024-01-02 routine", "née Müller, 3 kids", "order 12345"] {
+            assert!(matches!(d.scrub(s), Cow::Borrowed(_)), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn dates_without_a_birth_keyword_stay() {
+        assert_eq!(det().scrub("seen 03/14/1962"), "seen 03/14/1962");
+        // Too far from the keyword.
+        let far = format!("born{}03/14/1962", " word".repeat(12));
+        assert_eq!(det().scrub(&far), far);
+    }
+
+    #[test]
+    fn configured_patterns_and_mrn() {
+        let d = Detectors::new(&DetectorConfig {
+            mrn_pattern: Some(r"(?-u:\b)H[0-9]{6}(?-u:\b)".into()),
+            extra: vec![("insurance".into(), r"INS-[A-Z]{3}[0-9]{4}".into())],
+            ssn_valid_only: true,
+        })
+        .unwrap();
+        assert_eq!(d.scrub("mrn H123456 plan INS-ABC1234"), "mrn [MRN] plan [INSURANCE]");
+        assert_eq!(d.scrub("MRN-0012345"), "MRN-0012345");
+        assert_eq!(d.scrub("ssn 666-12-3456 / 123-45-6789"), "ssn 666-12-3456 / [SSN]");
+        assert!(Detectors::new(&DetectorConfig { extra: vec![("x".into(), "(".into())], ..Default::default() }).is_err());
+    }
+
+    #[test]
+    fn digit_boundaries() {
+        let d = det();
+        assert_eq!(d.scrub("pt123-45-6789x"), "pt[SSN]x");
+        assert_eq!(d.scrub("tel:555-123-4567;"), "tel:[PHONE];");
+        assert_eq!(d.scrub("order 1123-45-67890"), "order 1123-45-67890");
+        assert_eq!(d.scrub("MRN-00123456"), "MRN-00123456");
+    }
+
+    #[test]
+    fn overlaps_resolve_to_one_tag() {
+        // The email's local part looks like a phone number.
+        assert_eq!(det().scrub("555-123-4567@example.com"), "[EMAIL]");
+    }
+
+    #[test]
+    fn linear_on_adversarial_input() {
+        let s = "1-".repeat(50_000) + &"a@".repeat(50_000);
+        let t = std::time::Instant::now();
+        let _ = det().scrub(&s);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    proptest! {
+        #[test]
+        fn scrub_is_idempotent(s in "[ -~]{0,80}", ssn in "[0-9]{3}-[0-9]{2}-[0-9]{4}") {
+            let d = det();
+            let input = format!("{s} {ssn} {s}");
+            let once = d.scrub(&input).into_owned();
+            prop_assert!(!once.contains(&ssn));
+            prop_assert_eq!(d.scrub(&once).into_owned(), once);
+        }
+
+        #[test]
+        fn no_hit_borrows(s in "[a-zA-Z .,;]{0,200}") {
+            prop_assert!(matches!(det().scrub(&s), Cow::Borrowed(_)));
+        }
+    }
+}
