@@ -29,6 +29,8 @@ pub struct Decision {
     pub reuse: Reuse,
     /// PHI-free statement form for events.
     pub normalized: Option<Arc<str>>,
+    /// The statement to send upstream instead of the client's (PHI masking rewrite).
+    pub rewritten: Option<bytes::Bytes>,
 }
 
 type Key = (Arc<str>, Box<[u8]>);
@@ -131,7 +133,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None })
     }
 
     #[test]

@@ -66,7 +66,8 @@ struct Ctx {
 }
 
 enum Verdict {
-    Allow,
+    /// Run it; with a text to send upstream instead (the PHI masking rewrite).
+    Allow(Option<Bytes>),
     Deny(GateError),
 }
 
@@ -78,6 +79,8 @@ const MAX_PREPARED: usize = 100_000;
 struct Prepared {
     sql: Bytes,
     epoch: u64,
+    /// The text actually prepared upstream, if the gateway rewrote it.
+    rewritten: Option<Bytes>,
 }
 
 #[derive(Default)]
@@ -220,7 +223,7 @@ impl Ctx {
         let allowed = decision.action == Action::Allow;
         self.core.bridge.emit_line(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
         Ok(match &decision.action {
-            Action::Allow => Verdict::Allow,
+            Action::Allow => Verdict::Allow(decision.rewritten.clone()),
             Action::Deny { sqlstate, message, hint } => {
                 let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());
                 e.hint = hint.clone();
@@ -240,6 +243,13 @@ fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
         o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     });
     o.freeze()
+}
+
+/// A statement prepared under older masking rules must be prepared again: the text prepared
+/// upstream is the old rewrite.
+fn rules_changed() -> GateError {
+    GateError::error(sqlstate::FEATURE_NOT_SUPPORTED, "the masking rules for this prepared statement changed after a reload")
+        .with_hint("Prepare the statement again.")
 }
 
 /// Portal and statement names at the start of a Bind body.
@@ -272,7 +282,12 @@ fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         _ => Reuse::None,
     };
     let normalized = a.get("normalized").and_then(|v| v.as_str()).map(Arc::from);
-    Some(Decision { action, reuse, normalized })
+    let rewritten = match a.get("rewrite") {
+        None | Some(serde_json::Value::Null) => None,
+        // A rewrite with a NUL would cut the statement short upstream: refuse the answer.
+        Some(v) => Some(Bytes::copy_from_slice(v.as_str().filter(|r| !r.is_empty() && !r.contains('\0'))?.as_bytes())),
+    };
+    Some(Decision { action, reuse, normalized, rewritten })
 }
 
 async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {
@@ -361,7 +376,8 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     };
                     ctx.push_cycle();
                     match verdict {
-                        Verdict::Allow => out.extend_from_slice(&frame.bytes),
+                        Verdict::Allow(None) => out.extend_from_slice(&frame.bytes),
+                        Verdict::Allow(Some(rewritten)) => out.extend_from_slice(&session::query(&rewritten)),
                         Verdict::Deny(err) => out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes())),
                     }
                 }
@@ -375,15 +391,21 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         Err(r) => return r,
                     };
                     match verdict {
-                        Verdict::Allow if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
+                        Verdict::Allow(_) if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
                             let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
                                 format!("this session already has {MAX_PREPARED} prepared statements"))
                                 .with_hint("Close (deallocate) prepared statements you no longer need.");
                             out.extend_from_slice(&session::parse(name, ctx.marker(&err).as_bytes()));
                         }
-                        Verdict::Allow => {
-                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch });
-                            out.extend_from_slice(&frame.bytes);
+                        Verdict::Allow(rewritten) => {
+                            match &rewritten {
+                                None => out.extend_from_slice(&frame.bytes),
+                                Some(r) => {
+                                    let types = query::parse_param_types(frame.body(), name, sql);
+                                    out.extend_from_slice(&session::parse_with_types(name, r, types));
+                                }
+                            }
+                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten });
                         }
                         Verdict::Deny(err) => {
                             ext.statements.remove(name);
@@ -403,11 +425,14 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                             let sql = p.sql.clone();
                             let epoch = cache.epoch();
                             match ctx.decide(&sql, Some(stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow) => {
-                                    if let Some(p) = ext.statements.get_mut(stmt) {
+                                Ok(Verdict::Allow(rewritten)) => {
+                                    let p = ext.statements.get_mut(stmt).expect("looked up above");
+                                    if p.rewritten == rewritten {
                                         p.epoch = epoch;
+                                        None
+                                    } else {
+                                        Some(rules_changed())
                                     }
-                                    None
                                 }
                                 Ok(Verdict::Deny(e)) => Some(e),
                                 Err(r) => return r,
@@ -445,11 +470,14 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         Some((stmt, sql)) => {
                             let epoch = cache.epoch();
                             match ctx.decide(&sql, Some(&stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow) => {
-                                    if let Some(p) = ext.statements.get_mut(&stmt) {
+                                Ok(Verdict::Allow(rewritten)) => {
+                                    let p = ext.statements.get_mut(&stmt).expect("looked up above");
+                                    if p.rewritten == rewritten {
                                         p.epoch = epoch;
+                                        None
+                                    } else {
+                                        Some(rules_changed())
                                     }
-                                    None
                                 }
                                 Ok(Verdict::Deny(e)) => Some(e),
                                 Err(r) => return r,

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import uvloop
 
 from phigate.apikeys import ApiKeyVerifier, looks_like_api_key
+from phigate.catalog import CatalogSnapshot, load_catalog
 from phigate.config import Config, load_config
 from phigate.errors import IdentityError, PhigateError
 from phigate.events import EventSink
@@ -97,6 +98,8 @@ class ControlPlane:
         self.apikeys = apikeys  # None: API keys are not enabled
         # Roles mapping and identity settings; None (unit tests) keeps group-based classes.
         self.config = config
+        # PHI catalogs per target (None: could not be loaded; masked identities are refused).
+        self.catalogs: dict[str, CatalogSnapshot | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -108,8 +111,8 @@ class ControlPlane:
         if config is None:
             return None
         engine: PolicyEngine | None = getattr(self, "_policy", None)
-        if engine is None or engine.config is not config:
-            engine = self._policy = PolicyEngine(config)
+        if engine is None or engine.config is not config or engine.catalogs is not self.catalogs:
+            engine = self._policy = PolicyEngine(config, self.catalogs)
         return engine
 
     def dispatch(self, requests: Iterable[RequestLike]) -> None:
@@ -416,6 +419,7 @@ class Gateway:
             verifier, apikeys=_apikey_verifier(self.config, None), config=self.config
         )
         self._sink = EventSink(self.config.server.events_log)
+        self._control.catalogs = await asyncio.to_thread(load_catalogs, self.config)
         try:
             engine = self._engine_factory(self.config.native_json())
             engine.start()
@@ -471,6 +475,9 @@ class Gateway:
         verifier = _oidc_verifier(new_config)
         self.control.verifier = verifier
         self.control.apikeys = _apikey_verifier(new_config, self.control.apikeys)
+        # Loaded before the new config applies, so no statement is judged with a new
+        # classification and an old catalog. It blocks the loop for one catalog query per target.
+        self.control.catalogs = load_catalogs(new_config)
         self.control.config = new_config
         self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         if new_config.server.events_log != old.server.events_log and self._sink is not None:
@@ -531,6 +538,23 @@ class Gateway:
             return
         line = {"ts": time.time(), "event": "stats", **counters}
         self._sink.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+
+
+def load_catalogs(config: Config) -> dict[str, CatalogSnapshot | None]:
+    """The PHI catalog of every target (only when [phi.columns] classifies anything). A target
+    whose catalog cannot be read maps to None: its masked identities are refused, fail closed."""
+    if not config.phi.columns:
+        return {}
+    out: dict[str, CatalogSnapshot | None] = {}
+    for name in config.targets:
+        try:
+            out[name] = load_catalog(config, name)
+            log.info("PHI catalog for target %s: %d protected relations", name,
+                     len(out[name].protected_relations()))  # type: ignore[union-attr]
+        except PhigateError as exc:
+            log.error("PHI catalog for target %s could not be loaded: %s", name, exc)
+            out[name] = None
+    return out
 
 
 async def run(config_path: str | os.PathLike[str], config: Config | None = None) -> None:

@@ -21,6 +21,11 @@ pub fn parse_fields(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// The parameter-type part of a Parse body (Int16 count + Int32 OIDs), after name and text.
+pub fn parse_param_types<'a>(body: &'a [u8], name: &[u8], sql: &[u8]) -> &'a [u8] {
+    &body[name.len() + 1 + sql.len() + 1..]
+}
+
 /// The rows count of a CommandComplete tag ("SELECT 5", "INSERT 0 3", "COPY 10").
 pub fn command_rows(body: &[u8]) -> u64 {
     let mut pos = 0;

@@ -49,6 +49,17 @@ pub fn parse(name: &[u8], sql: &[u8]) -> Bytes {
     o.freeze()
 }
 
+/// A Parse (F) message with the given raw parameter-type part (Int16 count + Int32 OIDs).
+pub fn parse_with_types(name: &[u8], sql: &[u8], param_types: &[u8]) -> Bytes {
+    let mut o = BytesMut::with_capacity(sql.len() + name.len() + param_types.len() + 8);
+    put_message(&mut o, b'P', |o| {
+        put_cstr(o, name);
+        put_cstr(o, sql);
+        o.put_slice(param_types);
+    });
+    o.freeze()
+}
+
 pub fn terminate() -> Bytes {
     Bytes::from_static(&[b'X', 0, 0, 0, 4])
 }

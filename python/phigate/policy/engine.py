@@ -1,20 +1,26 @@
-"""Answer the data plane's "decide" requests: identity class -> RoleSet, analyze, judge.
+"""Answer the data plane's "decide" requests: identity class -> RoleSet, analyze, judge, and
+for identities that see PHI masked, rewrite the statement so the database only computes on
+masked values (DESIGN §5 layer 1).
 
-One PolicyEngine per loaded config; a reload builds a new one (and the data plane bumps its
-decision-cache epoch), so rule changes apply to the next statement of every live session.
+One PolicyEngine per loaded config and catalog set; a reload builds a new one (and the data plane
+bumps its decision-cache epoch), so rule changes apply to the next statement of every live
+session.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from pglast import parser as _pg_parser
 
+from phigate.catalog import CatalogSnapshot
 from phigate.config import Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.policy.analyze import analyze
+from phigate.policy.rewrite import pseudonym_key_sql, rewrite
 from phigate.policy.rules import Decision, decide
 
 __all__ = ["PolicyEngine"]
@@ -25,9 +31,16 @@ _MAX_CLASSES = 4096  # distinct identity classes remembered (role combinations x
 
 
 class PolicyEngine:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, catalogs: Mapping[str, CatalogSnapshot | None] | None = None
+    ) -> None:
         self.config = config
+        # Per target: the PHI catalog, or None when it could not be loaded (fail closed).
+        self.catalogs: Mapping[str, CatalogSnapshot | None] = catalogs or {}
         self._rolesets: dict[str, RoleSet | None] = {}
+        key = config.phi.pseudonym_key
+        self._key_sql = pseudonym_key_sql(key.reveal()) if key is not None else None
+        self._kinds = frozenset(r.kind for r in config.phi.columns.values())
 
     def roleset(self, identity_class: str) -> RoleSet | None:
         """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
@@ -62,14 +75,41 @@ class PolicyEngine:
 
     def decide(self, identity_class: str, sql: str) -> dict[str, Any]:
         facts = analyze(sql)
-        decision = decide(facts, self.roleset(identity_class))
+        roleset = self.roleset(identity_class)
+        decision = decide(facts, roleset)
         literal = any(f.literal_sensitive for f in facts)
         try:
             normalized: str | None = _pg_parser.normalize(sql)
         except Exception:  # noqa: BLE001  # unparsable: refused below with 42601 anyway
             normalized = None
         cache = "exact" if literal or normalized is None else "normalized"
+        if decision.action == "allow" and roleset is not None and self._kinds - roleset.clear_kinds:
+            return self._masked(sql, roleset, normalized)
         return answer(decision, cache, normalized)
+
+    def _masked(self, sql: str, roleset: RoleSet, normalized: str | None) -> dict[str, Any]:
+        """An allowed statement of an identity that sees some PHI kinds masked."""
+        catalog = self.catalogs.get(roleset.target or "")
+        if catalog is None:
+            return {
+                "action": "deny", "sqlstate": "58000", "cache": "none", "normalized": normalized,
+                "message": "the PHI classification catalog for this target is not loaded, so "
+                "statements of masked identities are refused (rule: masking)",
+                "hint": "The gateway operator can see why in the gateway log.",
+            }
+        result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql)
+        if result.refuse is not None:
+            return {
+                "action": "deny", "sqlstate": "42501", "cache": "exact", "normalized": normalized,
+                "message": f"{result.refuse} (rule: masking)",
+                "hint": "Masked PHI cannot be read this way; ask for the clear kinds you need.",
+            }
+        # The rewrite keeps the client's literals, so its decision is reused for this exact
+        # text only.
+        out: dict[str, Any] = {"action": "allow", "cache": "exact", "normalized": normalized}
+        if result.changed:
+            out["rewrite"] = result.sql
+        return out
 
 
 def answer(decision: Decision, cache: str, normalized: str | None) -> dict[str, Any]:
