@@ -97,7 +97,8 @@ class Facts:
 
     __slots__ = (
         "cascade", "columns", "copy_direction", "copy_query", "copy_target", "ctes",
-        "data_modifying_ctes", "discard", "explain_analyze", "fail", "functions", "has_limit",
+        "data_modifying_ctes", "discard", "explain_analyze", "explain_verbose", "fail",
+        "functions", "has_limit",
         "has_where", "index", "inner_kind", "kind", "literal_sensitive", "locking", "node",
         "operators", "params", "reg_casts", "relations", "set_configs", "set_local",
         "set_name", "set_operations", "set_values", "subqueries", "transaction", "writes",
@@ -132,6 +133,7 @@ class Facts:
         self.copy_target: str | None = None  # "stdio" | "program" | "file"
         self.copy_query = False
         self.explain_analyze = False
+        self.explain_verbose = False
         self.discard: str | None = None
         self.cascade = False
         self.reg_casts = 0
@@ -755,6 +757,10 @@ class _Walker:
         f = self.f
         for opt in b.get("options", ()):
             d = opt["DefElem"]
+            if d.get("defname") == "verbose":
+                arg_node = d.get("arg") or {}
+                off = "Boolean" in arg_node and not arg_node["Boolean"].get("boolval")
+                f.explain_verbose = not off
             if d.get("defname") == "analyze":
                 arg = _const_text(d.get("arg")) if d.get("arg") else "true"
                 if "Boolean" in (d.get("arg") or {}):

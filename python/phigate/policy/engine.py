@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from pglast import parser as _pg_parser
@@ -19,7 +20,7 @@ from pglast import parser as _pg_parser
 from phigate.catalog import CatalogSnapshot
 from phigate.config import Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
-from phigate.policy.analyze import analyze
+from phigate.policy.analyze import Facts, analyze
 from phigate.policy.rewrite import pseudonym_key_sql, rewrite
 from phigate.policy.rules import Decision, decide
 
@@ -84,10 +85,12 @@ class PolicyEngine:
             normalized = None
         cache = "exact" if literal or normalized is None else "normalized"
         if decision.action == "allow" and roleset is not None and self._kinds - roleset.clear_kinds:
-            return self._masked(sql, roleset, normalized)
+            return self._masked(sql, facts, roleset, normalized)
         return answer(decision, cache, normalized)
 
-    def _masked(self, sql: str, roleset: RoleSet, normalized: str | None) -> dict[str, Any]:
+    def _masked(
+        self, sql: str, facts: list[Facts], roleset: RoleSet, normalized: str | None
+    ) -> dict[str, Any]:
         """An allowed statement of an identity that sees some PHI kinds masked."""
         catalog = self.catalogs.get(roleset.target or "")
         if catalog is None:
@@ -98,6 +101,13 @@ class PolicyEngine:
                 "hint": "The gateway operator can see why in the gateway log.",
             }
         result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql)
+        if result.refuse is None and result.changed and any(
+            f.kind == "explain" and (f.explain_analyze or f.explain_verbose) for f in facts
+        ):
+            # ANALYZE runs the statement and reports row counts per plan node; VERBOSE prints
+            # the rewritten expressions. Neither is needed to use masked data.
+            result = replace(result, refuse="EXPLAIN ANALYZE and EXPLAIN VERBOSE are refused "
+                             "on relations holding masked PHI")
         if result.refuse is not None:
             return {
                 "action": "deny", "sqlstate": "42501", "cache": "exact", "normalized": normalized,
