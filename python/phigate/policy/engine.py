@@ -85,11 +85,11 @@ class PolicyEngine:
             normalized = None
         cache = "exact" if literal or normalized is None else "normalized"
         if decision.action == "allow" and roleset is not None and self._kinds - roleset.clear_kinds:
-            return self._masked(sql, facts, roleset, normalized)
+            return self._masked(sql, facts, roleset, normalized, cache)
         return answer(decision, cache, normalized)
 
     def _masked(
-        self, sql: str, facts: list[Facts], roleset: RoleSet, normalized: str | None
+        self, sql: str, facts: list[Facts], roleset: RoleSet, normalized: str | None, cache: str
     ) -> dict[str, Any]:
         """An allowed statement of an identity that sees some PHI kinds masked."""
         catalog = self.catalogs.get(roleset.target or "")
@@ -114,12 +114,13 @@ class PolicyEngine:
                 "message": f"{result.refuse} (rule: masking)",
                 "hint": "Masked PHI cannot be read this way; ask for the clear kinds you need.",
             }
-        # The rewrite keeps the client's literals, so its decision is reused for this exact
-        # text only.
-        out: dict[str, Any] = {"action": "allow", "cache": "exact", "normalized": normalized}
-        if result.changed:
-            out["rewrite"] = result.sql
-        return out
+        if not result.changed:
+            # No protected relation is read; whether one is does not depend on literal values,
+            # so the usual cache rule applies.
+            return {"action": "allow", "cache": cache, "normalized": normalized}
+        # The rewrite keeps the client's literals, so it is reused for this exact text only.
+        return {"action": "allow", "cache": "exact", "normalized": normalized,
+                "rewrite": result.sql}
 
 
 def answer(decision: Decision, cache: str, normalized: str | None) -> dict[str, Any]:
