@@ -695,6 +695,7 @@ def test_dispatch_api_key_answer(store: ApiKeyStore) -> None:
         "db_role": None,
         "expires_at": float(record.expires),
         "close_on_expiry": True,
+        "masked": False,
     }
 
 

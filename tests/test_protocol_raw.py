@@ -160,6 +160,15 @@ def test_client_encoding_is_pinned_to_utf8(plain_gateway, token):
     assert [m.body for m in c.read_until() if m.tag == "D"] == [b"\x00\x01\x00\x00\x00\x04UTF8"]
 
 
+def test_standard_conforming_strings_is_pinned_on(plain_gateway, token):
+    # Off, a backslash inside '...' escapes the quote, so the server would read SQL where the
+    # gateway's parser saw a string literal.
+    c = RawConn(plain_gateway.host, plain_gateway.port)
+    assert c.login(token(), standard_conforming_strings="off")[-1].tag == "Z"
+    c.send(query("show standard_conforming_strings"))
+    assert [m.body for m in c.read_until() if m.tag == "D"] == [b"\x00\x01\x00\x00\x00\x02on"]
+
+
 def test_startup_packet_length_checks(plain_gateway):
     c = RawConn(plain_gateway.host, plain_gateway.port)
     c.send(struct.pack("!i", 2_000_000_000))  # claims 2 GB: refused before allocating

@@ -96,21 +96,27 @@ async fn connect_inner(
 ) -> Result<Upstream, UpstreamError> {
     let mut stream = open_transport(target, tls).await?;
     let mut params: Vec<(String, String)> = vec![("user".into(), target.user.clone()), ("database".into(), target.database.clone())];
+    // Settings that change how the server lexes statement text are pinned: the gateway parses
+    // every statement itself and must read the same tokens the server reads. A client encoding
+    // such as SJIS or GBK would make the server convert and parse the bytes differently (a trail
+    // byte can be a quote or backslash); standard_conforming_strings=off would turn a backslash
+    // inside '...' into an escape and let SQL hide inside what the gateway saw as a literal.
+    const LEXER_PINNED: [(&str, &str); 2] = [("client_encoding", "UTF8"), ("standard_conforming_strings", "on")];
+    let lexer_pinned = |k: &str| LEXER_PINNED.iter().any(|(p, _)| p.eq_ignore_ascii_case(k));
     for (k, v) in client_params {
-        let pinned = target.params.keys().any(|p| p.eq_ignore_ascii_case(k)) || k.eq_ignore_ascii_case("client_encoding");
+        let pinned = target.params.keys().any(|p| p.eq_ignore_ascii_case(k)) || lexer_pinned(k);
         if !pinned {
             params.push((k.clone(), v.clone()));
         }
     }
     for (k, v) in &target.params {
-        if !k.eq_ignore_ascii_case("client_encoding") {
+        if !lexer_pinned(k) {
             params.push((k.clone(), v.clone()));
         }
     }
-    // The gateway judges statement text as UTF-8. A client encoding such as SJIS or GBK would
-    // make the server convert and parse the same bytes differently (a trail byte can be a quote
-    // or backslash), so every upstream session speaks UTF-8, whatever the client asked for.
-    params.push(("client_encoding".into(), "UTF8".into()));
+    for (k, v) in LEXER_PINNED {
+        params.push((k.into(), v.into()));
+    }
     let io = |e: std::io::Error| fail("connection lost during startup", e.to_string());
     stream.write_all(&startup::build(&params)).await.map_err(io)?;
 

@@ -91,7 +91,6 @@ pub fn default_startup_parameters() -> Vec<String> {
         "lc_monetary",
         "lc_numeric",
         "lc_time",
-        "standard_conforming_strings",
     ]
     .iter()
     .map(|s| s.to_string())

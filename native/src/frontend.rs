@@ -29,6 +29,8 @@ pub struct Identity {
     pub db_role: Option<String>,
     /// When the credential stops being valid, if the session must close then.
     pub expires_at: Option<std::time::SystemTime>,
+    /// Sees some classified PHI kind masked: errors and notices are scrubbed before they leave.
+    pub masked: bool,
 }
 
 /// A failed startup: the error for the client (if the socket is still usable) and what to log.
@@ -395,7 +397,9 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
         }
         _ => None,
     };
-    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at })
+    // Fail closed: anything but an explicit false counts as masked.
+    let masked = a.get("masked").and_then(|v| v.as_bool()) != Some(false);
+    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked })
 }
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {

@@ -245,6 +245,23 @@ fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
     o.freeze()
 }
 
+/// An upstream ErrorResponse/NoticeResponse as a masked identity may see it: identifiers found by
+/// the content detectors are replaced by tags and details that echo rows or keys ("Failing row
+/// contains", "Key (...)=(...)") by a generic detail. If the message cannot be parsed, a generic
+/// error replaces it: fail closed.
+fn scrub_for_masked(tag: u8, body: &[u8]) -> Bytes {
+    static DETECTORS: std::sync::OnceLock<crate::detectors::Detectors> = std::sync::OnceLock::new();
+    let detectors = DETECTORS.get_or_init(crate::detectors::Detectors::standard);
+    match crate::scrub::scrubbed(tag, body, detectors) {
+        Ok((bytes, _report)) => bytes,
+        // A notice that cannot be checked is dropped (replacing it by an error would fail the
+        // statement); an error is replaced by a generic one.
+        Err(_) if tag == tag_b::NOTICE_RESPONSE => Bytes::new(),
+        Err(_) => GateError::error(sqlstate::SYSTEM_ERROR, "the database reported an error phigate could not check; it is withheld")
+            .to_error_response(),
+    }
+}
+
 /// A statement prepared under older masking rules must be prepared again: the text prepared
 /// upstream is the old rewrite.
 fn rules_changed() -> GateError {
@@ -564,6 +581,7 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
     let mut cycle_rows = 0u64;
     let mut cycle_bytes = 0u64;
     let mut cycle_error: Option<String> = None;
+    let masked = ctx.identity.masked;
     loop {
         loop {
             if pass_remaining > 0 {
@@ -577,7 +595,8 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                 Ok(None) => break,
                 Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), "upstream_protocol_error").await,
             };
-            if !upstream_inspected(h.tag) {
+            let inspect = upstream_inspected(h.tag) || (masked && h.tag == tag_b::NOTICE_RESPONSE);
+            if !inspect {
                 // Rows, descriptions, COPY data: stream through without waiting for the whole message.
                 let take = h.wire_len().min(buf.len());
                 out.extend_from_slice(&buf[..take]);
@@ -604,9 +623,14 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                     cycle_rows += query::command_rows(frame.body());
                     out.extend_from_slice(&frame.bytes);
                 }
+                tag_b::NOTICE_RESPONSE => out.extend_from_slice(&scrub_for_masked(frame.tag, frame.body())),
                 tag_b::ERROR_RESPONSE => {
                     let replacement = ctx.replacement_for(frame.body());
-                    let bytes = replacement.unwrap_or(frame.bytes);
+                    let bytes = match replacement {
+                        Some(r) => r,
+                        None if masked => scrub_for_masked(frame.tag, frame.body()),
+                        None => frame.bytes,
+                    };
                     cycle_error = error_response::field(&bytes[5..], b'C').map(|c| String::from_utf8_lossy(c).into_owned());
                     out.extend_from_slice(&bytes);
                 }

@@ -50,7 +50,6 @@ DEFAULT_STARTUP_PARAMETERS: tuple[str, ...] = (
     "lc_monetary",
     "lc_numeric",
     "lc_time",
-    "standard_conforming_strings",
 )
 # The gateway itself decides these: forwarding them from the client would let an agent pick the
 # upstream database or user, start replication, or set arbitrary GUCs (search_path, role) via

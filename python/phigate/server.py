@@ -220,6 +220,7 @@ def _auth_ok(
     """
     identity_class = identity.identity_class
     db_role: str | None = None
+    masked = False
     roles_for = getattr(config, "roles_for", None)
     if roles_for is not None:
         roleset = roles_for(identity.groups, target=target)
@@ -227,6 +228,10 @@ def _auth_ok(
             raise IdentityError("28000", _no_role_message(identity))
         identity_class = roleset.identity_class
         db_role = roleset.db_role or None
+        # Sees some classified PHI kind masked: the data plane scrubs errors and notices.
+        phi = getattr(config, "phi", None)
+        kinds = {rule.kind for rule in phi.columns.values()} if phi is not None else set()
+        masked = bool(kinds) and bool(kinds - roleset.clear_kinds)
     close_on_expiry = config.identity.close_on_expiry if config is not None else True
     return {
         "ok": True,
@@ -236,6 +241,7 @@ def _auth_ok(
         "db_role": db_role,
         "expires_at": identity.expires_at,
         "close_on_expiry": close_on_expiry,
+        "masked": masked,
     }
 
 

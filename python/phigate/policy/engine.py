@@ -100,6 +100,15 @@ class PolicyEngine:
                 "statements of masked identities are refused (rule: masking)",
                 "hint": "The gateway operator can see why in the gateway log.",
             }
+        written = _masked_write(facts, catalog, roleset.clear_kinds)
+        if written is not None:
+            return {
+                "action": "deny", "sqlstate": "42501", "cache": "exact", "normalized": normalized,
+                "message": f"writing {written} is refused for identities that see it masked "
+                "(rule: masking)",
+                "hint": "Whether a write succeeds (a unique key, a constraint) would reveal values "
+                "you may not read; ask for the clear kind if you need to write it.",
+            }
         result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql)
         if result.refuse is None and result.changed and any(
             f.kind == "explain" and (f.explain_analyze or f.explain_verbose) for f in facts
@@ -121,6 +130,29 @@ class PolicyEngine:
         # The rewrite keeps the client's literals, so it is reused for this exact text only.
         return {"action": "allow", "cache": "exact", "normalized": normalized,
                 "rewrite": result.sql}
+
+
+def _masked_write(
+    facts: list[Facts], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+) -> str | None:
+    """The first classified column the statement writes while it is masked for this identity
+    ("schema.table.column", or "rows of schema.table" for whole-row writes), else None."""
+    for f in facts:
+        for use in f.columns:
+            if use.write is None:
+                continue
+            for schema, name in use.candidates:
+                rel = catalog.relation(schema, name)
+                if rel is None:
+                    continue
+                if use.column == "*":
+                    if rel.masked_columns(clear_kinds):
+                        return f"whole rows of {schema}.{name}"
+                    continue
+                col = rel.column(use.column)
+                if col is not None and col.rule is not None and col.rule.masked_for(clear_kinds):
+                    return f"{schema}.{name}.{use.column}"
+    return None
 
 
 def answer(decision: Decision, cache: str, normalized: str | None) -> dict[str, Any]:
