@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from phigate.demo import base_config, dump_toml, merge_config, write_private
+from phigate.demo import base_config, dump_toml, merge_config
 from phigate.ehr import provision_demo_database
+from phigate.files import write_private
 from phigate.pgembed import EmbeddedPostgres, PgEmbedError, find_psql
 
 TARGET = "ehr"

@@ -13,8 +13,9 @@ from harness import EhrPostgres
 from phigate.catalog import CatalogError, CatalogSnapshot, load_catalog
 from phigate.cli import main as cli_main
 from phigate.config import Config, parse_config
-from phigate.demo import dump_toml, write_private
+from phigate.demo import dump_toml
 from phigate.errors import ConfigError
+from phigate.files import write_private
 
 pytestmark = pytest.mark.integration
 

@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from phigate.files import atomic_write
+
 __all__ = ["DevCert", "make_dev_cert"]
 
 _CA_DAYS = 825
@@ -97,9 +99,9 @@ def make_dev_cert(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(result.key, key_pem, 0o600)
-    _write(result.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(result.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(result.key, key_pem, 0o600)
+    atomic_write(result.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(result.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return result
 
 
@@ -115,15 +117,3 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    # Create with the final mode (no window where a private key is world-readable), then rename
-    # over any previous file so readers never see a partial PEM.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # a leftover could carry wider permissions
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from phigate.files import write_private
+
 __all__ = [
     "DEFAULT_PORT",
     "DemoPaths",
@@ -88,16 +90,6 @@ def merge_config(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str
         else:
             out[key] = value
     return out
-
-
-def write_private(path: Path, text: str) -> Path:
-    """Write a secret readable by its owner only (created 0600, never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)  # in case the file already existed with other bits
-    return path
 
 
 def base_config(

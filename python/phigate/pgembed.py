@@ -23,6 +23,8 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
+from phigate.files import write_private
+
 __all__ = [
     "EmbeddedPostgres",
     "PgEmbedError",
@@ -494,7 +496,7 @@ class EmbeddedPostgres:
             self.superuser_password = pwfile.read_text().strip()
         else:
             self.superuser_password = secrets.token_urlsafe(24)
-            self._write_private(pwfile, self.superuser_password + "\n")
+            write_private(pwfile, self.superuser_password + "\n")
             self._initdb()
 
     def _read_version(self) -> str:
@@ -540,11 +542,6 @@ class EmbeddedPostgres:
         if self._run_as:
             os.chown(path, *self._run_as)
 
-    def _write_private(self, path: Path, text: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-
     def _run(
         self, argv: list[str], *, check: bool = True, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
@@ -587,7 +584,7 @@ class EmbeddedPostgres:
         # The password file must be readable by the user initdb runs as; it is
         # deleted right after, so the secret only lives in the 0600 copy we keep.
         pw_tmp = self.socket_dir / "initdb.pw"
-        self._write_private(pw_tmp, self.superuser_password + "\n")
+        write_private(pw_tmp, self.superuser_password + "\n")
         self._chown(pw_tmp)
         try:
             self._run(

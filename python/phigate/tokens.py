@@ -16,6 +16,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from phigate.files import atomic_write
+
 __all__ = ["DevIssuer"]
 
 _KEEP_KEYS = 2  # after rotation the JWKS holds the new key and the one before it
@@ -108,7 +110,7 @@ class DevIssuer:
         )
         _write_private(self.key_dir / f"key-{kid}.pem", pem)
         kids = [kid, *self._kids()]
-        _atomic_write(
+        atomic_write(
             self.key_dir / _KIDS, "".join(k + "\n" for k in kids[:_KEEP_KEYS]).encode(), 0o600
         )
         self._kid, self._key = kid, key
@@ -130,7 +132,7 @@ class DevIssuer:
             jwk.update({"kid": _thumbprint(public), "use": "sig", "alg": "RS256"})
             keys.append(jwk)
         body = json.dumps({"keys": keys}, indent=2).encode() + b"\n"
-        _atomic_write(self.jwks_path, body, 0o644)
+        atomic_write(self.jwks_path, body, 0o644)
 
 
 def _read_key(path: Path) -> rsa.RSAPrivateKey:
@@ -160,14 +162,3 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file and rename, so a gateway re-reading the file never sees half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # a leftover could carry wider permissions
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)  # the umask may have narrowed it
-    os.replace(tmp, path)
