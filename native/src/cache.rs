@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Beyond this many entries per map the cache is cleared (simple, bounded memory).
+/// Beyond this many entries the cache is cleared (simple, bounded memory).
 const MAX_ENTRIES: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +33,17 @@ pub struct Decision {
     pub rewritten: Option<bytes::Bytes>,
 }
 
-type Key = (Arc<str>, Box<[u8]>);
+/// Per identity class, then per text: nested so a lookup borrows the class and the statement
+/// text instead of allocating a key per statement (this is on every statement's path).
+type ByClass<K> = HashMap<Arc<str>, HashMap<K, Arc<Decision>>>;
 
 #[derive(Default)]
 struct Maps {
     epoch: u64,
-    exact: HashMap<Key, Arc<Decision>>,
-    normalized: HashMap<(Arc<str>, Box<str>), Arc<Decision>>,
+    exact: ByClass<Box<[u8]>>,
+    normalized: ByClass<Box<str>>,
+    /// Entries in `exact` and `normalized`, for the size bound.
+    entries: usize,
 }
 
 pub struct DecisionCache {
@@ -70,13 +74,13 @@ impl DecisionCache {
         let e = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         m.exact.clear();
         m.normalized.clear();
+        m.entries = 0;
         m.epoch = e;
         e
     }
 
     pub fn len(&self) -> usize {
-        let m = self.maps.read();
-        m.exact.len() + m.normalized.len()
+        self.maps.read().entries
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,14 +91,13 @@ impl DecisionCache {
     /// Returns the decision and the normalized text if it was computed (to reuse on insert).
     pub fn lookup(&self, class: &Arc<str>, sql: &[u8]) -> (Option<Arc<Decision>>, Option<String>) {
         let m = self.maps.read();
-        let key: Key = (class.clone(), sql.into());
-        if let Some(d) = m.exact.get(&key) {
+        if let Some(d) = m.exact.get(&**class).and_then(|by_text| by_text.get(sql)) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return (Some(d.clone()), None);
         }
         let norm = crate::normalize::normalize(sql);
         if let Some(n) = &norm {
-            if let Some(d) = m.normalized.get(&(class.clone(), n.as_str().into())) {
+            if let Some(d) = m.normalized.get(&**class).and_then(|by_text| by_text.get(n.as_str())) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return (Some(d.clone()), norm);
             }
@@ -112,19 +115,18 @@ impl DecisionCache {
         if m.epoch != epoch {
             return;
         }
-        if m.exact.len() >= MAX_ENTRIES {
+        if m.entries >= MAX_ENTRIES {
             m.exact.clear();
-        }
-        if m.normalized.len() >= MAX_ENTRIES {
             m.normalized.clear();
+            m.entries = 0;
         }
-        if d.reuse == Reuse::Normalized {
-            if let Some(n) = norm {
-                m.normalized.insert((class.clone(), n.into_boxed_str()), d.clone());
-                return;
+        let added = match (d.reuse, norm) {
+            (Reuse::Normalized, Some(n)) => {
+                m.normalized.entry(class.clone()).or_default().insert(n.into_boxed_str(), d).is_none()
             }
-        }
-        m.exact.insert((class.clone(), sql.into()), d);
+            _ => m.exact.entry(class.clone()).or_default().insert(sql.into(), d).is_none(),
+        };
+        m.entries += usize::from(added);
     }
 }
 

@@ -80,23 +80,6 @@ fn default_max_message() -> usize {
 fn default_backlog() -> usize {
     512
 }
-pub fn default_startup_parameters() -> Vec<String> {
-    [
-        "application_name",
-        "client_encoding",
-        "DateStyle",
-        "TimeZone",
-        "IntervalStyle",
-        "extra_float_digits",
-        "lc_monetary",
-        "lc_numeric",
-        "lc_time",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NativeConfig {
@@ -117,7 +100,9 @@ pub struct NativeConfig {
     pub max_statement_bytes: usize,
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
-    #[serde(default = "default_startup_parameters")]
+    /// Client startup parameters forwarded upstream. Absent means none: the control plane owns
+    /// the default list (phigate.config.DEFAULT_STARTUP_PARAMETERS) and always sends it.
+    #[serde(default)]
     pub startup_parameters: Vec<String>,
     #[serde(default = "default_backlog")]
     pub event_backlog_wakeup: usize,

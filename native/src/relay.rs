@@ -132,12 +132,8 @@ impl Ctx {
     }
 
     /// The session's credential expired (and the identity source asked to close on expiry).
-    fn expired(&self) -> Option<GateError> {
-        let at = self.identity.expires_at?;
-        (std::time::SystemTime::now() >= at).then(|| {
-            GateError::fatal(sqlstate::INVALID_PASSWORD, "your access token has expired; this session is closed")
-                .with_hint("Reconnect with a fresh token.")
-        })
+    fn expired(&self) -> bool {
+        self.identity.expires_at.is_some_and(|at| std::time::SystemTime::now() >= at)
     }
 
     fn push_cycle(&self) {
@@ -376,8 +372,9 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                 Err(e) => return ctx.die(GateError::protocol(format!("invalid message from client: {e}"))).await,
             };
             match frame.tag {
-                tag_f::QUERY | tag_f::PARSE | tag_f::BIND | tag_f::EXECUTE | tag_f::FUNCTION_CALL if ctx.expired().is_some() => {
-                    let err = ctx.expired().expect("checked");
+                tag_f::QUERY | tag_f::PARSE | tag_f::BIND | tag_f::EXECUTE | tag_f::FUNCTION_CALL if ctx.expired() => {
+                    let err = GateError::fatal(sqlstate::INVALID_PASSWORD, "your access token has expired; this session is closed")
+                        .with_hint("Reconnect with a fresh token.");
                     if !out.is_empty() {
                         let _ = uw.write_all(&out).await;
                     }
@@ -463,7 +460,11 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     };
                     match refusal {
                         None => {
-                            ext.portals.insert(portal.to_vec(), stmt.to_vec());
+                            // Drivers rebind the same portal to the same statement on every
+                            // execution: only a change costs allocations.
+                            if ext.portals.get(portal).map(Vec::as_slice) != Some(stmt) {
+                                ext.portals.insert(portal.to_vec(), stmt.to_vec());
+                            }
                             out.extend_from_slice(&frame.bytes);
                         }
                         Some(err) => {
