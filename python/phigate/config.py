@@ -216,6 +216,10 @@ class PhiConfig:
         """The (schema, table) pairs with at least one classified column."""
         return frozenset((s, t) for s, t, _ in self.columns)
 
+    def masked_kinds(self, clear_kinds: frozenset[str]) -> frozenset[str]:
+        """The classified kinds an identity seeing ``clear_kinds`` in clear gets masked."""
+        return frozenset(r.kind for r in self.columns.values()) - clear_kinds
+
 
 @dataclass(frozen=True)
 class ServerConfig:

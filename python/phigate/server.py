@@ -229,9 +229,8 @@ def _auth_ok(
         identity_class = roleset.identity_class
         db_role = roleset.db_role or None
         # Sees some classified PHI kind masked: the data plane scrubs errors and notices.
-        phi = getattr(config, "phi", None)
-        kinds = {rule.kind for rule in phi.columns.values()} if phi is not None else set()
-        masked = bool(kinds) and bool(kinds - roleset.clear_kinds)
+        phi = getattr(config, "phi", None)  # absent from the dispatch tests' stand-in configs
+        masked = phi is not None and bool(phi.masked_kinds(roleset.clear_kinds))
     close_on_expiry = config.identity.close_on_expiry if config is not None else True
     return {
         "ok": True,

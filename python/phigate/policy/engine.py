@@ -9,7 +9,6 @@ session.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -41,7 +40,6 @@ class PolicyEngine:
         self._rolesets: dict[str, RoleSet | None] = {}
         key = config.phi.pseudonym_key
         self._key_sql = pseudonym_key_sql(key.reveal()) if key is not None else None
-        self._kinds = frozenset(r.kind for r in config.phi.columns.values())
 
     def roleset(self, identity_class: str) -> RoleSet | None:
         """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
@@ -65,11 +63,6 @@ class PolicyEngine:
                     # A role was removed or narrowed by a reload: judge with what is left.
                     log.info("identity class %s: some roles no longer apply", identity_class)
                 return rs
-            # Transitional: an identity class that is the JSON list of the token's groups (the
-            # foundation's authenticate answer). Same mapping as Config.roles_for.
-            groups = json.loads(identity_class)
-            if isinstance(groups, list) and all(isinstance(g, str) for g in groups):
-                return self.config.roles_for(groups)
         except (ValueError, IdentityError):
             pass
         return None
@@ -84,7 +77,8 @@ class PolicyEngine:
         except Exception:  # noqa: BLE001  # unparsable: refused below with 42601 anyway
             normalized = None
         cache = "exact" if literal or normalized is None else "normalized"
-        if decision.action == "allow" and roleset is not None and self._kinds - roleset.clear_kinds:
+        masked = roleset is not None and self.config.phi.masked_kinds(roleset.clear_kinds)
+        if decision.action == "allow" and roleset is not None and masked:
             return self._masked(sql, facts, roleset, normalized, cache)
         return answer(decision, cache, normalized)
 
