@@ -139,3 +139,35 @@ def test_explain_analyze_and_verbose_refused_on_masked_relations(masked_gateway,
         # EXPLAIN ANALYZE of unprotected data still works. (A plain EXPLAIN of patients is
         # refused here too: its masking subquery would print the pseudonym key.)
         assert conn.execute("explain analyze select count(*) from encounters").fetchall()
+
+
+def test_prepared_statement_whose_masking_changed_must_be_prepared_again(masked_gateway, token):
+    from phigate.config import load_config
+    from phigate.demo import dump_toml, merge_config
+
+    with psycopg_connect(masked_gateway, token()) as conn:
+        query = "select ssn from patients where id = %s"
+        assert conn.execute(query, (1,), prepare=True).fetchone()[0].startswith("***")
+        # The operator changes the SSN mask; the statement prepared upstream is the old rewrite.
+        changed = merge_config(
+            masked_gateway.settings,
+            {"phi": {"columns": {"public.patients.ssn": {"kind": "ssn", "mask": "redact"}}}},
+        )
+        masked_gateway.config_path.write_text(dump_toml(changed))
+        masked_gateway.thread.reload(load_config(masked_gateway.config_path))
+        cur = conn.cursor()
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as exc:
+            cur.execute(query, (1,), prepare=True)
+        assert "prepare" in (exc.value.diag.message_hint or "").lower()
+
+
+def test_masked_identity_refused_when_the_catalog_cannot_load(gateway_factory, token):
+    # The classification names a column the database does not have: the catalog fails to
+    # load and masked identities get nothing rather than unmasked data.
+    gw = gateway_factory(
+        phi={"columns": {"public.patients.no_such_column": {"kind": "ssn", "mask": "redact"}}}
+    )
+    with psycopg_connect(gw, token()) as conn:
+        with pytest.raises(psycopg.errors.SystemError) as exc:
+            conn.execute("select count(*) from encounters")
+        assert "catalog" in str(exc.value) and "gateway log" in (exc.value.diag.message_hint or "")
