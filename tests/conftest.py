@@ -25,6 +25,7 @@ from harness import (  # noqa: E402
     RunningGateway,
     native_import_error,
 )
+from scripted import ScriptedControlPlane  # noqa: E402
 
 TokenFactory = Callable[..., str]
 
@@ -128,3 +129,18 @@ def token(dev_issuer: Any) -> TokenFactory:
         )
 
     return mint
+
+
+@pytest.fixture
+def scripted(pg: Any) -> Iterator[Callable[..., ScriptedControlPlane]]:
+    cps: list[ScriptedControlPlane] = []
+
+    def make(**kw: Any) -> ScriptedControlPlane:
+        """A scripted control plane (tests/scripted.py) on the session's PostgreSQL."""
+        cp = ScriptedControlPlane(pg, **kw)
+        cps.append(cp)
+        return cp
+
+    yield make
+    for cp in cps:
+        cp.close()

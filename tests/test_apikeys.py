@@ -696,6 +696,7 @@ def test_dispatch_api_key_answer(store: ApiKeyStore) -> None:
         "expires_at": float(record.expires),
         "close_on_expiry": True,
         "masked": False,
+        "clear_kinds": [],
     }
 
 

@@ -4,110 +4,13 @@ and a role's db_role is the upstream user the session runs as."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
 from rawpg import SYNC, RawConn, bind, execute, parse, query, tags
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class ScriptedControlPlane:
-    """Answers like the real control plane; `deny_word` makes statements containing it refused."""
-
-    pg: Any
-    auth: dict[str, Any] = field(default_factory=dict)
-    deny_word: str | None = None
-    decided: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        from phigate import _native
-
-        cfg = {
-            "listen": ["127.0.0.1:0"],
-            "require_tls": False,
-            "targets": {
-                "ehr": {
-                    "host": self.pg.host,
-                    "port": self.pg.port,
-                    "database": self.pg.ehr_database,
-                    "user": self.pg.service_user,
-                    "password": self.pg.service_password,
-                    "tls": "disable",
-                }
-            },
-        }
-        self.engine = _native.Engine(json.dumps(cfg))
-        self.engine.start()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        host, port = self.engine.listen_addresses()[0].rsplit(":", 1)
-        self.host, self.port = host, int(port)
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            for r in self.engine.take_requests():
-                p = r.payload
-                if r.kind == "authenticate":
-                    r.reply(
-                        {
-                            "ok": True,
-                            "subject": "agent",
-                            "groups": [],
-                            "identity_class": "c",
-                            **self.auth,
-                        }
-                    )
-                else:
-                    self.decided.append(p["sql"])
-                    if self.deny_word and self.deny_word in p["sql"]:
-                        r.reply(
-                            {
-                                "action": "deny",
-                                "sqlstate": "42501",
-                                "message": "refused by rule test",
-                                "hint": "ask for it",
-                                "cache": "exact",
-                            }
-                        )
-                    else:
-                        r.reply({"action": "allow", "cache": "exact"})
-            time.sleep(0.005)
-
-    def reload(self, deny_word: str | None) -> None:
-        self.deny_word = deny_word
-        self.engine.bump_epoch()
-
-    def connect(self) -> RawConn:
-        c = RawConn(self.host, self.port)
-        out = c.login("token")
-        assert out[-1].tag == "Z", [m.fields() for m in out if m.tag == "E"]
-        return c
-
-    def close(self) -> None:
-        self._stop.set()
-        self.engine.shutdown(0.5)
-
-
-@pytest.fixture
-def scripted(pg):
-    cps: list[ScriptedControlPlane] = []
-
-    def make(**kw: Any) -> ScriptedControlPlane:
-        cp = ScriptedControlPlane(pg, **kw)
-        cps.append(cp)
-        return cp
-
-    yield make
-    for cp in cps:
-        cp.close()
 
 
 def test_prepared_statement_is_judged_again_after_reload(scripted):

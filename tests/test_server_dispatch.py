@@ -90,6 +90,9 @@ class FakeEngine:
     def stats(self) -> dict[str, int]:
         return {"sessions_active": 0, "cache_hits": 0, "cache_misses": 0}
 
+    def set_masking(self, state_json: str) -> None:
+        self.masking = state_json
+
     def reconfigure(self, config_json: str) -> int:
         self.configs.append(json.loads(config_json))
         self.epoch += 1

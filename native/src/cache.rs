@@ -31,6 +31,8 @@ pub struct Decision {
     pub normalized: Option<Arc<str>>,
     /// The statement to send upstream instead of the client's (PHI masking rewrite).
     pub rewritten: Option<bytes::Bytes>,
+    /// The statement reads a protected relation (layer 2 treats its computed columns as PHI).
+    pub protected: bool,
 }
 
 /// Per identity class, then per text: nested so a lookup borrows the class and the statement
@@ -135,7 +137,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false })
     }
 
     #[test]

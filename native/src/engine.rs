@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::bridge::Bridge;
 use crate::cache::DecisionCache;
 use crate::cancel::CancelRegistry;
+use crate::mask_rules::MaskingState;
 use crate::config::{NativeConfig, Target};
 
 /// A resolved target: its config and the upstream TLS config built from it.
@@ -55,10 +56,16 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     pub cancels_forwarded: AtomicU64,
     pub statements: AtomicU64,
+    /// DataRow/CopyData messages layer 2 changed (PHI that arrived in clear, or detector hits).
+    pub rows_masked: AtomicU64,
+    /// Masked sessions closed because a result could not be attributed or masked.
+    pub masking_failures: AtomicU64,
 }
 
 pub struct EngineCore {
     settings: RwLock<Arc<Settings>>,
+    /// Layer-2 masking rules, keys and detectors; replaced whole by `Engine::set_masking`.
+    masking: RwLock<Arc<MaskingState>>,
     pub bridge: Bridge,
     pub cache: DecisionCache,
     pub cancels: CancelRegistry,
@@ -73,6 +80,9 @@ pub struct EngineCore {
 impl EngineCore {
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().clone()
+    }
+    pub fn masking(&self) -> Arc<MaskingState> {
+        self.masking.read().clone()
     }
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
@@ -137,6 +147,7 @@ impl Engine {
         let bridge = Bridge::new(backlog).map_err(|e| format!("cannot create wakeup socket: {e}"))?;
         let core = EngineCore {
             settings: RwLock::new(Arc::new(settings)),
+            masking: RwLock::new(Arc::new(MaskingState::initial())),
             bridge,
             cache: DecisionCache::new(),
             cancels: CancelRegistry::default(),
@@ -209,6 +220,14 @@ impl Engine {
         Ok(self.core.cache.bump_epoch())
     }
 
+    /// New layer-2 masking state (catalog rules, pseudonym key, detectors) for every session's
+    /// next result. Bumps nothing: the control plane reloads decisions separately.
+    pub fn set_masking(&self, json: &str) -> Result<(), String> {
+        let state = MaskingState::from_json(json)?;
+        *self.core.masking.write() = Arc::new(state);
+        Ok(())
+    }
+
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         let c = &self.core.counters;
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -226,6 +245,8 @@ impl Engine {
             ("auth_failures", r(&c.auth_failures)),
             ("cancels_forwarded", r(&c.cancels_forwarded)),
             ("statements", r(&c.statements)),
+            ("rows_masked", r(&c.rows_masked)),
+            ("masking_failures", r(&c.masking_failures)),
             ("epoch", self.core.cache.epoch()),
         ]
     }

@@ -36,6 +36,12 @@ impl GateError {
         self.detail = Some(detail.into());
         self
     }
+    /// The same error, closing the connection (mid-result there is no clean way to fail only
+    /// the statement: rows already sent cannot be taken back).
+    pub fn into_fatal(mut self) -> Self {
+        self.severity = Severity::Fatal;
+        self
+    }
     pub fn is_fatal(&self) -> bool {
         self.severity == Severity::Fatal
     }

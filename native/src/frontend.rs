@@ -31,6 +31,8 @@ pub struct Identity {
     pub expires_at: Option<std::time::SystemTime>,
     /// Sees some classified PHI kind masked: errors and notices are scrubbed before they leave.
     pub masked: bool,
+    /// PHI kinds it sees in clear (layer 2 passes those columns untouched).
+    pub clear_kinds: Vec<String>,
 }
 
 /// A failed startup: the error for the client (if the socket is still usable) and what to log.
@@ -399,7 +401,10 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
     };
     // Fail closed: anything but an explicit false counts as masked.
     let masked = a.get("masked").and_then(|v| v.as_bool()) != Some(false);
-    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked })
+    // Absent or malformed: no kind in clear (fail closed).
+    let clear_kinds = a.get("clear_kinds").and_then(|v| v.as_array())
+        .map(|ks| ks.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked, clear_kinds })
 }
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {

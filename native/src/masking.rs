@@ -66,6 +66,18 @@ pub struct ColumnRule {
     pub mask: Mask,
 }
 
+/// What the classification says of one (table OID, attnum) for the identity at hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    /// Classified with a kind the identity sees masked.
+    Masked(ColumnRule),
+    /// Classified with a kind the identity sees in clear: passed untouched, never scanned (the
+    /// detectors would otherwise tag the very values the role may read).
+    Clear,
+    /// Not classified.
+    No,
+}
+
 /// Result format of a column, as in RowDescription and Bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -234,7 +246,7 @@ impl MaskPlan {
     /// Builds the plan from a RowDescription body and the classification lookup.
     pub fn from_row_description(
         body: &[u8],
-        lookup: impl Fn(u32, i16) -> Option<ColumnRule>,
+        lookup: impl Fn(u32, i16) -> Classified,
         opts: &PlanOptions<'_>,
         ctx: Arc<MaskContext>,
     ) -> Result<Self, MaskError> {
@@ -253,7 +265,7 @@ impl MaskPlan {
             read_i16(body, &mut pos).ok_or(bad.clone())?; // typlen
             read_i32(body, &mut pos).ok_or(bad.clone())?; // typmod
             let format = Format::from_code(read_i16(body, &mut pos).ok_or(bad.clone())?);
-            let rule = if table != 0 && attnum > 0 { lookup(table, attnum) } else { None };
+            let class = if table != 0 && attnum > 0 { lookup(table, attnum) } else { Classified::No };
             let by_origin = if !opts.touches_protected {
                 None
             } else if table == 0 {
@@ -266,10 +278,11 @@ impl MaskPlan {
                 None
             };
             let scan = scannable(Ty::of(type_oid));
-            let action = match (rule, by_origin, opts.origin_fallback) {
-                (Some(r), _, _) => Action::Mask { mask: r.mask, why: Why::Classified(r.kind) },
-                (None, Some(why), OriginFallback::Mask(mask)) => Action::Mask { mask, why },
-                (None, Some(_), OriginFallback::Scan) if scan => Action::Scan,
+            let action = match (class, by_origin, opts.origin_fallback) {
+                (Classified::Masked(r), _, _) => Action::Mask { mask: r.mask, why: Why::Classified(r.kind) },
+                (Classified::Clear, _, _) => Action::Pass,
+                (Classified::No, Some(why), OriginFallback::Mask(mask)) => Action::Mask { mask, why },
+                (Classified::No, Some(_), OriginFallback::Scan) if scan => Action::Scan,
                 _ if opts.scan_text && scan => Action::Scan,
                 _ => Action::Pass,
             };
@@ -1037,8 +1050,13 @@ mod tests {
             ("v_col", 9000, 3, 25, 0),
             ("note", 6000, 1, 25, 0),
             ("n", 6000, 2, 23, 0),
+            ("clear_name", 6000, 3, 25, 0),
         ]);
-        let lookup = |t: u32, a: i16| if (t, a) == (5000, 2) { rule("ssn", Mask::Partial { keep_last: 4 }) } else { None };
+        let lookup = |t: u32, a: i16| match (t, a) {
+            (5000, 2) => rule("ssn", Mask::Partial { keep_last: 4 }).map_or(Classified::No, Classified::Masked),
+            (6000, 3) => Classified::Clear,
+            _ => Classified::No,
+        };
         let opts = PlanOptions { touches_protected: true, protected_oids: Some(&protected), scan_text: true, ..Default::default() };
         let plan = MaskPlan::from_row_description(&rd, lookup, &opts, ctx()).unwrap();
         let acts: Vec<&Action> = plan.columns.iter().map(|c| &c.action).collect();
@@ -1050,6 +1068,7 @@ mod tests {
         assert_eq!(acts[4], &Action::Mask { mask: Mask::Redact, why: Why::ProtectedRelation });
         assert_eq!(acts[5], &Action::Scan);
         assert_eq!(acts[6], &Action::Pass);
+        assert_eq!(acts[7], &Action::Pass, "a kind seen in clear is neither masked nor scanned");
         assert!(plan.is_active());
 
         // A rewritten statement: computed columns are scanned (text) or passed (count(*)).

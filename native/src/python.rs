@@ -160,6 +160,12 @@ impl Engine {
         self.inner.reconfigure(config_json).map_err(PyValueError::new_err)
     }
 
+    /// Layer-2 masking state as JSON: {"pseudonym_key_hex", "mrn_pattern", "extra_patterns",
+    /// "targets": {name: {"rules": [[table_oid, attnum, kind, mask]], "protected_oids": [...]}}}.
+    fn set_masking(&self, state_json: &str) -> PyResult<()> {
+        self.inner.set_masking(state_json).map_err(PyValueError::new_err)
+    }
+
     fn bump_epoch(&self) -> u64 {
         self.inner.core.cache.bump_epoch()
     }

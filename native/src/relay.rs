@@ -24,6 +24,7 @@ use crate::errors::{sqlstate, GateError};
 use crate::framing::{next_frame, peek_header, Header};
 use crate::frontend::{Established, Identity};
 use crate::messages::{error_response, query, session, tag_b, tag_f};
+use crate::rowguard::{Expect, RowGuard, Step, StmtInfo, MAX_EXPECTED};
 use crate::stream::{release_if_idle, ReadPart, WritePart};
 
 /// Upstream messages the relay must see whole; everything else streams through.
@@ -49,6 +50,8 @@ struct Shared {
     cycles: VecDeque<Instant>,
     /// A fatal error the client→upstream half hit; the other half writes it and ends the session.
     fatal: Option<Bytes>,
+    /// Masked sessions only: the responses expected for the messages sent upstream, in order.
+    expected: VecDeque<Expect>,
 }
 
 struct Ctx {
@@ -56,6 +59,7 @@ struct Ctx {
     settings: Arc<Settings>,
     session_id: u64,
     identity: Identity,
+    target_name: String,
     marker_prefix: String,
     next_marker: AtomicU64,
     shared: Mutex<Shared>,
@@ -67,7 +71,7 @@ struct Ctx {
 
 enum Verdict {
     /// Run it; with a text to send upstream instead (the PHI masking rewrite).
-    Allow(Option<Bytes>),
+    Allow(Option<Bytes>, StmtInfo),
     Deny(GateError),
 }
 
@@ -81,12 +85,23 @@ struct Prepared {
     epoch: u64,
     /// The text actually prepared upstream, if the gateway rewrote it.
     rewritten: Option<Bytes>,
+    info: StmtInfo,
 }
 
 #[derive(Default)]
 struct Extended {
     statements: HashMap<Vec<u8>, Prepared>,
     portals: HashMap<Vec<u8>, Vec<u8>>,
+    /// Masked sessions: portals described since their Bind (their rows' RowDescription arrives).
+    described: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Extended {
+    /// What layer 2 needs to know of the statement behind a portal (unknown: a SQL-level cursor,
+    /// whose DECLARE was judged and rewritten).
+    fn portal_info(&self, portal: &[u8]) -> StmtInfo {
+        self.portals.get(portal).and_then(|s| self.statements.get(s)).map(|p| p.info).unwrap_or_default()
+    }
 }
 
 pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Established, session_id: u64) -> SessionEnd {
@@ -98,6 +113,7 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         settings,
         session_id,
         identity: est.identity,
+        target_name: est.target_name,
         marker_prefix: format!("phigate_refusal_{:016x}_", rand::random::<u64>()),
         next_marker: AtomicU64::new(1),
         shared: Mutex::new(Shared::default()),
@@ -134,6 +150,22 @@ impl Ctx {
     /// The session's credential expired (and the identity source asked to close on expiry).
     fn expired(&self) -> bool {
         self.identity.expires_at.is_some_and(|at| std::time::SystemTime::now() >= at)
+    }
+
+    /// Masked sessions: records the response expected for a message about to go upstream.
+    fn expect(&self, e: Expect) {
+        if !self.identity.masked {
+            return;
+        }
+        let mut s = self.shared.lock();
+        if s.expected.len() >= MAX_EXPECTED {
+            s.fatal = Some(GateError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, "too many pipelined messages without reading their results")
+                .with_hint("Read results before sending more than a million messages.").to_error_response());
+            drop(s);
+            self.kill.notify_one();
+            return;
+        }
+        s.expected.push_back(e);
     }
 
     fn push_cycle(&self) {
@@ -219,7 +251,8 @@ impl Ctx {
         let allowed = decision.action == Action::Allow;
         self.core.bridge.emit_line(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
         Ok(match &decision.action {
-            Action::Allow => Verdict::Allow(decision.rewritten.clone()),
+            Action::Allow => Verdict::Allow(decision.rewritten.clone(),
+                StmtInfo { protected: decision.protected, rewritten: decision.rewritten.is_some() }),
             Action::Deny { sqlstate, message, hint } => {
                 let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());
                 e.hint = hint.clone();
@@ -245,11 +278,17 @@ fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
 /// the content detectors are replaced by tags and details that echo rows or keys ("Failing row
 /// contains", "Key (...)=(...)") by a generic detail. If the message cannot be parsed, a generic
 /// error replaces it: fail closed.
-fn scrub_for_masked(tag: u8, body: &[u8]) -> Bytes {
-    static DETECTORS: std::sync::OnceLock<crate::detectors::Detectors> = std::sync::OnceLock::new();
-    let detectors = DETECTORS.get_or_init(crate::detectors::Detectors::standard);
+fn scrub_for_masked(ctx: &Ctx, tag: u8, body: &[u8], detectors: &crate::detectors::Detectors) -> Bytes {
     match crate::scrub::scrubbed(tag, body, detectors) {
-        Ok((bytes, _report)) => bytes,
+        Ok((bytes, report)) => {
+            if report.changed {
+                // The audit trail keeps hashes of what was withheld, never the text itself.
+                ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "message_scrubbed", "session_id": ctx.session_id,
+                    "kind": if tag == tag_b::NOTICE_RESPONSE { "notice" } else { "error" },
+                    "detail_sha256": report.detail_sha256, "message_sha256": report.message_sha256}));
+            }
+            bytes
+        }
         // A notice that cannot be checked is dropped (replacing it by an error would fail the
         // statement); an error is replaced by a generic one.
         Err(_) if tag == tag_b::NOTICE_RESPONSE => Bytes::new(),
@@ -300,7 +339,9 @@ fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         // A rewrite with a NUL would cut the statement short upstream: refuse the answer.
         Some(v) => Some(Bytes::copy_from_slice(v.as_str().filter(|r| !r.is_empty() && !r.contains('\0'))?.as_bytes())),
     };
-    Some(Decision { action, reuse, normalized, rewritten })
+    // Absent means "reads nothing protected" only for statements that were not rewritten.
+    let protected = a.get("protected").and_then(|v| v.as_bool()).unwrap_or(rewritten.is_some());
+    Some(Decision { action, reuse, normalized, rewritten, protected })
 }
 
 async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {
@@ -336,8 +377,10 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     let marker = ctx.marker(&err);
                     if discard_tag == tag_f::QUERY {
                         ctx.push_cycle();
+                        ctx.expect(Expect::Query { info: StmtInfo::default() });
                         out.extend_from_slice(&session::query(marker.as_bytes()));
                     } else {
+                        ctx.expect(Expect::Ack(b'1'));
                         out.extend_from_slice(&session::parse(b"", marker.as_bytes()));
                     }
                 }
@@ -390,9 +433,18 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     };
                     ctx.push_cycle();
                     match verdict {
-                        Verdict::Allow(None) => out.extend_from_slice(&frame.bytes),
-                        Verdict::Allow(Some(rewritten)) => out.extend_from_slice(&session::query(&rewritten)),
-                        Verdict::Deny(err) => out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes())),
+                        Verdict::Allow(None, info) => {
+                            ctx.expect(Expect::Query { info });
+                            out.extend_from_slice(&frame.bytes);
+                        }
+                        Verdict::Allow(Some(rewritten), info) => {
+                            ctx.expect(Expect::Query { info });
+                            out.extend_from_slice(&session::query(&rewritten));
+                        }
+                        Verdict::Deny(err) => {
+                            ctx.expect(Expect::Query { info: StmtInfo::default() });
+                            out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes()));
+                        }
                     }
                 }
                 tag_f::PARSE => {
@@ -404,14 +456,15 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         Ok(v) => v,
                         Err(r) => return r,
                     };
+                    ctx.expect(Expect::Ack(b'1'));
                     match verdict {
-                        Verdict::Allow(_) if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
+                        Verdict::Allow(..) if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
                             let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
                                 format!("this session already has {MAX_PREPARED} prepared statements"))
                                 .with_hint("Close (deallocate) prepared statements you no longer need.");
                             out.extend_from_slice(&session::parse(name, ctx.marker(&err).as_bytes()));
                         }
-                        Verdict::Allow(rewritten) => {
+                        Verdict::Allow(rewritten, info) => {
                             match &rewritten {
                                 None => out.extend_from_slice(&frame.bytes),
                                 Some(r) => {
@@ -419,7 +472,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                                     out.extend_from_slice(&session::parse_with_types(name, r, types));
                                 }
                             }
-                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten });
+                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten, info });
                         }
                         Verdict::Deny(err) => {
                             ext.statements.remove(name);
@@ -439,7 +492,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                             let sql = p.sql.clone();
                             let epoch = cache.epoch();
                             match ctx.decide(&sql, Some(stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow(rewritten)) => {
+                                Ok(Verdict::Allow(rewritten, _)) => {
                                     let p = ext.statements.get_mut(stmt).expect("looked up above");
                                     if p.rewritten == rewritten {
                                         p.epoch = epoch;
@@ -458,6 +511,10 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         }
                         Some(_) => None,
                     };
+                    ctx.expect(Expect::Ack(b'2'));
+                    if ctx.identity.masked {
+                        ext.described.remove(portal);
+                    }
                     match refusal {
                         None => {
                             // Drivers rebind the same portal to the same statement on every
@@ -488,7 +545,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         Some((stmt, sql)) => {
                             let epoch = cache.epoch();
                             match ctx.decide(&sql, Some(&stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow(rewritten)) => {
+                                Ok(Verdict::Allow(rewritten, _)) => {
                                     let p = ext.statements.get_mut(&stmt).expect("looked up above");
                                     if p.rewritten == rewritten {
                                         p.epoch = epoch;
@@ -503,8 +560,24 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         }
                     };
                     match refusal {
-                        None => out.extend_from_slice(&frame.bytes),
-                        Some(err) => out.extend_from_slice(&marker_bind(b"", &ctx.marker(&err))),
+                        None => {
+                            if ctx.identity.masked {
+                                let info = ext.portal_info(portal);
+                                if !ext.described.contains(portal) {
+                                    // Rows need their portal's RowDescription: ask for it and
+                                    // swallow the answer (the client did not ask).
+                                    ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info, swallow: true });
+                                    out.extend_from_slice(&session::describe_portal(portal));
+                                    ext.described.insert(portal.to_vec());
+                                }
+                                ctx.expect(Expect::Execute { portal: portal.to_vec(), info });
+                            }
+                            out.extend_from_slice(&frame.bytes);
+                        }
+                        Some(err) => {
+                            ctx.expect(Expect::Ack(b'2'));
+                            out.extend_from_slice(&marker_bind(b"", &ctx.marker(&err)));
+                        }
                     }
                 }
                 tag_f::CLOSE => {
@@ -514,20 +587,41 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         match kind {
                             b'S' => {
                                 ext.statements.remove(name);
+                                ctx.expect(Expect::Ack(b'3'));
                             }
                             b'P' => {
                                 ext.portals.remove(name);
+                                ext.described.remove(name);
+                                ctx.expect(Expect::ClosePortal(name.to_vec()));
                             }
-                            _ => {}
+                            _ => ctx.expect(Expect::Ack(b'3')),
                         }
+                    } else {
+                        ctx.expect(Expect::Ack(b'3'));
                     }
                     out.extend_from_slice(&frame.bytes);
                 }
                 tag_f::SYNC => {
                     ctx.push_cycle();
+                    ctx.expect(Expect::Sync);
                     out.extend_from_slice(&frame.bytes);
                 }
-                tag_f::DESCRIBE | tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL => {
+                tag_f::DESCRIBE => {
+                    if ctx.identity.masked {
+                        let body = frame.body();
+                        let mut pos = 1;
+                        match (body.first(), crate::framing::read_cstr(body, &mut pos)) {
+                            (Some(b'P'), Some(portal)) => {
+                                ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info: ext.portal_info(portal), swallow: false });
+                                ext.described.insert(portal.to_vec());
+                            }
+                            (Some(b'S'), Some(_)) => ctx.expect(Expect::DescribeStatement),
+                            _ => return ctx.die(GateError::protocol("invalid Describe message")).await,
+                        }
+                    }
+                    out.extend_from_slice(&frame.bytes);
+                }
+                tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL => {
                     out.extend_from_slice(&frame.bytes);
                 }
                 tag_f::FUNCTION_CALL => {
@@ -537,6 +631,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         "FunctionCall (fast-path) messages are refused by phigate: they carry no SQL the gateway can judge")
                         .with_hint("Call the function from a SQL statement instead.");
                     ctx.push_cycle();
+                    ctx.expect(Expect::Query { info: StmtInfo::default() });
                     out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes()));
                 }
                 tag_f::TERMINATE => {
@@ -583,6 +678,10 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
     let mut cycle_bytes = 0u64;
     let mut cycle_error: Option<String> = None;
     let masked = ctx.identity.masked;
+    let mut guard = masked.then(|| RowGuard::new(&ctx.identity, &ctx.target_name));
+    // Layer-2 rules, detectors and key; read again at every RowDescription so a catalog reload
+    // reaches live sessions at their next result (one lock and Arc clone per result).
+    let mut rules = ctx.core.masking();
     loop {
         loop {
             if pass_remaining > 0 {
@@ -596,7 +695,8 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                 Ok(None) => break,
                 Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), "upstream_protocol_error").await,
             };
-            let inspect = upstream_inspected(h.tag) || (masked && h.tag == tag_b::NOTICE_RESPONSE);
+            // Masked sessions see every message whole: rows are masked, descriptions planned.
+            let inspect = masked || upstream_inspected(h.tag);
             if !inspect {
                 // Rows, descriptions, COPY data: stream through without waiting for the whole message.
                 let take = h.wire_len().min(buf.len());
@@ -610,6 +710,28 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                 Ok(None) => break,
                 Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an oversized message; closing the session"), "upstream_protocol_error").await,
             };
+            if let Some(g) = guard.as_mut() {
+                if frame.tag == b'T' {
+                    rules = ctx.core.masking();
+                }
+                let changed_before = g.values_masked;
+                let step = {
+                    let mut shared = ctx.shared.lock();
+                    g.step(frame.tag, &frame.bytes, &mut shared.expected, &rules, &mut out)
+                };
+                if g.values_masked != changed_before {
+                    ctx.core.counters.rows_masked.fetch_add(1, Ordering::Relaxed);
+                }
+                match step {
+                    Ok(Step::Done) => continue,
+                    Ok(Step::Default) => {}
+                    Err(e) => {
+                        ctx.core.counters.masking_failures.fetch_add(1, Ordering::Relaxed);
+                        ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "masking_failure", "session_id": ctx.session_id, "detail": e.message}));
+                        return end_with(&mut cw, &mut out, e, "masking_failure").await;
+                    }
+                }
+            }
             match frame.tag {
                 tag_b::READY_FOR_QUERY => {
                     out.extend_from_slice(&frame.bytes);
@@ -624,17 +746,18 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                     cycle_rows += query::command_rows(frame.body());
                     out.extend_from_slice(&frame.bytes);
                 }
-                tag_b::NOTICE_RESPONSE => out.extend_from_slice(&scrub_for_masked(frame.tag, frame.body())),
+                tag_b::NOTICE_RESPONSE if masked => out.extend_from_slice(&scrub_for_masked(ctx, frame.tag, frame.body(), &rules.ctx.detectors)),
                 tag_b::ERROR_RESPONSE => {
                     let replacement = ctx.replacement_for(frame.body());
                     let bytes = match replacement {
                         Some(r) => r,
-                        None if masked => scrub_for_masked(frame.tag, frame.body()),
+                        None if masked => scrub_for_masked(ctx, frame.tag, frame.body(), &rules.ctx.detectors),
                         None => frame.bytes,
                     };
                     cycle_error = error_response::field(&bytes[5..], b'C').map(|c| String::from_utf8_lossy(c).into_owned());
                     out.extend_from_slice(&bytes);
                 }
+                t if !upstream_inspected(t) => out.extend_from_slice(&frame.bytes),
                 _ => {
                     // Authentication, BackendKeyData, CopyBoth or protocol negotiation mid-session:
                     // never legitimate after startup (CopyBoth is replication, which is refused).

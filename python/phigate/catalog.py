@@ -163,6 +163,10 @@ class CatalogSnapshot:
         check protected_oids() / views_to_refuse() for those)."""
         return self._rules.get((table_oid, attnum))
 
+    def column_rules(self) -> Mapping[tuple[int, int], ColumnRule]:
+        """Every (table OID, attnum) with its rule: what the data plane masks rows by."""
+        return self._rules
+
     def views_to_refuse(self) -> frozenset[tuple[str, str]]:
         """(schema, name) of views whose use of classified columns phigate cannot map."""
         return frozenset(k for k, r in self._by_name.items() if r.refuse)

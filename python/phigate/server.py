@@ -24,6 +24,7 @@ from phigate.config import Config, load_config
 from phigate.errors import IdentityError, PhigateError
 from phigate.events import EventSink
 from phigate.identity import Identity, NoOidcVerifier, OidcVerifier
+from phigate.layer2 import masking_state_json
 from phigate.policy.engine import PolicyEngine
 
 __all__ = [
@@ -68,6 +69,7 @@ class EngineLike(Protocol):
 
     def stats(self) -> dict[str, int]: ...
     def reconfigure(self, config_json: str) -> int: ...
+    def set_masking(self, state_json: str) -> None: ...
     def shutdown(self, grace_seconds: float) -> None: ...
 
 
@@ -221,6 +223,7 @@ def _auth_ok(
     identity_class = identity.identity_class
     db_role: str | None = None
     masked = False
+    clear_kinds: list[str] = []
     roles_for = getattr(config, "roles_for", None)
     if roles_for is not None:
         roleset = roles_for(identity.groups, target=target)
@@ -230,7 +233,9 @@ def _auth_ok(
         db_role = roleset.db_role or None
         # Sees some classified PHI kind masked: the data plane scrubs errors and notices.
         phi = getattr(config, "phi", None)  # absent from the dispatch tests' stand-in configs
-        masked = phi is not None and bool(phi.masked_kinds(roleset.clear_kinds))
+        if phi is not None:
+            masked = bool(phi.masked_kinds(roleset.clear_kinds))
+            clear_kinds = sorted(roleset.clear_kinds)  # layer 2 passes these kinds untouched
     close_on_expiry = config.identity.close_on_expiry if config is not None else True
     return {
         "ok": True,
@@ -241,6 +246,7 @@ def _auth_ok(
         "expires_at": identity.expires_at,
         "close_on_expiry": close_on_expiry,
         "masked": masked,
+        "clear_kinds": clear_kinds,
     }
 
 
@@ -427,6 +433,7 @@ class Gateway:
         self._control.catalogs = await asyncio.to_thread(load_catalogs, self.config)
         try:
             engine = self._engine_factory(self.config.native_json())
+            engine.set_masking(masking_state_json(self.config, self._control.catalogs))
             engine.start()
         except BaseException:
             self._sink.close()
@@ -482,7 +489,9 @@ class Gateway:
         self.control.apikeys = _apikey_verifier(new_config, self.control.apikeys)
         # Loaded before the new config applies, so no statement is judged with a new
         # classification and an old catalog. It blocks the loop for one catalog query per target.
-        self.control.catalogs = load_catalogs(new_config)
+        catalogs = load_catalogs(new_config)
+        self.engine.set_masking(masking_state_json(new_config, catalogs))
+        self.control.catalogs = catalogs
         self.control.config = new_config
         self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         if new_config.server.events_log != old.server.events_log and self._sink is not None:

@@ -60,6 +60,16 @@ pub fn parse_with_types(name: &[u8], sql: &[u8], param_types: &[u8]) -> Bytes {
     o.freeze()
 }
 
+/// A Describe (F) of a portal.
+pub fn describe_portal(portal: &[u8]) -> Bytes {
+    let mut o = BytesMut::with_capacity(portal.len() + 7);
+    put_message(&mut o, b'D', |o| {
+        o.put_u8(b'P');
+        put_cstr(o, portal);
+    });
+    o.freeze()
+}
+
 pub fn terminate() -> Bytes {
     Bytes::from_static(&[b'X', 0, 0, 0, 4])
 }

@@ -117,13 +117,23 @@ class PolicyEngine:
                 "message": f"{result.refuse} (rule: masking)",
                 "hint": "Masked PHI cannot be read this way; ask for the clear kinds you need.",
             }
+        # Layer 2 treats the computed columns of a statement reading a protected relation as
+        # PHI unless the rewrite masked that relation at the source.
+        protected = _reads_protected(facts, catalog)
         if not result.changed:
-            # No protected relation is read; whether one is does not depend on literal values,
-            # so the usual cache rule applies.
-            return {"action": "allow", "cache": cache, "normalized": normalized}
+            # No masked column is read; whether one is does not depend on literal values, so
+            # the usual cache rule applies.
+            return {"action": "allow", "cache": cache, "normalized": normalized,
+                    "protected": protected}
         # The rewrite keeps the client's literals, so it is reused for this exact text only.
         return {"action": "allow", "cache": "exact", "normalized": normalized,
-                "rewrite": result.sql}
+                "rewrite": result.sql, "protected": protected}
+
+
+def _reads_protected(facts: list[Facts], catalog: CatalogSnapshot) -> bool:
+    """True if the statement names a relation the catalog protects."""
+    protected = catalog.protected_relations()
+    return any((schema, name) in protected for f in facts for schema, name, _op in f.relations)
 
 
 def _masked_write(

@@ -1,0 +1,386 @@
+//! Layer 2 of masking inside the relay, for identities that see some PHI masked: knows which
+//! statement or portal each upstream result belongs to and masks its DataRow and CopyData
+//! messages with the plan built from that result's RowDescription.
+//!
+//! The extended protocol gives rows no description of their own: an Execute's DataRows follow
+//! whatever Describe the client sent earlier, maybe in another round trip, or none at all. So the
+//! client→upstream half records, for every message it sends upstream, the response it expects
+//! (`Expect`), in order; this half pops them as responses arrive, the way PostgreSQL answers
+//! them (an error skips everything up to Sync). Portals executed without a Describe of their own
+//! get one injected before the Execute and its answer is swallowed here: the portal's
+//! RowDescription carries the real result formats, which a statement's Describe cannot.
+//!
+//! Everything here fails closed: a row the guard cannot attribute to a plan, or cannot mask,
+//! ends the session with an error instead of reaching the client.
+
+use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::errors::{sqlstate, GateError};
+use crate::frontend::Identity;
+use crate::mask_rules::MaskingState;
+use crate::masking::{self, Classified, MaskPlan, OriginFallback, PlanOptions};
+
+/// What the control plane said of a statement, as far as layer 2 cares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StmtInfo {
+    /// It reads a protected relation.
+    pub protected: bool,
+    /// Layer 1 rewrote it: computed columns derive from masked values only.
+    pub rewritten: bool,
+}
+
+/// The response the client→upstream half expects for one message it sent upstream.
+#[derive(Debug)]
+pub enum Expect {
+    /// ParseComplete, BindComplete or CloseComplete (by tag).
+    Ack(u8),
+    /// CloseComplete for a portal: its plan is dropped.
+    ClosePortal(Vec<u8>),
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    /// RowDescription or NoData for a portal; `swallow` when the gateway injected the Describe.
+    DescribePortal { portal: Vec<u8>, info: StmtInfo, swallow: bool },
+    /// DataRows or COPY out, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute { portal: Vec<u8>, info: StmtInfo },
+    /// ReadyForQuery.
+    Sync,
+    /// A simple Query: any number of results, then ReadyForQuery.
+    Query { info: StmtInfo },
+}
+
+/// Expectations a session may have outstanding; a client pipelining more without reading its
+/// results is cut off (PostgreSQL itself would stall long before on its output buffer).
+pub const MAX_EXPECTED: usize = 1 << 20;
+
+/// Plans remembered per portal at most (the client half refuses more portals than this anyway).
+const MAX_PORTAL_PLANS: usize = 100_000;
+
+/// What rows arriving now are masked with.
+enum Current {
+    None,
+    Rows(Option<Arc<MaskPlan>>),
+    /// COPY out in text or CSV: the detectors run over each CopyData payload.
+    CopyScan,
+}
+
+/// The upstream→client half's layer-2 state for one masked session.
+pub struct RowGuard {
+    target: String,
+    clear: Vec<Arc<str>>,
+    portals: HashMap<Vec<u8>, Option<Arc<MaskPlan>>>,
+    current: Current,
+    /// Values masked or scrubbed in this session (for the session's events).
+    pub values_masked: u64,
+}
+
+/// What the relay does with one upstream message after the guard saw it.
+pub enum Step {
+    /// The guard appended what the client gets (masked rows) or nothing (a swallowed reply).
+    Done,
+    /// Not the guard's business beyond bookkeeping: the relay handles it as usual.
+    Default,
+}
+
+fn lost(what: &str) -> GateError {
+    GateError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("phigate lost track of which statement a result belongs to ({what}); the session is closed so no unmasked row can leave"))
+        .with_hint("Reconnect. If this repeats, tell the gateway operator which driver and statements you use.")
+}
+
+impl RowGuard {
+    pub fn new(identity: &Identity, target: &str) -> Self {
+        RowGuard {
+            target: target.to_string(),
+            clear: identity.clear_kinds.iter().map(|k| Arc::from(k.as_str())).collect(),
+            portals: HashMap::new(),
+            current: Current::None,
+            values_masked: 0,
+        }
+    }
+
+    fn plan(&self, state: &MaskingState, body: &[u8], info: StmtInfo) -> Result<Option<Arc<MaskPlan>>, GateError> {
+        let rules = state.targets.get(&self.target);
+        let lookup = |oid: u32, attnum: i16| match rules.and_then(|r| r.rules.get(&(oid, attnum))) {
+            Some(rule) if self.clear.iter().any(|k| **k == *rule.kind) => Classified::Clear,
+            Some(rule) => Classified::Masked(rule.clone()),
+            None => Classified::No,
+        };
+        let opts = PlanOptions {
+            touches_protected: info.protected,
+            protected_oids: rules.map(|r| &r.protected_oids),
+            // Layer 1 masked at the source: its computed columns derive from masked values and
+            // are scanned. A protected statement it did not rewrite gets them redacted.
+            origin_fallback: if info.rewritten { OriginFallback::Scan } else { OriginFallback::default() },
+            scan_text: true,
+        };
+        let plan = MaskPlan::from_row_description(body, lookup, &opts, state.ctx.clone()).map_err(|e| e.to_gate_error())?;
+        Ok(plan.is_active().then(|| Arc::new(plan)))
+    }
+
+    /// Sees one whole upstream message; appends to `out` when it answers `Step::Done`.
+    pub fn step(
+        &mut self,
+        tag: u8,
+        frame: &Bytes,
+        expected: &mut VecDeque<Expect>,
+        state: &MaskingState,
+        out: &mut BytesMut,
+    ) -> Result<Step, GateError> {
+        let body = &frame[5..];
+        match tag {
+            b'D' => {
+                let plan = match &self.current {
+                    Current::Rows(p) => p.clone(),
+                    Current::None => match expected.front() {
+                        Some(Expect::Execute { portal, .. }) => {
+                            let p = self.portals.get(portal).ok_or_else(|| lost("rows of an undescribed portal"))?.clone();
+                            self.current = Current::Rows(p.clone());
+                            p
+                        }
+                        _ => return Err(lost("rows without a description")),
+                    },
+                    Current::CopyScan => return Err(lost("a row inside COPY")),
+                };
+                match plan {
+                    None => out.extend_from_slice(frame),
+                    Some(plan) => {
+                        let before = out.len();
+                        masking::mask_data_row(&plan, body, out).map_err(|e| e.to_gate_error().into_fatal())?;
+                        if out[before..] != frame[..] {
+                            self.values_masked += 1;
+                        }
+                    }
+                }
+                Ok(Step::Done)
+            }
+            b'd' => {
+                if !matches!(self.current, Current::CopyScan) {
+                    return Err(lost("COPY data outside COPY"));
+                }
+                // client_encoding is pinned to UTF8 upstream, so text COPY output is UTF-8; bytes
+                // that are not are replaced (U+FFFD) rather than passed unchecked.
+                let text = String::from_utf8_lossy(body);
+                let scrubbed = state.ctx.detectors.scrub(&text);
+                if matches!((&text, &scrubbed), (Cow::Borrowed(_), Cow::Borrowed(_))) {
+                    out.extend_from_slice(frame);
+                } else {
+                    self.values_masked += 1;
+                    crate::messages::put_message(out, b'd', |o| o.extend_from_slice(scrubbed.as_bytes()));
+                }
+                Ok(Step::Done)
+            }
+            b'T' => match expected.front() {
+                Some(Expect::Query { info }) => {
+                    let info = *info;
+                    self.current = Current::Rows(self.plan(state, body, info)?);
+                    Ok(Step::Default)
+                }
+                Some(Expect::DescribeStatement) => {
+                    expected.pop_front();
+                    Ok(Step::Default)
+                }
+                Some(Expect::DescribePortal { .. }) => {
+                    let Some(Expect::DescribePortal { portal, info, swallow }) = expected.pop_front() else { unreachable!() };
+                    let plan = self.plan(state, body, info)?;
+                    self.remember(portal, plan);
+                    Ok(if swallow { Step::Done } else { Step::Default })
+                }
+                _ => Err(lost("an unexpected RowDescription")),
+            },
+            b'n' => match expected.pop_front() {
+                Some(Expect::DescribeStatement) => Ok(Step::Default),
+                Some(Expect::DescribePortal { portal, swallow, .. }) => {
+                    self.remember(portal, None);
+                    Ok(if swallow { Step::Done } else { Step::Default })
+                }
+                _ => Err(lost("an unexpected NoData")),
+            },
+            b't' => match expected.front() {
+                Some(Expect::DescribeStatement) => Ok(Step::Default),
+                _ => Err(lost("an unexpected ParameterDescription")),
+            },
+            b'1' | b'2' | b'3' => match expected.pop_front() {
+                Some(Expect::Ack(t)) if t == tag => Ok(Step::Default),
+                Some(Expect::ClosePortal(portal)) if tag == b'3' => {
+                    self.portals.remove(&portal);
+                    Ok(Step::Default)
+                }
+                _ => Err(lost("an unexpected completion message")),
+            },
+            b'H' => {
+                let info = match expected.front() {
+                    Some(Expect::Execute { info, .. } | Expect::Query { info }) => *info,
+                    _ => return Err(lost("an unexpected COPY")),
+                };
+                if body.first() != Some(&0) {
+                    return Err(GateError::fatal(sqlstate::FEATURE_NOT_SUPPORTED,
+                        "binary COPY output cannot be checked for PHI by phigate; the session is closed")
+                        .with_hint("Use COPY in text or CSV format."));
+                }
+                if info.protected && !info.rewritten {
+                    return Err(GateError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE,
+                        "this COPY reads protected data that was not masked at the source; the session is closed")
+                        .with_hint("Tell the gateway operator; the statement is in the gateway's events."));
+                }
+                self.current = Current::CopyScan;
+                Ok(Step::Default)
+            }
+            b'c' => Ok(Step::Default),
+            b'C' | b'I' => {
+                self.current = Current::None;
+                if let Some(Expect::Execute { .. }) = expected.front() {
+                    expected.pop_front();
+                }
+                Ok(Step::Default)
+            }
+            b's' => {
+                self.current = Current::None;
+                match expected.pop_front() {
+                    Some(Expect::Execute { .. }) => Ok(Step::Default),
+                    _ => Err(lost("an unexpected PortalSuspended")),
+                }
+            }
+            b'E' => {
+                self.current = Current::None;
+                // An error inside a simple Query ends only that Query (at ReadyForQuery); an
+                // error in the extended protocol makes the server skip everything up to Sync.
+                if !matches!(expected.front(), Some(Expect::Query { .. })) {
+                    while expected.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
+                        expected.pop_front();
+                    }
+                }
+                Ok(Step::Default)
+            }
+            b'Z' => {
+                self.current = Current::None;
+                while let Some(e) = expected.pop_front() {
+                    if matches!(e, Expect::Sync | Expect::Query { .. }) {
+                        break;
+                    }
+                }
+                Ok(Step::Default)
+            }
+            _ => Ok(Step::Default),
+        }
+    }
+
+    fn remember(&mut self, portal: Vec<u8>, plan: Option<Arc<MaskPlan>>) {
+        if self.portals.len() >= MAX_PORTAL_PLANS && !self.portals.contains_key(&portal) {
+            // Forgetting fails closed: rows of a forgotten portal end the session.
+            self.portals.clear();
+        }
+        self.portals.insert(portal, plan);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn state() -> MaskingState {
+        MaskingState::from_json(r#"{"pseudonym_key_hex":"00","targets":{"ehr":{"rules":[[500,1,"ssn","redact"]]}}}"#).unwrap()
+    }
+
+    fn guard(clear: &[&str]) -> RowGuard {
+        let identity = Identity {
+            subject: "a".into(),
+            groups: vec![],
+            class: "c".into(),
+            db_role: None,
+            expires_at: None,
+            masked: true,
+            clear_kinds: clear.iter().map(|s| s.to_string()).collect(),
+        };
+        RowGuard::new(&identity, "ehr")
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        crate::messages::put_message(&mut b, tag, |o| o.put_slice(body));
+        b.freeze()
+    }
+
+    /// RowDescription of one text column from table 500, attnum 1.
+    fn rd() -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i16(1);
+        b.put_slice(b"ssn\0");
+        b.put_u32(500);
+        b.put_i16(1);
+        b.put_u32(25);
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(0);
+        message(b'T', &b)
+    }
+
+    fn row(v: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i16(1);
+        b.put_i32(v.len() as i32);
+        b.put_slice(v);
+        message(b'D', &b)
+    }
+
+    /// Feeds messages; returns what the client gets (Default steps pass the message as is).
+    fn feed(g: &mut RowGuard, q: &mut VecDeque<Expect>, msgs: &[Bytes]) -> Result<Vec<u8>, GateError> {
+        let st = state();
+        let mut out = BytesMut::new();
+        for m in msgs {
+            if let Step::Default = g.step(m[0], m, q, &st, &mut out)? {
+                out.extend_from_slice(m);
+            }
+        }
+        Ok(out.to_vec())
+    }
+
+    #[test]
+    fn swallowed_describe_masks_rows_and_disappears() {
+        let mut g = guard(&[]);
+        let info = StmtInfo::default();
+        let mut q: VecDeque<Expect> = [
+            Expect::Ack(b'2'),
+            Expect::DescribePortal { portal: vec![], info, swallow: true },
+            Expect::Execute { portal: vec![], info },
+            Expect::Sync,
+        ]
+        .into();
+        let z = message(b'Z', b"I");
+        let out = feed(&mut g, &mut q, &[message(b'2', b""), rd(), row(b"123-45-6789"), message(b'C', b"SELECT 1\0"), z.clone()]).unwrap();
+        let expected: Vec<u8> = [message(b'2', b""), row(b"***"), message(b'C', b"SELECT 1\0"), z].concat();
+        assert_eq!(out, expected);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_a_clear_kind_passes() {
+        let mut g = guard(&["ssn"]);
+        let info = StmtInfo::default();
+        let mut q: VecDeque<Expect> = [
+            Expect::Ack(b'1'),
+            Expect::Ack(b'2'),
+            Expect::Execute { portal: b"p".to_vec(), info },
+            Expect::Sync,
+            Expect::Query { info },
+        ]
+        .into();
+        let err = message(b'E', b"SERROR\0C42601\0Mx\0\0");
+        feed(&mut g, &mut q, &[err, message(b'Z', b"I")]).unwrap();
+        assert!(matches!(q.front(), Some(Expect::Query { .. })));
+        let out = feed(&mut g, &mut q, &[rd(), row(b"123-45-6789")]).unwrap();
+        assert!(out.ends_with(&row(b"123-45-6789")), "a kind seen in clear is neither masked nor scanned");
+    }
+
+    #[test]
+    fn rows_nobody_described_end_the_session() {
+        let mut g = guard(&[]);
+        let mut q: VecDeque<Expect> = [Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default() }, Expect::Sync].into();
+        let e = feed(&mut g, &mut q, &[row(b"123-45-6789")]).unwrap_err();
+        assert!(e.is_fatal());
+        let mut q: VecDeque<Expect> = [Expect::Sync].into();
+        assert!(feed(&mut g, &mut q, &[rd()]).unwrap_err().is_fatal(), "a RowDescription nobody asked for");
+    }
+}
