@@ -10,6 +10,10 @@ use std::time::Instant;
 
 const ROWS: u32 = 500_000;
 
+/// A synthetic note like the masked bulk-read benchmark's (benches/masked_bulk.py): vitals, doses
+/// and lab values (many digits), no identifier.
+const CLINICAL_NOTE: &str = "Seen in the nephrology clinic for follow-up of essential hypertension. Reports lightheadedness on standing for the past 26 days, worse in the evening. Vitals: BP 164/82, HR 102, RR 15, temp 36.3 C, SpO2 91% on room air, weight 121.3 kg. Current medications: atorvastatin 40 mg at bedtime, lisinopril 10 mg once daily. Labs this month: HbA1c 7.3%, creatinine 1.69 mg/dL, eGFR 28, potassium 4.9 mmol/L, LDL 123 mg/dL. Reviewed home readings brought to the visit; most fall within the target range with a few higher values after missed doses. Exam: lungs clear to auscultation bilaterally, no wheezes or crackles. Heart regular rate and rhythm, no murmurs, rubs or gallops. Abdomen soft, non-tender, non-distended. No peripheral edema today. Medication reconciliation completed; no side effects reported other than mild nausea in the first week, now resolved. Assessment: type 2 diabetes mellitus, well controlled. Plan: continue current regimen and repeat labs before the next visit.";
+
 fn data_row(vals: &[&[u8]]) -> Vec<u8> {
     let mut b = BytesMut::new();
     b.put_i16(vals.len() as i16);
@@ -84,6 +88,7 @@ fn main() {
         ("scrub: prose, few digits", "Patient reports mild headache after 2 days, no prior history; follow up in 14 days."),
         ("scrub: vitals, no identifier", "BP 120/80, HR 72, temp 37.2, SpO2 98%, weight 71.5 kg, seen 2024-03-02."),
         ("scrub: 4 identifiers", "Pt SSN 123-45-6789, DOB: 03/14/1962, call 555-123-4567, mail jane@example.org."),
+        ("scrub: 1 KB clinical note, no identifier", CLINICAL_NOTE),
     ] {
         let t = Instant::now();
         for _ in 0..ROWS {

@@ -64,11 +64,48 @@ pub struct Hit {
 pub struct Detectors {
     set: RegexSet,
     rules: Vec<Rule>,
-    /// True when only the built-in patterns are configured, whose shapes `may_match` knows.
-    prefilter: bool,
+    /// The configured patterns (a configured MRN pattern, extra patterns) as their own set with
+    /// their indexes in `rules`: they run when the built-in prefilter rules the built-ins out.
+    configured: Option<(RegexSet, Vec<usize>)>,
 }
 
 type Accept = fn(&str, usize, usize) -> bool;
+
+/// Rules before this index are the built-in ones (SSN, MRN, phone, email, date of birth).
+const BUILT_IN: usize = 5;
+
+/// False when no built-in pattern can match: each needs one of
+/// - three digits, then '-', '.' or ' ', then two digits (every SSN and phone shape),
+/// - an '@' (email),
+/// - "MRN-" (the default MRN pattern),
+/// - a birth keyword, ASCII case-insensitively: "dob", "d.o.b", "birth" (date of birth,
+///   birth date, birthday) or "born" (none has a letter with a non-ASCII case fold).
+fn builtin_may_match(b: &[u8]) -> bool {
+    let mut run = 0usize;
+    for (i, &c) in b.iter().enumerate() {
+        if c.is_ascii_digit() {
+            run += 1;
+            continue;
+        }
+        if run >= 3
+            && matches!(c, b'-' | b'.' | b' ')
+            && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+            && b.get(i + 2).is_some_and(u8::is_ascii_digit)
+        {
+            return true;
+        }
+        run = 0;
+        let starts = |w: &[u8]| b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w);
+        match c {
+            b'@' => return true,
+            b'M' if starts(b"MRN-") => return true,
+            b'b' | b'B' if starts(b"birth") || starts(b"born") => return true,
+            b'd' | b'D' if starts(b"dob") || starts(b"d.o.b") => return true,
+            _ => {}
+        }
+    }
+    false
+}
 
 fn digit_bounded(text: &str, start: usize, end: usize) -> bool {
     let b = text.as_bytes();
@@ -105,8 +142,14 @@ impl Detectors {
             rules.push(Rule { tag: format!("[{tag}]"), re: Regex::new(pat)?, group: 0, accept: None });
         }
         let set = RegexSet::new(rules.iter().map(|r| r.re.as_str()))?;
-        let prefilter = cfg.extra.is_empty() && cfg.mrn_pattern.is_none();
-        Ok(Detectors { set, rules, prefilter })
+        let configured: Vec<usize> =
+            (0..rules.len()).filter(|&i| (i == 1 && cfg.mrn_pattern.is_some()) || i >= BUILT_IN).collect();
+        let configured = if configured.is_empty() {
+            None
+        } else {
+            Some((RegexSet::new(configured.iter().map(|&i| rules[i].re.as_str()))?, configured))
+        };
+        Ok(Detectors { set, rules, configured })
     }
 
     /// The built-in detectors with the default MRN pattern.
@@ -114,44 +157,34 @@ impl Detectors {
         Self::new(&DetectorConfig::default()).expect("built-in patterns compile")
     }
 
-    /// Cheap check before any regex work; false means "certainly no hit". Every built-in
-    /// pattern needs an '@' (email) or at least 4 digits (the shortest is a birth date like
-    /// "1/2/80"; SSN, phone and MRN need more), which ordinary prose rarely has.
-    fn may_match(&self, text: &str) -> bool {
-        if !self.prefilter {
-            return true;
+    /// The rules that may match `text`, by index; empty means "certainly no hit".
+    ///
+    /// The built-in patterns only run when `builtin_may_match` says they might: a byte scan
+    /// far cheaper than the regex set, and clinical notes full of vitals and doses (digits
+    /// everywhere, no identifier) are the common case. Configured patterns run on their own.
+    fn candidates(&self, text: &str) -> Vec<usize> {
+        if builtin_may_match(text.as_bytes()) {
+            return self.set.matches(text).iter().collect();
         }
-        let mut digits = 0;
-        for b in text.bytes() {
-            if b == b'@' {
-                return true;
-            }
-            if b.is_ascii_digit() {
-                digits += 1;
-                if digits >= 4 {
-                    return true;
-                }
-            }
+        match &self.configured {
+            Some((set, index)) => set.matches(text).iter().map(|i| index[i]).collect(),
+            None => Vec::new(),
         }
-        false
     }
 
     /// True if any detector fires on `text`.
     pub fn has_hit(&self, text: &str) -> bool {
-        self.may_match(text) && !self.hits(text).is_empty()
+        !self.hits(text).is_empty()
     }
 
     /// Every hit, sorted by position, without overlaps (the earliest, then longest, wins).
     pub fn hits(&self, text: &str) -> Vec<Hit> {
-        if !self.may_match(text) {
-            return Vec::new();
-        }
-        let matched = self.set.matches(text);
-        if !matched.matched_any() {
+        let matched = self.candidates(text);
+        if matched.is_empty() {
             return Vec::new();
         }
         let mut all = Vec::new();
-        for i in matched.iter() {
+        for i in matched {
             let r = &self.rules[i];
             if r.group == 0 {
                 for m in r.re.find_iter(text) {
@@ -198,8 +231,46 @@ impl Detectors {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// The prefilter never rules out a text a built-in pattern matches: strings from the
+        /// characters identifiers are made of, in every arrangement.
+        #[test]
+        fn prefilter_never_hides_a_builtin_match(s in "[0-9 .()+@a-zA-Z/,:-]{0,40}") {
+            let d = Detectors::standard();
+            if d.set.is_match(&s) {
+                prop_assert!(builtin_may_match(s.as_bytes()), "{s:?}");
+            }
+        }
+
+        #[test]
+        fn prefilter_on_identifier_shapes(ssn in "[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}",
+                                          phone in r"(\+?1[-. ]?)?(\([0-9]{3}\)[-. ]?|[0-9]{3}[-. ])[0-9]{3}[-. ][0-9]{4}",
+                                          pad in "[a-z ,]{0,10}") {
+            let with_ssn = format!("{pad}{ssn}{pad}");
+            let with_phone = format!("{pad}{phone}{pad}");
+            prop_assert!(builtin_may_match(with_ssn.as_bytes()));
+            prop_assert!(builtin_may_match(with_phone.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn clinical_note_with_many_numbers_skips_the_regexes() {
+        let note = "Vitals: BP 164/82, HR 102, RR 15, temp 36.3 C, SpO2 91%, weight 121.3 kg. \
+                    atorvastatin 40 mg, HbA1c 7.3%, creatinine 1.69 mg/dL, eGFR 28, LDL 123 mg/dL.";
+        assert!(!builtin_may_match(note.as_bytes()));
+        assert!(builtin_may_match(b"born 1/2/80") && builtin_may_match(b"D.O.B. 1/2/80") && builtin_may_match(b"x@y"));
+    }
+
+    #[test]
+    fn configured_patterns_run_when_the_builtins_cannot_match() {
+        let d = Detectors::new(&DetectorConfig { mrn_pattern: Some("H[0-9]{6}".into()), extra: vec![("nhs".into(), "NHS[0-9]{10}".into())], ssn_valid_only: false }).unwrap();
+        assert_eq!(d.scrub("chart H123456, NHS0123456789"), "chart [MRN], [NHS]");
+        assert_eq!(d.scrub("chart H123456, ssn 123-45-6789"), "chart [MRN], ssn [SSN]");
+    }
+
+    use super::*;
     use std::sync::OnceLock;
 
     fn det() -> &'static Detectors {
