@@ -4,13 +4,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
+
 import pytest
 from pglast import parser
 
-from phigate.policy.rewrite import RewriteResult, mask_expression, pseudonym_key_sql, rewrite
+import layer2ref
+import policyconf
+from phigate.config import PhiConfig
+from phigate.policy.engine import PolicyEngine
+from phigate.policy.rewrite import (
+    _PARTIAL_KEEP,
+    MaskSQL,
+    RewriteResult,
+    mask_expression,
+    postgres_regex,
+    pseudonym_key_sql,
+    rewrite,
+)
 from rewritecat import DATE, INT4, INT8, NUMERIC, TEXT, TSTZ, Column, MemCatalog, Relation, Rule
 
-KEY = "'k3y'"
+KEY = pseudonym_key_sql(b"k3y")
 SSN_LITERAL = "123-45-6789"
 
 
@@ -33,15 +49,16 @@ def _catalog() -> MemCatalog:
 
 CAT = _catalog()
 P = (
-    '(SELECT "id", "mrn", CAST(\'***\' AS text) AS "ssn", CAST(pg_catalog.make_date('
-    'CAST(EXTRACT(year FROM "date_of_birth") AS integer), 1, 1) AS date) AS "date_of_birth", '
-    '"city" FROM "public"."patients")'
+    '(SELECT "id", "mrn", CASE WHEN "ssn" IS NULL THEN NULL ELSE CAST(\'***\' AS text) END '
+    'AS "ssn", CASE WHEN pg_catalog.isfinite("date_of_birth") THEN CAST(pg_catalog.make_date('
+    'CAST(EXTRACT(year FROM "date_of_birth") AS integer), 1, 1) AS date) ELSE "date_of_birth" '
+    'END AS "date_of_birth", "city" FROM "public"."patients")'
 )
 P_ONLY = P.replace('FROM "public"', 'FROM ONLY "public"')
 V = '(SELECT "id", CAST(NULL AS text) AS "note" FROM "clinic"."Visits")'
 
 
-def rw(sql: str, clear: frozenset[str] = frozenset(), key: str | None = KEY) -> RewriteResult:
+def rw(sql: str, clear: frozenset[str] = frozenset(), key: MaskSQL | None = KEY) -> RewriteResult:
     r = rewrite(sql, CAT, clear, key)
     if r.refuse is None:
         parser.parse_sql_json(r.sql)  # every rewritten statement is valid SQL
@@ -349,43 +366,45 @@ def test_writes_and_utility_on_unprotected_pass() -> None:
 
 
 # --- masks ------------------------------------------------------------------------------------
+# What each mask computes is checked on PostgreSQL against a model of layer 2 in
+# test_rewrite_pg.py; here: the SQL's shape, and the parts that are plain Python.
 
 
 def _col(name: str, oid: int, tname: str) -> Column:
     return Column(name, oid, tname)
 
 
+def _kept(const: str) -> str:
+    return f'CASE WHEN "c" IS NULL THEN NULL ELSE {const} END'  # redact keeps NULL, as layer 2
+
+
 @pytest.mark.parametrize(
     ("oid", "tname", "spec", "expected"),
     [
-        (TEXT, "text", "redact", "CAST('***' AS text)"),
-        (INT8, "bigint", "redact", "CAST(0 AS bigint)"),
-        (NUMERIC, "numeric(10,2)", "redact", "CAST(0 AS numeric(10,2))"),
-        (DATE, "date", "redact", "CAST('1900-01-01' AS date)"),
+        (TEXT, "text", "redact", _kept("CAST('***' AS text)")),
+        (INT8, "bigint", "redact", _kept("CAST(0 AS bigint)")),
+        (NUMERIC, "numeric(10,2)", "redact", _kept("CAST(0 AS numeric(10,2))")),
+        (DATE, "date", "redact", _kept("CAST('1900-01-01' AS date)")),
+        (650, "cidr", "redact", _kept("CAST('0.0.0.0/0' AS cidr)")),  # layer 2's placeholder
+        (829, "macaddr", "redact", _kept("CAST('00:00:00:00:00:00' AS macaddr)")),
         (TSTZ, "timestamp with time zone", "null", "CAST(NULL AS timestamp with time zone)"),
-        (
-            1043,
-            "character varying(20)",
-            "partial:4",
-            'CAST(CASE WHEN "c" IS NULL THEN NULL ELSE \'***\' || pg_catalog.right(CAST("c" AS '
-            "text), 4) END AS character varying(20))",
-        ),
         (
             TSTZ,
             "timestamp with time zone",
             "year",
-            'CAST(pg_catalog.make_date(CAST(EXTRACT(year FROM "c") AS integer), 1, 1) AS '
-            "timestamp with time zone)",
+            'CASE WHEN pg_catalog.isfinite("c") THEN CAST(pg_catalog.make_date(CAST(EXTRACT('
+            'year FROM "c") AS integer), 1, 1) AS timestamp with time zone) ELSE "c" END',
         ),
         (
             TEXT,
             "text",
             "email_domain",
-            "CAST('***@' || pg_catalog.split_part(CAST(\"c\" AS text), '@', 2) AS text)",
+            "CAST(CASE WHEN \"c\" IS NULL THEN NULL ELSE '***' || COALESCE(pg_catalog.substring("
+            "CAST(\"c\" AS text), '@[^@]*$'), '') END AS text)",
         ),
-        (INT4, "integer", "partial:2", "CAST(0 AS integer)"),  # text-only mask: redact
-        (TEXT, "text", "year", "CAST('***' AS text)"),
-        (1000, "text[]", "redact", "CAST('{}' AS text[])"),
+        (INT4, "integer", "partial:2", _kept("CAST(0 AS integer)")),  # text-only mask: redact
+        (TEXT, "text", "year", _kept("CAST('***' AS text)")),
+        (1000, "text[]", "redact", _kept("CAST('{}' AS text[])")),
         (600, "point", "redact", "CAST(NULL AS point)"),
     ],
 )
@@ -393,19 +412,194 @@ def test_mask_expressions(oid: int, tname: str, spec: str, expected: str) -> Non
     assert mask_expression(_col("c", oid, tname), spec, KEY) == expected
 
 
+def test_partial_expression_shape() -> None:
+    e = mask_expression(_col("c", 1043, "character varying(20)"), "partial:4", KEY)
+    cut = (
+        'CASE WHEN pg_catalog.char_length(CAST("c" AS text)) > 4 THEN '
+        'pg_catalog.char_length(CAST("c" AS text)) - 4 ELSE '
+        'pg_catalog.char_length(CAST("c" AS text)) END'
+    )
+    head = f'pg_catalog.substr(CAST("c" AS text), 1, {cut})'
+    tail = f'pg_catalog.substr(CAST("c" AS text), {cut} + 1)'
+    # ASCII values take translate() (cheap); others the regexp with the long keep class.
+    assert e.startswith(
+        'CAST(CASE WHEN pg_catalog.octet_length(CAST("c" AS text)) = '
+        'pg_catalog.char_length(CAST("c" AS text)) THEN '
+        f"pg_catalog.translate({head}, '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        "abcdefghijklmnopqrstuvwxyz', "
+    )
+    assert f"ELSE pg_catalog.regexp_replace({head}, " in e
+    assert e.endswith(f" || {tail} END AS character varying(20))")
+    assert e.count("regexp_replace") == 1  # the long pattern once per column
+    # bpchar through its output function: a cast to text would drop the blanks layer 2 sees.
+    e = mask_expression(_col("c", 1042, "character(12)"), "partial:4", KEY)
+    assert 'pg_catalog.textin(pg_catalog.bpcharout("c"))' in e and 'CAST("c" AS text)' not in e
+
+
 def test_pseudonym_and_free_text_expressions() -> None:
     e = mask_expression(_col("c", TEXT, "text"), "pseudonym", KEY)
-    assert e.startswith("CAST('psn_' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(")
-    assert f'{KEY} || CAST("c" AS text)' in e
+    assert e.startswith("CAST(CASE WHEN CAST(\"c\" AS text) ~ '^psn_[0-9a-f]{16}$' THEN ")
+    assert "'psn_' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(" in e
+    assert "pg_catalog.convert_to(CAST(\"c\" AS text), 'UTF8')" in e
+    assert KEY.ipad is not None and KEY.opad is not None
+    assert KEY.ipad in e and KEY.opad in e
     e = mask_expression(_col("c", INT8, "bigint"), "pseudonym", KEY)
     assert "AS bit(60)) AS bigint) AS bigint)" in e
     e = mask_expression(_col("c", TEXT, "text"), "free_text", KEY)
-    for tag in ("[SSN]", "[MRN]", "[PHONE]", "[EMAIL]", "[DATE]"):
+    for tag in ("[SSN]", "[MRN]", "[PHONE]", "[EMAIL]", "[DOB]"):
         assert tag in e
-    assert "\\" not in e  # means the same whatever standard_conforming_strings says
+
+
+@pytest.mark.parametrize(
+    ("tname", "bits"),
+    [("smallint", 12), ("integer", 28), ("bigint", 60), ("numeric", 60), ("numeric(10,2)", 24),
+     ("numeric(6,0)", 16), ("numeric(30,2)", 60)],
+)  # fmt: skip
+def test_integer_pseudonym_fits_the_type(tname: str, bits: int) -> None:
+    oid = {"smallint": 21, "integer": INT4, "bigint": INT8}.get(tname, NUMERIC)
+    e = mask_expression(_col("c", oid, tname), "pseudonym", KEY)
+    assert f"AS bit({bits})) AS bigint) AS {tname})" in e
+    assert 16 ** (bits // 4) <= 2**63  # a bigint holds it; numeric(p,s) holds < 10^(p-s)
+    if tname.startswith("numeric("):
+        p, s = (int(x) for x in tname[8:-1].split(","))
+        assert 16 ** (bits // 4) <= 10 ** (p - s)
+
+
+def test_integer_pseudonym_without_room_is_redacted() -> None:
+    assert mask_expression(_col("c", NUMERIC, "numeric(3,3)"), "pseudonym", KEY) == _kept(
+        "CAST(0 AS numeric(3,3))"
+    )
+
+
+class _Phi:
+    def __init__(self, mrn_pattern: str | None = None, **extra: str) -> None:
+        self.mrn_pattern = mrn_pattern
+        self.extra_patterns = extra
+
+
+SPECS = ("redact", "null", "partial:0", "partial:4", "year", "email_domain", "pseudonym",
+         "free_text")  # fmt: skip
+TYPES = [(TEXT, "text"), (1043, "character varying(40)"), (1042, "character(24)"), (19, "name"),
+         (INT4, "integer"), (INT8, "bigint"), (NUMERIC, "numeric(10,2)"), (DATE, "date"),
+         (1114, "timestamp without time zone"), (TSTZ, "timestamp with time zone"),
+         (16, "boolean"), (3802, "jsonb"), (1009, "text[]")]  # fmt: skip
+
+
+def test_masks_hold_no_backslash_and_only_ascii() -> None:
+    # The statement must mean the same whatever standard_conforming_strings and the client
+    # encoding say: no backslash (E'' or not) and no byte above 0x7f anywhere.
+    configured = pseudonym_key_sql(
+        b"\\'\x00" * 30,
+        _Phi(r"\bH\d{6}\b", insurance=r"INS-[A-Z]{3}\d{4}", badge=r"(?i)émp~!#%&`@;:=\.\d+"),
+    )
+    assert configured.free_text is not None
+    for masks in (KEY, configured, None):
+        for oid, tname in TYPES:
+            for spec in SPECS:
+                if spec == "pseudonym" and masks is None:
+                    continue
+                e = mask_expression(_col("c", oid, tname), spec, masks)
+                assert "\\" not in e and e.isascii(), (spec, tname)
+                parser.parse_sql_json(f"SELECT {e} FROM t")  # valid SQL
+
+
+def _pads(masks: MaskSQL) -> tuple[bytes, bytes]:
+    assert masks.ipad is not None and masks.opad is not None
+    ipad, opad = (
+        bytes.fromhex(p.removeprefix("pg_catalog.decode('").removesuffix("', 'hex')"))
+        for p in (masks.ipad, masks.opad)
+    )
+    return ipad, opad
+
+
+@pytest.mark.parametrize("size", [1, 3, 32, 63, 64, 65, 200])
+def test_hmac_pads_are_rfc2104(size: int) -> None:
+    key = bytes(range(7, 7 + size)) if size < 249 else b"k" * size
+    ipad, opad = _pads(pseudonym_key_sql(key))
+    assert len(ipad) == len(opad) == 64
+    for msg in (b"", b"MRN-0012345", "é中".encode(), b"x" * 200):
+        inner = hashlib.sha256(ipad + msg).digest()
+        assert hashlib.sha256(opad + inner).digest() == hmac.new(key, msg, "sha256").digest()
 
 
 def test_pseudonym_key_sql() -> None:
-    assert pseudonym_key_sql(b"\x00'\\k") == "'00275c6b'"
+    m = pseudonym_key_sql(b"\x00'\\k")
+    assert m.ipad is not None and m.ipad.startswith("pg_catalog.decode('36116a5d36")
     with pytest.raises(ValueError):
         pseudonym_key_sql(b"")
+    none = pseudonym_key_sql(None)
+    assert none.ipad is None and none.opad is None and none.free_text is not None
+
+
+def test_partial_keep_set_is_the_complement_of_rust_alphanumerics() -> None:
+    blocks = [(0x0001, 0x052F), (0x2000, 0x206F), (0x20A0, 0x20CF), (0x3000, 0x303F)]
+    keep = {cp for a, b in _PARTIAL_KEEP for cp in range(a, b + 1)}
+    assert all(any(a <= cp <= b for a, b in blocks) for cp in keep)
+    for a, b in blocks:
+        for cp in range(a, b + 1):
+            assert (cp in keep) is not layer2ref.is_alphanumeric(chr(cp)), hex(cp)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "are", "flags"),
+    [
+        ("MRN-[0-9]{7}", "MRN-[0-9]{7}", ""),
+        (r"MRN-\d{7}", r"MRN-\d{7}", ""),
+        (r"\bH\d{6}\b", r"\yH\d{6}\y", ""),
+        (r"(?i)emp-\d{6}", r"emp-\d{6}", "i"),
+        (r"(?P<ins>INS)-(?:[A-Z]{3})", "(INS)-(?:[A-Z]{3})", ""),
+        ("a.b", "a[^\\n]b", ""),  # Rust's '.' stops at a newline, ARE's does not
+        ("(?s)a.b", "a.b", ""),
+        (r"[\w.\-\]]+", "[\\w.\\u002d\\u005d]+", ""),
+        ("[^]a-c]", "[^]a-c]", ""),
+        ("[[:alpha:]_][[:digit:]]*", "[[:alpha:]_][[:digit:]]*", ""),
+        ("x{,3}y{2,}z{4}?", "x{0,3}y{2,}z{4}?", ""),
+        ("é+|中", "\\u00e9+|\\u4e2d", ""),
+        (r"\x41\u{1F600}\$", "\\u0041\\U0001f600\\$", ""),
+        (r"^a+?\A\z$", "^a+?\\A\\Z$", ""),
+    ],
+)
+def test_postgres_regex(pattern: str, are: str, flags: str) -> None:
+    assert postgres_regex(pattern) == (are, flags)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"\p{L}", "(?=x)", "(?<!x)y", r"(\w)\1", "[a&&b]", "[a--b]", "[[a]]", "a{1000}", "a(?i)b",
+     "(?i:a)", "(?m)^x", "a*+", "[[:foo:]]", "*a", "[a-", r"\Q", r"\xZZ", "", "(?i)"],
+)  # fmt: skip
+def test_postgres_regex_refuses(pattern: str) -> None:
+    with pytest.raises(ValueError):
+        postgres_regex(pattern)
+
+
+def test_configured_detectors() -> None:
+    m = pseudonym_key_sql(b"k", _Phi(r"\bH\d{6}\b", insurance=r"INS-[A-Z]{3}\d{4}"))
+    assert m.free_text is not None and m.problem is None
+    tags = [t for _, t, _ in m.free_text]
+    assert tags == ["'[EMAIL]'", "'[MRN]'", "'[MRN]'", "'[SSN]'", "'[PHONE]'", "'[DOB]'",
+                    "'[INSURANCE]'"]  # fmt: skip
+    # The configured MRN pattern, not the default, backslashes spelled as chr(92).
+    assert m.free_text[1][0] == "pg_catalog.replace('~yH~d{6}~y', '~', pg_catalog.chr(92))"
+    default = pseudonym_key_sql(b"k")
+    assert default.free_text is not None
+    assert default.free_text[1][0] == "'(?<![0-9])MRN-[0-9]{7}(?![0-9])'"
+
+
+def test_untranslatable_pattern_redacts_free_text() -> None:
+    m = pseudonym_key_sql(b"k", _Phi(None, nhs=r"\p{N}{10}"))
+    assert m.free_text is None and m.problem is not None and "nhs" in m.problem
+    col = _col("c", TEXT, "text")
+    assert mask_expression(col, "free_text", m) == _kept("CAST('***' AS text)")
+    assert "psn_" in mask_expression(col, "pseudonym", m)  # the other masks are unaffected
+
+
+def test_engine_hands_the_phi_config_to_the_rewrite() -> None:
+    cfg = policyconf.config()
+    phi = PhiConfig(mrn_pattern=r"H\d{6}", extra_patterns={"insurance": r"INS-\d{4}"})
+    engine = PolicyEngine(dataclasses.replace(cfg, phi=phi))
+    masks = engine._key_sql  # noqa: SLF001  # what every rewrite of this engine gets
+    assert masks.ipad is None  # no key configured
+    assert masks.free_text is not None
+    assert any("H~d{6}" in p for p, _, _ in masks.free_text)
+    assert any(t == "'[INSURANCE]'" for _, t, _ in masks.free_text)

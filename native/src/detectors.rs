@@ -9,7 +9,9 @@ use regex::{Regex, RegexSet};
 use std::borrow::Cow;
 
 /// Default medical record number shape when the config names none.
-pub const DEFAULT_MRN_PATTERN: &str = r"MRN-[0-9]{7}";
+/// "MRN" in any case, optional separators, then at least 4 digits: "MRN-0012345", "mrn: 12345",
+/// "MRN 0012345" (the demo's notes write them all ways). The same rule as layer 1's free text.
+pub const DEFAULT_MRN_PATTERN: &str = r"(?i)mrn[-: #]*[0-9]{4,}";
 
 // Digit-shaped identifiers are bounded by "no digit on either side", checked after the match
 // (the regex crate has no look-around): a word boundary would miss "pt123-45-6789".
@@ -77,7 +79,7 @@ const BUILT_IN: usize = 5;
 /// False when no built-in pattern can match: each needs one of
 /// - three digits, then '-', '.' or ' ', then two digits (every SSN and phone shape),
 /// - an '@' (email),
-/// - "MRN-" (the default MRN pattern),
+/// - "mrn" in any case (the default MRN pattern),
 /// - a birth keyword, ASCII case-insensitively: "dob", "d.o.b", "birth" (date of birth,
 ///   birth date, birthday) or "born" (none has a letter with a non-ASCII case fold).
 fn builtin_may_match(b: &[u8]) -> bool {
@@ -98,7 +100,7 @@ fn builtin_may_match(b: &[u8]) -> bool {
         let starts = |w: &[u8]| b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w);
         match c {
             b'@' => return true,
-            b'M' if starts(b"MRN-") => return true,
+            b'm' | b'M' if starts(b"mrn") => return true,
             b'b' | b'B' if starts(b"birth") || starts(b"born") => return true,
             b'd' | b'D' if starts(b"dob") || starts(b"d.o.b") => return true,
             _ => {}
@@ -285,6 +287,7 @@ mod tests {
             ("ssn 123-45-6789 on file", "ssn [SSN] on file"),
             ("ssn 123 45 6789", "ssn [SSN]"),
             ("record MRN-0012345.", "record [MRN]."),
+            ("chart mrn 0012345, MRN: 98765", "chart [MRN], [MRN]"),
             ("call (555) 123-4567 or 555.987.6543", "call [PHONE] or [PHONE]"),
             ("call +1 555-123-4567 now", "call [PHONE] now"),
             ("mail jane.doe+x@mail.example.org today", "mail [EMAIL] today"),
@@ -335,7 +338,7 @@ mod tests {
         assert_eq!(d.scrub("pt123-45-6789x"), "pt[SSN]x");
         assert_eq!(d.scrub("tel:555-123-4567;"), "tel:[PHONE];");
         assert_eq!(d.scrub("order 1123-45-67890"), "order 1123-45-67890");
-        assert_eq!(d.scrub("MRN-00123456"), "MRN-00123456");
+        assert_eq!(d.scrub("xMRN-00123456"), "x[MRN]", "all the digits, whatever their count");
     }
 
     #[test]

@@ -39,7 +39,7 @@ class PolicyEngine:
         self.catalogs: Mapping[str, CatalogSnapshot | None] = catalogs or {}
         self._rolesets: dict[str, RoleSet | None] = {}
         key = config.phi.pseudonym_key
-        self._key_sql = pseudonym_key_sql(key.reveal()) if key is not None else None
+        self._key_sql = pseudonym_key_sql(key.reveal() if key is not None else None, config.phi)
 
     def roleset(self, identity_class: str) -> RoleSet | None:
         """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
