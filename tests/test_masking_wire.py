@@ -172,3 +172,23 @@ def test_masked_identity_refused_when_the_catalog_cannot_load(gateway_factory, t
         with pytest.raises(psycopg.errors.SystemError) as exc:
             conn.execute("select count(*) from encounters")
         assert "catalog" in str(exc.value) and "gateway log" in (exc.value.diag.message_hint or "")
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "create temp table patients (id bigint, ssn text)",
+        "create temporary table scratch (x text)",
+        "create temp view v_scratch as select 1 as x",
+        "create function pg_temp.f() returns int language sql as 'select 1'",
+    ],
+    ids=["temp_table_shadowing_a_protected_name", "temp_table", "temp_view", "temp_function"],
+)
+def test_masked_identities_cannot_create_objects(masked_gateway, token, ddl):
+    """Creating objects is refused for identities that see PHI masked: a temp table named like
+    a protected table would make the server read another relation than the rewrite masked."""
+    with psycopg_connect(masked_gateway, token()) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(ddl)
+        conn.rollback()
+        assert conn.execute("select count(*) from patients").fetchone()[0] > 0

@@ -94,6 +94,17 @@ class PolicyEngine:
                 "statements of masked identities are refused (rule: masking)",
                 "hint": "The gateway operator can see why in the gateway log.",
             }
+        if any(f.kind == "ddl" for f in facts):
+            # A temp table or view named like a protected relation would be what the server
+            # reads while the rewrite masked the real one; a function or view could carry
+            # protected values past the rewrite later. Nothing masked identities need.
+            return {
+                "action": "deny", "sqlstate": "42501", "cache": cache, "normalized": normalized,
+                "message": "creating, changing or dropping database objects is refused for "
+                "identities that see PHI masked (rule: masking)",
+                "hint": "Use a role that sees the data it works on in clear, or ask the "
+                "database owner to create the object.",
+            }
         written = _masked_write(facts, catalog, roleset.clear_kinds)
         if written is not None:
             return {

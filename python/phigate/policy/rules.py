@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Literal
 
-from phigate.config import NEVER_RELATIONS, RoleConfig, RoleSet
+from phigate.config import NEVER_RELATION_NAMES, NEVER_RELATIONS, RoleConfig, RoleSet
 from phigate.policy.analyze import ColumnUse, Facts
 from phigate.policy.functions import (
     CLASS_FUNCTIONS,
@@ -276,6 +276,12 @@ class _Judge:
     def _compute_access(self, schema: str, name: str, op: str) -> Decision:
         rel = (schema, name)
         text = _rel(rel)
+        if name in NEVER_RELATION_NAMES:
+            return _deny(
+                "catalog",
+                f"{text} is never readable through the gateway (it holds other sessions' "
+                "statements)",
+            )
         if schema in _CATALOG_SCHEMAS:
             if op not in ("select", "copy_to"):
                 return _deny("catalog", f"{_OP_TEXT[op]} on {text} is never allowed")
