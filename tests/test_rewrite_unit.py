@@ -438,7 +438,12 @@ def test_partial_expression_shape() -> None:
 
 def test_pseudonym_and_free_text_expressions() -> None:
     e = mask_expression(_col("c", TEXT, "text"), "pseudonym", KEY)
-    assert e.startswith("CAST(CASE WHEN CAST(\"c\" AS text) ~ '^psn_[0-9a-f]{16}$' THEN ")
+    # Length and prefix before the regexp: AND stops at the first false.
+    assert e.startswith(
+        "CAST(CASE WHEN pg_catalog.octet_length(CAST(\"c\" AS text)) = 20 AND "
+        "pg_catalog.left(CAST(\"c\" AS text), 4) = 'psn_' AND "
+        "CAST(\"c\" AS text) ~ '^psn_[0-9a-f]{16}$' THEN "
+    )
     assert "'psn_' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(" in e
     assert "pg_catalog.convert_to(CAST(\"c\" AS text), 'UTF8')" in e
     assert KEY.ipad is not None and KEY.opad is not None
