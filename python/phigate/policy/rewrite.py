@@ -709,6 +709,28 @@ def _plan(rel: RelationLike, schema: str, name: str, clear: frozenset[str],
     return _Plan(schema, name, ", ".join(items), tuple(masked), pseudonym)
 
 
+# A relation's plan depends only on the relation (immutable within a catalog snapshot), the
+# clear kinds and the masks; building one is most of an uncached rewrite (profiled: ~35 % of a
+# point lookup's), so plans are reused across statements. The entry keeps the relation and
+# the masks alive, so their ids cannot be reused while it exists.
+_PlanKey = tuple[int, str, str, frozenset[str], int]
+_PLAN_CACHE: dict[_PlanKey, tuple[object, object, _Plan | None]] = {}
+_PLAN_CACHE_MAX = 4096
+
+
+def _cached_plan(rel: RelationLike, schema: str, name: str, clear: frozenset[str],
+                 masks: MaskSQL | None) -> _Plan | None:  # fmt: skip
+    key = (id(rel), schema, name, clear, id(masks))
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0] is rel and hit[1] is masks:
+        return hit[2]
+    plan = _plan(rel, schema, name, clear, masks)
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+        _PLAN_CACHE.clear()
+    _PLAN_CACHE[key] = (rel, masks, plan)
+    return plan
+
+
 # --- the rewriter ------------------------------------------------------------------------------
 
 
@@ -784,7 +806,7 @@ class _Rewriter:
             if isinstance(reason, str) and reason:
                 raise _Refuse(f"{schema}.{name} cannot be masked: {reason}")
             self.plans[key] = (
-                None if rel is None else _plan(rel, schema, name, self.clear, self.masks)
+                None if rel is None else _cached_plan(rel, schema, name, self.clear, self.masks)
             )
         return self.plans[key]
 
