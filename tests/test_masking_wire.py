@@ -142,23 +142,28 @@ def test_explain_analyze_and_verbose_refused_on_masked_relations(masked_gateway,
         assert conn.execute("explain analyze select count(*) from encounters").fetchall()
 
 
-def test_prepared_statement_whose_masking_changed_must_be_prepared_again(masked_gateway, token):
+def test_prepared_statements_after_the_masking_changed(masked_gateway, token):
+    """A plain read prepared before a reload follows the new mask (the data plane masks it by
+    column origin); a statement the rewrite prepared upstream must be prepared again."""
     from phigate.config import load_config
     from phigate.demo import dump_toml, merge_config
 
     with psycopg_connect(masked_gateway, token()) as conn:
-        query = "select ssn from patients where id = %s"
-        assert conn.execute(query, (1,), prepare=True).fetchone()[0].startswith("***")
-        # The operator changes the SSN mask; the statement prepared upstream is the old rewrite.
+        plain = "select ssn from patients where id = %s"
+        computed = "select lower(ssn) from patients where id = %s"
+        assert conn.execute(plain, (1,), prepare=True).fetchone()[0].startswith("***-**-")
+        assert conn.execute(computed, (1,), prepare=True).fetchone()[0].startswith("***-**-")
+        # The operator changes the SSN mask.
         changed = merge_config(
             masked_gateway.settings,
             {"phi": {"columns": {"public.patients.ssn": {"kind": "ssn", "mask": "redact"}}}},
         )
         masked_gateway.config_path.write_text(dump_toml(changed))
         masked_gateway.thread.reload(load_config(masked_gateway.config_path))
+        assert conn.execute(plain, (1,), prepare=True).fetchone() == ("***",)
         cur = conn.cursor()
         with pytest.raises(psycopg.errors.FeatureNotSupported) as exc:
-            cur.execute(query, (1,), prepare=True)
+            cur.execute(computed, (1,), prepare=True)
         assert "prepare" in (exc.value.diag.message_hint or "").lower()
 
 
@@ -192,3 +197,28 @@ def test_masked_identities_cannot_create_objects(masked_gateway, token, ddl):
             conn.execute(ddl)
         conn.rollback()
         assert conn.execute("select count(*) from patients").fetchone()[0] > 0
+
+
+def test_both_layers_show_the_same_masked_values(masked_gateway, token, clear):
+    """A plain read is masked by the data plane (layer 2) from column origins; an expression
+    over the same columns is masked by the rewrite (layer 1) in SQL. Both must agree."""
+    with psycopg_connect(masked_gateway, token()) as conn:
+        for binary in (False, True):
+            cur = conn.cursor(binary=binary)
+            by_origin = {
+                r[0]: r[1:]
+                for r in cur.execute(
+                    "select id, ssn, first_name, mrn, date_of_birth from patients"
+                ).fetchall()
+            }
+            in_sql = {
+                r[0]: r[1:]
+                for r in cur.execute(
+                    "select id, ssn || '', first_name || '', mrn || '', date_of_birth + 0 "
+                    "from patients"
+                ).fetchall()
+            }
+            assert by_origin == in_sql
+    assert len(by_origin) == len(clear)
+    for pid, ssn, mrn, first, _dob in clear:
+        assert by_origin[pid][0] != ssn and by_origin[pid][1] != first and by_origin[pid][2] != mrn

@@ -33,6 +33,9 @@ pub struct Decision {
     pub rewritten: Option<bytes::Bytes>,
     /// The statement reads a protected relation (layer 2 treats its computed columns as PHI).
     pub protected: bool,
+    /// A plain read the control plane left to layer 2: the only table OIDs its columns may
+    /// come from (any other origin is redacted).
+    pub origins: Option<Arc<[u32]>>,
 }
 
 /// Per identity class, then per text: nested so a lookup borrows the class and the statement
@@ -137,7 +140,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None })
     }
 
     #[test]

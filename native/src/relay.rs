@@ -100,7 +100,7 @@ impl Extended {
     /// What layer 2 needs to know of the statement behind a portal (unknown: a SQL-level cursor,
     /// whose DECLARE was judged and rewritten).
     fn portal_info(&self, portal: &[u8]) -> StmtInfo {
-        self.portals.get(portal).and_then(|s| self.statements.get(s)).map(|p| p.info).unwrap_or_default()
+        self.portals.get(portal).and_then(|s| self.statements.get(s)).map(|p| p.info.clone()).unwrap_or_default()
     }
 }
 
@@ -251,8 +251,11 @@ impl Ctx {
         let allowed = decision.action == Action::Allow;
         self.core.bridge.emit_line(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
         Ok(match &decision.action {
-            Action::Allow => Verdict::Allow(decision.rewritten.clone(),
-                StmtInfo { protected: decision.protected, rewritten: decision.rewritten.is_some() }),
+            Action::Allow => Verdict::Allow(decision.rewritten.clone(), StmtInfo {
+                protected: decision.protected,
+                rewritten: decision.rewritten.is_some(),
+                origins: decision.origins.clone(),
+            }),
             Action::Deny { sqlstate, message, hint } => {
                 let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());
                 e.hint = hint.clone();
@@ -341,7 +344,11 @@ fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
     };
     // Absent means "reads nothing protected" only for statements that were not rewritten.
     let protected = a.get("protected").and_then(|v| v.as_bool()).unwrap_or(rewritten.is_some());
-    Some(Decision { action, reuse, normalized, rewritten, protected })
+    let origins = match a.get("origins") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v.as_array()?.iter().map(|o| o.as_u64().and_then(|o| u32::try_from(o).ok())).collect::<Option<Arc<[u32]>>>()?),
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins })
 }
 
 async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {
@@ -492,10 +499,11 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                             let sql = p.sql.clone();
                             let epoch = cache.epoch();
                             match ctx.decide(&sql, Some(stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow(rewritten, _)) => {
+                                Ok(Verdict::Allow(rewritten, info)) => {
                                     let p = ext.statements.get_mut(stmt).expect("looked up above");
                                     if p.rewritten == rewritten {
                                         p.epoch = epoch;
+                                        p.info = info;
                                         None
                                     } else {
                                         Some(rules_changed())
@@ -545,10 +553,13 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         Some((stmt, sql)) => {
                             let epoch = cache.epoch();
                             match ctx.decide(&sql, Some(&stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow(rewritten, _)) => {
+                                Ok(Verdict::Allow(rewritten, info)) => {
                                     let p = ext.statements.get_mut(&stmt).expect("looked up above");
                                     if p.rewritten == rewritten {
                                         p.epoch = epoch;
+                                        p.info = info;
+                                        // Layer 2 plans this portal again under the new rules.
+                                        ext.described.remove(portal);
                                         None
                                     } else {
                                         Some(rules_changed())
@@ -566,7 +577,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                                 if !ext.described.contains(portal) {
                                     // Rows need their portal's RowDescription: ask for it and
                                     // swallow the answer (the client did not ask).
-                                    ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info, swallow: true });
+                                    ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info: info.clone(), swallow: true });
                                     out.extend_from_slice(&session::describe_portal(portal));
                                     ext.described.insert(portal.to_vec());
                                 }

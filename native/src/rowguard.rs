@@ -21,15 +21,17 @@ use std::sync::Arc;
 use crate::errors::{sqlstate, GateError};
 use crate::frontend::Identity;
 use crate::mask_rules::MaskingState;
-use crate::masking::{self, Classified, MaskPlan, OriginFallback, PlanOptions};
+use crate::masking::{self, Classified, ColumnRule, Mask, MaskPlan, OriginFallback, PlanOptions};
 
 /// What the control plane said of a statement, as far as layer 2 cares.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StmtInfo {
     /// It reads a protected relation.
     pub protected: bool,
     /// Layer 1 rewrote it: computed columns derive from masked values only.
     pub rewritten: bool,
+    /// A plain read left to layer 2: the only table OIDs its columns may come from.
+    pub origins: Option<Arc<[u32]>>,
 }
 
 /// The response the client→upstream half expects for one message it sent upstream.
@@ -100,9 +102,13 @@ impl RowGuard {
         }
     }
 
-    fn plan(&self, state: &MaskingState, body: &[u8], info: StmtInfo) -> Result<Option<Arc<MaskPlan>>, GateError> {
+    fn plan(&self, state: &MaskingState, body: &[u8], info: &StmtInfo) -> Result<Option<Arc<MaskPlan>>, GateError> {
         let rules = state.targets.get(&self.target);
+        let unexpected = |oid: u32| info.origins.as_ref().is_some_and(|o| !o.contains(&oid));
         let lookup = |oid: u32, attnum: i16| match rules.and_then(|r| r.rules.get(&(oid, attnum))) {
+            // A plain read may only show columns of the tables the control plane checked: a
+            // table recreated since the catalog was read has a new OID and no rules here.
+            _ if unexpected(oid) => Classified::Masked(ColumnRule { kind: Arc::from("unexpected origin"), mask: Mask::Redact }),
             Some(rule) if self.clear.iter().any(|k| **k == *rule.kind) => Classified::Clear,
             Some(rule) => Classified::Masked(rule.clone()),
             None => Classified::No,
@@ -173,8 +179,8 @@ impl RowGuard {
             }
             b'T' => match expected.front() {
                 Some(Expect::Query { info }) => {
-                    let info = *info;
-                    self.current = Current::Rows(self.plan(state, body, info)?);
+                    let info = info.clone();
+                    self.current = Current::Rows(self.plan(state, body, &info)?);
                     Ok(Step::Default)
                 }
                 Some(Expect::DescribeStatement) => {
@@ -183,7 +189,7 @@ impl RowGuard {
                 }
                 Some(Expect::DescribePortal { .. }) => {
                     let Some(Expect::DescribePortal { portal, info, swallow }) = expected.pop_front() else { unreachable!() };
-                    let plan = self.plan(state, body, info)?;
+                    let plan = self.plan(state, body, &info)?;
                     self.remember(portal, plan);
                     Ok(if swallow { Step::Done } else { Step::Default })
                 }
@@ -211,7 +217,7 @@ impl RowGuard {
             },
             b'H' => {
                 let info = match expected.front() {
-                    Some(Expect::Execute { info, .. } | Expect::Query { info }) => *info,
+                    Some(Expect::Execute { info, .. } | Expect::Query { info }) => info.clone(),
                     _ => return Err(lost("an unexpected COPY")),
                 };
                 if body.first() != Some(&0) {
@@ -343,7 +349,7 @@ mod tests {
         let info = StmtInfo::default();
         let mut q: VecDeque<Expect> = [
             Expect::Ack(b'2'),
-            Expect::DescribePortal { portal: vec![], info, swallow: true },
+            Expect::DescribePortal { portal: vec![], info: info.clone(), swallow: true },
             Expect::Execute { portal: vec![], info },
             Expect::Sync,
         ]
@@ -362,7 +368,7 @@ mod tests {
         let mut q: VecDeque<Expect> = [
             Expect::Ack(b'1'),
             Expect::Ack(b'2'),
-            Expect::Execute { portal: b"p".to_vec(), info },
+            Expect::Execute { portal: b"p".to_vec(), info: info.clone() },
             Expect::Sync,
             Expect::Query { info },
         ]
@@ -372,6 +378,18 @@ mod tests {
         assert!(matches!(q.front(), Some(Expect::Query { .. })));
         let out = feed(&mut g, &mut q, &[rd(), row(b"123-45-6789")]).unwrap();
         assert!(out.ends_with(&row(b"123-45-6789")), "a kind seen in clear is neither masked nor scanned");
+    }
+
+    #[test]
+    fn a_plain_read_shows_only_the_tables_it_was_allowed() {
+        let mut g = guard(&["ssn"]);
+        let only_600: Arc<[u32]> = Arc::from(vec![600u32]);
+        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600) };
+        let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
+        // Table 500 is not in the list (say, recreated since the catalog was read): redacted
+        // even for a kind seen in clear.
+        let out = feed(&mut g, &mut q, &[rd(), row(b"123-45-6789")]).unwrap();
+        assert!(out.ends_with(&row(b"***")));
     }
 
     #[test]

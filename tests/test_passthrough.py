@@ -1,0 +1,104 @@
+"""Which masked reads the rewrite leaves to the data plane (phigate.policy.passthrough): only
+plain column reads of protected tables whose filters never touch a masked column; anything
+else -- expressions, whole rows, predicates on masked columns, views, set operations, ordering,
+grouping, sub-queries, masks the data plane computes differently -- goes through the rewrite."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from pglast import parser
+
+from phigate.catalog import CatalogSnapshot, ColumnInfo, RelationInfo
+from phigate.config import ColumnRule
+from phigate.policy.passthrough import passthrough_oids
+
+
+def _rule(table: str, col: str, kind: str, mask: str) -> ColumnRule:
+    keep = int(mask.split(":")[1]) if mask.startswith("partial:") else None
+    return ColumnRule("public", table, col, kind, mask.partition(":")[0], keep, f"x.{col}")
+
+
+def _rel(oid: int, name: str, cols: list[tuple[str, int, ColumnRule | None]], kind: str = "r",
+         refuse: str | None = None) -> RelationInfo:  # fmt: skip
+    infos = tuple(ColumnInfo(c, i, t, "text" if t == 25 else "x", -1, False, r)
+                  for i, (c, t, r) in enumerate(cols, 1))  # fmt: skip
+    return RelationInfo(oid, "public", name, kind, "configured", infos, refuse_reason=refuse)
+
+
+SSN = _rule("patients", "ssn", "ssn", "partial:4")
+NAME = _rule("patients", "first_name", "name", "pseudonym")
+DOB = _rule("patients", "date_of_birth", "dob", "year")
+BODY = _rule("notes", "body", "free_text", "free_text")
+SEEN = _rule("visits", "seen_on", "dob", "year")
+CATALOG = CatalogSnapshot.from_relations("ehr", 180000, [
+    _rel(100, "patients", [("id", 20, None), ("ssn", 25, SSN), ("first_name", 25, NAME),
+                           ("date_of_birth", 1082, DOB), ("city", 25, None)]),
+    _rel(200, "notes", [("id", 20, None), ("body", 25, BODY)]),
+    _rel(300, "visits", [("id", 20, None), ("patient_id", 20, None), ("reason", 25, None),
+                         ("seen_on", 1184, SEEN)]),
+    _rel(400, "patient_names", [("first_name", 25, NAME)], kind="v"),
+])  # fmt: skip
+
+
+def oids(sql: str, clear: frozenset[str] = frozenset()) -> list[int] | None:
+    return passthrough_oids(orjson.loads(parser.parse_sql_json(sql)), CATALOG, clear)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select * from patients",
+        "select ssn, first_name, date_of_birth from patients where id = $1",
+        "select p.ssn, p.city from public.patients p where p.id in (1, 2, 3) and p.city = 'X'",
+        "select p.* from patients p where upper(city) like 'B%' limit 10 offset 5",
+        'select "ssn" as s from patients',
+    ],
+)
+def test_plain_reads_are_left_to_the_data_plane(sql: str) -> None:
+    assert oids(sql) == [100]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select upper(ssn) from patients",  # an expression loses the column origin
+        "select ssn || '' from patients",
+        "select ssn::varchar from patients",
+        "select p from patients p",  # whole row
+        "select row_to_json(p) from patients p",
+        "select 1, ssn from patients",  # a constant has no origin either
+        "select ssn from patients where ssn = '123-45-6789'",  # predicate on a masked column
+        "select id from patients where p.first_name like 'A%'",
+        "select id from patients p where p::text like '%1%'",  # whole row in a filter
+        "select id from patients where public.patients is not null",
+        "select id from patients where id = (select id from patients where ssn = 'x')",
+        "select id from patients where exists (select 1)",
+        "select ssn from patients order by id",
+        "select distinct ssn from patients",
+        "select city, count(*) from patients group by city",
+        "select ssn from patients union select ssn from patients",
+        "with x as (select ssn from patients) select * from x",
+        "select first_name from patient_names",  # a view: the rewrite maps it
+        "select ssn from patients, unprotected_table",  # no OID for the unprotected table
+        "select p.ssn from patients p join notes n on n.id = p.id",
+        "select ssn from patients limit (select 1)",
+        "select body from notes",  # free_text: the detectors differ between the layers
+        "select seen_on from visits",  # year of timestamptz depends on TimeZone
+        "select ssn from patients for update",
+        "select ssn into temp t from patients",
+        "select ssn from patients; select 1",
+        "select ssn from only patients where id = $1 and date_of_birth > '2000-01-01'",
+    ],
+)
+def test_everything_else_takes_the_rewrite(sql: str) -> None:
+    assert oids(sql) is None
+
+
+def test_kinds_seen_in_clear_do_not_count_as_masked() -> None:
+    # The role sees dob in clear: filtering on it is an ordinary predicate.
+    assert oids(
+        "select ssn from patients where date_of_birth > '2000-01-01'", frozenset({"dob"})
+    ) == [100]
+    # free_text seen in clear: notes hold nothing masked for this identity.
+    assert oids("select body from notes", frozenset({"free_text"})) == [200]
