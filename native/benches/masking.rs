@@ -82,6 +82,34 @@ fn main() {
     scan[0] = Action::Pass;
     time_rows("8 columns, text scanned by detectors (2 hits)", &plan(scan), &body);
 
+    // The masked bulk read's row (benches/masked_bulk.py): id, encounter, ssn (partial:4),
+    // full_name (pseudonym), birth_date (year), a 1 KB note; unclassified text is scanned.
+    let bulk = data_row(&[b"12345", b"ENC-A12345", b"547-48-4730", b"Joseph Martinez", b"1981-03-16", CLINICAL_NOTE.as_bytes()]);
+    let bulk_plan = MaskPlan::from_columns(
+        [
+            (23u32, Action::Pass),
+            (25, Action::Scan),
+            (25, m(Mask::Partial { keep_last: 4 })),
+            (25, m(Mask::Pseudonym)),
+            (1082, m(Mask::YearOnly)),
+            (25, Action::Scan),
+        ]
+        .into_iter()
+        .map(|(type_oid, action)| ColumnPlan { type_oid, format: Format::Text, action })
+        .collect(),
+        ctx.clone(),
+    );
+    time_rows("bulk-read row: 3 masked, 2 scanned (1 KB note)", &bulk_plan, &bulk);
+    for (label, keep) in [("  only the note scanned", 5usize), ("  only the pseudonym", 3), ("  only partial", 2), ("  only year", 4), ("  only encounter scanned", 1)] {
+        let mut cols = bulk_plan.columns.clone();
+        for (i, c) in cols.iter_mut().enumerate() {
+            if i != keep {
+                c.action = Action::Pass;
+            }
+        }
+        time_rows(label, &MaskPlan::from_columns(cols, ctx.clone()), &bulk);
+    }
+
     let d = Detectors::standard();
     for (name, s) in [
         ("scrub: prose, no digit", "Patient reports mild headache after exercise, no prior history; follow up soon."),

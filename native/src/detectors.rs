@@ -83,31 +83,64 @@ const BUILT_IN: usize = 5;
 /// - a birth keyword, ASCII case-insensitively: "dob", "d.o.b", "birth" (date of birth,
 ///   birth date, birthday) or "born" (none has a letter with a non-ASCII case fold).
 fn builtin_may_match(b: &[u8]) -> bool {
-    let mut run = 0usize;
-    for (i, &c) in b.iter().enumerate() {
+    let n = b.len();
+    let mut i = 0;
+    while i < n {
+        // Most bytes are letters and punctuation no pattern starts with: a tight skip loop.
+        while i < n && !INTERESTING[b[i] as usize] {
+            i += 1;
+        }
+        if i == n {
+            return false;
+        }
+        let c = b[i];
         if c.is_ascii_digit() {
-            run += 1;
+            let start = i;
+            while i < n && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i - start >= 3
+                && i + 2 < n
+                && matches!(b[i], b'-' | b'.' | b' ')
+                && b[i + 1].is_ascii_digit()
+                && b[i + 2].is_ascii_digit()
+            {
+                return true;
+            }
             continue;
         }
-        if run >= 3
-            && matches!(c, b'-' | b'.' | b' ')
-            && b.get(i + 1).is_some_and(u8::is_ascii_digit)
-            && b.get(i + 2).is_some_and(u8::is_ascii_digit)
-        {
+        let at = |from: usize, w: &[u8]| n - from >= w.len() && b[from..from + w.len()].eq_ignore_ascii_case(w);
+        let found = match c {
+            b'@' => true,
+            b'm' | b'M' => at(i, b"mrn"),
+            // Every birth keyword has a 'b': "birth", "born", and the last letter of "dob"
+            // and "d.o.b".
+            _ => at(i, b"birth") || at(i, b"born") || (i >= 2 && at(i - 2, b"dob")) || (i >= 4 && at(i - 4, b"d.o.b")),
+        };
+        if found {
             return true;
         }
-        run = 0;
-        let starts = |w: &[u8]| b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w);
-        match c {
-            b'@' => return true,
-            b'm' | b'M' if starts(b"mrn") => return true,
-            b'b' | b'B' if starts(b"birth") || starts(b"born") => return true,
-            b'd' | b'D' if starts(b"dob") || starts(b"d.o.b") => return true,
-            _ => {}
-        }
+        i += 1;
     }
     false
 }
+
+/// Bytes `builtin_may_match` stops at: digits, '@', and 'b' and 'm' in either case.
+static INTERESTING: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut d = b'0';
+    while d <= b'9' {
+        t[d as usize] = true;
+        d += 1;
+    }
+    let bytes = b"@bBmM";
+    let mut k = 0;
+    while k < bytes.len() {
+        t[bytes[k] as usize] = true;
+        k += 1;
+    }
+    t
+};
 
 fn digit_bounded(text: &str, start: usize, end: usize) -> bool {
     let b = text.as_bytes();
@@ -172,6 +205,12 @@ impl Detectors {
             Some((set, index)) => set.matches(text).iter().map(|i| index[i]).collect(),
             None => Vec::new(),
         }
+    }
+
+    /// False when no detector can fire on these bytes, checked without decoding them: the
+    /// built-in shapes are ASCII, and configured patterns always need the full check.
+    pub fn may_hit(&self, bytes: &[u8]) -> bool {
+        self.configured.is_some() || builtin_may_match(bytes)
     }
 
     /// True if any detector fires on `text`.

@@ -922,6 +922,10 @@ fn scan_value<'v>(ctx: &MaskContext, ty: Ty, fmt: Format, v: &'v [u8]) -> Result
         return Ok(Some(Cow::Borrowed(v)));
     }
     let Some(payload) = text_payload(ty, fmt, v) else { return Ok(Some(Cow::Borrowed(v))) };
+    // The common case -- nothing identifier-shaped -- is decided on the raw bytes.
+    if !ctx.detectors.may_hit(payload) {
+        return Ok(Some(Cow::Borrowed(v)));
+    }
     let s = String::from_utf8_lossy(payload);
     let hits = ctx.detectors.hits(&s);
     if hits.is_empty() {
