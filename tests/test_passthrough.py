@@ -11,7 +11,7 @@ from pglast import parser
 
 from phigate.catalog import CatalogSnapshot, ColumnInfo, RelationInfo
 from phigate.config import ColumnRule
-from phigate.policy.passthrough import passthrough_oids
+from phigate.policy.passthrough import copy_columns, passthrough_oids
 
 
 def _rule(table: str, col: str, kind: str, mask: str) -> ColumnRule:
@@ -102,3 +102,38 @@ def test_kinds_seen_in_clear_do_not_count_as_masked() -> None:
     ) == [100]
     # free_text seen in clear: notes hold nothing masked for this identity.
     assert oids("select body from notes", frozenset({"free_text"})) == [200]
+
+
+def cols(sql: str) -> list[tuple[int, int, int]] | None:
+    return copy_columns(orjson.loads(parser.parse_sql_json(sql)), CATALOG, frozenset())
+
+
+def test_a_text_copy_of_a_plain_read_names_every_column() -> None:
+    every = [(100, 1, 20), (100, 2, 25), (100, 3, 25), (100, 4, 1082), (100, 5, 25)]
+    assert cols("copy (select * from patients) to stdout") == every
+    assert cols("copy (select p.*, ssn from patients p where id = 1) to stdout") == [
+        *every,
+        (100, 2, 25),
+    ]
+    assert cols("copy (select city, p.first_name from patients p) to stdout") == [
+        (100, 5, 25),
+        (100, 3, 25),
+    ]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "copy (select * from patients) to stdout with (format csv)",  # quoting: not parsed
+        "copy (select * from patients) to stdout (delimiter ',')",
+        "copy (select * from patients) to stdout (format binary)",
+        "copy patients to stdout",  # the table form: left to the rewrite
+        "copy (select upper(ssn) from patients) to stdout",
+        "copy (select id from patients p, patients q) to stdout",  # ambiguous column
+        "copy (select nosuch from patients) to stdout",
+        "copy (select * from patients) to '/tmp/x'",
+        "copy patients from stdin",
+    ],
+)
+def test_other_copies_take_the_rewrite(sql: str) -> None:
+    assert cols(sql) is None

@@ -36,6 +36,9 @@ pub struct Decision {
     /// A plain read the control plane left to layer 2: the only table OIDs its columns may
     /// come from (any other origin is redacted).
     pub origins: Option<Arc<[u32]>>,
+    /// A text COPY of such a read: (table OID, attnum, type OID) of each output column, which
+    /// COPY's own messages do not carry.
+    pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
 }
 
 /// Per identity class, then per text: nested so a lookup borrows the class and the statement
@@ -140,7 +143,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None })
     }
 
     #[test]

@@ -243,6 +243,24 @@ impl MaskPlan {
         MaskPlan { columns, ctx }
     }
 
+    /// A plan for a text COPY whose columns' origins and types the control plane supplied
+    /// (CopyOutResponse carries neither): classified columns masked, kinds seen in clear
+    /// passed, other text-like columns scanned.
+    pub fn for_copy(cols: impl Iterator<Item = (Classified, u32)>, ctx: Arc<MaskContext>) -> Self {
+        let columns = cols
+            .map(|(class, type_oid)| {
+                let action = match class {
+                    Classified::Masked(r) => Action::Mask { mask: r.mask, why: Why::Classified(r.kind) },
+                    Classified::Clear => Action::Pass,
+                    Classified::No if scannable(Ty::of(type_oid)) => Action::Scan,
+                    Classified::No => Action::Pass,
+                };
+                ColumnPlan { type_oid, format: Format::Text, action }
+            })
+            .collect();
+        MaskPlan { columns, ctx }
+    }
+
     /// Builds the plan from a RowDescription body and the classification lookup.
     pub fn from_row_description(
         body: &[u8],

@@ -255,6 +255,7 @@ impl Ctx {
                 protected: decision.protected,
                 rewritten: decision.rewritten.is_some(),
                 origins: decision.origins.clone(),
+                copy_columns: decision.copy_columns.clone(),
             }),
             Action::Deny { sqlstate, message, hint } => {
                 let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());
@@ -348,7 +349,20 @@ fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         None | Some(serde_json::Value::Null) => None,
         Some(v) => Some(v.as_array()?.iter().map(|o| o.as_u64().and_then(|o| u32::try_from(o).ok())).collect::<Option<Arc<[u32]>>>()?),
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins })
+    let copy_columns = match a.get("copy_columns") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            v.as_array()?
+                .iter()
+                .map(|c| {
+                    let c = c.as_array().filter(|c| c.len() == 3)?;
+                    let num = |i: usize| c[i].as_u64();
+                    Some((u32::try_from(num(0)?).ok()?, i16::try_from(num(1)?).ok()?, u32::try_from(num(2)?).ok()?))
+                })
+                .collect::<Option<Arc<[(u32, i16, u32)]>>>()?,
+        ),
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns })
 }
 
 async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {

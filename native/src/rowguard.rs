@@ -32,6 +32,8 @@ pub struct StmtInfo {
     pub rewritten: bool,
     /// A plain read left to layer 2: the only table OIDs its columns may come from.
     pub origins: Option<Arc<[u32]>>,
+    /// A text COPY of such a read: each output column's (table OID, attnum, type OID).
+    pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
 }
 
 /// The response the client→upstream half expects for one message it sent upstream.
@@ -66,6 +68,8 @@ enum Current {
     Rows(Option<Arc<MaskPlan>>),
     /// COPY out in text or CSV: the detectors run over each CopyData payload.
     CopyScan,
+    /// Text COPY of a plain read: columns masked by position with their known origins.
+    CopyPlan(Arc<MaskPlan>),
 }
 
 /// The upstream→client half's layer-2 state for one masked session.
@@ -105,13 +109,14 @@ impl RowGuard {
     fn plan(&self, state: &MaskingState, body: &[u8], info: &StmtInfo) -> Result<Option<Arc<MaskPlan>>, GateError> {
         let rules = state.targets.get(&self.target);
         let unexpected = |oid: u32| info.origins.as_ref().is_some_and(|o| !o.contains(&oid));
-        let lookup = |oid: u32, attnum: i16| match rules.and_then(|r| r.rules.get(&(oid, attnum))) {
-            // A plain read may only show columns of the tables the control plane checked: a
-            // table recreated since the catalog was read has a new OID and no rules here.
-            _ if unexpected(oid) => Classified::Masked(ColumnRule { kind: Arc::from("unexpected origin"), mask: Mask::Redact }),
-            Some(rule) if self.clear.iter().any(|k| **k == *rule.kind) => Classified::Clear,
-            Some(rule) => Classified::Masked(rule.clone()),
-            None => Classified::No,
+        let lookup = |oid: u32, attnum: i16| {
+            if unexpected(oid) {
+                // A plain read may only show columns of the tables the control plane checked: a
+                // table recreated since the catalog was read has a new OID and no rules here.
+                Classified::Masked(ColumnRule { kind: Arc::from("unexpected origin"), mask: Mask::Redact })
+            } else {
+                self.classify(state, oid, attnum)
+            }
         };
         let opts = PlanOptions {
             touches_protected: info.protected,
@@ -147,7 +152,7 @@ impl RowGuard {
                         }
                         _ => return Err(lost("rows without a description")),
                     },
-                    Current::CopyScan => return Err(lost("a row inside COPY")),
+                    Current::CopyScan | Current::CopyPlan(_) => return Err(lost("a row inside COPY")),
                 };
                 match plan {
                     None => out.extend_from_slice(frame),
@@ -162,6 +167,14 @@ impl RowGuard {
                 Ok(Step::Done)
             }
             b'd' => {
+                if let Current::CopyPlan(plan) = &self.current {
+                    let before = out.len();
+                    masking::mask_copy_data(plan, body, b'\t', out).map_err(|e| e.to_gate_error().into_fatal())?;
+                    if out[before..] != frame[..] {
+                        self.values_masked += 1;
+                    }
+                    return Ok(Step::Done);
+                }
                 if !matches!(self.current, Current::CopyScan) {
                     return Err(lost("COPY data outside COPY"));
                 }
@@ -225,6 +238,17 @@ impl RowGuard {
                         "binary COPY output cannot be checked for PHI by phigate; the session is closed")
                         .with_hint("Use COPY in text or CSV format."));
                 }
+                if let Some(cols) = &info.copy_columns {
+                    // The statement is a text COPY with no options (the control plane checked),
+                    // so the data is tab-separated text with one field per planned column.
+                    let n = masking::copy_out_columns(body).map_err(|e| e.to_gate_error().into_fatal())?;
+                    if n != cols.len() {
+                        return Err(lost("a COPY with another column count than planned"));
+                    }
+                    let plan = self.copy_plan(state, cols);
+                    self.current = Current::CopyPlan(Arc::new(plan));
+                    return Ok(Step::Default);
+                }
                 if info.protected && !info.rewritten {
                     return Err(GateError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE,
                         "this COPY reads protected data that was not masked at the source; the session is closed")
@@ -270,6 +294,18 @@ impl RowGuard {
             }
             _ => Ok(Step::Default),
         }
+    }
+
+    fn classify(&self, state: &MaskingState, oid: u32, attnum: i16) -> Classified {
+        match state.targets.get(&self.target).and_then(|r| r.rules.get(&(oid, attnum))) {
+            Some(rule) if self.clear.iter().any(|k| **k == *rule.kind) => Classified::Clear,
+            Some(rule) => Classified::Masked(rule.clone()),
+            None => Classified::No,
+        }
+    }
+
+    fn copy_plan(&self, state: &MaskingState, cols: &[(u32, i16, u32)]) -> MaskPlan {
+        MaskPlan::for_copy(cols.iter().map(|&(oid, attnum, ty)| (self.classify(state, oid, attnum), ty)), state.ctx.clone())
     }
 
     fn remember(&mut self, portal: Vec<u8>, plan: Option<Arc<MaskPlan>>) {
@@ -384,12 +420,30 @@ mod tests {
     fn a_plain_read_shows_only_the_tables_it_was_allowed() {
         let mut g = guard(&["ssn"]);
         let only_600: Arc<[u32]> = Arc::from(vec![600u32]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600) };
+        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600), copy_columns: None };
         let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
         // Table 500 is not in the list (say, recreated since the catalog was read): redacted
         // even for a kind seen in clear.
         let out = feed(&mut g, &mut q, &[rd(), row(b"123-45-6789")]).unwrap();
         assert!(out.ends_with(&row(b"***")));
+    }
+
+    #[test]
+    fn a_text_copy_is_masked_by_the_planned_columns() {
+        let mut g = guard(&[]);
+        let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32), (600, 1, 25)]);
+        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols) };
+        let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
+        let copy_out = message(b'H', &[0, 0, 2, 0, 0, 0, 0]);
+        let data = message(b'd', b"123-45-6789\tcall 555-123-4567\n");
+        let out = feed(&mut g, &mut q, &[copy_out.clone(), data]).unwrap();
+        let expected: Vec<u8> = [copy_out, message(b'd', b"***\tcall [PHONE]\n")].concat();
+        assert_eq!(out, expected, "classified column redacted, the other scanned");
+        // A COPY with another shape than planned is not guessed at.
+        let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32)]);
+        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols) };
+        let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
+        assert!(feed(&mut g, &mut q, &[message(b'H', &[0, 0, 2, 0, 0, 0, 0])]).unwrap_err().is_fatal());
     }
 
     #[test]

@@ -21,7 +21,7 @@ from phigate.catalog import CatalogSnapshot
 from phigate.config import Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.policy.analyze import Facts, analyze
-from phigate.policy.passthrough import passthrough_oids
+from phigate.policy.passthrough import copy_columns, passthrough_oids
 from phigate.policy.rewrite import pseudonym_key_sql, rewrite
 from phigate.policy.rules import Decision, decide
 
@@ -116,12 +116,12 @@ class PolicyEngine:
                 "hint": "Whether a write succeeds (a unique key, a constraint) would reveal values "
                 "you may not read; ask for the clear kind if you need to write it.",
             }
-        oids = _plain_read(sql, catalog, roleset.clear_kinds)
-        if oids is not None:
+        plain = _plain_read(sql, catalog, roleset.clear_kinds)
+        if plain is not None:
             # Layer 2 masks it by column origin, exactly and far cheaper than SQL; it may read
             # only these tables (any other origin is redacted).
             return {"action": "allow", "cache": cache, "normalized": normalized,
-                    "protected": True, "origins": oids}
+                    "protected": True, **plain}
         result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql)
         if result.refuse is None and result.changed and any(
             f.kind == "explain" and (f.explain_analyze or f.explain_verbose) for f in facts
@@ -151,13 +151,21 @@ class PolicyEngine:
 
 def _plain_read(
     sql: str, catalog: CatalogSnapshot, clear_kinds: frozenset[str]
-) -> list[int] | None:
-    """passthrough_oids for ``sql``; None when it needs the rewrite (or does not parse)."""
+) -> dict[str, Any] | None:
+    """What the data plane needs to mask a plain read (or a text COPY of one) by itself: the
+    table OIDs it may show, and for COPY each output column's origin and type. None when the
+    statement needs the rewrite (or does not parse)."""
     try:
         doc = orjson.loads(_pg_parser.parse_sql_json(sql))
     except _pg_parser.ParseError:
         return None
-    return passthrough_oids(doc, catalog, clear_kinds)
+    oids = passthrough_oids(doc, catalog, clear_kinds)
+    if oids is not None:
+        return {"origins": oids}
+    cols = copy_columns(doc, catalog, clear_kinds)
+    if cols is not None:
+        return {"origins": sorted({oid for oid, _, _ in cols}), "copy_columns": cols}
+    return None
 
 
 def _reads_protected(facts: list[Facts], catalog: CatalogSnapshot) -> bool:

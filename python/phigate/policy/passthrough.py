@@ -23,7 +23,7 @@ from typing import Any
 
 from phigate.catalog import CatalogSnapshot, RelationInfo
 
-__all__ = ["passthrough_oids"]
+__all__ = ["copy_columns", "passthrough_oids"]
 
 _TABLE_KINDS = frozenset({"r", "p", "f"})  # not views: the rewrite maps those
 _TEXT_TYPES = frozenset({25, 1043})  # text, varchar (bpchar pads: left to the rewrite)
@@ -43,17 +43,56 @@ def passthrough_oids(
 ) -> list[int] | None:
     """The OIDs of the protected tables a plain read reads, when layer 2 alone masks it
     exactly; None when the statement needs the rewrite."""
+    select = _only_statement(doc, "SelectStmt")
+    items = _plain_select(select, catalog, clear_kinds) if select is not None else None
+    return None if items is None else sorted({rel.oid for _, rel in items})
+
+
+def copy_columns(
+    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+) -> list[tuple[int, int, int]] | None:
+    """For ``COPY (plain read) TO STDOUT`` in text format: (table OID, attnum, type OID) of
+    every output column in order, which COPY's own messages do not carry; None otherwise."""
+    copy = _only_statement(doc, "CopyStmt")
+    if copy is None or copy.get("is_from") or copy.get("relation") or copy.get("filename"):
+        return None
+    if copy.get("is_program") or copy.get("options") or copy.get("attlist"):
+        return None  # options may change the format (CSV quoting, delimiters) the data plane parses
+    select = (copy.get("query") or {}).get("SelectStmt")
+    items = _plain_select(select, catalog, clear_kinds) if isinstance(select, dict) else None
+    if items is None:
+        return None
+    out: list[tuple[int, int, int]] = []
+    for target in select.get("targetList") or ():  # type: ignore[union-attr]
+        cols = _expand(target["ResTarget"]["val"]["ColumnRef"]["fields"], items)
+        if cols is None:
+            return None
+        out += cols
+    return out
+
+
+def _only_statement(doc: Mapping[str, Any], node: str) -> dict[str, Any] | None:
     stmts = doc.get("stmts")
     if not isinstance(stmts, list) or len(stmts) != 1:
         return None
-    select = stmts[0].get("stmt", {}).get("SelectStmt")
-    if not isinstance(select, dict) or select.get("op", "SETOP_NONE") != "SETOP_NONE":
+    body = stmts[0].get("stmt", {}).get(node)
+    return body if isinstance(body, dict) else None
+
+
+def _plain_select(
+    select: dict[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+) -> list[tuple[str, RelationInfo]] | None:
+    """The FROM items (reference name, table) of a plain read; None if it is not one."""
+    if select.get("op", "SETOP_NONE") != "SETOP_NONE":
         return None
     if any(select.get(k) for k in _FORBIDDEN):
         return None
-    rels = _from_tables(select.get("fromClause"), catalog)
-    if rels is None:
+    items = _from_tables(select.get("fromClause"), catalog)
+    if items is None:
         return None
+    rels = dict(items)
+    for _, rel in items:
+        rels.setdefault(rel.name, rel)
     masked: set[str] = set()
     for rel in rels.values():
         for col in rel.masked_columns(clear_kinds):
@@ -68,14 +107,38 @@ def passthrough_oids(
     for part in ("whereClause", "limitCount", "limitOffset"):
         if not _clean_filter(select.get(part), names):
             return None
-    return sorted({r.oid for r in rels.values()})
+    return items
 
 
-def _from_tables(items: Any, catalog: CatalogSnapshot) -> dict[str, RelationInfo] | None:
-    """Reference name -> protected table, for a FROM list of protected tables only."""
+def _expand(
+    fields: list[Any], items: list[tuple[str, RelationInfo]]
+) -> list[tuple[int, int, int]] | None:
+    """The columns a bare reference in a target list stands for, as the server expands it."""
+    names = [f["String"]["sval"] if "String" in f else None for f in fields]
+    if names == [None]:  # *: every table's columns, in FROM order
+        return [(r.oid, c.attnum, c.type_oid) for _, r in items for c in r.columns]
+    if len(names) == 2 and names[1] is None:  # t.*
+        rel = next((r for ref, r in items if ref == names[0]), None)
+        return None if rel is None else [(rel.oid, c.attnum, c.type_oid) for c in rel.columns]
+    if len(names) == 1:
+        found = [(r, c) for _, r in items for c in r.columns if c.name == names[0]]
+    elif len(names) == 2:
+        found = [
+            (r, c) for ref, r in items if ref == names[0] for c in r.columns if c.name == names[1]
+        ]
+    else:
+        return None
+    if len(found) != 1:
+        return None  # ambiguous, unknown, or not something phigate resolves: the rewrite's
+    rel, col = found[0]
+    return [(rel.oid, col.attnum, col.type_oid)]
+
+
+def _from_tables(items: Any, catalog: CatalogSnapshot) -> list[tuple[str, RelationInfo]] | None:
+    """(reference name, protected table) per FROM item, for a FROM list of protected tables."""
     if not isinstance(items, list) or not items:
         return None
-    out: dict[str, RelationInfo] = {}
+    out: list[tuple[str, RelationInfo]] = []
     for item in items:
         rv = item.get("RangeVar") if isinstance(item, dict) else None
         if not isinstance(rv, dict) or rv.get("catalogname"):
@@ -83,11 +146,10 @@ def _from_tables(items: Any, catalog: CatalogSnapshot) -> dict[str, RelationInfo
         rel = catalog.relation(rv.get("schemaname") or "public", rv.get("relname", ""))
         if rel is None or rel.relkind not in _TABLE_KINDS or rel.refuse:
             return None  # unprotected tables have no OID here; views are the rewrite's
-        alias = (rv.get("alias") or {}).get("aliasname") or rel.name
-        if alias in out:
+        ref = (rv.get("alias") or {}).get("aliasname") or rel.name
+        if any(ref == r for r, _ in out):
             return None
-        out[alias] = rel
-        out.setdefault(rel.name, rel)
+        out.append((ref, rel))
     return out
 
 
