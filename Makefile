@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench clean
+.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking clean
 
 help:
 	@echo "make demo        build everything, then run 'phigate demo' (embedded PostgreSQL + gateway)"
@@ -14,6 +14,7 @@ help:
 	@echo "make demo-check  the demo as a self-test: start, query through the gateway, exit"
 	@echo "make lint        ruff, mypy and cargo clippy"
 	@echo "make bench       pgbench direct vs PgBouncer vs phigate; report in benches/results/"
+	@echo "make bench-masking  only the masked vs unmasked bulk read through phigate"
 	@echo "make clean       remove build products and the virtualenv"
 
 $(BIN)/python:
@@ -53,6 +54,9 @@ lint: build
 
 bench: build
 	$(BIN)/python benches/run.py $(BENCH_ARGS)
+
+bench-masking: build
+	$(BIN)/python benches/run.py --only masking $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) native/target python/phigate/*.so .pytest_cache .hypothesis

@@ -38,13 +38,16 @@ def native_version() -> str:
     return cp.stdout.strip() if cp.returncode == 0 else "?"
 
 
-def mint_token(key_dir: Path, ttl_seconds: int) -> tuple[str, Path]:
-    """A dev token from phigate.tokens.DevIssuer and the JWKS file that verifies it."""
+def mint_token(key_dir: Path, ttl_seconds: int, subject: str = AGENT,
+               groups: list[str] | None = None) -> tuple[str, Path]:
+    """A dev token from phigate.tokens.DevIssuer and the JWKS file that verifies it (the same
+    key pair for every subject minted from one key_dir)."""
     from phigate.tokens import DevIssuer
 
     iss = DevIssuer(key_dir, issuer=ISSUER)
     iss.ensure_keys()
-    tok = iss.mint(AGENT, GROUPS, ttl_seconds, audience=AUDIENCE, issuer=ISSUER)
+    tok = iss.mint(subject, GROUPS if groups is None else groups, ttl_seconds,
+                   audience=AUDIENCE, issuer=ISSUER)
     return tok, iss.jwks_path
 
 
@@ -54,8 +57,19 @@ def _q(s: str | Path) -> str:
 
 def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_port: int | None,
                  pool_db: str, upstream_db: str, svc_user: str, svc_password: str,
-                 events_log: str, workers: int) -> Path:
-    """The gateway TOML: plaintext listener, `bench` -> PostgreSQL, `bench_pool` -> PgBouncer."""
+                 events_log: str, workers: int,
+                 extra_groups: dict[str, list[str]] | None = None,
+                 reader_see_clear: list[str] | None = None, extra_toml: str = "") -> Path:
+    """The gateway TOML: plaintext listener, `bench` -> PostgreSQL, `bench_pool` -> PgBouncer.
+
+    `extra_groups` and `extra_toml` (roles, `[phi]`) are for the masked bulk read; when PHI is
+    classified, `reader_see_clear` lets the benchmark agent see every classified kind in clear,
+    so pgbench and the plain bulk read measure exactly what they measure without `[phi]`.
+    """
+    group_lines = "".join(f"{_q(g)} = {json.dumps(r)}\n"
+                          for g, r in (extra_groups or {}).items())
+    see_clear = (f"see_clear = {json.dumps(reader_see_clear)}\n"
+                 if reader_see_clear is not None else "")
     pw = workdir / "svc.password"
     pw.write_text(svc_password + "\n")
     pw.chmod(0o600)
@@ -75,11 +89,11 @@ jwks_file = {_q(jwks)}
 # table) and nothing else; decisions are cached after the warm-up, so pgbench never enters Python.
 [groups]
 {GROUPS[0]} = ["bench-reader"]
-
+{group_lines}
 [roles.bench-reader]
 relations = ["public.*"]
 operations = ["select", "copy_to"]
-
+{see_clear}
 [targets.bench]
 host = "{LOOPBACK}"
 port = {pg_port}
@@ -99,6 +113,7 @@ user = {_q(svc_user)}
 password_file = {_q(pw)}
 tls = "disable"
 """
+    toml += extra_toml
     path = workdir / "phigate.toml"
     path.write_text(toml)
     return path

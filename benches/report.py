@@ -13,6 +13,7 @@ from typing import Any
 SYSTEMS = ("direct", "pgbouncer", "phigate")
 TPS_RATIO_TARGET = 0.9
 BULK_RATIO_TARGET = 0.9
+MASKED_RATIO_TARGET = 0.8  # masked bulk read throughput / the same read unmasked (issue 4)
 RSS_TARGET_KB = 16.0
 
 
@@ -92,6 +93,19 @@ def _errnote(res: dict[str, Any], sysname: str) -> str:
     return "error" if "error" in r else ""
 
 
+def _mask_sets(mk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The masked read's mask sets as (key, results); labels come from the shape when the
+    measurement failed. An older report (one set, readers at the top level) is set A."""
+    sets = mk.get("sets")
+    if isinstance(sets, dict) and sets:
+        return list(sets.items())
+    shape_sets = mk.get("shape", {}).get("sets")
+    if isinstance(shape_sets, dict) and shape_sets:
+        return [(k, {"label": v.get("label"), "table": v.get("table")})
+                for k, v in shape_sets.items()]
+    return [("A", mk)] if mk else []
+
+
 def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each met / not met / not measured (met=None)."""
     out: list[dict[str, Any]] = []
@@ -100,18 +114,31 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         r = _ratio(_cell(res, "phigate", "tps"), _cell(res, "pgbouncer", "tps"))
         out.append({"target": f"-S {row['mode']} c={row['clients']}: TPS >= 0.9x PgBouncer",
                     "value": r, "unit": "x", "met": None if r is None else r >= TPS_RATIO_TARGET})
+    # Parts skipped on purpose (--skip, --only) get no target row; failed ones: "not measured".
+    ran = set(data.get("meta", {}).get("settings", {}).get("parts", ("bulk", "rss")))
     bulk = data.get("bulk", {})
     r = _ratio(_cell(bulk, "phigate", "select_best_mb_s"),
                _cell(bulk, "pgbouncer", "select_best_mb_s"))
-    out.append({"target": "bulk read MB/s >= 0.9x PgBouncer", "value": r, "unit": "x",
-                "met": None if r is None else r >= BULK_RATIO_TARGET})
+    if "bulk" in ran:
+        out.append({"target": "bulk read MB/s >= 0.9x PgBouncer", "value": r, "unit": "x",
+                    "met": None if r is None else r >= BULK_RATIO_TARGET})
+    mk = data.get("masking") or {}
+    if "masking" in ran:
+        for key, res in _mask_sets(mk):
+            what = res.get("label") or f"set {key}"
+            for label, cell in (("SELECT", "select_best_rows_s"), ("COPY", "copy_best_rows_s")):
+                r = _ratio(_cell(res, "masked", cell), _cell(res, "unmasked", cell))
+                out.append({"target": f"masked bulk read ({label}), set {key}: {what}: >= "
+                                      f"{MASKED_RATIO_TARGET}x unmasked",
+                            "value": r, "unit": "x", "mask_set": key,
+                            "met": None if r is None else r >= MASKED_RATIO_TARGET})
     rss_rows = [x for x in data.get("rss", []) if x.get("system") == "phigate"]
     for x in rss_rows:
         v = x.get("per_conn_kb")
         out.append({"target": f"RSS per idle connection < 16 kB at {x['n']:,} "
                               f"(upstream {x['upstream']})",
                     "value": v, "unit": "kB", "met": None if v is None else v < RSS_TARGET_KB})
-    if not rss_rows:
+    if not rss_rows and "rss" in ran:
         out.append({"target": "RSS per idle connection < 16 kB", "value": None, "unit": "kB",
                     "met": None})
     return out
@@ -136,48 +163,57 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"native {v['phigate_native']}; {v['rustc']}; Python {m['python']}; "
              f"psycopg {v['psycopg']}")
     s = meta["settings"]
-    L.append(f"- settings: pgbench -S, {s['duration_s']} s per run, scale {s['scale']}, "
-             f"warm-up {s['warmup_s']} s per mode and system; -S matrix run {s.get('repeat', 1)}x "
-             f"(median-TPS run shown); bulk best of {s['bulk_repeats']}; "
+    parts = s.get("parts", ("pgbench", "bulk"))
+    pgb = (f"pgbench -S, {s['duration_s']} s per run, scale {s['scale']}, warm-up "
+           f"{s['warmup_s']} s per mode and system; -S matrix run {s.get('repeat', 1)}x "
+           "(median-TPS run shown); " if "pgbench" in parts else "")
+    bulk_n = f"bulk best of {s['bulk_repeats']}; " if "bulk" in parts else ""
+    masked_n = f"masked read best of {s['masking_repeats']}; " if "masking" in parts else ""
+    L.append(f"- settings: {pgb}{bulk_n}{masked_n}"
              f"phigate workers={s['workers']}, events_log={s['events_log']}; TLS off on every leg; "
              f"PgBouncer pool_mode=session, auth SCRAM; PostgreSQL auth SCRAM")
-    L.append("- latency: p50/p99 from pgbench per-transaction logs (`--log`), i.e. what the "
-             "client measured per transaction; \"added\" = phigate p50 minus the other's p50")
+    if "parts" in s and len(parts) < 5:
+        L.append(f"- parts run: {', '.join(parts)}")
+    if "pgbench" in parts:
+        L.append("- latency: p50/p99 from pgbench per-transaction logs (`--log`), i.e. what the "
+                 "client measured per transaction; \"added\" = phigate p50 minus the other's "
+                 "p50")
     L.append("")
 
-    L.append("## pgbench -S (TPS)")
-    L.append("")
-    L.append("| mode | clients | direct | pgbouncer | phigate | phigate/pgbouncer "
-             "| phigate/direct | proxy CPU µs/txn (pgb / phigate) |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in data.get("pgbench", []):
-        res = row["results"]
-        t = {k: _cell(res, k, "tps") for k in SYSTEMS}
-        cells = [_f(t[k]) if t[k] is not None else (_errnote(res, k) or "–") for k in SYSTEMS]
-        L.append(f"| {row['mode']} | {row['clients']} | " + " | ".join(cells) + " | "
-                 f"{_f(_ratio(t['phigate'], t['pgbouncer']), 2)} | "
-                 f"{_f(_ratio(t['phigate'], t['direct']), 2)} | "
-                 f"{_f(_cell(res, 'pgbouncer', 'proxy_cpu_us_per_txn'), 1)} / "
-                 f"{_f(_cell(res, 'phigate', 'proxy_cpu_us_per_txn'), 1)} |")
-    L.append("")
-    L.append("## pgbench -S latency (ms, p50 / p99)")
-    L.append("")
-    L.append("| mode | clients | direct | pgbouncer | phigate | added p50 vs direct |"
-             " added p50 vs pgbouncer |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|")
-    for row in data.get("pgbench", []):
-        res = row["results"]
+    if data.get("pgbench"):
+        L.append("## pgbench -S (TPS)")
+        L.append("")
+        L.append("| mode | clients | direct | pgbouncer | phigate | phigate/pgbouncer "
+                 "| phigate/direct | proxy CPU µs/txn (pgb / phigate) |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row in data.get("pgbench", []):
+            res = row["results"]
+            t = {k: _cell(res, k, "tps") for k in SYSTEMS}
+            cells = [_f(t[k]) if t[k] is not None else (_errnote(res, k) or "–") for k in SYSTEMS]
+            L.append(f"| {row['mode']} | {row['clients']} | " + " | ".join(cells) + " | "
+                     f"{_f(_ratio(t['phigate'], t['pgbouncer']), 2)} | "
+                     f"{_f(_ratio(t['phigate'], t['direct']), 2)} | "
+                     f"{_f(_cell(res, 'pgbouncer', 'proxy_cpu_us_per_txn'), 1)} / "
+                     f"{_f(_cell(res, 'phigate', 'proxy_cpu_us_per_txn'), 1)} |")
+        L.append("")
+        L.append("## pgbench -S latency (ms, p50 / p99)")
+        L.append("")
+        L.append("| mode | clients | direct | pgbouncer | phigate | added p50 vs direct |"
+                 " added p50 vs pgbouncer |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for row in data.get("pgbench", []):
+            res = row["results"]
 
-        def lat(k: str, res: dict[str, Any] = res) -> str:
-            p50, p99 = _cell(res, k, "p50_ms"), _cell(res, k, "p99_ms")
-            return f"{_f(p50, 3)} / {_f(p99, 3)}" if p50 is not None else (
-                _errnote(res, k) or "–")
+            def lat(k: str, res: dict[str, Any] = res) -> str:
+                p50, p99 = _cell(res, k, "p50_ms"), _cell(res, k, "p99_ms")
+                return f"{_f(p50, 3)} / {_f(p99, 3)}" if p50 is not None else (
+                    _errnote(res, k) or "–")
 
-        p = {k: _cell(res, k, "p50_ms") for k in SYSTEMS}
-        add_d, add_b = _diff(p["phigate"], p["direct"]), _diff(p["phigate"], p["pgbouncer"])
-        L.append(f"| {row['mode']} | {row['clients']} | {lat('direct')} | {lat('pgbouncer')} | "
-                 f"{lat('phigate')} | {_f(add_d, 3)} | {_f(add_b, 3)} |")
-    L.append("")
+            p = {k: _cell(res, k, "p50_ms") for k in SYSTEMS}
+            add_d, add_b = _diff(p["phigate"], p["direct"]), _diff(p["phigate"], p["pgbouncer"])
+            L.append(f"| {row['mode']} | {row['clients']} | {lat('direct')} | {lat('pgbouncer')} | "
+                     f"{lat('phigate')} | {_f(add_d, 3)} | {_f(add_b, 3)} |")
+        L.append("")
 
     if data.get("connect"):
         L.append("## Connection setup (`pgbench -C -S -M simple`: one new connection per "
@@ -213,8 +249,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                      f"{_f(_ratio(vals['phigate'], vals['pgbouncer']), 2)} | "
                      f"{_f(_ratio(vals['phigate'], vals['direct']), 2)} |")
         L.append("")
-        L.append("Masking is not implemented yet, so there is no \"with masking\" row.")
-        L.append("")
+
+    if data.get("masking"):
+        L.extend(_masking_section(data["masking"]))
 
     if data.get("rss"):
         L.append("## RSS per idle authenticated connection")
@@ -228,7 +265,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                      f"{_f(x.get('per_conn_kb'), 2)} |")
         L.append("")
 
-    L.append("## Targets (issue 2)")
+    L.append("## Targets (issue 2; masked read: issue 4)")
     L.append("")
     L.append("| target | measured | result |")
     L.append("|---|---:|---|")
@@ -249,6 +286,99 @@ def render_markdown(data: dict[str, Any]) -> str:
         L.extend(f"- {e}" for e in errs)
         L.append("")
     return "\n".join(L)
+
+
+def _masking_section(mk: dict[str, Any]) -> list[str]:
+    shape = mk.get("shape", {})
+    rows = shape.get("rows", 20000)
+    shape_sets: dict[str, Any] = shape.get("sets", {})
+    L = [f"## Masked bulk read: {rows:,} PHI-shaped rows through phigate, masked vs unmasked "
+         "identity", ""]
+    L.append(f"Tables {', '.join(f'`{t}`' for t in shape.get('tables', []))}, the same rows in "
+             "each: id int, encounter text (`ENC-A00001`), ssn text, full_name text, "
+             f"birth_date date, note text (~{shape.get('note_bytes', 1024)} B clinical note, no "
+             f"identifiers); {_f(mk.get('payload_bytes', 0) / 1e6, 2)} MB of values as text per "
+             "table. `encounter` and `note` are not classified and no content detector matches "
+             "them. The unmasked identity's role has `see_clear = "
+             f"{json.dumps(shape.get('clear_role_see_clear', []))}`, the masked one's has none; "
+             "otherwise the roles are the same, and every reader goes through the same gateway "
+             "process, each on one warm psycopg connection, text format, all readers of both "
+             "sets alternating. Rows/s, best of N (median in parentheses).")
+    L.append("")
+    L.append("| mask set | table | classified (kind/mask) |")
+    L.append("|---|---|---|")
+    for key, ss in shape_sets.items():
+        cls = ", ".join(f"`{c}` {r['kind']}/{r['mask']}"
+                        for c, r in ss.get("classified", {}).items())
+        L.append(f"| {key}: {ss.get('label', '')} | `{ss.get('table', '')}` | {cls} |")
+    L.append("")
+    if "error" in mk:
+        L.append(f"Not measured: {mk['error'].splitlines()[0] if mk['error'] else 'error'}")
+        L.append("")
+        return L
+    sets = _mask_sets(mk)
+    labels = ("direct", "direct_rewritten", "unmasked", "masked")
+    L.append("| mask set | fetch | direct | direct, rewritten SQL | phigate unmasked | "
+             "phigate masked | **masked/unmasked** | rewritten/direct | unmasked/direct |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key, res in sets:
+        for label, what in (("SELECT … → fetchall()", "select"),
+                            ("COPY (SELECT …) TO STDOUT", "copy")):
+            v = {k: _cell(res, k, f"{what}_best_rows_s") for k in labels}
+            cells = [f"{_f(v[k])} ({_f(_cell(res, k, f'{what}_median_rows_s'))})"
+                     if v[k] is not None else "–" for k in labels]
+            L.append(f"| {key}: {res.get('label', '')} | {label} | " + " | ".join(cells) + " | "
+                     f"**{_f(_ratio(v['masked'], v['unmasked']), 2)}** | "
+                     f"{_f(_ratio(v['direct_rewritten'], v['direct']), 2)} | "
+                     f"{_f(_ratio(v['unmasked'], v['direct']), 2)} |")
+    L.append("")
+    L.append("The same, as MB/s of the clear payload (best):")
+    L.append("")
+    L.append("| mask set | fetch | direct | direct, rewritten SQL | phigate unmasked | "
+             "phigate masked |")
+    L.append("|---|---|---:|---:|---:|---:|")
+    for key, res in sets:
+        for label, what in (("SELECT", "select"), ("COPY", "copy")):
+            L.append(f"| {key} | {label} | "
+                     + " | ".join(_f(_cell(res, k, f"{what}_best_mb_s"), 1) for k in labels)
+                     + " |")
+    L.append("")
+    L.append("CPU per read, median ms (gateway process tree / the reader's PostgreSQL backend; "
+             "/proc clock ticks, 10 ms resolution):")
+    L.append("")
+    L.append("| mask set | fetch | direct | direct, rewritten SQL | phigate unmasked | "
+             "phigate masked |")
+    L.append("|---|---|---:|---:|---:|---:|")
+    for key, res in sets:
+        for label, what in (("SELECT", "select"), ("COPY", "copy")):
+            cells = []
+            for k in labels:
+                px = _cell(res, k, f"{what}_proxy_cpu_ms_median")
+                pg = _cell(res, k, f"{what}_pg_cpu_ms_median")
+                cells.append(f"{_f(px, 0)} / {_f(pg, 0)}"
+                             if k not in ("direct", "direct_rewritten") else f"– / {_f(pg, 0)}")
+            L.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
+    L.append("")
+    if any(res.get("direct_rewritten") for _, res in sets):
+        L.append("\"direct, rewritten SQL\" runs the statement phigate's layer-1 rewrite sends "
+                 "upstream for the masked identity (asked of phigate's policy engine) directly on "
+                 "PostgreSQL: rewritten/direct is what computing the masks in SQL costs the "
+                 "database alone; masked/unmasked adds whatever the gateway does per row.")
+        L.append("")
+    for key, res in sets:
+        chk = res.get("check", {})
+        if not chk:
+            continue
+        c, smp = chk.get("counts", {}), chk.get("masked_sample", {})
+        L.append(f"Set {key}, what the masked identity received (first pass, {rows:,} rows): "
+                 f"classified values in clear: ssn {c.get('ssn_unmasked')}, full_name "
+                 f"{c.get('name_unmasked')}, birth_date {c.get('dob_unmasked')}; unclassified "
+                 f"values changed: encounter {c.get('encounter_changed')}, note "
+                 f"{c.get('notes_changed')}. First row as masked: ssn `{smp.get('ssn')}`, "
+                 f"full_name `{smp.get('full_name')}`, birth_date `{smp.get('birth_date')}`, "
+                 f"encounter `{smp.get('encounter')}`.")
+        L.append("")
+    return L
 
 
 def write(data: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

@@ -1,4 +1,5 @@
-"""One-command benchmark: pgbench, bulk read, connect rate, idle RSS: direct/PgBouncer/phigate."""
+"""One-command benchmark: pgbench, bulk read, connect rate, masked bulk read, idle RSS:
+direct/PgBouncer/phigate."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import bouncer  # noqa: E402
 import bulk  # noqa: E402
 import gateway  # noqa: E402
 import idleconns  # noqa: E402
+import masked_bulk  # noqa: E402
 import pgbenchrun  # noqa: E402
 import report  # noqa: E402
 from pgbenchrun import Endpoint  # noqa: E402
@@ -42,6 +44,8 @@ from procs import (  # noqa: E402
 )
 
 MODES = ("simple", "extended", "prepared")
+# Measurements, in the order they run; --skip and --only name them.
+PARTS = ("pgbench", "connect", "bulk", "masking", "rss")
 CLIENT_SETS = ((1, 1), (8, 2))
 SVC_USER = "bench_svc"
 DB = "bench"
@@ -60,12 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up seconds per mode (3)")
     ap.add_argument("--scale", type=int, default=None, help="pgbench scale factor (10)")
     ap.add_argument("--bulk-repeats", type=int, default=None, help="bulk read best of N (5)")
+    ap.add_argument("--masking-repeats", type=int, default=None,
+                    help="masked bulk read: best of N per reader (15; a read takes ~0.1 s)")
     ap.add_argument("--rss-conns", default=None,
                     help="comma-separated idle connection counts (1000,10000)")
     ap.add_argument("--systems", default="direct,pgbouncer,phigate",
                     help="which systems to run (phigate is skipped if not importable)")
     ap.add_argument("--skip", default="",
-                    help="comma-separated parts to skip: pgbench,connect,bulk,rss")
+                    help=f"comma-separated parts to skip: {','.join(PARTS)}")
+    ap.add_argument("--only", default="",
+                    help="comma-separated parts to run, skipping the others "
+                         "(e.g. --only masking: the masked bulk read alone, ~1.5 min)")
     ap.add_argument("--pg", choices=("auto", "pgembed", "own"), default="auto",
                     help="PostgreSQL starter: phigate.pgembed, the benchmark's own, or auto")
     # PgBouncer is single-threaded; on this 2-core machine, shared with PostgreSQL and pgbench, one
@@ -84,10 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.warmup = a.warmup if a.warmup is not None else (1 if q else 3)
     a.scale = a.scale or (1 if q else 10)
     a.bulk_repeats = a.bulk_repeats or (2 if q else 5)
+    a.masking_repeats = a.masking_repeats or (5 if q else 15)
     a.rss_conns = [int(x) for x in (a.rss_conns or ("1000" if q else "1000,10000")).split(",")
                    if x.strip()]
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    for name in a.skip | only:
+        if name not in PARTS:
+            ap.error(f"unknown part {name!r}; parts are {','.join(PARTS)}")
+    if only:
+        a.skip |= set(PARTS) - only
     return a
 
 
@@ -103,7 +119,11 @@ class Bench:
         self.proxy_pid: dict[str, int] = {}
         self.bouncer: bouncer.PgBouncer | None = None
         self.gw: gateway.Gateway | None = None
-        self.data: dict[str, Any] = {"pgbench": [], "connect": [], "bulk": {}, "rss": []}
+        self.data: dict[str, Any] = {"pgbench": [], "connect": [], "bulk": {}, "masking": {},
+                                     "rss": []}
+        self.masking_eps: dict[str, Endpoint] = {}
+        self.phi_payload_bytes = 0
+        self.gw_config: Path | None = None
         self.events_path: Path | None = None
 
     # ---- setup ----------------------------------------------------------------------------
@@ -112,6 +132,9 @@ class Bench:
         a = self.a
         versions: dict[str, str] = {}
         acct = unprivileged_account()
+        # PgBouncer is a measured system everywhere but in the masked read (phigate only).
+        if "pgbouncer" in a.systems and not {"pgbench", "connect", "bulk", "rss"} - a.skip:
+            a.systems.remove("pgbouncer")
         pgb_bin = bouncer.ensure_installed() if "pgbouncer" in a.systems else None
         versions["pgbouncer"] = bouncer.version(pgb_bin) if pgb_bin else "not run"
         if "phigate" in a.systems:
@@ -133,9 +156,14 @@ class Bench:
         pg.create_role(SVC_USER, svc_pw)
         pg.create_database(DB, SVC_USER)
         direct = Endpoint("direct", pg.port, DB, SVC_USER, svc_pw)
-        log(f"pgbench -i -s {a.scale} ...")
-        pgbenchrun.init_db(self.pgbench, direct, a.scale, timeout=900)
+        if {"pgbench", "connect"} - a.skip:
+            log(f"pgbench -i -s {a.scale} ...")
+            pgbenchrun.init_db(self.pgbench, direct, a.scale, timeout=900)
         bulk.create_table(pg.dsn(DB, SVC_USER, svc_pw))
+        masking = "masking" not in a.skip and "phigate" in a.systems
+        if masking:
+            log(f"creating {', '.join(masked_bulk.TABLES)} ({masked_bulk.ROWS:,} rows each) ...")
+            self.phi_payload_bytes = masked_bulk.create_table(pg.dsn(DB, SVC_USER, svc_pw))
         if "direct" in a.systems:
             self.endpoints["direct"] = direct
 
@@ -166,11 +194,27 @@ class Bench:
             token, jwks = gateway.mint_token(self.gw.dir / "keys", ttl_seconds=6 * 3600)
             events = str(self.gw.dir / "events.jsonl") if a.events_log == "file" else os.devnull
             self.events_path = Path(events) if a.events_log == "file" else None
+            phi: dict[str, Any] = {}
+            if masking:
+                # [phi] only when the masked read runs: without it the config is the same as
+                # before, and the benchmark agent sees every classified kind in clear anyway.
+                key = self.gw.dir / "pseudonym.key"
+                key.write_bytes(os.urandom(32))
+                key.chmod(0o600)
+                phi = {"extra_groups": masked_bulk.groups(),
+                       "reader_see_clear": masked_bulk.CLEAR_KINDS,
+                       "extra_toml": masked_bulk.config_toml(key)}
+                for sub, (group, _role) in masked_bulk.IDENTITIES.items():
+                    tok, _ = gateway.mint_token(self.gw.dir / "keys", ttl_seconds=6 * 3600,
+                                                subject=sub, groups=[group])
+                    self.masking_eps[sub] = Endpoint(f"phigate:{sub}", self.gw.port, "bench",
+                                                     sub, tok)
             cfg = gateway.write_config(
                 self.gw.dir, port=self.gw.port, jwks=jwks, pg_port=pg.port,
                 pool_port=pool_port, pool_db=bouncer.TXN_DB,
                 upstream_db=DB, svc_user=SVC_USER, svc_password=svc_pw, events_log=events,
-                workers=a.workers)
+                workers=a.workers, **phi)
+            self.gw_config = cfg
             self.gw.start(cfg)
             ep = Endpoint("phigate", self.gw.port, "bench", gateway.AGENT, token)
             self._smoke(ep)
@@ -186,7 +230,7 @@ class Bench:
             with psycopg.connect(host=ep.host, port=ep.port, dbname=ep.dbname, user=ep.user,
                                  password=ep.password, sslmode="disable",
                                  connect_timeout=15) as c:
-                c.execute("SELECT count(*) FROM pgbench_branches").fetchone()
+                c.execute("SELECT count(*) FROM bench_bulk").fetchone()
         except Exception:
             log("query through phigate failed; gateway log tail:\n"
                 + (self.gw.log_tail() if self.gw else ""))
@@ -329,6 +373,52 @@ class Bench:
                 log(f"bulk via {ep.name} FAILED: {e}")
         self.data["bulk"] = out
 
+    def masked_read(self) -> None:
+        """The masked bulk read: one identity sees 3 classified columns masked, one in clear;
+        two mask sets (A: with a pseudonym, B: without), each on its own table."""
+        out: dict[str, Any] = {"shape": masked_bulk.describe(),
+                               "payload_bytes": self.phi_payload_bytes}
+        self.data["masking"] = out
+        if self.gw is None or len(self.masking_eps) != 2:
+            self.notes.append("The masked bulk read needs phigate; it was not measured.")
+            return
+        if not self._guard("masked bulk read", self.endpoints["phigate"]):
+            out["error"] = "gateway exited"
+            return
+        rewritten: dict[str, str] | None = None
+        if "direct" in self.endpoints and self.gw_config is not None:
+            try:
+                rewritten = masked_bulk.rewritten_sql(self.gw_config, DB)
+            except Exception as e:  # noqa: BLE001 - a diagnostic row; the rest still runs
+                self.notes.append(f"Masked bulk read: the \"direct, rewritten SQL\" reader was "
+                                  f"not run: phigate's rewrite could not be called ({e}).")
+        try:
+            r = masked_bulk.measure(self.endpoints.get("direct"),
+                                    self.masking_eps[masked_bulk.CLEAR_SUB],
+                                    self.masking_eps[masked_bulk.MASKED_SUB], self.gw.pid,
+                                    self.a.masking_repeats, self.phi_payload_bytes, rewritten)
+        except Exception as e:  # noqa: BLE001
+            out["error"] = str(e)[-1500:]
+            self.errors.append(f"masked bulk read: {str(e).splitlines()[0]}")
+            log(f"masked bulk read FAILED: {e}"
+                + (f"\ngateway log tail:\n{self.gw.log_tail(10)}" if self.gw else ""))
+            return
+        out.update(r)
+        for key, res in r["sets"].items():
+            for label in ("direct", "direct_rewritten", "unmasked", "masked"):
+                x = res.get(label)
+                if x:
+                    log(f"masked-bulk {key} {label:<16} SELECT {x['select_best_rows_s']:>9,.0f} "
+                        f"rows/s ({x['select_best_mb_s']:6.1f} MB/s)   COPY "
+                        f"{x['copy_best_rows_s']:>9,.0f} rows/s ({x['copy_best_mb_s']:6.1f} "
+                        f"MB/s)  best of {x['repeats']}")
+        for key, res in r["sets"].items():
+            m, u = res["masked"], res["unmasked"]
+            log(f"masked-bulk {key} ({res['label']}) masked/unmasked: SELECT "
+                f"{m['select_best_rows_s'] / u['select_best_rows_s']:.2f}  COPY "
+                f"{m['copy_best_rows_s'] / u['copy_best_rows_s']:.2f}  (target >= "
+                f"{report.MASKED_RATIO_TARGET}); check {res['check']['counts']}")
+
     def idle_rss(self) -> None:
         """RSS delta of the proxy process per idle authenticated connection."""
         hard = raise_nofile()
@@ -439,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             b.connect_rate()
         if "bulk" not in a.skip:
             b.bulk_read()
+        if "masking" not in a.skip:
+            b.masked_read()
         if "rss" not in a.skip:
             b.idle_rss()
         if "rss" not in a.skip:
@@ -457,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                 "an RS256 JWT, plus the gateway's own SCRAM login to a fresh PostgreSQL backend. "
                 "PgBouncer in session mode reuses pooled server connections and never pays the "
                 "backend fork. The rows compare whole architectures, not just proxy code.")
-        if "phigate" in b.endpoints:
+        if "phigate" in b.endpoints and "pgbench" not in a.skip:
             b.notes.append("Decision cache: the TPS log lines and the JSON give the share of "
                            "statement events marked `cached` in phigate's events log per run "
                            "(`decision_cache_hit_pct`).")
@@ -471,10 +563,12 @@ def main(argv: list[str] | None = None) -> int:
             "machine": dict(report.machine_info(), loadavg_at_start=round(load0, 2)),
             "versions": versions,
             "settings": {"duration_s": a.duration, "warmup_s": a.warmup, "scale": a.scale,
-                         "bulk_repeats": a.bulk_repeats, "repeat": a.repeat,
+                         "bulk_repeats": a.bulk_repeats, "masking_repeats": a.masking_repeats,
+                         "repeat": a.repeat,
                          "rss_conns": a.rss_conns,
                          "workers": a.workers, "events_log": a.events_log, "quick": a.quick,
-                         "systems": a.systems, "nofile_hard": nofile_hard()},
+                         "systems": a.systems, "nofile_hard": nofile_hard(),
+                         "parts": [p for p in PARTS if p not in a.skip]},
             "notes": b.notes, "wall_seconds": round(time.monotonic() - t_start, 1),
         }
         data["errors"] = b.errors
