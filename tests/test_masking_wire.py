@@ -248,3 +248,16 @@ def test_both_layers_mask_copy_the_same(masked_gateway, token):
         )
     assert by_position == in_sql == csv
     assert by_position.count(b"\n") > 10 and b"***-**-" in by_position and b"psn_" in by_position
+
+
+@pytest.mark.parametrize("style", ["ISO, MDY", "SQL, DMY", "German, DMY", "Postgres, MDY"])
+def test_year_masks_follow_the_session_datestyle(masked_gateway, token, style):
+    """The data plane masks a plain read's dates in the DateStyle the server reports, so they
+    parse like every other date the client gets and equal the rewrite's own output."""
+    with psycopg_connect(masked_gateway, token()) as conn:
+        conn.execute(f"set datestyle = '{style}'")
+        plain = conn.execute("select id, date_of_birth from patients").fetchall()
+        in_sql = conn.execute("select id, date_of_birth + 0 from patients").fetchall()
+        as_text = conn.execute("select id, date_of_birth::text from patients").fetchall()
+    assert dict(plain) == dict(in_sql) and all(d.month == 1 and d.day == 1 for _, d in plain)
+    assert len({t for _, t in as_text}) > 1  # the text form went through the rewrite too

@@ -202,6 +202,33 @@ impl MaskError {
 pub struct MaskPlan {
     pub columns: Vec<ColumnPlan>,
     ctx: Arc<MaskContext>,
+    /// The session's DateStyle when the plan was made: year masks of dates and timestamps in
+    /// text keep the style the client parses every other date in.
+    pub date_style: DateStyle,
+}
+
+/// The output part of PostgreSQL's DateStyle setting (the MDY/DMY order does not matter for
+/// January 1st).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DateStyle {
+    #[default]
+    Iso,
+    Sql,
+    German,
+    Postgres,
+}
+
+impl DateStyle {
+    /// From a DateStyle value as ParameterStatus reports it ("ISO, MDY", "German, DMY", ...).
+    pub fn parse(value: &str) -> Self {
+        let first = value.split(',').next().unwrap_or("").trim();
+        match first.to_ascii_lowercase().as_str() {
+            "sql" => DateStyle::Sql,
+            "german" => DateStyle::German,
+            "postgres" => DateStyle::Postgres,
+            _ => DateStyle::Iso,
+        }
+    }
 }
 
 /// Treatment of columns protected by their origin rather than by a classification rule.
@@ -240,7 +267,7 @@ pub struct PlanOptions<'a> {
 impl MaskPlan {
     /// A plan from explicit columns (COPY, whose CopyOutResponse has no origins).
     pub fn from_columns(columns: Vec<ColumnPlan>, ctx: Arc<MaskContext>) -> Self {
-        MaskPlan { columns, ctx }
+        MaskPlan { columns, ctx, date_style: DateStyle::Iso }
     }
 
     /// A plan for a text COPY whose columns' origins and types the control plane supplied
@@ -258,7 +285,7 @@ impl MaskPlan {
                 ColumnPlan { type_oid, format: Format::Text, action }
             })
             .collect();
-        MaskPlan { columns, ctx }
+        MaskPlan { columns, ctx, date_style: DateStyle::Iso }
     }
 
     /// Builds the plan from a RowDescription body and the classification lookup.
@@ -309,7 +336,7 @@ impl MaskPlan {
         if pos != body.len() {
             return Err(bad);
         }
-        Ok(MaskPlan { columns, ctx })
+        Ok(MaskPlan { columns, ctx, date_style: DateStyle::Iso })
     }
 
     /// Applies Bind's result-format codes (none: all text; one: all columns; else one each).
@@ -374,7 +401,7 @@ pub fn mask_data_row(plan: &MaskPlan, body: &[u8], out: &mut BytesMut) -> Result
         };
         let masked = match (&col.action, value) {
             (Action::Pass, v) | (_, v @ None) => Ok(v.map(Cow::Borrowed)),
-            (action, Some(v)) => mask_value(&plan.ctx, action, Ty::of(col.type_oid), col.format, v, &mut scratch)
+            (action, Some(v)) => mask_value(&plan.ctx, plan.date_style, action, Ty::of(col.type_oid), col.format, v, &mut scratch)
                 .map_err(|()| MaskError::UnsupportedBinaryType { column: i, type_oid: col.type_oid }),
         };
         match masked {
@@ -472,7 +499,7 @@ fn copy_lines(plan: &MaskPlan, data: &[u8], delim: u8, out: &mut BytesMut) -> Re
                     continue;
                 }
                 let clear = copy_unescape(field);
-                match mask_value(&plan.ctx, &col.action, Ty::of(col.type_oid), Format::Text, &clear, &mut scratch) {
+                match mask_value(&plan.ctx, plan.date_style, &col.action, Ty::of(col.type_oid), Format::Text, &clear, &mut scratch) {
                     Ok(None) => out.put_slice(b"\\N"),
                     Ok(Some(v)) => copy_escape(&v, delim, out),
                     Err(()) => return Err(MaskError::UnsupportedBinaryType { column: i, type_oid: col.type_oid }),
@@ -707,6 +734,30 @@ fn iso_jan1(year: i64, ty: Ty) -> String {
     }
 }
 
+/// Text form of January 1st of `year`, midnight, as PostgreSQL prints a date or timestamp in
+/// `style` (timestamptz keeps the ISO form with +00: its other forms depend on TimeZone).
+fn jan1_text(year: i64, ty: Ty, style: DateStyle) -> String {
+    if ty == Ty::TimestampTz || style == DateStyle::Iso {
+        return iso_jan1(year, ty);
+    }
+    let (y, bc) = if year <= 0 { (1 - year, " BC") } else { (year, "") };
+    let ts = ty == Ty::Timestamp;
+    match style {
+        DateStyle::Sql if ts => format!("01/01/{y:04} 00:00:00{bc}"),
+        DateStyle::Sql => format!("01/01/{y:04}{bc}"),
+        DateStyle::German if ts => format!("01.01.{y:04} 00:00:00{bc}"),
+        DateStyle::German => format!("01.01.{y:04}{bc}"),
+        DateStyle::Postgres if ts => {
+            // "Thu Jan 01 00:00:00 1981": the weekday of January 1st (1970-01-01 was a Thursday).
+            const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+            let dow = DAYS[days_from_civil(year, 1, 1).rem_euclid(7) as usize];
+            format!("{dow} Jan 01 00:00:00 {y:04}{bc}")
+        }
+        DateStyle::Postgres => format!("01-01-{y:04}{bc}"),
+        DateStyle::Iso => iso_jan1(year, ty),
+    }
+}
+
 /// The year in a date/timestamp's text form: the first run of 4+ digits is the year in every
 /// DateStyle (ISO, SQL, German, Postgres); " BC" marks negative years.
 fn text_year(s: &str) -> Option<i64> {
@@ -780,6 +831,7 @@ fn placeholder(ty: Ty, fmt: Format) -> Option<Cow<'static, [u8]>> {
 /// Masks one non-NULL value. `Ok(None)` is NULL; `Err(())` means no valid value exists.
 fn mask_value<'v>(
     ctx: &MaskContext,
+    style: DateStyle,
     action: &Action,
     ty: Ty,
     fmt: Format,
@@ -796,7 +848,7 @@ fn mask_value<'v>(
     match mask {
         Mask::Null => Ok(None),
         Mask::Redact => redact(),
-        Mask::YearOnly if matches!(ty, Ty::Date | Ty::Timestamp | Ty::TimestampTz) => year_only(ty, fmt, v).map(Some),
+        Mask::YearOnly if matches!(ty, Ty::Date | Ty::Timestamp | Ty::TimestampTz) => year_only(ty, fmt, style, v).map(Some),
         Mask::Partial { .. } | Mask::YearOnly | Mask::EmailDomain | Mask::Pseudonym | Mask::FreeText if ty.is_texty() => {
             let Some(payload) = text_payload(ty, fmt, v) else { return redact() };
             let s = String::from_utf8_lossy(payload);
@@ -906,7 +958,7 @@ fn json_mask<'a>(ctx: &MaskContext, mask: Mask, s: &'a str) -> Option<Cow<'a, st
     }
 }
 
-fn year_only(ty: Ty, fmt: Format, v: &[u8]) -> Result<Cow<'_, [u8]>, ()> {
+fn year_only(ty: Ty, fmt: Format, style: DateStyle, v: &[u8]) -> Result<Cow<'_, [u8]>, ()> {
     let fallback = || placeholder(ty, fmt).ok_or(());
     match fmt {
         Format::Text => {
@@ -915,7 +967,7 @@ fn year_only(ty: Ty, fmt: Format, v: &[u8]) -> Result<Cow<'_, [u8]>, ()> {
                 return Ok(Cow::Borrowed(v));
             }
             let Some(y) = text_year(&s) else { return fallback() };
-            let t = iso_jan1(y, ty);
+            let t = jan1_text(y, ty, style);
             Ok(if t.as_bytes() == v { Cow::Borrowed(v) } else { Cow::Owned(t.into_bytes()) })
         }
         Format::Binary if ty == Ty::Date => {
@@ -1122,6 +1174,29 @@ mod tests {
         let mut trailing = rd.clone();
         trailing.push(0);
         assert!(MaskPlan::from_row_description(&trailing, lookup, &opts, ctx()).is_err());
+    }
+
+    #[test]
+    fn year_masks_keep_the_session_datestyle() {
+        assert_eq!(DateStyle::parse("German, DMY"), DateStyle::German);
+        assert_eq!(DateStyle::parse(" sql , mdy"), DateStyle::Sql);
+        assert_eq!(DateStyle::parse("ISO, MDY"), DateStyle::Iso);
+        assert_eq!(DateStyle::parse("nonsense"), DateStyle::Iso);
+        let (d, ts) = (Ty::Date, Ty::Timestamp);
+        assert_eq!(jan1_text(1981, d, DateStyle::Sql), "01/01/1981");
+        assert_eq!(jan1_text(1981, ts, DateStyle::German), "01.01.1981 00:00:00");
+        assert_eq!(jan1_text(1981, d, DateStyle::Postgres), "01-01-1981");
+        assert_eq!(jan1_text(1981, ts, DateStyle::Postgres), "Thu Jan 01 00:00:00 1981");
+        assert_eq!(jan1_text(2000, ts, DateStyle::Postgres), "Sat Jan 01 00:00:00 2000");
+        assert_eq!(jan1_text(-43, d, DateStyle::German), "01.01.0044 BC");
+        // Idempotent in every style: the masked text parses back to the same year.
+        for style in [DateStyle::Iso, DateStyle::Sql, DateStyle::German, DateStyle::Postgres] {
+            for ty in [d, ts] {
+                let once = jan1_text(1962, ty, style);
+                let again = year_only(ty, Format::Text, style, once.as_bytes()).unwrap();
+                assert_eq!(again.as_ref(), once.as_bytes(), "{style:?} {ty:?}");
+            }
+        }
     }
 
     #[test]

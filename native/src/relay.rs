@@ -60,6 +60,8 @@ struct Ctx {
     session_id: u64,
     identity: Identity,
     target_name: String,
+    /// ParameterStatus messages the server sent at startup (layer 2 follows DateStyle).
+    startup_parameters: Vec<Bytes>,
     marker_prefix: String,
     next_marker: AtomicU64,
     shared: Mutex<Shared>,
@@ -106,7 +108,8 @@ impl Extended {
 
 pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Established, session_id: u64) -> SessionEnd {
     let (cr, cw) = est.client.split();
-    let up = est.upstream;
+    let mut up = est.upstream;
+    let startup_parameters = std::mem::take(&mut up.parameter_status);
     let (ur, uw) = up.stream.split();
     let ctx = Ctx {
         core,
@@ -114,6 +117,7 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         session_id,
         identity: est.identity,
         target_name: est.target_name,
+        startup_parameters,
         marker_prefix: format!("phigate_refusal_{:016x}_", rand::random::<u64>()),
         next_marker: AtomicU64::new(1),
         shared: Mutex::new(Shared::default()),
@@ -703,7 +707,13 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
     let mut cycle_bytes = 0u64;
     let mut cycle_error: Option<String> = None;
     let masked = ctx.identity.masked;
-    let mut guard = masked.then(|| RowGuard::new(&ctx.identity, &ctx.target_name));
+    let mut guard = masked.then(|| {
+        let mut g = RowGuard::new(&ctx.identity, &ctx.target_name);
+        for p in &ctx.startup_parameters {
+            g.parameter_status(&p[5..]);
+        }
+        g
+    });
     // Layer-2 rules, detectors and key; read again at every RowDescription so a catalog reload
     // reaches live sessions at their next result (one lock and Arc clone per result).
     let mut rules = ctx.core.masking();

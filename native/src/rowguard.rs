@@ -21,7 +21,7 @@ use std::sync::Arc;
 use crate::errors::{sqlstate, GateError};
 use crate::frontend::Identity;
 use crate::mask_rules::MaskingState;
-use crate::masking::{self, Classified, ColumnRule, Mask, MaskPlan, OriginFallback, PlanOptions};
+use crate::masking::{self, Classified, ColumnRule, DateStyle, Mask, MaskPlan, OriginFallback, PlanOptions};
 
 /// What the control plane said of a statement, as far as layer 2 cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,6 +80,8 @@ pub struct RowGuard {
     current: Current,
     /// Values masked or scrubbed in this session (for the session's events).
     pub values_masked: u64,
+    /// The session's DateStyle as the server last reported it (ParameterStatus).
+    date_style: DateStyle,
 }
 
 /// What the relay does with one upstream message after the guard saw it.
@@ -103,6 +105,20 @@ impl RowGuard {
             portals: HashMap::new(),
             current: Current::None,
             values_masked: 0,
+            date_style: DateStyle::Iso,
+        }
+    }
+
+    /// Follows the server's DateStyle from a ParameterStatus (B) body: at startup and whenever
+    /// a SET, set_config or function changes it.
+    pub fn parameter_status(&mut self, body: &[u8]) {
+        let mut pos = 0;
+        let name = crate::framing::read_cstr(body, &mut pos);
+        let value = crate::framing::read_cstr(body, &mut pos);
+        if let (Some(name), Some(value)) = (name, value) {
+            if name.eq_ignore_ascii_case(b"DateStyle") {
+                self.date_style = DateStyle::parse(&String::from_utf8_lossy(value));
+            }
         }
     }
 
@@ -126,7 +142,8 @@ impl RowGuard {
             origin_fallback: if info.rewritten { OriginFallback::Scan } else { OriginFallback::default() },
             scan_text: true,
         };
-        let plan = MaskPlan::from_row_description(body, lookup, &opts, state.ctx.clone()).map_err(|e| e.to_gate_error())?;
+        let mut plan = MaskPlan::from_row_description(body, lookup, &opts, state.ctx.clone()).map_err(|e| e.to_gate_error())?;
+        plan.date_style = self.date_style;
         Ok(plan.is_active().then(|| Arc::new(plan)))
     }
 
@@ -258,6 +275,10 @@ impl RowGuard {
                 Ok(Step::Default)
             }
             b'c' => Ok(Step::Default),
+            b'S' => {
+                self.parameter_status(body);
+                Ok(Step::Default)
+            }
             b'C' | b'I' => {
                 self.current = Current::None;
                 if let Some(Expect::Execute { .. }) = expected.front() {
@@ -305,7 +326,9 @@ impl RowGuard {
     }
 
     fn copy_plan(&self, state: &MaskingState, cols: &[(u32, i16, u32)]) -> MaskPlan {
-        MaskPlan::for_copy(cols.iter().map(|&(oid, attnum, ty)| (self.classify(state, oid, attnum), ty)), state.ctx.clone())
+        let mut plan = MaskPlan::for_copy(cols.iter().map(|&(oid, attnum, ty)| (self.classify(state, oid, attnum), ty)), state.ctx.clone());
+        plan.date_style = self.date_style;
+        plan
     }
 
     fn remember(&mut self, portal: Vec<u8>, plan: Option<Arc<MaskPlan>>) {
