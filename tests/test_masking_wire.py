@@ -261,3 +261,25 @@ def test_year_masks_follow_the_session_datestyle(masked_gateway, token, style):
         as_text = conn.execute("select id, date_of_birth::text from patients").fetchall()
     assert dict(plain) == dict(in_sql) and all(d.month == 1 and d.day == 1 for _, d in plain)
     assert len({t for _, t in as_text}) > 1  # the text form went through the rewrite too
+
+
+def test_masked_values_through_psql(masked_gateway, token, clear):
+    """psql (libpq, simple protocol, text) gets masked values, the same for a plain read (masked
+    by the data plane) and for expressions over the same columns (rewritten)."""
+    from harness import psql
+
+    sql = (
+        "select id, ssn, first_name, date_of_birth from patients;"
+        "select id, ssn || '', first_name || '', date_of_birth + 0 from patients;"
+    )
+    proc = psql(masked_gateway, token(), sql)
+    assert proc.returncode == 0, proc.stderr.strip()
+    lines = proc.stdout.splitlines()
+    half = len(lines) // 2
+    assert half == len(clear) and sorted(lines[:half]) == sorted(lines[half:])
+    by_id = {r[0]: r for r in clear}
+    for line in lines[:half]:
+        pid, ssn, first, dob = line.split("|")
+        real = by_id[int(pid)]
+        assert ssn == "***-**-" + real[1][-4:] and first.startswith("psn_") and first != real[3]
+        assert dob == f"{real[4].year:04d}-01-01"
