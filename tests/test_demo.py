@@ -20,4 +20,5 @@ def test_demo_check_runs_a_query_through_the_gateway():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "TLS verify-full" in out and "patients=50" in out
+    assert "50 of 50 patients masked" in out  # the default identity sees PHI masked
     assert "check passed" in out

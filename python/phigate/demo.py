@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -148,6 +150,36 @@ def base_config(
     }
 
 
+def demo_masking(pseudonym_key_file: Path) -> dict[str, Any]:
+    """The demo's PHI classification and the roles that see it: clinicians see every kind in
+    clear; agents (the demo's default identity) read the whole EHR with PHI masked."""
+    return {
+        "phi": {
+            "pseudonym_key_file": str(pseudonym_key_file),
+            "columns": {
+                "public.patients.mrn": {"kind": "mrn", "mask": "pseudonym"},
+                "public.patients.first_name": {"kind": "name", "mask": "pseudonym"},
+                "public.patients.last_name": {"kind": "name", "mask": "pseudonym"},
+                "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
+                "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
+                "public.patients.address": {"kind": "address", "mask": "redact"},
+                "public.patients.phone": {"kind": "phone", "mask": "partial:4"},
+                "public.patients.email": {"kind": "email", "mask": "email_domain"},
+                "public.notes.body": {"kind": "free_text", "mask": "free_text"},
+            },
+        },
+        "groups": {"agents": ["agent"]},
+        "roles": {
+            "clinician": {"see_clear": list(DEMO_PHI_KINDS)},
+            "agent": {"relations": ["public.*"], "allow": ["catalog"]},
+        },
+    }
+
+
+#: The PHI kinds demo_masking classifies (a clinician sees them all in clear).
+DEMO_PHI_KINDS = ("mrn", "name", "ssn", "dob", "address", "phone", "email", "free_text")
+
+
 def port_is_free(host: str, port: int) -> bool:
     """True if we could bind host:port right now (same socket options as a listener)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -241,7 +273,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="keep state here (default: a temp dir removed on exit)",
     )
     p.add_argument("--sub", default="demo-agent", help="subject of the printed token")
-    p.add_argument("--groups", default="clinicians", help="comma-separated groups of the token")
+    p.add_argument(
+        "--groups",
+        default="agents",
+        help="comma-separated groups of the token (default agents: PHI masked; clinicians: "
+        "PHI in clear)",
+    )
     p.add_argument("--ttl", type=int, default=900, help="token lifetime in seconds (default 900)")
     p.add_argument(
         "--check",
@@ -360,6 +397,9 @@ def _run(
         issuer.ensure_keys()
         cert = make_dev_cert(paths.tls, list(CERT_HOSTNAMES))
 
+    key_file = paths.secrets / "pseudonym.key"
+    if not key_file.exists():
+        write_private(key_file, secrets.token_hex(32) + "\n")  # 64 hex digits: 256 bits
     config = base_config(
         listen=f"127.0.0.1:{port}",
         tls_cert=Path(cert.cert),
@@ -373,6 +413,7 @@ def _run(
         service_user="phigate_svc",
         password_file=password_file,
     )
+    config = merge_config(config, demo_masking(key_file))
     write_private(paths.config, dump_toml(config))
 
     with progress.step("starting the gateway") as info:
@@ -391,8 +432,12 @@ def _run(
     )
 
     if args.check:
+        agent = issuer.mint(
+            "demo-check-agent", ["agents"], ttl_seconds=300, audience=AUDIENCE, issuer=issuer.issuer
+        )
         return _check(
-            gateway, stop_gateway, token, args.sub, Path(cert.ca_cert), paths, pg, progress, out
+            gateway, stop_gateway, token, args.sub, Path(cert.ca_cert), paths, pg, progress, out,
+            agent_token=agent,
         )
 
     _banner(out, pg, gateway, paths, Path(cert.ca_cert), token, args, groups)
@@ -454,9 +499,11 @@ Connect as {args.sub} (groups: {",".join(groups)}); the token is the password, v
   PGPASSWORD={shlex.quote(token)} \\
     {psql_program} "{conninfo}"
 {psql_note}
-Mint more tokens (another shell):
+Group "agents" reads the whole EHR with PHI masked (try: SELECT mrn, first_name, ssn,
+date_of_birth, email FROM patients LIMIT 5); group "clinicians" sees it in clear. Mint more
+tokens (another shell):
 
-  phigate token mint --sub NAME --groups G --key-dir {shlex.quote(str(paths.keys))}
+  phigate token mint --sub NAME --groups clinicians --key-dir {shlex.quote(str(paths.keys))}
 
 Watch what the gateway sees:
 
@@ -477,6 +524,8 @@ def _check(
     pg: Any,
     progress: _Progress,
     out: TextIO,
+    *,
+    agent_token: str | None = None,
 ) -> int:
     """Query through the gateway like an agent would; print counts only (never row values)."""
     import psycopg
@@ -514,6 +563,15 @@ def _check(
         problems.append("the client connection was not encrypted")
     if via_gateway != direct:
         problems.append(f"counts through the gateway {via_gateway} differ from direct {direct}")
+    if agent_token is not None:
+        try:
+            with progress.step("reading patients as an agent (PHI masked)") as info:
+                masked, total = _masked_counts(gateway, agent_token, ca, pg)
+                info["detail"] = f"— {masked} of {total} patients masked (SSN, name, birth date)"
+            if total == 0 or masked != total:
+                problems.append(f"only {masked} of {total} patient rows came back masked")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"the masked read failed: {type(exc).__name__}: {exc}")
 
     # Stop the gateway now so its event sink has flushed, then look for our session.
     with progress.step("stopping the gateway and reading its events") as info:
@@ -532,6 +590,37 @@ def _check(
         return 1
     print("check passed.", file=out)
     return 0
+
+
+_MASKED_SSN = re.compile(r"\*\*\*-\*\*-[0-9]{4}")
+
+
+def _masked_counts(gateway: Any, token: str, ca: Path, pg: Any) -> tuple[int, int]:
+    """(rows whose SSN, first name and birth date all came back masked, rows): compared with
+    the clear values read directly, in memory only; nothing is printed but the counts."""
+    import psycopg
+
+    sql = "SELECT id, ssn, first_name, date_of_birth FROM patients"
+    clear = {
+        int(line.split("|")[0]): line.split("|")[1:]
+        for line in pg.psql(sql + ";", dbname=TARGET).splitlines()
+        if line.strip()
+    }
+    with psycopg.connect(
+        host="localhost", hostaddr=gateway.host, port=gateway.port, dbname=TARGET,
+        user="demo-check-agent", password=token, sslmode="verify-full", sslrootcert=str(ca),
+        connect_timeout=10, application_name="phigate-demo-check",
+    ) as conn:  # fmt: skip
+        rows = conn.execute(sql).fetchall()
+    masked = 0
+    for pid, ssn, first, dob in rows:
+        c_ssn, c_first, _c_dob = clear.get(pid, ("", "", ""))
+        ssn_masked = bool(_MASKED_SSN.fullmatch(ssn)) and ssn != c_ssn
+        name_masked = first.startswith("psn_") and first != c_first
+        # January 1st of the real year (a birthday on January 1st stays what it was).
+        dob_masked = (dob.month, dob.day) == (1, 1)
+        masked += ssn_masked and name_masked and dob_masked
+    return masked, len(rows)
 
 
 def _read_events(path: Path) -> list[dict[str, Any]]:
