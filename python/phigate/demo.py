@@ -499,9 +499,9 @@ Connect as {args.sub} (groups: {",".join(groups)}); the token is the password, v
   PGPASSWORD={shlex.quote(token)} \\
     {psql_program} "{conninfo}"
 {psql_note}
-Group "agents" reads the whole EHR with PHI masked (try: SELECT mrn, first_name, ssn,
-date_of_birth, email FROM patients LIMIT 5); group "clinicians" sees it in clear. Mint more
-tokens (another shell):
+Group "agents" reads the whole EHR with PHI masked (read mrn, first_name, ssn, date_of_birth
+and email of a few patients to see it); group "clinicians" sees it in clear. Mint more tokens
+(another shell):
 
   phigate token mint --sub NAME --groups clinicians --key-dir {shlex.quote(str(paths.keys))}
 

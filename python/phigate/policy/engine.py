@@ -116,13 +116,17 @@ class PolicyEngine:
                 "hint": "Whether a write succeeds (a unique key, a constraint) would reveal values "
                 "you may not read; ask for the clear kind if you need to write it.",
             }
-        plain = _plain_read(sql, catalog, roleset.clear_kinds)
+        try:
+            doc = orjson.loads(_pg_parser.parse_sql_json(sql))
+        except _pg_parser.ParseError:
+            doc = None  # refused below by the rewrite, with its message
+        plain = _plain_read(doc, catalog, roleset.clear_kinds) if doc is not None else None
         if plain is not None:
             # Layer 2 masks it by column origin, exactly and far cheaper than SQL; it may read
             # only these tables (any other origin is redacted).
             return {"action": "allow", "cache": cache, "normalized": normalized,
                     "protected": True, **plain}
-        result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql)
+        result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql, doc=doc)
         if result.refuse is None and result.changed and any(
             f.kind == "explain" and (f.explain_analyze or f.explain_verbose) for f in facts
         ):
@@ -150,15 +154,11 @@ class PolicyEngine:
 
 
 def _plain_read(
-    sql: str, catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
 ) -> dict[str, Any] | None:
     """What the data plane needs to mask a plain read (or a text COPY of one) by itself: the
     table OIDs it may show, and for COPY each output column's origin and type. None when the
-    statement needs the rewrite (or does not parse)."""
-    try:
-        doc = orjson.loads(_pg_parser.parse_sql_json(sql))
-    except _pg_parser.ParseError:
-        return None
+    statement needs the rewrite."""
     oids = passthrough_oids(doc, catalog, clear_kinds)
     if oids is not None:
         return {"origins": oids}

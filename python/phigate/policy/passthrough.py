@@ -95,17 +95,18 @@ def _plain_select(
         rels.setdefault(rel.name, rel)
     masked: set[str] = set()
     for rel in rels.values():
-        for col in rel.masked_columns(clear_kinds):
-            if not _layer2_exact(col.type_oid, col.rule.mask if col.rule else ""):
-                return None
-            masked.add(col.name)
-    if not all(_plain_output(t, set(rels)) for t in select.get("targetList") or ()):
+        rel_masked = _masked_names(rel, clear_kinds)
+        if rel_masked is None:
+            return None
+        masked |= rel_masked
+    tables = set(rels)
+    if not all(_plain_output(t, tables) for t in select.get("targetList") or ()):
         return None
     # Filters and limits may use unmasked columns only, and no whole row of a table: names of
     # masked columns (of any table here) and of the tables themselves disqualify.
-    names = masked | set(rels)
+    forbidden = masked | tables
     for part in ("whereClause", "limitCount", "limitOffset"):
-        if not _clean_filter(select.get(part), names):
+        if not _clean_filter(select.get(part), forbidden):
             return None
     return items
 
@@ -151,6 +152,26 @@ def _from_tables(items: Any, catalog: CatalogSnapshot) -> list[tuple[str, Relati
             return None
         out.append((ref, rel))
     return out
+
+
+# Per (relation, clear kinds): the names of its masked columns, or None when one of them has a
+# mask the data plane computes differently. Relations are immutable within a catalog snapshot;
+# an entry keeps its relation alive, so the id cannot be reused while it is cached.
+_MASKED_NAMES: dict[tuple[int, frozenset[str]], tuple[RelationInfo, frozenset[str] | None]] = {}
+
+
+def _masked_names(rel: RelationInfo, clear_kinds: frozenset[str]) -> frozenset[str] | None:
+    key = (id(rel), clear_kinds)
+    hit = _MASKED_NAMES.get(key)
+    if hit is not None and hit[0] is rel:
+        return hit[1]
+    cols = rel.masked_columns(clear_kinds)
+    exact = all(_layer2_exact(c.type_oid, c.rule.mask if c.rule else "") for c in cols)
+    names = frozenset(c.name for c in cols) if exact else None
+    if len(_MASKED_NAMES) >= 4096:
+        _MASKED_NAMES.clear()
+    _MASKED_NAMES[key] = (rel, names)
+    return names
 
 
 def _layer2_exact(type_oid: int, mask: str) -> bool:

@@ -1308,7 +1308,12 @@ _STATEMENTS: dict[str, Any] = {
 
 
 def rewrite(
-    sql: str, catalog: CatalogLike, clear_kinds: Iterable[str], masks: MaskSQL | None
+    sql: str,
+    catalog: CatalogLike,
+    clear_kinds: Iterable[str],
+    masks: MaskSQL | None,
+    *,
+    doc: Mapping[str, Any] | None = None,
 ) -> RewriteResult:
     """Mask every protected relation ``sql`` reads, for an identity seeing ``clear_kinds``.
 
@@ -1316,10 +1321,11 @@ def rewrite(
     detector patterns; None (or a MaskSQL without a key) refuses statements that need a
     pseudonym and scrubs free text with the default detectors."""
     clear = frozenset(clear_kinds)
-    try:
-        doc = orjson.loads(_pg_parser.parse_sql_json(sql))
-    except _pg_parser.ParseError:
-        return RewriteResult(sql, False, [], "phigate cannot parse this statement")
+    if doc is None:  # the caller may have parsed it already (one parse per decision)
+        try:
+            doc = orjson.loads(_pg_parser.parse_sql_json(sql))
+        except _pg_parser.ParseError:
+            return RewriteResult(sql, False, [], "phigate cannot parse this statement")
     rw = _Rewriter(sql, catalog, clear, masks)
     try:
         for raw in doc.get("stmts", ()):
