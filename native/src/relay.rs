@@ -99,6 +99,16 @@ struct Extended {
 }
 
 impl Extended {
+    /// Remembers that a portal's RowDescription will reach layer 2. Bounded: Describe of
+    /// portals that do not exist costs the client nothing, so the set is cleared when full
+    /// (forgetting only makes the gateway describe a portal again).
+    fn mark_described(&mut self, portal: &[u8]) {
+        if self.described.len() >= MAX_PREPARED && !self.described.contains(portal) {
+            self.described.clear();
+        }
+        self.described.insert(portal.to_vec());
+    }
+
     /// What layer 2 needs to know of the statement behind a portal (unknown: a SQL-level cursor,
     /// whose DECLARE was judged and rewritten).
     fn portal_info(&self, portal: &[u8]) -> StmtInfo {
@@ -597,7 +607,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                                     // swallow the answer (the client did not ask).
                                     ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info: info.clone(), swallow: true });
                                     out.extend_from_slice(&session::describe_portal(portal));
-                                    ext.described.insert(portal.to_vec());
+                                    ext.mark_described(portal);
                                 }
                                 ctx.expect(Expect::Execute { portal: portal.to_vec(), info });
                             }
@@ -642,7 +652,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         match (body.first(), crate::framing::read_cstr(body, &mut pos)) {
                             (Some(b'P'), Some(portal)) => {
                                 ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info: ext.portal_info(portal), swallow: false });
-                                ext.described.insert(portal.to_vec());
+                                ext.mark_described(portal);
                             }
                             (Some(b'S'), Some(_)) => ctx.expect(Expect::DescribeStatement),
                             _ => return ctx.die(GateError::protocol("invalid Describe message")).await,

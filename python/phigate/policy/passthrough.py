@@ -59,11 +59,13 @@ def copy_columns(
     if copy.get("is_program") or copy.get("options") or copy.get("attlist"):
         return None  # options may change the format (CSV quoting, delimiters) the data plane parses
     select = (copy.get("query") or {}).get("SelectStmt")
-    items = _plain_select(select, catalog, clear_kinds) if isinstance(select, dict) else None
+    if not isinstance(select, dict):
+        return None
+    items = _plain_select(select, catalog, clear_kinds)
     if items is None:
         return None
     out: list[tuple[int, int, int]] = []
-    for target in select.get("targetList") or ():  # type: ignore[union-attr]
+    for target in select.get("targetList") or ():
         cols = _expand(target["ResTarget"]["val"]["ColumnRef"]["fields"], items)
         if cols is None:
             return None
