@@ -83,6 +83,13 @@ const BUILT_IN: usize = 5;
 /// - a birth keyword, ASCII case-insensitively: "dob", "d.o.b", "birth" (date of birth,
 ///   birth date, birthday) or "born" (none has a letter with a non-ASCII case fold).
 fn builtin_may_match(b: &[u8]) -> bool {
+    crate::prefilter::may_match(b)
+}
+
+/// `builtin_may_match` one byte at a time: the reference the SIMD version is tested against,
+/// and what runs on targets without it.
+#[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
+pub(crate) fn builtin_may_match_scalar(b: &[u8]) -> bool {
     let n = b.len();
     let mut i = 0;
     while i < n {
@@ -126,6 +133,7 @@ fn builtin_may_match(b: &[u8]) -> bool {
 }
 
 /// Bytes `builtin_may_match` stops at: digits, '@', and 'b' and 'm' in either case.
+#[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
 static INTERESTING: [bool; 256] = {
     let mut t = [false; 256];
     let mut d = b'0';

@@ -16,6 +16,7 @@ pub mod mask_rules;
 pub mod masking;
 pub mod messages;
 pub mod normalize;
+pub mod prefilter;
 pub mod relay;
 pub mod rowguard;
 pub mod scrub;
