@@ -167,7 +167,8 @@ impl Ctx {
     }
 
     /// Masked sessions: records the response expected for a message about to go upstream.
-    fn expect(&self, e: Expect) {
+    /// `e` is only built for masked sessions (its portal names are copies).
+    fn expect(&self, e: impl FnOnce() -> Expect) {
         if !self.identity.masked {
             return;
         }
@@ -179,7 +180,7 @@ impl Ctx {
             self.kill.notify_one();
             return;
         }
-        s.expected.push_back(e);
+        s.expected.push_back(e());
     }
 
     fn push_cycle(&self) {
@@ -322,6 +323,31 @@ fn rules_changed() -> GateError {
         .with_hint("Prepare the statement again.")
 }
 
+/// Judges a prepared statement again after a reload (at its next Bind or Execute): the refusal,
+/// if any. The statement keeps running only if its rewrite is unchanged (the text prepared
+/// upstream is the old rewrite); its layer-2 facts and epoch are brought up to date.
+async fn rejudge(
+    ctx: &Ctx,
+    ext: &mut Extended,
+    stmt: &[u8],
+    sql: &[u8],
+    out: &mut BytesMut,
+    uw: &mut WritePart,
+) -> Result<Option<GateError>, &'static str> {
+    let epoch = ctx.core.cache.epoch();
+    Ok(match ctx.decide(sql, Some(stmt), "extended", out, uw).await? {
+        Verdict::Allow(rewritten, info) => match ext.statements.get_mut(stmt) {
+            Some(p) if p.rewritten == rewritten => {
+                p.epoch = epoch;
+                p.info = info;
+                None
+            }
+            _ => Some(rules_changed()),
+        },
+        Verdict::Deny(e) => Some(e),
+    })
+}
+
 /// Portal and statement names at the start of a Bind body.
 fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut pos = 0;
@@ -412,10 +438,10 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     let marker = ctx.marker(&err);
                     if discard_tag == tag_f::QUERY {
                         ctx.push_cycle();
-                        ctx.expect(Expect::Query { info: StmtInfo::default() });
+                        ctx.expect(|| Expect::Query { info: StmtInfo::default() });
                         out.extend_from_slice(&session::query(marker.as_bytes()));
                     } else {
-                        ctx.expect(Expect::Ack(b'1'));
+                        ctx.expect(|| Expect::Ack(b'1'));
                         out.extend_from_slice(&session::parse(b"", marker.as_bytes()));
                     }
                 }
@@ -469,15 +495,15 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     ctx.push_cycle();
                     match verdict {
                         Verdict::Allow(None, info) => {
-                            ctx.expect(Expect::Query { info });
+                            ctx.expect(|| Expect::Query { info });
                             out.extend_from_slice(&frame.bytes);
                         }
                         Verdict::Allow(Some(rewritten), info) => {
-                            ctx.expect(Expect::Query { info });
+                            ctx.expect(|| Expect::Query { info });
                             out.extend_from_slice(&session::query(&rewritten));
                         }
                         Verdict::Deny(err) => {
-                            ctx.expect(Expect::Query { info: StmtInfo::default() });
+                            ctx.expect(|| Expect::Query { info: StmtInfo::default() });
                             out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes()));
                         }
                     }
@@ -491,7 +517,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         Ok(v) => v,
                         Err(r) => return r,
                     };
-                    ctx.expect(Expect::Ack(b'1'));
+                    ctx.expect(|| Expect::Ack(b'1'));
                     match verdict {
                         Verdict::Allow(..) if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
                             let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
@@ -525,19 +551,8 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                             .with_hint("Prepare statements with the protocol's Parse message in this session.")),
                         Some(p) if p.epoch != cache.epoch() => {
                             let sql = p.sql.clone();
-                            let epoch = cache.epoch();
-                            match ctx.decide(&sql, Some(stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow(rewritten, info)) => {
-                                    let p = ext.statements.get_mut(stmt).expect("looked up above");
-                                    if p.rewritten == rewritten {
-                                        p.epoch = epoch;
-                                        p.info = info;
-                                        None
-                                    } else {
-                                        Some(rules_changed())
-                                    }
-                                }
-                                Ok(Verdict::Deny(e)) => Some(e),
+                            match rejudge(ctx, &mut ext, stmt, &sql, &mut out, &mut uw).await {
+                                Ok(refusal) => refusal,
                                 Err(r) => return r,
                             }
                         }
@@ -547,7 +562,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         }
                         Some(_) => None,
                     };
-                    ctx.expect(Expect::Ack(b'2'));
+                    ctx.expect(|| Expect::Ack(b'2'));
                     if ctx.identity.masked {
                         ext.described.remove(portal);
                     }
@@ -578,25 +593,15 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     });
                     let refusal = match stale {
                         None => None,
-                        Some((stmt, sql)) => {
-                            let epoch = cache.epoch();
-                            match ctx.decide(&sql, Some(&stmt), "extended", &mut out, &mut uw).await {
-                                Ok(Verdict::Allow(rewritten, info)) => {
-                                    let p = ext.statements.get_mut(&stmt).expect("looked up above");
-                                    if p.rewritten == rewritten {
-                                        p.epoch = epoch;
-                                        p.info = info;
-                                        // Layer 2 plans this portal again under the new rules.
-                                        ext.described.remove(portal);
-                                        None
-                                    } else {
-                                        Some(rules_changed())
-                                    }
-                                }
-                                Ok(Verdict::Deny(e)) => Some(e),
-                                Err(r) => return r,
+                        Some((stmt, sql)) => match rejudge(ctx, &mut ext, &stmt, &sql, &mut out, &mut uw).await {
+                            Ok(None) => {
+                                // Layer 2 plans this portal again under the new rules.
+                                ext.described.remove(portal);
+                                None
                             }
-                        }
+                            Ok(refusal) => refusal,
+                            Err(r) => return r,
+                        },
                     };
                     match refusal {
                         None => {
@@ -605,16 +610,16 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                                 if !ext.described.contains(portal) {
                                     // Rows need their portal's RowDescription: ask for it and
                                     // swallow the answer (the client did not ask).
-                                    ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info: info.clone(), swallow: true });
+                                    ctx.expect(|| Expect::DescribePortal { portal: portal.to_vec(), info: info.clone(), swallow: true });
                                     out.extend_from_slice(&session::describe_portal(portal));
                                     ext.mark_described(portal);
                                 }
-                                ctx.expect(Expect::Execute { portal: portal.to_vec(), info });
+                                ctx.expect(|| Expect::Execute { portal: portal.to_vec(), info });
                             }
                             out.extend_from_slice(&frame.bytes);
                         }
                         Some(err) => {
-                            ctx.expect(Expect::Ack(b'2'));
+                            ctx.expect(|| Expect::Ack(b'2'));
                             out.extend_from_slice(&marker_bind(b"", &ctx.marker(&err)));
                         }
                     }
@@ -626,23 +631,23 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         match kind {
                             b'S' => {
                                 ext.statements.remove(name);
-                                ctx.expect(Expect::Ack(b'3'));
+                                ctx.expect(|| Expect::Ack(b'3'));
                             }
                             b'P' => {
                                 ext.portals.remove(name);
                                 ext.described.remove(name);
-                                ctx.expect(Expect::ClosePortal(name.to_vec()));
+                                ctx.expect(|| Expect::ClosePortal(name.to_vec()));
                             }
-                            _ => ctx.expect(Expect::Ack(b'3')),
+                            _ => ctx.expect(|| Expect::Ack(b'3')),
                         }
                     } else {
-                        ctx.expect(Expect::Ack(b'3'));
+                        ctx.expect(|| Expect::Ack(b'3'));
                     }
                     out.extend_from_slice(&frame.bytes);
                 }
                 tag_f::SYNC => {
                     ctx.push_cycle();
-                    ctx.expect(Expect::Sync);
+                    ctx.expect(|| Expect::Sync);
                     out.extend_from_slice(&frame.bytes);
                 }
                 tag_f::DESCRIBE => {
@@ -651,10 +656,10 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         let mut pos = 1;
                         match (body.first(), crate::framing::read_cstr(body, &mut pos)) {
                             (Some(b'P'), Some(portal)) => {
-                                ctx.expect(Expect::DescribePortal { portal: portal.to_vec(), info: ext.portal_info(portal), swallow: false });
+                                ctx.expect(|| Expect::DescribePortal { portal: portal.to_vec(), info: ext.portal_info(portal), swallow: false });
                                 ext.mark_described(portal);
                             }
-                            (Some(b'S'), Some(_)) => ctx.expect(Expect::DescribeStatement),
+                            (Some(b'S'), Some(_)) => ctx.expect(|| Expect::DescribeStatement),
                             _ => return ctx.die(GateError::protocol("invalid Describe message")).await,
                         }
                     }
@@ -670,7 +675,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                         "FunctionCall (fast-path) messages are refused by phigate: they carry no SQL the gateway can judge")
                         .with_hint("Call the function from a SQL statement instead.");
                     ctx.push_cycle();
-                    ctx.expect(Expect::Query { info: StmtInfo::default() });
+                    ctx.expect(|| Expect::Query { info: StmtInfo::default() });
                     out.extend_from_slice(&session::query(ctx.marker(&err).as_bytes()));
                 }
                 tag_f::TERMINATE => {

@@ -12,10 +12,9 @@ use ring::digest;
 
 use crate::detectors::Detectors;
 use crate::framing::read_cstr;
+use crate::messages::error_response::clip;
 use crate::messages::{put_cstr, put_message};
 
-/// Longest text kept in one field (as `messages::error_response` does for the gateway's own).
-const MAX_FIELD: usize = 4000;
 /// What replaces a detail that echoed a row or key.
 pub const GENERIC_DETAIL: &str = "The conflicting values are withheld by phigate; the original detail is in the audit record.";
 
@@ -89,16 +88,6 @@ fn redact_quoted(s: &str) -> Option<String> {
     (out != s).then_some(out)
 }
 
-fn clip(s: &str) -> &str {
-    if s.len() <= MAX_FIELD {
-        return s;
-    }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
 
 /// Rebuilds the ErrorResponse/NoticeResponse `tag` (b'E' or b'N') with body `body` for a masked
 /// identity, appending the whole message to `out`.

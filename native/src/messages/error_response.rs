@@ -7,7 +7,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// ErrorResponse bodies this size are never useful.
 const MAX_FIELD: usize = 4000;
 
-fn clip(s: &str) -> &str {
+/// `s` cut to MAX_FIELD bytes at a character boundary.
+pub fn clip(s: &str) -> &str {
     if s.len() <= MAX_FIELD {
         return s;
     }
