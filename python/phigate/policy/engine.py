@@ -170,8 +170,10 @@ def _plain_read(
 
 def _reads_protected(facts: list[Facts], catalog: CatalogSnapshot) -> bool:
     """True if the statement names a relation the catalog protects."""
-    protected = catalog.protected_relations()
-    return any((schema, name) in protected for f in facts for schema, name, _op in f.relations)
+    # A lookup per relation, not protected_relations(): that builds a new set every call.
+    return any(
+        catalog.relation(schema, name) is not None for f in facts for schema, name, _ in f.relations
+    )
 
 
 def _masked_write(
