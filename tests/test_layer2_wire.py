@@ -233,3 +233,22 @@ def test_refused_function_call_keeps_results_attributed(cp: Any) -> None:
     c.send(query("select ssn from l2_patients"))
     out = c.read_until()
     assert tags(out) == "TDCZ" and b"***-**-6789" in out[1].body
+
+
+def test_protected_copy_not_masked_at_the_source_closes_the_session(
+    scripted: Any, l2_table: Any
+) -> None:
+    """A COPY the control plane marks as reading protected data but did not rewrite has no
+    column origins to mask by: the data plane refuses it rather than guess."""
+    cp = scripted(auth={"masked": True}, decide=unrewritten(protected=True),
+                  masking=l2_table["state"])  # fmt: skip
+    conn = psycopg.connect(cp.dsn, autocommit=True)
+    with (
+        pytest.raises(psycopg.Error) as err,
+        conn.cursor().copy("copy (select ssn from l2_patients) to stdout") as copy,
+    ):
+        for _ in copy:
+            pass
+    assert err.value.sqlstate == "42501" and "not masked at the source" in str(err.value)
+    assert conn.closed or conn.broken
+    conn.close()

@@ -283,3 +283,15 @@ def test_masked_values_through_psql(masked_gateway, token, clear):
         real = by_id[int(pid)]
         assert ssn == "***-**-" + real[1][-4:] and first.startswith("psn_") and first != real[3]
         assert dob == f"{real[4].year:04d}-01-01"
+
+
+def test_statement_text_views_are_refused_in_any_schema(masked_gateway, token):
+    """pg_stat_statements usually lives in public; it would show other sessions' statements
+    (the rewrite's HMAC pads among them)."""
+    with psycopg_connect(masked_gateway, token()) as conn:
+        for sql in ("select query from public.pg_stat_statements",
+                    "select * from pg_stat_monitor"):  # fmt: skip
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
+                conn.execute(sql)
+            assert "never readable" in str(exc.value)
+            conn.rollback()
