@@ -221,11 +221,6 @@ impl Detectors {
         self.configured.is_some() || builtin_may_match(bytes)
     }
 
-    /// True if any detector fires on `text`.
-    pub fn has_hit(&self, text: &str) -> bool {
-        !self.hits(text).is_empty()
-    }
-
     /// Every hit, sorted by position, without overlaps (the earliest, then longest, wins).
     pub fn hits(&self, text: &str) -> Vec<Hit> {
         let matched = self.candidates(text);
