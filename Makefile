@@ -23,7 +23,7 @@ $(BIN)/python:
 
 # Installs the Python dependencies and builds the extension (release profile) in place.
 setup build: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,dev]'
+	$(BIN)/pip install --quiet -e '.[test,dev,demo]'
 
 demo: build
 	$(BIN)/phigate demo $(DEMO_ARGS)

@@ -25,8 +25,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from phigate.catalog import CatalogSnapshot, ColumnInfo, RelationInfo  # noqa: E402
 from phigate.config import ColumnRule, PhiConfig, SecretBytes  # noqa: E402
+from phigate.masking.classification import CatalogSnapshot, ColumnInfo, RelationInfo  # noqa: E402
 from phigate.policy.analyze import analyze  # noqa: E402
 from phigate.policy.engine import PolicyEngine  # noqa: E402
 from phigate.policy.rules import decide  # noqa: E402
@@ -84,7 +84,7 @@ CLINICIAN = roleset(CONFIG, "clinician")
 ENGINE = PolicyEngine(CONFIG)
 CLASS = CLINICIAN.identity_class
 
-# (name, type OID, format_type) per column of the demo schema (phigate.ehr.SCHEMA_SQL).
+# (name, type OID, format_type) per column of the demo schema (phigate.dev.ehr.SCHEMA_SQL).
 _TEXT, _INT8, _DATE, _TSTZ = (25, "text"), (20, "bigint"), (1082, "date"), (1184, "timestamp with time zone")  # fmt: skip
 EHR_COLUMNS: dict[str, list[tuple[str, tuple[int, str]]]] = {
     "patients": [("id", _INT8), ("mrn", _TEXT), ("first_name", _TEXT), ("last_name", _TEXT),
@@ -165,7 +165,7 @@ def test_masked_answer(benchmark: Any, name: str, masked: bool) -> None:
     engine = MASKED_ENGINE if masked else ENGINE
     answer = engine.decide(CLASS, sql)
     # A masked answer either carries the rewrite or, for a plain read, the table OIDs the data
-    # plane masks by column origin (phigate.policy.passthrough).
+    # plane masks by column origin (phigate.masking.passthrough).
     masked_answer = "rewrite" in answer or "origins" in answer
     assert answer["action"] == "allow" and masked_answer is masked, answer
     benchmark.pedantic(lambda: engine.decide(CLASS, sql), rounds=ROUNDS, iterations=1)

@@ -27,7 +27,7 @@ def _env() -> dict[str, str]:
 
 def importable() -> tuple[bool, str]:
     """Whether the gateway (Rust extension + server) imports; the reason if it does not."""
-    cp = run([sys.executable, "-c", "import phigate._native, phigate.server, phigate.cli"],
+    cp = run([sys.executable, "-c", "import phigate._native, phigate.control.server, phigate.cli"],
              timeout=60, env=_env(), check=False)
     return cp.returncode == 0, (cp.stderr.strip().splitlines() or ["?"])[-1]
 
@@ -40,9 +40,9 @@ def native_version() -> str:
 
 def mint_token(key_dir: Path, ttl_seconds: int, subject: str = AGENT,
                groups: list[str] | None = None) -> tuple[str, Path]:
-    """A dev token from phigate.tokens.DevIssuer and the JWKS file that verifies it (the same
+    """A dev token from phigate.dev.tokens.DevIssuer and the JWKS file that verifies it (the same
     key pair for every subject minted from one key_dir)."""
-    from phigate.tokens import DevIssuer
+    from phigate.dev.tokens import DevIssuer
 
     iss = DevIssuer(key_dir, issuer=ISSUER)
     iss.ensure_keys()

@@ -250,15 +250,15 @@ def describe() -> dict[str, Any]:
 def rewritten_sql(config_path: Path, target: str) -> dict[str, str]:
     """Per mask set, the statement layer 1 (the rewrite) makes of the SELECT for the masked
     identity: what phigate sends upstream for the COPY form. (The plain SELECT itself is left
-    to the data plane, which masks it by column origin: phigate.policy.passthrough.)
+    to the data plane, which masks it by column origin: phigate.masking.passthrough.)
 
     Read directly on PostgreSQL it shows what computing the masks in SQL costs the database.
     Uses phigate's own config loader, catalog reader and rewrite in this process, as the
     control plane would; the pseudonym key never leaves the work dir.
     """
-    from phigate.catalog import load_catalog
     from phigate.config import load_config
-    from phigate.policy.rewrite import pseudonym_key_sql, rewrite
+    from phigate.masking.classification import load_catalog
+    from phigate.masking.rewrite import pseudonym_key_sql, rewrite
 
     cfg = load_config(config_path)
     roleset = cfg.roleset([IDENTITIES[MASKED_SUB][1]], target)

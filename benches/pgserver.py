@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL for the benchmark: phigate.pgembed when present, else an own starter."""
+"""A throwaway PostgreSQL for the benchmark: phigate.dev.pgembed if present, else our own."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def wheel_bin_dir() -> Path:
 
 
 class PgServer(Protocol):
-    """The subset of phigate.pgembed.EmbeddedPostgres the benchmark uses."""
+    """The subset of phigate.dev.pgembed.EmbeddedPostgres the benchmark uses."""
 
     host: str
     port: int
@@ -131,11 +131,11 @@ def start_postgres(reg: Registry, workdir: Path, acct: Account | None, max_conne
     """Start PostgreSQL; returns the server and which starter was used ("pgembed" or "own")."""
     if prefer in ("auto", "pgembed"):
         try:
-            from phigate.pgembed import EmbeddedPostgres
+            from phigate.dev.pgembed import EmbeddedPostgres
         except ImportError:
             if prefer == "pgembed":
                 raise
-            log("phigate.pgembed not importable; using the benchmark's own PostgreSQL starter")
+            log("phigate.dev.pgembed not importable; using the benchmark's own PostgreSQL starter")
         else:
             pg: Any = EmbeddedPostgres(workdir=str(workdir / "pgembed"),
                                        max_connections=max_connections,
@@ -145,12 +145,12 @@ def start_postgres(reg: Registry, workdir: Path, acct: Account | None, max_conne
             except Exception as e:
                 if prefer == "pgembed":
                     raise
-                log(f"phigate.pgembed failed to start ({e}); using the own starter instead")
+                log(f"phigate.dev.pgembed failed to start ({e}); using the own starter instead")
                 with contextlib.suppress(Exception):  # best effort after a failed start
                     pg.stop()
             else:
                 reg.on_cleanup("postgres (pgembed)", pg.stop)
-                log(f"PostgreSQL (phigate.pgembed) on {pg.host}:{pg.port}")
+                log(f"PostgreSQL (phigate.dev.pgembed) on {pg.host}:{pg.port}")
                 return pg, "pgembed"
     own = OwnPostgres(reg, workdir, acct, max_connections)
     own.start()

@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated parts to run, skipping the others "
                          "(e.g. --only masking: the masked bulk read alone, ~1.5 min)")
     ap.add_argument("--pg", choices=("auto", "pgembed", "own"), default="auto",
-                    help="PostgreSQL starter: phigate.pgembed, the benchmark's own, or auto")
+                    help="PostgreSQL starter: phigate.dev.pgembed, the benchmark's own, or auto")
     # PgBouncer is single-threaded; on this 2-core machine, shared with PostgreSQL and pgbench, one
     # phigate I/O thread is the like-for-like setting and avoids cross-thread wakeups (measured:
     # ~20 % less proxy CPU per transaction at 8 clients than with 2 workers).
@@ -142,7 +142,7 @@ class Bench:
             if not ok:
                 log(f"phigate is not importable ({why}); running without it")
                 self.notes.append(f"phigate was not measured: `import phigate._native, "
-                                  f"phigate.server` failed ({why}).")
+                                  f"phigate.control.server` failed ({why}).")
                 a.systems.remove("phigate")
         versions["phigate_native"] = gateway.native_version() if "phigate" in a.systems else "–"
 

@@ -60,7 +60,7 @@ def pg() -> Iterator[EhrPostgres]:
 @pytest.fixture(scope="session")
 def dev_issuer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A local token issuer with keys and a JWKS file on disk."""
-    from phigate.tokens import DevIssuer
+    from phigate.dev.tokens import DevIssuer
 
     issuer = DevIssuer(tmp_path_factory.mktemp("keys"))
     issuer.ensure_keys()
@@ -70,7 +70,7 @@ def dev_issuer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def dev_cert(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A dev CA and a server cert for localhost/127.0.0.1 (DevCert: ca_cert, cert, key)."""
-    from phigate.certs import make_dev_cert
+    from phigate.dev.certs import make_dev_cert
 
     return make_dev_cert(tmp_path_factory.mktemp("tls"), list(CERT_HOSTNAMES))
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from phigate.demo import base_config, dump_toml, merge_config
-from phigate.ehr import provision_demo_database
+from phigate.dev.demo import base_config, dump_toml, merge_config
+from phigate.dev.ehr import provision_demo_database
+from phigate.dev.pgembed import EmbeddedPostgres, PgEmbedError, find_psql
 from phigate.files import write_private
-from phigate.pgembed import EmbeddedPostgres, PgEmbedError, find_psql
 
 TARGET = "ehr"
 SERVICE_USER = "phigate_svc"
@@ -201,7 +201,7 @@ class GatewayFactory:
     def __call__(self, **overrides: Any) -> RunningGateway:
         require_native()
         from phigate.config import load_config
-        from phigate.server import GatewayThread
+        from phigate.control.server import GatewayThread
 
         settings, gdir = self._build(overrides)
         path = write_private(gdir / "phigate.toml", dump_toml(settings))

@@ -1,4 +1,4 @@
-"""A tiny in-memory catalog for the masking rewrite tests (phigate.policy.rewrite.CatalogLike)."""
+"""A tiny in-memory catalog for the masking rewrite tests (phigate.masking.rewrite.CatalogLike)."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from harness import asyncpg_connect, conninfo, psycopg_connect
-from phigate.apikeys import ApiKeyStore, read_store
 from phigate.cli import main as cli_main
+from phigate.identity.apikeys import ApiKeyStore, read_store
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,12 @@ from typing import Any
 import pytest
 import uvloop
 
-from phigate import apikeys as apikeys_mod
-from phigate.apikeys import (
+from phigate.cli import main as cli_main
+from phigate.config import ApiKeysConfig, apikeys_store_from_file, parse_config
+from phigate.control.server import ControlPlane
+from phigate.errors import ConfigError, IdentityError
+from phigate.identity import apikeys as apikeys_mod
+from phigate.identity.apikeys import (
     ApiKeyStore,
     ApiKeyVerifier,
     StoreError,
@@ -28,11 +32,7 @@ from phigate.apikeys import (
     looks_like_api_key,
     read_store,
 )
-from phigate.cli import main as cli_main
-from phigate.config import ApiKeysConfig, apikeys_store_from_file, parse_config
-from phigate.errors import ConfigError, IdentityError
-from phigate.identity import Identity, NoOidcVerifier
-from phigate.server import ControlPlane
+from phigate.identity.oidc import Identity, NoOidcVerifier
 
 KEY_RE = re.compile(r"phk_([0-9a-f]{12})_([a-z2-7]{52})")
 DAY = 86400.0
@@ -800,7 +800,7 @@ def test_dispatch_passes_the_target_and_relays_mapping_refusals(store: ApiKeySto
 
 
 def test_reload_keeps_the_verifier_of_an_unchanged_store(tmp_path: Path) -> None:
-    from phigate.server import _apikey_verifier
+    from phigate.control.server import _apikey_verifier
 
     def cfg(store: Path | None) -> Any:
         apikeys = ApiKeysConfig(store=store) if store is not None else None

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness import asyncpg_connect, conninfo, psycopg_connect
-from phigate.tokens import DevIssuer
+from phigate.dev.tokens import DevIssuer
 
 pytestmark = pytest.mark.integration
 

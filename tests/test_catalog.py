@@ -1,4 +1,4 @@
-"""phigate.catalog against a real PostgreSQL: OIDs, attnums, partitions, children and views."""
+"""Classification against a real PostgreSQL: OIDs, attnums, partitions, children and views."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from harness import EhrPostgres
-from phigate.catalog import CatalogError, CatalogSnapshot, load_catalog
 from phigate.cli import main as cli_main
 from phigate.config import Config, parse_config
-from phigate.demo import dump_toml
+from phigate.dev.demo import dump_toml
 from phigate.errors import ConfigError
 from phigate.files import write_private
+from phigate.masking.classification import CatalogError, CatalogSnapshot, load_catalog
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Tests for phigate.ehr: the synthetic schema loads, is deterministic, looks like real records."""
+"""phigate.dev.ehr: the synthetic schema loads, is deterministic, looks like real records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from harness import TEST_PATIENTS, TEST_SEED, EhrPostgres
-from phigate.ehr import EHR_TABLES, generate_ehr, load_ehr, mrn_for
+from phigate.dev.ehr import EHR_TABLES, generate_ehr, load_ehr, mrn_for
 
 
 def _table_digest(conn: psycopg.Connection, table: str) -> str:

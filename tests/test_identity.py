@@ -18,9 +18,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from phigate.config import OidcConfig
+from phigate.dev.tokens import DevIssuer
 from phigate.errors import IdentityError
-from phigate.identity import Identity, OidcVerifier
-from phigate.tokens import DevIssuer
+from phigate.identity.oidc import Identity, OidcVerifier
 
 T0 = 1_750_000_000.0
 

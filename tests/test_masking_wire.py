@@ -146,7 +146,7 @@ def test_prepared_statements_after_the_masking_changed(masked_gateway, token):
     """A plain read prepared before a reload follows the new mask (the data plane masks it by
     column origin); a statement the rewrite prepared upstream must be prepared again."""
     from phigate.config import load_config
-    from phigate.demo import dump_toml, merge_config
+    from phigate.dev.demo import dump_toml, merge_config
 
     with psycopg_connect(masked_gateway, token()) as conn:
         plain = "select ssn from patients where id = %s"

@@ -1,4 +1,4 @@
-"""Which masked reads the rewrite leaves to the data plane (phigate.policy.passthrough): only
+"""Which masked reads the rewrite leaves to the data plane (phigate.masking.passthrough): only
 plain column reads of protected tables whose filters never touch a masked column; anything
 else -- expressions, whole rows, predicates on masked columns, views, set operations, ordering,
 grouping, sub-queries, masks the data plane computes differently -- goes through the rewrite."""
@@ -9,9 +9,9 @@ import orjson
 import pytest
 from pglast import parser
 
-from phigate.catalog import CatalogSnapshot, ColumnInfo, RelationInfo
 from phigate.config import ColumnRule
-from phigate.policy.passthrough import copy_columns, passthrough_oids
+from phigate.masking.classification import CatalogSnapshot, ColumnInfo, RelationInfo
+from phigate.masking.passthrough import copy_columns, passthrough_oids
 
 
 def _rule(table: str, col: str, kind: str, mask: str) -> ColumnRule:

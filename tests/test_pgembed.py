@@ -1,4 +1,4 @@
-"""Tests for phigate.pgembed: a throwaway PostgreSQL starts, answers, never outlives its owner."""
+"""phigate.dev.pgembed: a throwaway PostgreSQL starts, answers, never outlives its owner."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from phigate import pgembed
-from phigate.pgembed import EmbeddedPostgres, PgEmbedError, find_free_port, pg_bin_dir
+from phigate.dev import pgembed
+from phigate.dev.pgembed import EmbeddedPostgres, PgEmbedError, find_free_port, pg_bin_dir
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -209,7 +209,7 @@ def test_sigterm_stops_the_server(tmp_path: Path) -> None:
     """A test run killed by SIGTERM (CI timeout) must not leave PostgreSQL running."""
     script = (
         "import sys, time\n"
-        "from phigate.pgembed import EmbeddedPostgres\n"
+        "from phigate.dev.pgembed import EmbeddedPostgres\n"
         f"pg = EmbeddedPostgres({str(tmp_path / 'w')!r}).start()\n"
         "print(pg._postmaster_pid(), flush=True)\n"
         "time.sleep(120)\n"
@@ -266,7 +266,7 @@ def test_sigkilled_owner_does_not_leak_the_server(tmp_path: Path) -> None:
     """Nothing runs in a SIGKILLed process; the watchdog must stop PostgreSQL for it."""
     script = (
         "import time\n"
-        "from phigate.pgembed import EmbeddedPostgres\n"
+        "from phigate.dev.pgembed import EmbeddedPostgres\n"
         f"pg = EmbeddedPostgres({str(tmp_path / 'w')!r}).start()\n"
         "print(pg._postmaster_pid(), flush=True)\n"
         "time.sleep(120)\n"

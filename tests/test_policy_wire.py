@@ -87,7 +87,7 @@ def test_reload_applies_to_the_next_statement_of_a_live_session(
     analyst_gateway: Any, token: Any
 ) -> None:
     from phigate.config import load_config
-    from phigate.demo import dump_toml, merge_config
+    from phigate.dev.demo import dump_toml, merge_config
 
     tok = token(groups=("analysts",))
     with psycopg_connect(analyst_gateway, tok) as conn:

@@ -23,7 +23,7 @@ from psycopg import pq
 
 import layer2ref
 from harness import EhrPostgres
-from phigate.policy.rewrite import (
+from phigate.masking.rewrite import (
     MaskSQL,
     RewriteResult,
     mask_expression,

@@ -1,4 +1,4 @@
-"""The masking rewrite (phigate.policy.rewrite) on its own: an in-memory catalog, no server."""
+"""The masking rewrite (phigate.masking.rewrite) on its own: an in-memory catalog, no server."""
 
 # ruff: noqa: S608  # the statements are test data, never executed
 
@@ -14,8 +14,7 @@ from pglast import parser
 import layer2ref
 import policyconf
 from phigate.config import PhiConfig
-from phigate.policy.engine import PolicyEngine
-from phigate.policy.rewrite import (
+from phigate.masking.rewrite import (
     _PARTIAL_KEEP,
     MaskSQL,
     RewriteResult,
@@ -24,6 +23,7 @@ from phigate.policy.rewrite import (
     pseudonym_key_sql,
     rewrite,
 )
+from phigate.policy.engine import PolicyEngine
 from rewritecat import DATE, INT4, INT8, NUMERIC, TEXT, TSTZ, Column, MemCatalog, Relation, Rule
 
 KEY = pseudonym_key_sql(b"k3y")

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import uvloop
 
-from phigate import server
 from phigate.config import Config, load_config
+from phigate.control import server
+from phigate.control.server import ControlPlane, Gateway, GatewayThread, sd_notify
+from phigate.dev.tokens import DevIssuer
 from phigate.errors import IdentityError
-from phigate.identity import Identity, OidcVerifier
-from phigate.server import ControlPlane, Gateway, GatewayThread, sd_notify
-from phigate.tokens import DevIssuer
+from phigate.identity.oidc import Identity, OidcVerifier
 
 
 class FakeRequest:
@@ -479,7 +479,7 @@ def test_identity_error_requires_auth_sqlstate() -> None:
 
 
 def test_event_sink_appends_lines_and_reopens_after_logrotate(tmp_path: Path) -> None:
-    from phigate.events import EventSink
+    from phigate.audit.events import EventSink
 
     path = tmp_path / "events.jsonl"
     sink = EventSink(path)
@@ -497,7 +497,7 @@ def test_event_sink_appends_lines_and_reopens_after_logrotate(tmp_path: Path) ->
 
 
 def test_event_sink_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:
-    from phigate.events import EventSink
+    from phigate.audit.events import EventSink
 
     sink = EventSink("-")
     sink.write(b'{"event":"x"}\n')

@@ -12,9 +12,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from phigate.certs import make_dev_cert
 from phigate.cli import main as cli_main
-from phigate.tokens import DevIssuer
+from phigate.dev.certs import make_dev_cert
+from phigate.dev.tokens import DevIssuer
 
 
 def mode(path: Path) -> int:

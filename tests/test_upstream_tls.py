@@ -39,9 +39,9 @@ def tls_capable_bin_dir() -> Path:
 @pytest.fixture(scope="module")
 def tls_pg(tmp_path_factory):
     """A PostgreSQL with TLS on, the EHR database and a service role; yields (server, cert)."""
-    from phigate.certs import make_dev_cert
-    from phigate.ehr import provision_demo_database
-    from phigate.pgembed import EmbeddedPostgres
+    from phigate.dev.certs import make_dev_cert
+    from phigate.dev.ehr import provision_demo_database
+    from phigate.dev.pgembed import EmbeddedPostgres
 
     cert = make_dev_cert(tmp_path_factory.mktemp("upstream-tls"), ["127.0.0.1", "localhost"])
     server = EmbeddedPostgres(bin_dir=tls_capable_bin_dir())
@@ -96,7 +96,7 @@ def test_verify_full_upstream(gateway_factory, tls_pg, token, tmp_path):
 def test_verify_full_refuses_a_certificate_from_another_ca(
     gateway_factory, tls_pg, token, tmp_path
 ):
-    from phigate.certs import make_dev_cert
+    from phigate.dev.certs import make_dev_cert
 
     other = make_dev_cert(tmp_path / "other", ["127.0.0.1", "localhost"])
     gw = _gateway_to(gateway_factory, tmp_path, tls_pg, other.ca_cert)

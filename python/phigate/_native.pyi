@@ -97,7 +97,7 @@ class Engine:
         """All pending events as JSON lines (b"" if none). Never blocks."""
 
     def set_masking(self, state_json: str) -> None:
-        """Layer-2 masking state (see phigate.layer2); ValueError if it does not validate."""
+        """Layer-2 masking state (phigate.masking.layer2); ValueError if it does not validate."""
 
     def reconfigure(self, config_json: str) -> int:
         """Apply a new config to new sessions (listen addresses are not changed)

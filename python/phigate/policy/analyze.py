@@ -25,12 +25,12 @@ from typing import Any
 import orjson
 from pglast import parser as _pg_parser
 
-from phigate.policy.catalog import PG_CATALOG_FUNCTIONS, PG_CATALOG_RELATIONS
 from phigate.policy.functions import (
     DEFAULT_FUNCTIONS,
     NAME_ARGUMENT_FUNCTIONS,
     WRITING_FUNCTIONS,
 )
+from phigate.policy.pg_names import PG_CATALOG_FUNCTIONS, PG_CATALOG_RELATIONS
 
 __all__ = [
     "SEARCH_PATH",

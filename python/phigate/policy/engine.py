@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 from pglast import parser as _pg_parser
 
-from phigate.catalog import CatalogSnapshot
 from phigate.config import Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
+from phigate.masking.classification import CatalogSnapshot
+from phigate.masking.passthrough import copy_columns, passthrough_oids
+from phigate.masking.rewrite import pseudonym_key_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
-from phigate.policy.passthrough import copy_columns, passthrough_oids
-from phigate.policy.rewrite import pseudonym_key_sql, rewrite
 from phigate.policy.rules import Decision, decide
 
 __all__ = ["PolicyEngine"]

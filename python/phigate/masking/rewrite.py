@@ -43,8 +43,8 @@ import orjson
 from pglast import parser as _pg_parser
 
 from phigate.policy.analyze import SEARCH_PATH
-from phigate.policy.catalog import PG_CATALOG_RELATIONS
 from phigate.policy.functions import never_reason
+from phigate.policy.pg_names import PG_CATALOG_RELATIONS
 
 __all__ = [
     "CatalogLike",

@@ -295,7 +295,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _psql_program() -> tuple[str, str]:
     """The psql to show in the banner, and a note when none on this machine can do TLS."""
-    from phigate.pgembed import PgEmbedError, find_psql
+    from phigate.dev.pgembed import PgEmbedError, find_psql
 
     try:
         found = find_psql(require_ssl=True)
@@ -362,8 +362,8 @@ def _run(
     stack: contextlib.ExitStack,
     stopping: threading.Event,
 ) -> int:
-    from phigate.ehr import provision_demo_database
-    from phigate.pgembed import EmbeddedPostgres
+    from phigate.dev.ehr import provision_demo_database
+    from phigate.dev.pgembed import EmbeddedPostgres
 
     if args.workdir is not None:
         root = args.workdir.expanduser().resolve()
@@ -390,8 +390,8 @@ def _run(
     password_file = write_private(paths.secrets / "ehr.password", svc_password + "\n")
 
     with progress.step("creating dev token issuer and TLS certificate"):
-        from phigate.certs import make_dev_cert
-        from phigate.tokens import DevIssuer
+        from phigate.dev.certs import make_dev_cert
+        from phigate.dev.tokens import DevIssuer
 
         issuer = DevIssuer(paths.keys)
         issuer.ensure_keys()
@@ -418,7 +418,7 @@ def _run(
 
     with progress.step("starting the gateway") as info:
         from phigate.config import load_config
-        from phigate.server import GatewayThread
+        from phigate.control.server import GatewayThread
 
         gateway = GatewayThread(load_config(paths.config))
         gateway.start()
@@ -530,7 +530,7 @@ def _check(
     """Query through the gateway like an agent would; print counts only (never row values)."""
     import psycopg
 
-    from phigate.ehr import EHR_TABLES
+    from phigate.dev.ehr import EHR_TABLES
 
     # Table names come from EHR_TABLES, not from input.
     counts_sql = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in EHR_TABLES)  # noqa: S608

@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import uvloop
 
-from phigate.apikeys import ApiKeyVerifier, looks_like_api_key
-from phigate.catalog import CatalogSnapshot, load_catalog
+from phigate.audit.events import EventSink
 from phigate.config import Config, load_config
 from phigate.errors import IdentityError, PhigateError
-from phigate.events import EventSink
-from phigate.identity import Identity, NoOidcVerifier, OidcVerifier
-from phigate.layer2 import masking_state_json
+from phigate.identity.apikeys import ApiKeyVerifier, looks_like_api_key
+from phigate.identity.oidc import Identity, NoOidcVerifier, OidcVerifier
+from phigate.masking.classification import CatalogSnapshot, load_catalog
+from phigate.masking.layer2 import masking_state_json
 from phigate.policy.engine import PolicyEngine
 
 __all__ = [

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from phigate.catalog import CatalogSnapshot, RelationInfo
+from phigate.masking.classification import CatalogSnapshot, RelationInfo
 
 __all__ = ["copy_columns", "passthrough_oids"]
 

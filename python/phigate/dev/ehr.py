@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psycopg
 
-    from phigate.pgembed import EmbeddedPostgres
+    from phigate.dev.pgembed import EmbeddedPostgres
 
 __all__ = [
     "EHR_SCHEMA_SQL",
@@ -421,7 +421,7 @@ def provision_demo_database(
     SELECT/INSERT/UPDATE/DELETE on the EHR tables: the gateway's upstream identity.
     The password is random and stored by PostgreSQL as SCRAM-SHA-256.
     """
-    from phigate.pgembed import quote_ident
+    from phigate.dev.pgembed import quote_ident
 
     password = secrets.token_urlsafe(24)
     pg.create_role(service_user, password, login=True)

@@ -8,8 +8,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from phigate.catalog import CatalogSnapshot
 from phigate.config import Config
+from phigate.masking.classification import CatalogSnapshot
 
 __all__ = ["masking_state_json"]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from phigate.errors import IdentityError, PhigateError
-from phigate.identity import Identity, _duration
+from phigate.identity.oidc import Identity, _duration
 
 __all__ = [
     "KEY_PREFIX",

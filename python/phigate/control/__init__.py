@@ -1,0 +1,1 @@
+"""The control loop: answers the data plane's requests; reloads, signals, systemd notifications."""

@@ -1,0 +1,1 @@
+"""Who is calling: OIDC access tokens and static API keys."""
