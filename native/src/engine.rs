@@ -11,8 +11,8 @@ use tokio::sync::watch;
 
 use crate::bridge::Bridge;
 use crate::cache::DecisionCache;
-use crate::cancel::CancelRegistry;
-use crate::mask_rules::MaskingState;
+use crate::session::cancel::CancelRegistry;
+use crate::masking::rules::MaskingState;
 use crate::config::{NativeConfig, Target};
 
 /// A resolved target: its config and the upstream TLS config built from it.
@@ -31,14 +31,14 @@ pub struct Settings {
 impl Settings {
     pub fn build(cfg: NativeConfig) -> Result<Self, String> {
         let server_tls = match &cfg.tls {
-            Some(files) => Some(crate::tls::server_config(files)?),
+            Some(files) => Some(crate::protocol::tls::server_config(files)?),
             None => None,
         };
         let mut targets = HashMap::new();
         for (name, t) in &cfg.targets {
-            let tls = crate::tls::client_config(t).map_err(|e| format!("targets.{name}: {e}"))?;
+            let tls = crate::protocol::tls::client_config(t).map_err(|e| format!("targets.{name}: {e}"))?;
             if t.tls != crate::config::UpstreamTls::Disable {
-                crate::tls::server_name(t).map_err(|e| format!("targets.{name}.server_name: {e}"))?;
+                crate::protocol::tls::server_name(t).map_err(|e| format!("targets.{name}.server_name: {e}"))?;
             }
             targets.insert(name.clone(), ResolvedTarget { target: Arc::new(t.clone()), tls });
         }
@@ -294,7 +294,7 @@ async fn accept_loop(core: Arc<EngineCore>, listener: tokio::net::TcpListener, w
                     let core = core.clone();
                     workers[next].spawn(async move {
                         if let Ok(tcp) = tokio::net::TcpStream::from_std(std_tcp) {
-                            crate::frontend::run_session(core, tcp, peer).await;
+                            crate::session::frontend::run_session(core, tcp, peer).await;
                         }
                     });
                 }

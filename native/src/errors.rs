@@ -1,7 +1,7 @@
 //! The data plane's one error type: every failure knows its SQLSTATE, its severity and whether
 //! the connection must close; only `to_error_response` turns it into wire bytes.
 
-use crate::messages::error_response;
+use crate::protocol::messages::error_response;
 use bytes::Bytes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! StartupMessage (F): parsing the client's, building the gateway's own for the upstream leg.
 
 use super::put_cstr;
-use crate::framing::read_cstr;
+use crate::protocol::framing::read_cstr;
 use bytes::{BufMut, Bytes, BytesMut};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

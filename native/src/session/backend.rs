@@ -10,9 +10,9 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::config::Target;
-use crate::framing::{next_frame, read_cstr, read_i32};
-use crate::messages::{error_response, put_cstr, put_message, session, startup, tag_b};
-use crate::stream::Stream;
+use crate::protocol::framing::{next_frame, read_cstr, read_i32};
+use crate::protocol::messages::{error_response, put_cstr, put_message, session, startup, tag_b};
+use crate::protocol::stream::Stream;
 
 /// Everything the session needs from a freshly authenticated upstream connection.
 pub struct Upstream {
@@ -81,7 +81,7 @@ pub async fn open_transport(target: &Target, tls: Option<Arc<rustls::ClientConfi
     if b[0] != b'S' {
         return Err(fail("upstream refused TLS", format!("{addr} answered {:?} to SSLRequest", b[0] as char)));
     }
-    let name = crate::tls::server_name(target).map_err(|e| fail("TLS configuration error", e))?;
+    let name = crate::protocol::tls::server_name(target).map_err(|e| fail("TLS configuration error", e))?;
     let conn = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
@@ -165,7 +165,7 @@ async fn connect_inner(
 }
 
 /// Reads the next whole upstream message during connection setup (`phase` names it for the log).
-async fn read_frame(stream: &mut Stream, buf: &mut BytesMut, phase: &str) -> Result<crate::framing::Frame, UpstreamError> {
+async fn read_frame(stream: &mut Stream, buf: &mut BytesMut, phase: &str) -> Result<crate::protocol::framing::Frame, UpstreamError> {
     loop {
         match next_frame(buf, |_| MAX_STARTUP_MESSAGE) {
             Ok(Some(f)) => return Ok(f),

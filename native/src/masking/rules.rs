@@ -6,8 +6,8 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::detectors::{DetectorConfig, Detectors};
-use crate::masking::{ColumnRule, Mask, MaskContext};
+use crate::masking::detectors::{DetectorConfig, Detectors};
+use crate::masking::plan::{ColumnRule, Mask, MaskContext};
 
 /// The classification of one target, as the catalog resolved it.
 #[derive(Default)]

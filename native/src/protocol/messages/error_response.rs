@@ -58,7 +58,7 @@ pub fn field(body: &[u8], code: u8) -> Option<&[u8]> {
             return None;
         }
         pos += 1;
-        let val = crate::framing::read_cstr(body, &mut pos)?;
+        let val = crate::protocol::framing::read_cstr(body, &mut pos)?;
         if c == code {
             return Some(val);
         }

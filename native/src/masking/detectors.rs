@@ -83,7 +83,7 @@ const BUILT_IN: usize = 5;
 /// - a birth keyword, ASCII case-insensitively: "dob", "d.o.b", "birth" (date of birth,
 ///   birth date, birthday) or "born" (none has a letter with a non-ASCII case fold).
 fn builtin_may_match(b: &[u8]) -> bool {
-    crate::prefilter::may_match(b)
+    crate::masking::prefilter::may_match(b)
 }
 
 /// `builtin_may_match` one byte at a time: the reference the SIMD version is tested against,

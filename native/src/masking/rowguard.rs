@@ -19,9 +19,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::errors::{sqlstate, GateError};
-use crate::frontend::Identity;
-use crate::mask_rules::MaskingState;
-use crate::masking::{self, Classified, ColumnRule, DateStyle, Mask, MaskPlan, OriginFallback, PlanOptions};
+use crate::session::frontend::Identity;
+use crate::masking::rules::MaskingState;
+use crate::masking::plan::{self, Classified, ColumnRule, DateStyle, Mask, MaskPlan, OriginFallback, PlanOptions};
 
 /// What the control plane said of a statement, as far as layer 2 cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,8 +113,8 @@ impl RowGuard {
     /// a SET, set_config or function changes it.
     pub fn parameter_status(&mut self, body: &[u8]) {
         let mut pos = 0;
-        let name = crate::framing::read_cstr(body, &mut pos);
-        let value = crate::framing::read_cstr(body, &mut pos);
+        let name = crate::protocol::framing::read_cstr(body, &mut pos);
+        let value = crate::protocol::framing::read_cstr(body, &mut pos);
         if let (Some(name), Some(value)) = (name, value) {
             if name.eq_ignore_ascii_case(b"DateStyle") {
                 self.date_style = DateStyle::parse(&String::from_utf8_lossy(value));
@@ -175,7 +175,7 @@ impl RowGuard {
                     None => out.extend_from_slice(frame),
                     Some(plan) => {
                         let before = out.len();
-                        masking::mask_data_row(&plan, body, out).map_err(|e| e.to_gate_error().into_fatal())?;
+                        plan::mask_data_row(&plan, body, out).map_err(|e| e.to_gate_error().into_fatal())?;
                         if out[before..] != frame[..] {
                             self.values_masked += 1;
                         }
@@ -186,7 +186,7 @@ impl RowGuard {
             b'd' => {
                 if let Current::CopyPlan(plan) = &self.current {
                     let before = out.len();
-                    masking::mask_copy_data(plan, body, b'\t', out).map_err(|e| e.to_gate_error().into_fatal())?;
+                    plan::mask_copy_data(plan, body, b'\t', out).map_err(|e| e.to_gate_error().into_fatal())?;
                     if out[before..] != frame[..] {
                         self.values_masked += 1;
                     }
@@ -203,7 +203,7 @@ impl RowGuard {
                     out.extend_from_slice(frame);
                 } else {
                     self.values_masked += 1;
-                    crate::messages::put_message(out, b'd', |o| o.extend_from_slice(scrubbed.as_bytes()));
+                    crate::protocol::messages::put_message(out, b'd', |o| o.extend_from_slice(scrubbed.as_bytes()));
                 }
                 Ok(Step::Done)
             }
@@ -258,7 +258,7 @@ impl RowGuard {
                 if let Some(cols) = &info.copy_columns {
                     // The statement is a text COPY with no options (the control plane checked),
                     // so the data is tab-separated text with one field per planned column.
-                    let n = masking::copy_out_columns(body).map_err(|e| e.to_gate_error().into_fatal())?;
+                    let n = plan::copy_out_columns(body).map_err(|e| e.to_gate_error().into_fatal())?;
                     if n != cols.len() {
                         return Err(lost("a COPY with another column count than planned"));
                     }
@@ -364,7 +364,7 @@ mod tests {
 
     fn message(tag: u8, body: &[u8]) -> Bytes {
         let mut b = BytesMut::new();
-        crate::messages::put_message(&mut b, tag, |o| o.put_slice(body));
+        crate::protocol::messages::put_message(&mut b, tag, |o| o.put_slice(body));
         b.freeze()
     }
 

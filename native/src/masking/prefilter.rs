@@ -18,7 +18,7 @@ pub fn may_match(b: &[u8]) -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 pub fn may_match(b: &[u8]) -> bool {
-    crate::detectors::builtin_may_match_scalar(b)
+    crate::masking::detectors::builtin_may_match_scalar(b)
 }
 
 /// A marker letter at `i`: '@', "mrn", or a birth keyword whose 'b' is at `i`.
@@ -110,12 +110,12 @@ mod tests {
         /// enough to cross 64-byte blocks (a shape split across two blocks included).
         #[test]
         fn agrees_with_the_scalar_reference(s in "([0-9]{1,4}|[-. ]|[a-zA-Z]{1,3}|@|mrn|MRN|dob|D\\.O\\.B|birth|Born|b|m|\\n){0,80}") {
-            prop_assert_eq!(may_match(s.as_bytes()), crate::detectors::builtin_may_match_scalar(s.as_bytes()), "{:?}", s);
+            prop_assert_eq!(may_match(s.as_bytes()), crate::masking::detectors::builtin_may_match_scalar(s.as_bytes()), "{:?}", s);
         }
 
         #[test]
         fn agrees_on_any_bytes(v in prop::collection::vec(any::<u8>(), 0..300)) {
-            prop_assert_eq!(may_match(&v), crate::detectors::builtin_may_match_scalar(&v));
+            prop_assert_eq!(may_match(&v), crate::masking::detectors::builtin_may_match_scalar(&v));
         }
     }
 

@@ -21,11 +21,11 @@ use crate::bridge::{now_ts, RequestKind};
 use crate::cache::{Action, Decision, Reuse};
 use crate::engine::{EngineCore, Settings};
 use crate::errors::{sqlstate, GateError};
-use crate::framing::{next_frame, peek_header, Header};
-use crate::frontend::{Established, Identity};
-use crate::messages::{error_response, query, session, tag_b, tag_f};
-use crate::rowguard::{Expect, RowGuard, Step, StmtInfo, MAX_EXPECTED};
-use crate::stream::{release_if_idle, ReadPart, WritePart};
+use crate::protocol::framing::{next_frame, peek_header, Header};
+use crate::session::frontend::{Established, Identity};
+use crate::protocol::messages::{error_response, query, session, tag_b, tag_f};
+use crate::masking::rowguard::{Expect, RowGuard, Step, StmtInfo, MAX_EXPECTED};
+use crate::protocol::stream::{release_if_idle, ReadPart, WritePart};
 
 /// Upstream messages the relay must see whole; everything else streams through.
 fn upstream_inspected(tag: u8) -> bool {
@@ -285,9 +285,9 @@ impl Ctx {
 /// carries the marker, which the other half swaps for the gateway's refusal.
 fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
     let mut o = BytesMut::new();
-    crate::messages::put_message(&mut o, b'B', |o| {
-        crate::messages::put_cstr(o, portal);
-        crate::messages::put_cstr(o, marker.as_bytes());
+    crate::protocol::messages::put_message(&mut o, b'B', |o| {
+        crate::protocol::messages::put_cstr(o, portal);
+        crate::protocol::messages::put_cstr(o, marker.as_bytes());
         o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     });
     o.freeze()
@@ -297,8 +297,8 @@ fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
 /// the content detectors are replaced by tags and details that echo rows or keys ("Failing row
 /// contains", "Key (...)=(...)") by a generic detail. If the message cannot be parsed, a generic
 /// error replaces it: fail closed.
-fn scrub_for_masked(ctx: &Ctx, tag: u8, body: &[u8], detectors: &crate::detectors::Detectors) -> Bytes {
-    match crate::scrub::scrubbed(tag, body, detectors) {
+fn scrub_for_masked(ctx: &Ctx, tag: u8, body: &[u8], detectors: &crate::masking::detectors::Detectors) -> Bytes {
+    match crate::masking::scrub::scrubbed(tag, body, detectors) {
         Ok((bytes, report)) => {
             if report.changed {
                 // The audit trail keeps hashes of what was withheld, never the text itself.
@@ -351,8 +351,8 @@ async fn rejudge(
 /// Portal and statement names at the start of a Bind body.
 fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut pos = 0;
-    let portal = crate::framing::read_cstr(body, &mut pos)?;
-    let stmt = crate::framing::read_cstr(body, &mut pos)?;
+    let portal = crate::protocol::framing::read_cstr(body, &mut pos)?;
+    let stmt = crate::protocol::framing::read_cstr(body, &mut pos)?;
     Some((portal, stmt))
 }
 
@@ -585,7 +585,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     // A portal bound before a reload is judged again before it runs (portals from
                     // SQL-level DECLARE are not in the map: their DECLARE was judged).
                     let mut pos = 0;
-                    let Some(portal) = crate::framing::read_cstr(frame.body(), &mut pos) else {
+                    let Some(portal) = crate::protocol::framing::read_cstr(frame.body(), &mut pos) else {
                         return ctx.die(GateError::protocol("invalid Execute message")).await;
                     };
                     let stale = ext.portals.get(portal).and_then(|stmt| {
@@ -627,7 +627,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                 tag_f::CLOSE => {
                     let body = frame.body();
                     let mut pos = 1;
-                    if let (Some(kind), Some(name)) = (body.first(), crate::framing::read_cstr(body, &mut pos)) {
+                    if let (Some(kind), Some(name)) = (body.first(), crate::protocol::framing::read_cstr(body, &mut pos)) {
                         match kind {
                             b'S' => {
                                 ext.statements.remove(name);
@@ -654,7 +654,7 @@ async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut 
                     if ctx.identity.masked {
                         let body = frame.body();
                         let mut pos = 1;
-                        match (body.first(), crate::framing::read_cstr(body, &mut pos)) {
+                        match (body.first(), crate::protocol::framing::read_cstr(body, &mut pos)) {
                             (Some(b'P'), Some(portal)) => {
                                 ctx.expect(|| Expect::DescribePortal { portal: portal.to_vec(), info: ext.portal_info(portal), swallow: false });
                                 ext.mark_described(portal);

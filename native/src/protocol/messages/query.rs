@@ -1,6 +1,6 @@
 //! Reading statement text out of Query and Parse (F) messages.
 
-use crate::framing::{read_cstr, read_i16};
+use crate::protocol::framing::{read_cstr, read_i16};
 
 /// The SQL text of a Query body (must be exactly one NUL-terminated string).
 pub fn query_text(body: &[u8]) -> Option<&[u8]> {

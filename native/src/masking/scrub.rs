@@ -10,10 +10,10 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::digest;
 
-use crate::detectors::Detectors;
-use crate::framing::read_cstr;
-use crate::messages::error_response::clip;
-use crate::messages::{put_cstr, put_message};
+use crate::masking::detectors::Detectors;
+use crate::protocol::framing::read_cstr;
+use crate::protocol::messages::error_response::clip;
+use crate::protocol::messages::{put_cstr, put_message};
 
 /// What replaces a detail that echoed a row or key.
 pub const GENERIC_DETAIL: &str = "The conflicting values are withheld by phigate; the original detail is in the audit record.";
@@ -175,7 +175,7 @@ pub fn scrubbed(tag: u8, body: &[u8], detectors: &Detectors) -> Result<(Bytes, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::error_response::field;
+    use crate::protocol::messages::error_response::field;
     use proptest::prelude::*;
     use std::sync::OnceLock;
 

@@ -18,7 +18,7 @@ pub fn cleartext_password() -> Bytes {
 /// The password text of a PasswordMessage body (NUL-terminated string).
 pub fn password_from_body(body: &[u8]) -> Option<&[u8]> {
     let mut pos = 0;
-    let pw = crate::framing::read_cstr(body, &mut pos)?;
+    let pw = crate::protocol::framing::read_cstr(body, &mut pos)?;
     if pos != body.len() {
         return None;
     }

@@ -13,10 +13,10 @@ use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::detectors::Detectors;
+use crate::masking::detectors::Detectors;
 use crate::errors::{sqlstate, GateError};
-use crate::framing::{read_cstr, read_i16, read_i32};
-use crate::messages::put_message;
+use crate::protocol::framing::{read_cstr, read_i16, read_i32};
+use crate::protocol::messages::put_message;
 
 /// How a classified value is shown to an identity that does not see it in clear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

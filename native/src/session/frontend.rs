@@ -12,9 +12,9 @@ use tokio::net::TcpStream;
 use crate::bridge::{now_ts, AskError, RequestKind};
 use crate::engine::{EngineCore, Settings};
 use crate::errors::{sqlstate, GateError};
-use crate::framing::{next_frame, next_startup_packet};
-use crate::messages::{authentication, session, startup, tag_f, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
-use crate::stream::Stream;
+use crate::protocol::framing::{next_frame, next_startup_packet};
+use crate::protocol::messages::{authentication, session, startup, tag_f, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
+use crate::protocol::stream::Stream;
 
 /// Passwords (tokens) are at most this long; JWTs with many groups stay well below.
 const MAX_PASSWORD_MESSAGE: usize = 64 * 1024;
@@ -102,7 +102,7 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
         "dropped_parameters": est.dropped_parameters,
     }));
     let our_pid = est.our_pid;
-    let end = Box::pin(crate::relay::run(core.clone(), settings.clone(), est, session_id)).await;
+    let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session_id)).await;
     core.cancels.unregister(our_pid);
     core.bridge.emit(&json!({
         "ts": now_ts(), "event": "session_end", "session_id": session_id,
@@ -115,7 +115,7 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
 pub struct Established {
     pub client: Stream,
     pub client_buf: BytesMut,
-    pub upstream: crate::backend::Upstream,
+    pub upstream: crate::session::backend::Upstream,
     pub identity: Identity,
     pub target_name: String,
     pub application_name: String,
@@ -173,7 +173,7 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
             Ok(c) => c,
             Err(_) => return Err(Failure::silent()),
         };
-        let alpn_ok = conn.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL);
+        let alpn_ok = conn.get_ref().1.alpn_protocol() == Some(crate::protocol::tls::ALPN_POSTGRESQL);
         stream = Stream::ServerTls(Box::new(conn));
         if !alpn_ok {
             return Err(Failure::to(stream, GateError::protocol("direct TLS connections must negotiate ALPN \"postgresql\"")));
@@ -333,7 +333,7 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
         Err((code, msg)) => return Err(Failure::to(stream, auth_fail(code, msg))),
     };
 
-    let upstream = match crate::backend::connect(&target.target, target.tls.clone(), &forwarded, identity.db_role.as_deref()).await {
+    let upstream = match crate::session::backend::connect(&target.target, target.tls.clone(), &forwarded, identity.db_role.as_deref()).await {
         Ok(u) => u,
         Err(e) => {
             eprintln!("phigate: session {session_id}: upstream for target {database:?} failed: {}", e.log);
@@ -342,7 +342,7 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
                 .with_hint("The gateway operator can find details in the gateway log.")));
         }
     };
-    let (our_pid, our_secret) = core.cancels.register(crate::cancel::UpstreamKey {
+    let (our_pid, our_secret) = core.cancels.register(crate::session::cancel::UpstreamKey {
         target: target.target.clone(),
         pid: upstream.pid,
         secret: upstream.secret,
@@ -410,8 +410,8 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {
     let Some(key) = core.cancels.lookup(pid, secret) else { return };
     let tls = core.settings().targets.values().find(|t| Arc::ptr_eq(&t.target, &key.target)).and_then(|t| t.tls.clone())
-        .or_else(|| crate::tls::client_config(&key.target).ok().flatten());
-    if crate::backend::send_cancel(&key.target, tls, key.pid, key.secret).await.is_ok() {
+        .or_else(|| crate::protocol::tls::client_config(&key.target).ok().flatten());
+    if crate::session::backend::send_cancel(&key.target, tls, key.pid, key.secret).await.is_ok() {
         core.counters.cancels_forwarded.fetch_add(1, Ordering::Relaxed);
     }
 }
