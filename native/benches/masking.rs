@@ -3,7 +3,8 @@
 
 use bytes::{BufMut, BytesMut};
 use phigate_native::masking::detectors::Detectors;
-use phigate_native::masking::plan::{mask_data_row, Action, ColumnPlan, Format, Mask, MaskContext, MaskPlan, Why};
+use phigate_native::masking::plan::{mask_data_row, Action, ColumnPlan, MaskPlan, Why};
+use phigate_native::masking::values::{Format, Mask, MaskContext};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -106,7 +107,7 @@ fn main() {
     let t = Instant::now();
     for _ in 0..ROWS / 10 {
         out.clear();
-        phigate_native::masking::plan::mask_copy_data(&bulk_plan, black_box(line.as_bytes()), b'\t', &mut out).unwrap();
+        phigate_native::masking::copy::mask_copy_data(&bulk_plan, black_box(line.as_bytes()), b'\t', &mut out).unwrap();
     }
     println!("{:<48} {:>7.0} ns/row", "bulk-read row as a text COPY line", t.elapsed().as_nanos() as f64 / f64::from(ROWS / 10));
     for (label, keep) in [("  only the note scanned", 5usize), ("  only the pseudonym", 3), ("  only partial", 2), ("  only year", 4), ("  only encounter scanned", 1)] {

@@ -1,9 +1,15 @@
 //! PHI masking in the data plane: mask plans and values, detectors and their prefilter, error scrubbing, rules
 //! pushed by the control plane, and the row guard that matches every row to its statement.
 
+pub mod copy;
+pub mod dates;
 pub mod detectors;
 pub mod plan;
 pub mod prefilter;
 pub mod rowguard;
 pub mod rules;
 pub mod scrub;
+pub mod values;
+
+#[cfg(test)]
+mod mask_tests;

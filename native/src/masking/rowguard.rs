@@ -21,7 +21,10 @@ use std::sync::Arc;
 use crate::errors::{sqlstate, GateError};
 use crate::session::frontend::Identity;
 use crate::masking::rules::MaskingState;
-use crate::masking::plan::{self, Classified, ColumnRule, DateStyle, Mask, MaskPlan, OriginFallback, PlanOptions};
+use crate::masking::copy;
+use crate::masking::dates::DateStyle;
+use crate::masking::plan::{self, MaskPlan, OriginFallback, PlanOptions};
+use crate::masking::values::{Classified, ColumnRule, Mask};
 
 /// What the control plane said of a statement, as far as layer 2 cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -186,7 +189,7 @@ impl RowGuard {
             b'd' => {
                 if let Current::CopyPlan(plan) = &self.current {
                     let before = out.len();
-                    plan::mask_copy_data(plan, body, b'\t', out).map_err(|e| e.to_gate_error().into_fatal())?;
+                    copy::mask_copy_data(plan, body, b'\t', out).map_err(|e| e.to_gate_error().into_fatal())?;
                     if out[before..] != frame[..] {
                         self.values_masked += 1;
                     }
@@ -258,7 +261,7 @@ impl RowGuard {
                 if let Some(cols) = &info.copy_columns {
                     // The statement is a text COPY with no options (the control plane checked),
                     // so the data is tab-separated text with one field per planned column.
-                    let n = plan::copy_out_columns(body).map_err(|e| e.to_gate_error().into_fatal())?;
+                    let n = copy::copy_out_columns(body).map_err(|e| e.to_gate_error().into_fatal())?;
                     if n != cols.len() {
                         return Err(lost("a COPY with another column count than planned"));
                     }

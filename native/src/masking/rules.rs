@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::masking::detectors::{DetectorConfig, Detectors};
-use crate::masking::plan::{ColumnRule, Mask, MaskContext};
+use crate::masking::values::{ColumnRule, Mask, MaskContext};
 
 /// The classification of one target, as the catalog resolved it.
 #[derive(Default)]

@@ -1,0 +1,7 @@
+"""`python -m phigate.cli`: the same as the `phigate` command."""
+
+import sys
+
+from phigate.cli import main
+
+sys.exit(main())
