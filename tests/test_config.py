@@ -438,6 +438,71 @@ def test_search_path_refusals(
     )
 
 
+_AS_USER = "sessions run as the target's user, or as their role's db_role ([roles.*] db_role)"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        (
+            "standard_conforming_strings",
+            "the gateway always sends on (off makes the server read a backslash in '...' as an "
+            "escape, so SQL could hide in what the gateway parsed as a string)",
+        ),
+        (
+            "Client_Encoding",
+            "the gateway always sends UTF8 (another encoding makes the server read the statement "
+            "bytes differently from the gateway's parser)",
+        ),
+        (
+            "backslash_quote",
+            "it changes which string literals the server accepts, which the gateway's parser must "
+            "read the same way",
+        ),
+        ("role", _AS_USER),
+        ("ROLE", _AS_USER),
+        ("session_authorization", _AS_USER),
+        (
+            "default_transaction_read_only",
+            "it would override the read-only default the database sets for the target's user "
+            "(set it there, with ALTER ROLE ... SET)",
+        ),
+        ("session_replication_role", "it disables triggers and rules"),
+    ],
+)
+def test_params_refuse_settings_the_gateway_must_control(
+    base: dict[str, Any], confdir: Path, name: str, reason: str
+) -> None:
+    base["targets"]["ehr"]["params"] = {name: "off"}
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: targets.ehr.params.{name}: cannot be set here: {reason}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("role", _AS_USER),
+        ("Session_Authorization", _AS_USER),
+        ("search_path", "unqualified names resolve with the target's params.search_path"),
+        ("session_replication_role", "it disables triggers and rules"),
+        (
+            "backslash_quote",
+            "it changes which string literals the server accepts, which the gateway's parser must "
+            "read the same way",
+        ),
+    ],
+)
+def test_startup_parameters_never_forward_identity_or_parsing_settings(
+    base: dict[str, Any], confdir: Path, name: str, reason: str
+) -> None:
+    base["server"]["startup_parameters"] = ["application_name", name]
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: server.startup_parameters: {name!r} is never forwarded "
+        f"from clients: {reason}"
+    )
+
+
 def test_check_config_refuses_several_schemas(
     confdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -58,6 +58,30 @@ DEFAULT_STARTUP_PARAMETERS: tuple[str, ...] = (
 _NEVER_FORWARDED = frozenset({"user", "database", "replication", "options"})
 #: The schema unqualified names resolve to when a target's `params` set no search_path.
 DEFAULT_SCHEMA = "public"
+# Settings a target's `params` may not set (names compared case-insensitively, as the server
+# does), and why. The gateway parses every statement itself and judges it for the session it
+# chose: a setting that changes how the server reads statement text, or who the session is,
+# would make the server run something other than what the gateway judged.
+_REFUSED_PARAMS: Mapping[str, str] = MappingProxyType({
+    "client_encoding": "the gateway always sends UTF8 (another encoding makes the server read "
+    "the statement bytes differently from the gateway's parser)",
+    "standard_conforming_strings": "the gateway always sends on (off makes the server read a "
+    "backslash in '...' as an escape, so SQL could hide in what the gateway parsed as a string)",
+    "backslash_quote": "it changes which string literals the server accepts, which the gateway's "
+    "parser must read the same way",
+    "role": "sessions run as the target's user, or as their role's db_role ([roles.*] db_role)",
+    "session_authorization": "sessions run as the target's user, or as their role's db_role "
+    "([roles.*] db_role)",
+    "default_transaction_read_only": "it would override the read-only default the database sets "
+    "for the target's user (set it there, with ALTER ROLE ... SET)",
+    "session_replication_role": "it disables triggers and rules",
+})  # fmt: skip
+# Of those, what clients may never send either (the gateway replaces the other two itself).
+_NEVER_FROM_CLIENTS: Mapping[str, str] = MappingProxyType({
+    **{k: v for k, v in _REFUSED_PARAMS.items()
+       if k not in ("client_encoding", "standard_conforming_strings")},
+    "search_path": "unqualified names resolve with the target's params.search_path",
+})  # fmt: skip
 # Schema names sent upstream unquoted (the server reads them back as the same name); any other
 # name is sent in double quotes.
 _PLAIN_SCHEMA = re.compile(r"[a-z_][a-z0-9_$]*")
@@ -651,6 +675,9 @@ def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
     for name in params:
         if name in _NEVER_FORWARDED or name.startswith("_pq_."):
             t.fail("startup_parameters", f"{name!r} is set by the gateway and is never forwarded")
+        why = _NEVER_FROM_CLIENTS.get(name.lower())
+        if why is not None:
+            t.fail("startup_parameters", f"{name!r} is never forwarded from clients: {why}")
         if not _GUC_NAME.fullmatch(name):
             t.fail("startup_parameters", f"{name!r} is not a parameter name")
 
@@ -877,6 +904,9 @@ def _params(t: _Table) -> tuple[dict[str, str], str]:
         if name in seen:
             t.fail(f"params.{key}", f"sets the same parameter as params.{seen[name]}")
         seen[name] = key
+        why = _REFUSED_PARAMS.get(name)
+        if why is not None:
+            t.fail(f"params.{key}", f"cannot be set here: {why}")
         if name == "search_path":
             schema = _search_path(t, f"params.{key}", value)
         else:
