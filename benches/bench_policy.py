@@ -145,8 +145,10 @@ def _record(benchmark: Any, what: str, name: str) -> None:
 @pytest.mark.parametrize("name", list(AGENT_QUERIES))
 def test_analyze_and_decide(benchmark: Any, name: str) -> None:
     sql = AGENT_QUERIES[name]
-    decide(analyze(sql), CLINICIAN)  # warm the role's memo, as a running gateway has it
-    benchmark.pedantic(lambda: decide(analyze(sql), CLINICIAN), rounds=ROUNDS, iterations=1)
+    decide(analyze(sql, schema="public"), CLINICIAN)  # warm the role's memo, as a gateway has it
+    benchmark.pedantic(
+        lambda: decide(analyze(sql, schema="public"), CLINICIAN), rounds=ROUNDS, iterations=1
+    )
     _record(benchmark, "analyze+decide", name)
 
 

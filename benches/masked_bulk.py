@@ -269,7 +269,9 @@ def rewritten_sql(config_path: Path, target: str) -> dict[str, str]:
     masks = pseudonym_key_sql(key.reveal() if key is not None else None, cfg.phi)
     out: dict[str, str] = {}
     for s in SETS:
-        result = rewrite(s.select_sql, catalog, roleset.clear_kinds, masks)
+        result = rewrite(
+            s.select_sql, catalog, roleset.clear_kinds, masks, schema=cfg.targets[target].schema
+        )
         if result.refuse is not None or not result.changed:
             raise RuntimeError(f"the rewrite did not mask {s.table}'s statement: "
                                f"{result.refuse or 'unchanged'}")

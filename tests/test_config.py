@@ -356,6 +356,166 @@ def test_params_keep_search_path_pinned(base: dict[str, Any], confdir: Path) -> 
     }
 
 
+@pytest.mark.parametrize(
+    ("written", "schema", "sent"),
+    [
+        ("pii", "pii", "pii"),
+        ("  PII ", "pii", "pii"),  # unquoted names fold to lower case, as the server folds them
+        ('"Pii Data"', "Pii Data", '"Pii Data"'),  # quoted names are kept, and sent quoted
+        ('"a,b"', "a,b", '"a,b"'),  # one quoted name holding a comma
+        ('"x""y"', 'x"y', '"x""y"'),
+        ("Ärzte", "Ärzte", '"Ärzte"'),  # the server lower-cases ASCII letters only
+        ("s" * 70, "s" * 63, "s" * 63),  # truncated to 63 bytes, as the server does
+    ],
+)
+def test_search_path_pins_one_schema(
+    base: dict[str, Any], confdir: Path, written: str, schema: str, sent: str
+) -> None:
+    base["targets"]["ehr"]["params"] = {"search_path": written}
+    target = parse(base, confdir).targets["ehr"]
+    assert target.schema == schema  # what the gateway resolves unqualified names with
+    assert dict(target.params) == {"search_path": sent}  # what the upstream session gets
+    assert json.loads(parse(base, confdir).native_json())["targets"]["ehr"]["params"] == {
+        "search_path": sent
+    }
+
+
+def test_search_path_key_is_case_insensitive(base: dict[str, Any], confdir: Path) -> None:
+    base["targets"]["ehr"]["params"] = {"Search_Path": "pii", "statement_timeout": "5s"}
+    target = parse(base, confdir).targets["ehr"]
+    assert target.schema == "pii"
+    assert dict(target.params) == {"search_path": "pii", "statement_timeout": "5s"}
+    base["targets"]["ehr"]["params"] = {"search_path": "pii", "SEARCH_PATH": "public"}
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: targets.ehr.params.SEARCH_PATH: sets the same parameter as "
+        "params.search_path"
+    )
+
+
+_SEVERAL = (
+    "names {n} schemas; pin exactly one. With several, which schema an unqualified name means "
+    "depends on which tables exist when the statement runs, which the gateway cannot know when "
+    "it judges the statement. Pin the schema most statements use and write names in the others "
+    "schema-qualified ({second}.<table>)"
+)
+_SYSTEM = (
+    "cannot be {0}: pg_* schemas are the server's own (pg_catalog is always searched first; "
+    "pg_temp is each session's temporary schema); name the schema your tables are in"
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("pii, public", "'pii, public' " + _SEVERAL.format(n=2, second="public")),
+        ("pii,public,x", "'pii,public,x' " + _SEVERAL.format(n=3, second="public")),
+        ('"$user", public', "'\"$user\", public' " + _SEVERAL.format(n=2, second="public")),
+        ("$user", "cannot be $user: name the schema itself (the same for every session)"),
+        ('"$user"', "cannot be $user: name the schema itself (the same for every session)"),
+        ("pg_temp", _SYSTEM.format("pg_temp")),
+        ("PG_CATALOG", _SYSTEM.format("pg_catalog")),
+        ('"pg_temp_3"', _SYSTEM.format("pg_temp_3")),
+        ("", 'must name the schema unqualified names resolve to, e.g. "public"'),
+        ("   ", 'must name the schema unqualified names resolve to, e.g. "public"'),
+        ("pii,", "'pii,' ends with a comma"),
+        (", pii", "', pii' has an empty name between commas"),
+        ('"pii', "'\"pii' has an unterminated quoted name"),
+        ('""', "'\"\"' has an empty quoted name (\"\")"),
+        ('"pii" x', "'\"pii\" x' has 'x' where a comma or the end was expected"),
+        (
+            "pii.people",
+            "'pii.people' is not a plain schema name; write it in double quotes "
+            "(search_path = '\"pii.people\"') if the schema is really named so",
+        ),
+    ],
+)
+def test_search_path_refusals(
+    base: dict[str, Any], confdir: Path, value: str, message: str
+) -> None:
+    base["targets"]["ehr"]["params"] = {"search_path": value}
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: targets.ehr.params.search_path: {message}"
+    )
+
+
+_AS_USER = "sessions run as the target's user, or as their role's db_role ([roles.*] db_role)"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        (
+            "standard_conforming_strings",
+            "the gateway always sends on (off makes the server read a backslash in '...' as an "
+            "escape, so SQL could hide in what the gateway parsed as a string)",
+        ),
+        (
+            "Client_Encoding",
+            "the gateway always sends UTF8 (another encoding makes the server read the statement "
+            "bytes differently from the gateway's parser)",
+        ),
+        (
+            "backslash_quote",
+            "it changes which string literals the server accepts, which the gateway's parser must "
+            "read the same way",
+        ),
+        ("role", _AS_USER),
+        ("ROLE", _AS_USER),
+        ("session_authorization", _AS_USER),
+        (
+            "default_transaction_read_only",
+            "it would override the read-only default the database sets for the target's user "
+            "(set it there, with ALTER ROLE ... SET)",
+        ),
+        ("session_replication_role", "it disables triggers and rules"),
+    ],
+)
+def test_params_refuse_settings_the_gateway_must_control(
+    base: dict[str, Any], confdir: Path, name: str, reason: str
+) -> None:
+    base["targets"]["ehr"]["params"] = {name: "off"}
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: targets.ehr.params.{name}: cannot be set here: {reason}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("role", _AS_USER),
+        ("Session_Authorization", _AS_USER),
+        ("search_path", "unqualified names resolve with the target's params.search_path"),
+        ("session_replication_role", "it disables triggers and rules"),
+        (
+            "backslash_quote",
+            "it changes which string literals the server accepts, which the gateway's parser must "
+            "read the same way",
+        ),
+    ],
+)
+def test_startup_parameters_never_forward_identity_or_parsing_settings(
+    base: dict[str, Any], confdir: Path, name: str, reason: str
+) -> None:
+    base["server"]["startup_parameters"] = ["application_name", name]
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: server.startup_parameters: {name!r} is never forwarded "
+        f"from clients: {reason}"
+    )
+
+
+def test_check_config_refuses_several_schemas(
+    confdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = confdir / "phigate.toml"
+    path.write_text(BASE_TOML + 'params = { search_path = "pii, public" }\n')
+    assert cli_main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: targets.ehr.params.search_path: 'pii, public' names 2 schemas" in err
+    assert "Traceback" not in err
+    path.write_text(BASE_TOML + 'params = { search_path = "pii" }\n')
+    assert cli_main(["check-config", str(path)]) == 0
+
+
 def test_statement_cap_not_above_message_cap(base: dict[str, Any], confdir: Path) -> None:
     base["server"]["max_statement_bytes"] = 2_000_000
     base["server"]["max_message_bytes"] = 1_000_000

@@ -42,7 +42,9 @@ CATALOG = CatalogSnapshot.from_relations("ehr", 180000, [
 
 
 def oids(sql: str, clear: frozenset[str] = frozenset()) -> list[int] | None:
-    return passthrough_oids(orjson.loads(parser.parse_sql_json(sql)), CATALOG, clear)
+    return passthrough_oids(
+        orjson.loads(parser.parse_sql_json(sql)), CATALOG, clear, schema="public"
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,8 +106,32 @@ def test_kinds_seen_in_clear_do_not_count_as_masked() -> None:
     assert oids("select body from notes", frozenset({"free_text"})) == [200]
 
 
+def test_unqualified_names_follow_the_pinned_schema() -> None:
+    rule = ColumnRule("pii", "people", "ssn", "ssn", "partial", 4, "x.ssn")
+    people = RelationInfo(500, "pii", "people", "r", "configured", (
+        ColumnInfo("id", 1, 20, "bigint", -1, False, None),
+        ColumnInfo("ssn", 2, 25, "text", -1, False, rule),
+    ))  # fmt: skip
+    catalog = CatalogSnapshot.from_relations("ehr", 180000, [people, *CATALOG.relations.values()])
+
+    def read(sql: str, schema: str) -> list[int] | None:
+        doc = orjson.loads(parser.parse_sql_json(sql))
+        return passthrough_oids(doc, catalog, frozenset(), schema=schema)
+
+    assert read("select id, ssn from people", "pii") == [500]
+    assert read("select id, ssn from pii.people", "public") == [500]
+    # Pinned to pii, "patients" is pii.patients: not protected, so not a plain protected read.
+    assert read("select ssn from patients", "pii") is None
+    assert read("select ssn from public.patients", "pii") == [100]
+    copy = orjson.loads(parser.parse_sql_json("copy (select ssn from people) to stdout"))
+    assert copy_columns(copy, catalog, frozenset(), schema="pii") == [(500, 2, 25)]
+    assert copy_columns(copy, catalog, frozenset(), schema="public") is None
+
+
 def cols(sql: str) -> list[tuple[int, int, int]] | None:
-    return copy_columns(orjson.loads(parser.parse_sql_json(sql)), CATALOG, frozenset())
+    return copy_columns(
+        orjson.loads(parser.parse_sql_json(sql)), CATALOG, frozenset(), schema="public"
+    )
 
 
 def test_a_text_copy_of_a_plain_read_names_every_column() -> None:

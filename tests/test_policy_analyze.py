@@ -8,7 +8,7 @@ from phigate.policy.analyze import Facts, analyze
 
 
 def one(sql: str) -> Facts:
-    facts = analyze(sql)
+    facts = analyze(sql, schema="public")
     assert len(facts) == 1, facts
     assert facts[0].fail is None, facts[0].fail
     return facts[0]
@@ -51,6 +51,41 @@ def test_relations_resolve_with_pinned_search_path_and_pg_catalog_first() -> Non
         ("s", "x"),
         ("pg_catalog", "pg_type"),
     ]
+
+
+def test_unqualified_names_resolve_to_the_pinned_schema() -> None:
+    def pinned(sql: str, schema: str = "pii") -> Facts:
+        (f,) = analyze(sql, schema=schema)
+        assert f.fail is None, f.fail
+        return f
+
+    f = pinned('select * from people, pg_class, "Notes", public.x, U&"\\0070eople" u')
+    assert [r[:2] for r in f.relations] == [
+        ("pii", "people"),
+        ("pg_catalog", "pg_class"),  # pg_catalog is still searched first
+        ("pii", "Notes"),
+        ("public", "x"),
+        ("pii", "people"),
+    ]
+    assert pinned("select 1 from people", schema="Pii Data").relations == [
+        ("Pii Data", "people", "select")
+    ]
+    g = pinned("select lower(name), risk(1), public.f() from people")
+    assert g.functions == [
+        (None, "lower", "pg_catalog"), (None, "risk", "pii"), ("public", "f", "public"),
+    ]  # fmt: skip
+    assert {(".".join(c.candidates[0]), c.column) for c in g.columns} == {("pii.people", "name")}
+    for sql, rels in [
+        ("with people as (select 1 as id) select id from people", []),
+        ("with people as (select 1) delete from people", [("pii", "people", "delete")]),
+        ("insert into people (name) select name from public.people",
+         [("pii", "people", "insert"), ("public", "people", "select")]),
+        ("copy people to stdout", [("pii", "people", "copy_to")]),
+        ("create temp table people (a int)", [("pg_temp", "people", "ddl")]),
+        ("lock people", [("pii", "people", "select")]),
+        ("drop table people", [("pii", "people", "ddl")]),
+    ]:  # fmt: skip
+        assert pinned(sql).relations == rels, sql
 
 
 def test_cte_shadows_relations_but_not_dml_targets() -> None:
@@ -128,15 +163,18 @@ def test_set_operations_subqueries_locking() -> None:
 
 
 def test_multi_statement_and_fail_closed() -> None:
-    assert [f.kind for f in analyze("select 1; delete from t; ")] == ["select", "delete"]
-    (bad,) = analyze("select 'x")
+    assert [f.kind for f in analyze("select 1; delete from t; ", schema="public")] == [
+        "select",
+        "delete",
+    ]
+    (bad,) = analyze("select 'x", schema="public")
     assert bad.fail is not None and bad.fail.sqlstate == "42601"
     assert "'x" not in bad.fail.message and "at character 8" in bad.fail.message
-    (cross,) = analyze("select * from db.s.t")
+    (cross,) = analyze("select * from db.s.t", schema="public")
     assert cross.fail is not None and cross.fail.sqlstate == "42501"
-    assert analyze("") == [] and analyze("-- nothing") == []
+    assert analyze("", schema="public") == [] and analyze("-- nothing", schema="public") == []
 
 
 def test_unknown_node_types_fail_closed() -> None:
-    (f,) = analyze("create rule r as on insert to t do instead nothing")
+    (f,) = analyze("create rule r as on insert to t do instead nothing", schema="public")
     assert f.fail is not None and f.fail.message == "phigate cannot analyze RuleStmt yet"

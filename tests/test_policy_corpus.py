@@ -45,7 +45,7 @@ def test_corpus_is_large_enough() -> None:
 
 @pytest.mark.parametrize(("sql", "role", "want"), _cases())
 def test_corpus(sql: str, role: str, want: str) -> None:
-    d = decide(analyze(sql), roleset(CONFIG, role))
+    d = decide(analyze(sql, schema="public"), roleset(CONFIG, role))
     got = outcome(d)
     if want == "deny":
         assert got.startswith("deny:"), (got, d.message)
@@ -54,6 +54,31 @@ def test_corpus(sql: str, role: str, want: str) -> None:
     if d.action != "allow":
         assert d.sqlstate in ("42501", "42601")
         assert d.message and "rule:" in d.message or d.sqlstate == "42601"
+
+
+PINNED = CORPUS["pinned"]
+PINNED_CONFIG = config(PINNED)
+PINNED_ROLES = sorted(PINNED["roles"])
+
+
+def _pinned_cases() -> list[Any]:
+    out = []
+    for i, case in enumerate(PINNED["case"]):
+        expect = dict(case["expect"])
+        every = expect.pop("all", None)
+        for role in PINNED_ROLES:
+            want = expect.get(role, every)
+            assert want is not None, f"pinned case {i} has no expectation for role {role}"
+            label = " ".join(case["sql"].split())[:60]
+            out.append(pytest.param(case["sql"], role, want, id=f"{i:03d}-{role}-{label}"))
+    return out
+
+
+@pytest.mark.parametrize(("sql", "role", "want"), _pinned_cases())
+def test_pinned_schema(sql: str, role: str, want: str) -> None:
+    """A target whose params pin search_path to another schema than public."""
+    d = decide(analyze(sql, schema=PINNED["schema"]), roleset(PINNED_CONFIG, role))
+    assert outcome(d) == want, (d.message, d.hint)
 
 
 def test_refusals_never_quote_literals() -> None:
@@ -70,6 +95,6 @@ def test_refusals_never_quote_literals() -> None:
     ]
     for role in ROLES:
         for sql in statements:
-            d = decide(analyze(sql), roleset(CONFIG, role))
+            d = decide(analyze(sql, schema="public"), roleset(CONFIG, role))
             assert d.action != "allow", (sql, role)
             assert secret not in (d.message or "") + (d.hint or ""), (sql, role, d)

@@ -60,7 +60,7 @@ def clear(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 
 def rw(sql: str, catalog: MemCatalog) -> RewriteResult:
-    r = rewrite(sql, catalog, frozenset(), KEY)
+    r = rewrite(sql, catalog, frozenset(), KEY, schema="public")
     assert r.refuse is None, r.refuse
     assert r.changed
     return r
@@ -315,7 +315,9 @@ def test_read_side_of_writes(
 def test_refused_write_never_reaches_the_server(
     conn: psycopg.Connection[Any], catalog: MemCatalog
 ) -> None:
-    r = rewrite("DELETE FROM patients WHERE ssn LIKE '9%' RETURNING ssn", catalog, (), KEY)
+    r = rewrite(
+        "DELETE FROM patients WHERE ssn LIKE '9%' RETURNING ssn", catalog, (), KEY, schema="public"
+    )
     assert r.refuse is not None and "WHERE" in r.refuse
 
 
@@ -581,7 +583,7 @@ def test_standard_conforming_strings_do_not_matter(
     # Configured patterns with backslashes reach the server through chr(92): the statement
     # holds no backslash, so it means the same with standard_conforming_strings off.
     sql = "SELECT p.mrn, p.last_name, p.ssn, n.body FROM patients p, notes n LIMIT 40"
-    r = rewrite(sql, catalog, frozenset(), pseudonym_key_sql(RAW_KEY, _Phi()))
+    r = rewrite(sql, catalog, frozenset(), pseudonym_key_sql(RAW_KEY, _Phi()), schema="public")
     assert r.refuse is None and "\\" not in r.sql
     results = []
     for scs in ("on", "off"):

@@ -59,7 +59,7 @@ V = '(SELECT "id", CAST(NULL AS text) AS "note" FROM "clinic"."Visits")'
 
 
 def rw(sql: str, clear: frozenset[str] = frozenset(), key: MaskSQL | None = KEY) -> RewriteResult:
-    r = rewrite(sql, CAT, clear, key)
+    r = rewrite(sql, CAT, clear, key, schema="public")
     if r.refuse is None:
         parser.parse_sql_json(r.sql)  # every rewritten statement is valid SQL
     else:
@@ -110,6 +110,21 @@ def test_quoted_and_qualified_names() -> None:
     ok('SELECT * FROM clinic."Visits" v', f"SELECT * FROM {V} v")
     ok('SELECT * FROM "clinic" . "Visits"', f'SELECT * FROM {V} AS "Visits"')
     ok('SELECT 1 FROM "patients"', f'SELECT 1 FROM {P} AS "patients"')
+
+
+def test_unqualified_names_follow_the_pinned_schema() -> None:
+    # A target pinned to "clinic": its sessions read clinic's tables when names are unqualified.
+    r = rewrite('SELECT note FROM "Visits" WHERE id = 1', CAT, frozenset(), KEY, schema="clinic")
+    assert r.sql == f'SELECT note FROM {V} AS "Visits" WHERE id = 1'
+    assert r.masked_columns == ["clinic.Visits.note"]
+    sql = "SELECT ssn FROM patients"  # clinic.patients: not the protected public.patients
+    r = rewrite(sql, CAT, frozenset(), KEY, schema="clinic")
+    assert r.sql is sql and not r.changed
+    r = rewrite("SELECT ssn FROM public.patients", CAT, frozenset(), KEY, schema="clinic")
+    assert r.masked_columns == ["public.patients.ssn", "public.patients.date_of_birth"]
+    sql = 'WITH "Visits" AS (SELECT 1 AS note) SELECT note FROM "Visits"'  # a CTE still shadows
+    r = rewrite(sql, CAT, frozenset(), KEY, schema="clinic")
+    assert r.sql is sql and not r.changed
 
 
 def test_unprotected_or_clear_is_untouched() -> None:
@@ -345,7 +360,7 @@ def test_writes_to_protected_target_without_masked_reads_pass() -> None:
 )
 def test_refusals(sql: str, word: str) -> None:
     key = None if "people" in sql else KEY
-    r = rewrite(sql, CAT, frozenset(), key)
+    r = rewrite(sql, CAT, frozenset(), key, schema="public")
     assert r.refuse is not None, r.sql
     assert word in r.refuse
     assert SSN_LITERAL not in r.refuse

@@ -22,7 +22,7 @@ from phigate.config import Config, load_config
 from phigate.control import server
 from phigate.control.server import ControlPlane, Gateway, GatewayThread, sd_notify
 from phigate.dev.tokens import DevIssuer
-from phigate.errors import IdentityError
+from phigate.errors import ConfigError, IdentityError
 from phigate.identity.oidc import Identity, OidcVerifier
 
 
@@ -295,6 +295,43 @@ def test_decide_refuses_by_policy_and_caches_literal_sensitive_exactly(config: C
     assert nobody.answer["action"] == "deny" and "rule: no-role" in nobody.answer["message"]
 
 
+def _pin(config_path: Path, schema: str, *, extra: str = "") -> Config:
+    text = config_path.read_text().replace(
+        'tls = "disable"\n', f'tls = "disable"\nparams = {{ search_path = "{schema}" }}\n', 1
+    )
+    config_path.write_text(text + extra)
+    return load_config(config_path)
+
+
+def test_decide_resolves_names_with_the_target_schema(config_path: Path) -> None:
+    # Target ehr pinned to pii: its sessions read pii.people for "people", so a role granted
+    # public.* must not get it by leaving the schema out; pii.* may.
+    config = _pin(config_path, "pii", extra='\n[roles.pii-reader]\nrelations = ["pii.*"]\n')
+    control = ControlPlane(FailingVerifier(), config=config)
+    reader, pii, qualified = (
+        decide("SELECT name, ssn FROM people"),
+        decide("SELECT name, ssn FROM people", id=2, identity_class='[["pii-reader"],"ehr"]'),
+        decide("SELECT name FROM public.people", id=3),
+    )
+    control.dispatch([reader, pii, qualified])
+    assert reader.answer["action"] == "deny" and reader.answer["sqlstate"] == "42501"
+    assert "pii.people" in reader.answer["message"] and "rule: relation" in reader.answer["message"]
+    assert pii.answer["action"] == "allow"
+    assert qualified.answer["action"] == "allow"
+
+
+def test_decide_refuses_sessions_of_a_removed_target(config: Config) -> None:
+    # The role applies to every target, so a session opened on a target a reload removed still
+    # has one; what its names mean upstream is no longer known, so nothing runs.
+    req = decide("SELECT 1", identity_class='[["reader"],"old"]')
+    ControlPlane(FailingVerifier(), config=config).dispatch([req])
+    assert req.answer == {
+        "action": "deny", "sqlstate": "3D000", "cache": "none", "normalized": None,
+        "message": 'database "old" is no longer a target configured on this gateway',
+        "hint": "Reconnect with a target name your gateway administrator gave you.",
+    }  # fmt: skip
+
+
 def test_decide_unparsable_sql_is_refused_and_cached_exactly(config: Config) -> None:
     req = decide("SELEC oops FROM")
     ControlPlane(FailingVerifier(), config=config).dispatch([req])
@@ -372,6 +409,41 @@ def test_gateway_serves_requests_drains_events_reloads_and_stops(
         await gateway.stop(0.5)
         assert engine.shutdown_grace == 0.5
         assert 'session_id":2' in events_log.read_text()  # final drain on stop
+
+    in_loop(go)
+
+
+def test_reload_never_changes_the_schema_a_target_pins(config: Config, config_path: Path) -> None:
+    original = config_path.read_text()
+    engines: list[FakeEngine] = []
+
+    def factory(config_json: str) -> FakeEngine:
+        engines.append(FakeEngine(config_json))
+        return engines[0]
+
+    async def go() -> None:
+        gateway = Gateway(config, engine_factory=factory)
+        await gateway.start()
+        engine = engines[0]
+        # Sessions already open keep search_path = public upstream: judging their statements
+        # with pii would resolve "people" to another table than the one they read.
+        with pytest.raises(ConfigError) as info:
+            gateway.reload(_pin(config_path, "pii"))
+        assert str(info.value) == (
+            f"{config_path}: targets.ehr.params.search_path: changes only on restart ('public' "
+            "to 'pii'): sessions opened before a reload keep the search_path they started with"
+        )
+        assert len(engine.configs) == 1 and gateway.control.config is config  # nothing applied
+        # Removing the target and adding it back later does not get around it.
+        config_path.write_text(original.replace("[targets.ehr]", "[targets.other]"))
+        gateway.reload(load_config(config_path))
+        config_path.write_text(original)
+        with pytest.raises(ConfigError):
+            gateway.reload(_pin(config_path, "pii"))
+        config_path.write_text(original.replace('user = "svc"', 'user = "svc2"'))
+        gateway.reload(load_config(config_path))  # anything else still reloads
+        assert engine.configs[-1]["targets"]["ehr"]["user"] == "svc2"
+        await gateway.stop(0.1)
 
     in_loop(go)
 

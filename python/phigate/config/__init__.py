@@ -17,6 +17,7 @@ from typing import Any, Literal, NoReturn
 from phigate.errors import ConfigError, IdentityError
 
 __all__ = [
+    "DEFAULT_SCHEMA",
     "DEFAULT_STARTUP_PARAMETERS",
     "ApiKeysConfig",
     "ColumnRule",
@@ -55,6 +56,36 @@ DEFAULT_STARTUP_PARAMETERS: tuple[str, ...] = (
 # upstream database or user, start replication, or set arbitrary GUCs (search_path, role) via
 # `options=-c ...`, all of which policy relies on being pinned.
 _NEVER_FORWARDED = frozenset({"user", "database", "replication", "options"})
+#: The schema unqualified names resolve to when a target's `params` set no search_path.
+DEFAULT_SCHEMA = "public"
+# Settings a target's `params` may not set (names compared case-insensitively, as the server
+# does), and why. The gateway parses every statement itself and judges it for the session it
+# chose: a setting that changes how the server reads statement text, or who the session is,
+# would make the server run something other than what the gateway judged.
+_REFUSED_PARAMS: Mapping[str, str] = MappingProxyType({
+    "client_encoding": "the gateway always sends UTF8 (another encoding makes the server read "
+    "the statement bytes differently from the gateway's parser)",
+    "standard_conforming_strings": "the gateway always sends on (off makes the server read a "
+    "backslash in '...' as an escape, so SQL could hide in what the gateway parsed as a string)",
+    "backslash_quote": "it changes which string literals the server accepts, which the gateway's "
+    "parser must read the same way",
+    "role": "sessions run as the target's user, or as their role's db_role ([roles.*] db_role)",
+    "session_authorization": "sessions run as the target's user, or as their role's db_role "
+    "([roles.*] db_role)",
+    "default_transaction_read_only": "it would override the read-only default the database sets "
+    "for the target's user (set it there, with ALTER ROLE ... SET)",
+    "session_replication_role": "it disables triggers and rules",
+})  # fmt: skip
+# Of those, what clients may never send either (the gateway replaces the other two itself).
+_NEVER_FROM_CLIENTS: Mapping[str, str] = MappingProxyType({
+    **{k: v for k, v in _REFUSED_PARAMS.items()
+       if k not in ("client_encoding", "standard_conforming_strings")},
+    "search_path": "unqualified names resolve with the target's params.search_path",
+})  # fmt: skip
+# Schema names sent upstream unquoted (the server reads them back as the same name); any other
+# name is sent in double quotes.
+_PLAIN_SCHEMA = re.compile(r"[a-z_][a-z0-9_$]*")
+_SEARCH_PATH_SPACE = " \t\n\r\f\v"
 _ALLOWED_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
@@ -283,7 +314,10 @@ class TargetConfig:
     ca_file: Path | None
     server_name: str | None  # None only when tls = "disable"
     connect_timeout: float
-    params: Mapping[str, str]
+    params: Mapping[str, str]  # sent upstream at startup; always holds search_path
+    #: The one schema of the upstream sessions' search_path (params.search_path, folded):
+    #: unqualified relation and function names resolve to it, after pg_catalog.
+    schema: str = DEFAULT_SCHEMA
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: rules cache per object
@@ -641,6 +675,9 @@ def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
     for name in params:
         if name in _NEVER_FORWARDED or name.startswith("_pq_."):
             t.fail("startup_parameters", f"{name!r} is set by the gateway and is never forwarded")
+        why = _NEVER_FROM_CLIENTS.get(name.lower())
+        if why is not None:
+            t.fail("startup_parameters", f"{name!r} is never forwarded from clients: {why}")
         if not _GUC_NAME.fullmatch(name):
             t.fail("startup_parameters", f"{name!r} is not a parameter name")
 
@@ -832,6 +869,7 @@ def _target(name: str, t: _Table) -> TargetConfig:
     if tls != "disable" and server_name is None:
         server_name = host
     password, source = _password(t)
+    params, schema = _params(t)
     return TargetConfig(
         name=name,
         host=host,
@@ -844,23 +882,131 @@ def _target(name: str, t: _Table) -> TargetConfig:
         ca_file=ca_file,
         server_name=server_name,
         connect_timeout=t.seconds("connect_timeout", 5, 0, 600, lo_open=True),
-        params=MappingProxyType(_params(t)),
+        params=MappingProxyType(params),
+        schema=schema,
     )
 
 
-def _params(t: _Table) -> dict[str, str]:
+def _params(t: _Table) -> tuple[dict[str, str], str]:
+    """The settings sent upstream at startup, and the one schema of their search_path."""
     raw = t.data.get("params", {})
     if not isinstance(raw, Mapping):
         t.fail("params", f"must be a table of strings, not {_kind(raw)}")
-    # Policy resolves unqualified names against a pinned search_path, so it is always sent.
-    params = {"search_path": "public"}
+    params: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    schema = DEFAULT_SCHEMA
     for key, value in raw.items():
         if not _GUC_NAME.fullmatch(key) or key in _NEVER_FORWARDED:
             t.fail(f"params.{key}", "is not a settable parameter name")
         if not isinstance(value, str) or "\x00" in value:
             t.fail(f"params.{key}", f"must be a string, not {_kind(value)}")
-        params[key] = value
-    return params
+        name = key.lower()  # the server matches setting names case-insensitively
+        if name in seen:
+            t.fail(f"params.{key}", f"sets the same parameter as params.{seen[name]}")
+        seen[name] = key
+        why = _REFUSED_PARAMS.get(name)
+        if why is not None:
+            t.fail(f"params.{key}", f"cannot be set here: {why}")
+        if name == "search_path":
+            schema = _search_path(t, f"params.{key}", value)
+        else:
+            params[key] = value
+    # Policy resolves unqualified names with exactly this schema, so it is always sent, spelled
+    # so that the server reads back the very name the gateway resolves with.
+    params["search_path"] = schema if _PLAIN_SCHEMA.fullmatch(schema) else _quote_ident(schema)
+    return params, schema
+
+
+def _search_path(t: _Table, key: str, value: str) -> str:
+    """The one schema a target's params.search_path names, folded like the server folds it."""
+    try:
+        names = _split_search_path(value)
+    except ValueError as exc:
+        t.fail(key, f"{value!r} {exc}")
+    if not names:
+        t.fail(key, f'must name the schema unqualified names resolve to, e.g. "{DEFAULT_SCHEMA}"')
+    if len(names) > 1:
+        t.fail(
+            key,
+            f"{value!r} names {len(names)} schemas; pin exactly one. With several, which "
+            "schema an unqualified name means depends on which tables exist when the statement "
+            "runs, which the gateway cannot know when it judges the statement. Pin the schema "
+            "most statements use and write names in the others schema-qualified "
+            f"({names[1][0]}.<table>)",
+        )
+    ((schema, quoted),) = names
+    if schema == "$user":
+        t.fail(key, "cannot be $user: name the schema itself (the same for every session)")
+    if schema.startswith("pg_"):
+        t.fail(
+            key,
+            f"cannot be {schema}: pg_* schemas are the server's own (pg_catalog is always "
+            "searched first; pg_temp is each session's temporary schema); name the schema "
+            "your tables are in",
+        )
+    plain = (schema[0].isalpha() or schema[0] == "_") and all(
+        c.isalnum() or c in "_$" for c in schema
+    )
+    if not quoted and not plain:
+        t.fail(
+            key,
+            f"{value!r} is not a plain schema name; write it in double quotes "
+            f'(search_path = \'"{schema}"\') if the schema is really named so',
+        )
+    return schema
+
+
+def _split_search_path(text: str) -> list[tuple[str, bool]]:
+    """The names in a search_path value as the server splits them (SplitIdentifierString):
+    separated by commas, unquoted ones lower-cased, "double-quoted" ones kept with "" as ",
+    all truncated to 63 bytes; each with whether it was quoted. ValueError says what is wrong."""
+    out: list[tuple[str, bool]] = []
+    i, n = 0, len(text)
+    while i < n and text[i] in _SEARCH_PATH_SPACE:
+        i += 1
+    if i == n:
+        return out
+    while True:
+        if text[i] == '"':
+            j, buf = i + 1, []
+            while True:
+                k = text.find('"', j)
+                if k < 0:
+                    raise ValueError("has an unterminated quoted name")
+                buf.append(text[j:k])
+                if k + 1 < n and text[k + 1] == '"':
+                    buf.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            name = "".join(buf)
+            if not name:
+                raise ValueError('has an empty quoted name ("")')
+            out.append((_truncate_identifier(name), True))
+        else:
+            j = i
+            while j < n and text[j] != "," and text[j] not in _SEARCH_PATH_SPACE:
+                j += 1
+            if j == i:
+                raise ValueError("has an empty name between commas")
+            out.append((_truncate_identifier(text[i:j].translate(_ASCII_LOWER)), False))
+            i = j
+        while i < n and text[i] in _SEARCH_PATH_SPACE:
+            i += 1
+        if i == n:
+            return out
+        if text[i] != ",":
+            raise ValueError(f"has {text[i]!r} where a comma or the end was expected")
+        i += 1
+        while i < n and text[i] in _SEARCH_PATH_SPACE:
+            i += 1
+        if i == n:
+            raise ValueError("ends with a comma")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _password(t: _Table) -> tuple[Secret | None, str | None]:

@@ -20,7 +20,7 @@ import uvloop
 
 from phigate.audit.events import EventSink
 from phigate.config import Config, load_config
-from phigate.errors import IdentityError, PhigateError
+from phigate.errors import ConfigError, IdentityError, PhigateError
 from phigate.identity.apikeys import ApiKeyVerifier, looks_like_api_key
 from phigate.identity.oidc import Identity, NoOidcVerifier, OidcVerifier
 from phigate.masking.classification import CatalogSnapshot, load_catalog
@@ -391,6 +391,20 @@ def _apikey_verifier(config: Config, old: ApiKeyVerifier | None) -> ApiKeyVerifi
     return ApiKeyVerifier(settings.store)
 
 
+def _check_schemas(known: dict[str, str], config: Config) -> None:
+    """Refuse a config that changes the schema a target pins: sessions opened before would run
+    with the old search_path upstream while their statements were judged with the new one."""
+    for name, target in config.targets.items():
+        old = known.get(name)
+        if old is not None and old != target.schema:
+            raise ConfigError(
+                f"targets.{name}.params.search_path",
+                config.source,
+                f"changes only on restart ({old!r} to {target.schema!r}): sessions opened "
+                "before a reload keep the search_path they started with",
+            )
+
+
 class Gateway:
     """One Engine plus the control loop that serves it, on the running (uvloop) event loop."""
 
@@ -404,6 +418,10 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._stopped = asyncio.Event()
+        # Every target's pinned schema since start: a session keeps the search_path its
+        # upstream connection started with, so no reload may change it (even after removing
+        # the target: its sessions may still be open).
+        self._schemas = {name: t.schema for name, t in config.targets.items()}
 
     @property
     def engine(self) -> EngineLike:
@@ -482,8 +500,10 @@ class Gateway:
         old = self.config
         if new_config.server.listen != old.server.listen:
             log.warning("listen addresses change only on restart; keeping %s", old.server.listen)
+        _check_schemas(self._schemas, new_config)
         # The engine validates first: if it refuses, nothing here has changed yet.
         epoch = self.engine.reconfigure(new_config.native_json())
+        self._schemas.update((name, t.schema) for name, t in new_config.targets.items())
         verifier = _oidc_verifier(new_config)
         self.control.verifier = verifier
         self.control.apikeys = _apikey_verifier(new_config, self.control.apikeys)

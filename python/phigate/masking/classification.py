@@ -233,6 +233,13 @@ def load_catalog(config: Config, target_name: str) -> CatalogSnapshot:
             conn.read_only = True
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             with conn.cursor() as cur:
+                # The search_path the target's sessions run with: format_type() spells a type
+                # unqualified only when it is visible there, so the rewrite's CASTs name the
+                # same types in those sessions.
+                cur.execute(
+                    "SELECT pg_catalog.set_config('search_path', %s, true)",
+                    (target.params["search_path"],),
+                )
                 return build_snapshot(cur, config, target_name)
     except psycopg.Error as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

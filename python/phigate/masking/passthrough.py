@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from phigate.masking.classification import CatalogSnapshot, RelationInfo
+from phigate.policy.pg_names import unqualified_relation
 
 __all__ = ["copy_columns", "passthrough_oids"]
 
@@ -39,17 +40,18 @@ _FORBIDDEN = (
 
 
 def passthrough_oids(
-    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str], *, schema: str
 ) -> list[int] | None:
     """The OIDs of the protected tables a plain read reads, when layer 2 alone masks it
-    exactly; None when the statement needs the rewrite."""
+    exactly; None when the statement needs the rewrite. Unqualified names resolve as in a
+    session whose search_path is ``schema``."""
     select = _only_statement(doc, "SelectStmt")
-    items = _plain_select(select, catalog, clear_kinds) if select is not None else None
+    items = _plain_select(select, catalog, clear_kinds, schema) if select is not None else None
     return None if items is None else sorted({rel.oid for _, rel in items})
 
 
 def copy_columns(
-    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str], *, schema: str
 ) -> list[tuple[int, int, int]] | None:
     """For ``COPY (plain read) TO STDOUT`` in text format: (table OID, attnum, type OID) of
     every output column in order, which COPY's own messages do not carry; None otherwise."""
@@ -61,7 +63,7 @@ def copy_columns(
     select = (copy.get("query") or {}).get("SelectStmt")
     if not isinstance(select, dict):
         return None
-    items = _plain_select(select, catalog, clear_kinds)
+    items = _plain_select(select, catalog, clear_kinds, schema)
     if items is None:
         return None
     out: list[tuple[int, int, int]] = []
@@ -82,14 +84,14 @@ def _only_statement(doc: Mapping[str, Any], node: str) -> dict[str, Any] | None:
 
 
 def _plain_select(
-    select: dict[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+    select: dict[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str], schema: str
 ) -> list[tuple[str, RelationInfo]] | None:
     """The FROM items (reference name, table) of a plain read; None if it is not one."""
     if select.get("op", "SETOP_NONE") != "SETOP_NONE":
         return None
     if any(select.get(k) for k in _FORBIDDEN):
         return None
-    items = _from_tables(select.get("fromClause"), catalog)
+    items = _from_tables(select.get("fromClause"), catalog, schema)
     if items is None:
         return None
     rels = dict(items)
@@ -137,7 +139,9 @@ def _expand(
     return [(rel.oid, col.attnum, col.type_oid)]
 
 
-def _from_tables(items: Any, catalog: CatalogSnapshot) -> list[tuple[str, RelationInfo]] | None:
+def _from_tables(
+    items: Any, catalog: CatalogSnapshot, schema: str
+) -> list[tuple[str, RelationInfo]] | None:
     """(reference name, protected table) per FROM item, for a FROM list of protected tables."""
     if not isinstance(items, list) or not items:
         return None
@@ -146,7 +150,9 @@ def _from_tables(items: Any, catalog: CatalogSnapshot) -> list[tuple[str, Relati
         rv = item.get("RangeVar") if isinstance(item, dict) else None
         if not isinstance(rv, dict) or rv.get("catalogname"):
             return None
-        rel = catalog.relation(rv.get("schemaname") or "public", rv.get("relname", ""))
+        name = rv.get("relname", "")
+        written = rv.get("schemaname")
+        rel = catalog.relation(*(written, name) if written else unqualified_relation(name, schema))
         if rel is None or rel.relkind not in _TABLE_KINDS or rel.refuse:
             return None  # unprotected tables have no OID here; views are the rewrite's
         ref = (rv.get("alias") or {}).get("aliasname") or rel.name

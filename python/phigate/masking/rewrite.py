@@ -1,7 +1,7 @@
 """Layer 1 of PHI masking: splice masking subqueries in place of protected relations.
 
-``rewrite(sql, catalog, clear_kinds, masks)`` replaces every reference to a protected relation
-(one with a classified column whose kind the identity does not see in clear) by
+``rewrite(sql, catalog, clear_kinds, masks, schema=...)`` replaces every reference to a
+protected relation (one with a classified column whose kind the identity does not see in clear) by
 
     (SELECT "id", <mask of ssn> AS "ssn", ... FROM "public"."patients") alias
 
@@ -24,9 +24,10 @@ and function bodies) refuses the whole string with a reason that names relations
 clauses -- never a literal value from the statement.
 
 The caller (policy/engine.py) decides when an identity is masked and passes the catalog
-snapshot, the kinds it sees in clear and ``masks``: the pseudonym key and the detector patterns
-as SQL, built once per configuration by ``pseudonym_key_sql``. Each mask yields what layer 2
-(the Rust data plane) yields for the same value; see the masks section.
+snapshot, the kinds it sees in clear, the target's pinned schema and ``masks``: the pseudonym
+key and the detector patterns as SQL, built once per configuration by ``pseudonym_key_sql``.
+Each mask yields what layer 2 (the Rust data plane) yields for the same value; see the masks
+section.
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ from typing import Any, Protocol
 import orjson
 from pglast import parser as _pg_parser
 
-from phigate.policy.analyze import SEARCH_PATH
 from phigate.policy.functions import never_reason
-from phigate.policy.pg_names import PG_CATALOG_RELATIONS
+from phigate.policy.pg_names import unqualified_relation
 
 __all__ = [
     "CatalogLike",
@@ -781,8 +781,9 @@ _WALK_ONLY = frozenset({"ExecuteStmt", "CallStmt", "NotifyStmt"})
 
 class _Rewriter:
     def __init__(self, sql: str, catalog: CatalogLike, clear: frozenset[str],
-                 masks: MaskSQL | None) -> None:  # fmt: skip
+                 masks: MaskSQL | None, schema: str) -> None:  # fmt: skip
         self.sql = sql
+        self.schema = schema  # the one schema of the upstream session's search_path
         self.raw = sql.encode("utf-8")
         self.catalog = catalog
         self.clear = clear
@@ -811,8 +812,8 @@ class _Rewriter:
         return self.plans[key]
 
     def resolve(self, rv: dict[str, Any], scope: _Scope | None) -> tuple[str, str] | None:
-        """(schema, name) as the server resolves it with the pinned search_path, or None for a
-        CTE reference."""
+        """(schema, name) as the server resolves it with the pinned search_path (``schema``),
+        or None for a CTE reference."""
         if rv.get("catalogname"):
             raise _Refuse("three-part (database.schema.table) names are not accepted")
         name: str = rv["relname"]
@@ -821,11 +822,10 @@ class _Rewriter:
             return (schema, name)
         if scope is not None and scope.has_cte(name):
             return None
-        if name in PG_CATALOG_RELATIONS:
-            return ("pg_catalog", name)
-        if rv.get("relpersistence") == "t":
+        rel = unqualified_relation(name, self.schema)
+        if rel[0] != "pg_catalog" and rv.get("relpersistence") == "t":
             return ("pg_temp", name)
-        return (SEARCH_PATH[0], name)
+        return rel
 
     def protected(self, rv: dict[str, Any], scope: _Scope | None) -> _Plan | None:
         rel = self.resolve(rv, scope)
@@ -1313,9 +1313,11 @@ def rewrite(
     clear_kinds: Iterable[str],
     masks: MaskSQL | None,
     *,
+    schema: str,
     doc: Mapping[str, Any] | None = None,
 ) -> RewriteResult:
-    """Mask every protected relation ``sql`` reads, for an identity seeing ``clear_kinds``.
+    """Mask every protected relation ``sql`` reads, for an identity seeing ``clear_kinds``,
+    resolving unqualified names as a session whose search_path is ``schema`` does.
 
     ``masks`` is what ``pseudonym_key_sql`` built from the pseudonym key and the `[phi]`
     detector patterns; None (or a MaskSQL without a key) refuses statements that need a
@@ -1326,7 +1328,7 @@ def rewrite(
             doc = orjson.loads(_pg_parser.parse_sql_json(sql))
         except _pg_parser.ParseError:
             return RewriteResult(sql, False, [], "phigate cannot parse this statement")
-    rw = _Rewriter(sql, catalog, clear, masks)
+    rw = _Rewriter(sql, catalog, clear, masks, schema)
     try:
         for raw in doc.get("stmts", ()):
             rw.statement(raw["stmt"], None)

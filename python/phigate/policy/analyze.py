@@ -1,20 +1,22 @@
 """Turn SQL text into fact sheets with the real PostgreSQL parser (libpg_query via pglast).
 
-``analyze(sql)`` parses with ``pglast.parser.parse_sql_json`` and walks the resulting dicts
-(building pglast's Python node objects costs ~15x more). Every statement yields one ``Facts``:
-its kind, every relation it touches and how, every column and in which clause, every function
-it calls, and the flags rules need. Nothing here knows about roles: rules.py judges the facts.
+``analyze(sql, schema=...)`` parses with ``pglast.parser.parse_sql_json`` and walks the
+resulting dicts (building pglast's Python node objects costs ~15x more). Every statement yields
+one ``Facts``: its kind, every relation it touches and how, every column and in which clause,
+every function it calls, and the flags rules need. Nothing here knows about roles: rules.py
+judges the facts.
 
 Fail closed: a parse error yields one Facts whose ``fail`` is a 42601 FailClosed; a node type
 the walker does not know anywhere in a statement fails that statement ("phigate cannot analyze
 <NodeType> yet"). The walker lets through only node types listed in this module.
 
-Name resolution follows the server with the search_path phigate pins upstream ("public"):
-unqualified relation and function names resolve to pg_catalog first when such an object
-exists there (pg_catalog is implicitly searched first), else to public. A CTE name shadows
-relations of that name inside its scope (never for INSERT/UPDATE/DELETE/MERGE/COPY targets,
-which the server resolves as tables). Identifiers arrive from the parser already folded
-(unquoted lower-cased, quoted kept, U&"..." decoded), and config names are folded the same way.
+Name resolution follows the server with the search_path phigate pins upstream: ``schema`` is
+the target's one schema (`params.search_path`, default public). Unqualified relation and
+function names resolve to pg_catalog first when such an object exists there (pg_catalog is
+implicitly searched first), else to ``schema``. A CTE name shadows relations of that name
+inside its scope (never for INSERT/UPDATE/DELETE/MERGE/COPY targets, which the server resolves
+as tables). Identifiers arrive from the parser already folded (unquoted lower-cased, quoted
+kept, U&"..." decoded), and config names are folded the same way.
 """
 
 from __future__ import annotations
@@ -30,18 +32,17 @@ from phigate.policy.functions import (
     NAME_ARGUMENT_FUNCTIONS,
     WRITING_FUNCTIONS,
 )
-from phigate.policy.pg_names import PG_CATALOG_FUNCTIONS, PG_CATALOG_RELATIONS
+from phigate.policy.pg_names import (
+    unqualified_function_schema,
+    unqualified_relation,
+)
 
 __all__ = [
-    "SEARCH_PATH",
     "ColumnUse",
     "Facts",
     "FailClosed",
     "analyze",
 ]
-
-#: The search_path phigate pins for upstream sessions (config: targets.*.params).
-SEARCH_PATH: tuple[str, ...] = ("public",)
 
 Rel = tuple[str, str]
 
@@ -159,8 +160,9 @@ def _cannot(node_type: str) -> _Unsupported:
     return _Unsupported(f"phigate cannot analyze {node_type} yet")
 
 
-def analyze(sql: str) -> list[Facts]:
-    """Fact sheets for every statement in ``sql`` (empty for an empty or comment-only string)."""
+def analyze(sql: str, *, schema: str) -> list[Facts]:
+    """Fact sheets for every statement in ``sql`` (empty for an empty or comment-only string),
+    resolving unqualified names as a session whose search_path is ``schema`` does."""
     try:
         doc = orjson.loads(_pg_parser.parse_sql_json(sql))
     except _pg_parser.ParseError as exc:
@@ -172,7 +174,7 @@ def analyze(sql: str) -> list[Facts]:
     for i, raw in enumerate(doc.get("stmts", ())):
         facts = Facts(i)
         try:
-            _Walker(facts).statement(raw["stmt"], top=True)
+            _Walker(facts, schema).statement(raw["stmt"], top=True)
         except _Unsupported as exc:
             facts.fail = FailClosed("42501", exc.message)
         except (KeyError, TypeError, AttributeError, IndexError, StopIteration):
@@ -299,10 +301,11 @@ def _const_text(node: Any) -> str | None:
 
 
 class _Walker:
-    __slots__ = ("f", "generic_op", "read_op")
+    __slots__ = ("f", "generic_op", "read_op", "schema")
 
-    def __init__(self, facts: Facts) -> None:
+    def __init__(self, facts: Facts, schema: str) -> None:
         self.f = facts
+        self.schema = schema  # the one schema of the upstream session's search_path
         self.read_op = "select"
         self.generic_op = "ddl"
 
@@ -460,11 +463,11 @@ class _Walker:
         if schema is None:
             if cte and scope is not None and scope.has_cte(name):
                 return None
-            if name in PG_CATALOG_RELATIONS:
-                return ("pg_catalog", name)
-            if rv.get("relpersistence") == "t":
+            rel = unqualified_relation(name, self.schema)
+            # CREATE TEMP TABLE x: pg_temp.x (a pg_catalog name stays pg_catalog's: stricter).
+            if rel[0] != "pg_catalog" and rv.get("relpersistence") == "t":
                 return ("pg_temp", name)
-            return (SEARCH_PATH[0], name)
+            return rel
         return (schema, name)
 
     def from_item(self, node: dict[str, Any], scope: _Scope) -> None:
@@ -967,7 +970,7 @@ class _Walker:
         if len(names) == 1:
             name = names[0]
             written = None
-            resolved = "pg_catalog" if name in PG_CATALOG_FUNCTIONS else SEARCH_PATH[0]
+            resolved = unqualified_function_schema(name, self.schema)
         elif len(names) == 2:
             written, name = names
             resolved = written

@@ -9,6 +9,7 @@ session.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -17,7 +18,7 @@ from typing import Any
 import orjson
 from pglast import parser as _pg_parser
 
-from phigate.config import Config, RoleSet, parse_identity_class
+from phigate.config import DEFAULT_SCHEMA, Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.masking.classification import CatalogSnapshot
 from phigate.masking.passthrough import copy_columns, passthrough_oids
@@ -70,8 +71,16 @@ class PolicyEngine:
         return None
 
     def decide(self, identity_class: str, sql: str) -> dict[str, Any]:
-        facts = analyze(sql)
         roleset = self.roleset(identity_class)
+        schema = DEFAULT_SCHEMA  # without a role every statement is refused, whatever it names
+        if roleset is not None:
+            # The identity class names the target; its pinned schema is what the upstream
+            # session resolves unqualified names with (a reload cannot change it: server.py).
+            target = self.config.targets.get(roleset.target or "")
+            if target is None:
+                return _target_gone(roleset.target)
+            schema = target.schema
+        facts = analyze(sql, schema=schema)
         decision = decide(facts, roleset)
         literal = any(f.literal_sensitive for f in facts)
         try:
@@ -81,11 +90,17 @@ class PolicyEngine:
         cache = "exact" if literal or normalized is None else "normalized"
         masked = roleset is not None and self.config.phi.masked_kinds(roleset.clear_kinds)
         if decision.action == "allow" and roleset is not None and masked:
-            return self._masked(sql, facts, roleset, normalized, cache)
+            return self._masked(sql, facts, roleset, normalized, cache, schema)
         return answer(decision, cache, normalized)
 
     def _masked(
-        self, sql: str, facts: list[Facts], roleset: RoleSet, normalized: str | None, cache: str
+        self,
+        sql: str,
+        facts: list[Facts],
+        roleset: RoleSet,
+        normalized: str | None,
+        cache: str,
+        schema: str,
     ) -> dict[str, Any]:
         """An allowed statement of an identity that sees some PHI kinds masked."""
         catalog = self.catalogs.get(roleset.target or "")
@@ -120,13 +135,13 @@ class PolicyEngine:
             doc = orjson.loads(_pg_parser.parse_sql_json(sql))
         except _pg_parser.ParseError:
             doc = None  # refused below by the rewrite, with its message
-        plain = _plain_read(doc, catalog, roleset.clear_kinds) if doc is not None else None
+        plain = _plain_read(doc, catalog, roleset.clear_kinds, schema) if doc is not None else None
         if plain is not None:
             # Layer 2 masks it by column origin, exactly and far cheaper than SQL; it may read
             # only these tables (any other origin is redacted).
             return {"action": "allow", "cache": cache, "normalized": normalized,
                     "protected": True, **plain}
-        result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql, doc=doc)
+        result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql, schema=schema, doc=doc)
         if result.refuse is None and result.changed and any(
             f.kind == "explain" and (f.explain_analyze or f.explain_verbose) for f in facts
         ):
@@ -154,15 +169,15 @@ class PolicyEngine:
 
 
 def _plain_read(
-    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+    doc: Mapping[str, Any], catalog: CatalogSnapshot, clear_kinds: frozenset[str], schema: str
 ) -> dict[str, Any] | None:
     """What the data plane needs to mask a plain read (or a text COPY of one) by itself: the
     table OIDs it may show, and for COPY each output column's origin and type. None when the
     statement needs the rewrite."""
-    oids = passthrough_oids(doc, catalog, clear_kinds)
+    oids = passthrough_oids(doc, catalog, clear_kinds, schema=schema)
     if oids is not None:
         return {"origins": oids}
-    cols = copy_columns(doc, catalog, clear_kinds)
+    cols = copy_columns(doc, catalog, clear_kinds, schema=schema)
     if cols is not None:
         return {"origins": sorted({oid for oid, _, _ in cols}), "copy_columns": cols}
     return None
@@ -197,6 +212,19 @@ def _masked_write(
                 if col is not None and col.rule is not None and col.rule.masked_for(clear_kinds):
                     return f"{schema}.{name}.{use.column}"
     return None
+
+
+def _target_gone(target: str | None) -> dict[str, Any]:
+    """A session whose target a reload removed: what its names mean is no longer known."""
+    return {
+        "action": "deny",
+        "sqlstate": "3D000",
+        "cache": "none",
+        "normalized": None,
+        "message": f"database {json.dumps(target)} is no longer a target configured on this "
+        "gateway",
+        "hint": "Reconnect with a target name your gateway administrator gave you.",
+    }
 
 
 def answer(decision: Decision, cache: str, normalized: str | None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Names here are pg_catalog functions by bare name. An unqualified call resolves like the server
 resolves it with the pinned search_path: to pg_catalog if such a function exists there (see
-catalog.py), else to public. Calls are judged in this order:
+catalog.py), else to the target's one schema (`params.search_path`, default public). Calls are
+judged in this order:
 
 1. never: refused whatever the role says (SQL-string executors, files, large objects,
    admin and replication functions, other sessions' activity) -- see never_reason();

@@ -1,19 +1,25 @@
 """Names in PostgreSQL 18's pg_catalog, for resolving unqualified names like the server does.
 
-pg_catalog is implicitly searched before the pinned search_path ("public"), so an unqualified
-``pg_class`` or ``lower(...)`` means the pg_catalog one. Generated from a PostgreSQL 18 cluster:
+pg_catalog is implicitly searched before the search_path phigate pins upstream (a target's one
+schema, `params.search_path`, default public), so an unqualified ``pg_class`` or ``lower(...)``
+means the pg_catalog one. Generated from a PostgreSQL 18 cluster:
     SELECT relname FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace
        AND relkind IN ('r', 'v', 'm', 'p', 'f', 'S');
     SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace;
-Older servers have a subset (a few names were renamed); a name missing here resolves to public,
-which the role must then list, so a stale list fails closed.
+Older servers have a subset (a few names were renamed); a name missing here resolves to the
+target's schema, which the role must then list, so a stale list fails closed.
 """
 
 # ruff: noqa: SIM905  # generated word lists
 
 from __future__ import annotations
 
-__all__ = ["PG_CATALOG_FUNCTIONS", "PG_CATALOG_RELATIONS"]
+__all__ = [
+    "PG_CATALOG_FUNCTIONS",
+    "PG_CATALOG_RELATIONS",
+    "unqualified_function_schema",
+    "unqualified_relation",
+]
 
 PG_CATALOG_RELATIONS: frozenset[str] = frozenset(
     """
@@ -542,3 +548,14 @@ xml_is_well_formed xml_is_well_formed_content xml_is_well_formed_document xml_ou
 xml_send xmlagg xmlcomment xmlconcat2 xmlexists xmltext xmlvalidate xpath xpath_exists
 """.split()
 )
+
+
+def unqualified_relation(name: str, schema: str) -> tuple[str, str]:
+    """The relation an unqualified name means in a session whose search_path is ``schema``
+    (the target's pinned one): pg_catalog's if it has one of that name, else ``schema``'s."""
+    return ("pg_catalog", name) if name in PG_CATALOG_RELATIONS else (schema, name)
+
+
+def unqualified_function_schema(name: str, schema: str) -> str:
+    """The schema an unqualified function call resolves to, like unqualified_relation()."""
+    return "pg_catalog" if name in PG_CATALOG_FUNCTIONS else schema
