@@ -140,6 +140,13 @@ NEVER_RELATIONS: frozenset[tuple[str, str]] = frozenset(
     )
 )
 
+#: The schema `phigate db install` creates (pseudonym_db.py): no role may name anything in it.
+RESERVED_SCHEMA = "phigate"
+_RESERVED_WHY = (
+    "schema phigate holds the gateway's own pseudonym key and functions and is never "
+    "accessible through the gateway"
+)
+
 #: Extension views that hold other sessions' statement texts -- the masking rewrite's included,
 #: whose pseudonym pads are key material -- never readable in whatever schema they live.
 NEVER_RELATION_NAMES: frozenset[str] = frozenset({
@@ -1031,6 +1038,8 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     schemas: set[str] = set()
     for text in t.string_list("relations", ()):
         schema, rel = _qualified(t, "relations", text, allow_star=True)
+        if schema == RESERVED_SCHEMA:
+            t.fail("relations", f"{text!r}: {_RESERVED_WHY}")
         if (schema, rel) in NEVER_RELATIONS:
             t.fail("relations", f"{text!r} is never allowed through the gateway")
         if rel == "*":
@@ -1072,6 +1081,8 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     functions: set[tuple[str, str]] = set()
     for text in t.string_list("functions", ()):
         schema, fn = _qualified(t, "functions", text, allow_star=False)
+        if schema == RESERVED_SCHEMA:
+            t.fail("functions", f"{text!r}: {_RESERVED_WHY}")
         from phigate.policy.functions import never_reason  # late: policy imports this module
 
         reason = never_reason(fn)
