@@ -147,8 +147,8 @@ _RESERVED_WHY = (
     "accessible through the gateway"
 )
 
-#: Extension views that hold other sessions' statement texts -- the masking rewrite's included,
-#: whose pseudonym pads are key material -- never readable in whatever schema they live.
+#: Extension views that hold other sessions' statement texts (with the literal values in them)
+#: -- never readable in whatever schema they live.
 NEVER_RELATION_NAMES: frozenset[str] = frozenset({
     "pg_stat_statements", "pg_stat_statements_info", "pg_stat_monitor", "pg_stat_kcache",
     "pg_qualstats", "pg_store_plans", "pg_wait_sampling_history", "pg_wait_sampling_profile",
