@@ -254,19 +254,20 @@ def rewritten_sql(config_path: Path, target: str) -> dict[str, str]:
 
     Read directly on PostgreSQL it shows what computing the masks in SQL costs the database.
     Uses phigate's own config loader, catalog reader and rewrite in this process, as the
-    control plane would; the pseudonym key never leaves the work dir.
+    control plane would; the pseudonym key never leaves the work dir (the rewrite calls the
+    functions `phigate db install` put in the database).
     """
     from phigate.config import load_config
     from phigate.masking.classification import load_catalog
-    from phigate.masking.rewrite import pseudonym_key_sql, rewrite
+    from phigate.masking.rewrite import mask_sql, rewrite
 
     cfg = load_config(config_path)
     roleset = cfg.roleset([IDENTITIES[MASKED_SUB][1]], target)
     if roleset is None:
         raise RuntimeError("the masked role does not apply to the target")
     catalog = load_catalog(cfg, target)
-    key = cfg.phi.pseudonym_key
-    masks = pseudonym_key_sql(key.reveal() if key is not None else None, cfg.phi)
+    functions = catalog.pseudonym_functions  # checked as the gateway checks them
+    masks = mask_sql(cfg.phi, pseudonyms=functions is not None and functions.ready)
     out: dict[str, str] = {}
     for s in SETS:
         result = rewrite(

@@ -215,12 +215,26 @@ class Bench:
                 upstream_db=DB, svc_user=SVC_USER, svc_password=svc_pw, events_log=events,
                 workers=a.workers, **phi)
             self.gw_config = cfg
+            if masking:
+                self._install_pseudonym_functions(pg, cfg)
             self.gw.start(cfg)
             ep = Endpoint("phigate", self.gw.port, "bench", gateway.AGENT, token)
             self._smoke(ep)
             self.endpoints["phigate"] = ep
             self.proxy_pid["phigate"] = self.gw.pid
         return versions
+
+    @staticmethod
+    def _install_pseudonym_functions(pg: Any, cfg: Path) -> None:
+        """`phigate db install` for the bench target, as the superuser: the rewrite computes
+        pseudonyms with the functions it installs (the key never goes into statements)."""
+        import psycopg
+
+        from phigate.config import load_config
+        from phigate.masking.db_install import install_target
+
+        with psycopg.connect(pg.dsn(DB)) as admin:
+            install_target(admin, load_config(cfg), "bench")
 
     def _smoke(self, ep: Endpoint) -> None:
         """One real query through the gateway before spending minutes on it."""

@@ -101,6 +101,18 @@ class EhrPostgres(EmbeddedPostgres):
     def service_dsn(self) -> str:
         return self.dsn(self.ehr_database, self.service_user, self.service_password)
 
+    def install_pseudonym_functions(self, config: Any) -> None:
+        """What an administrator runs once per target (`phigate db install`), as the
+        superuser, for every target of ``config`` that is this server's EHR database."""
+        import psycopg
+
+        from phigate.masking.db_install import install_target
+
+        for name, t in config.targets.items():
+            if t.port == self.port and t.database == self.ehr_database:
+                with psycopg.connect(self.dsn(self.ehr_database)) as admin:
+                    install_target(admin, config, name)
+
 
 @dataclass
 class RunningGateway:
@@ -153,10 +165,14 @@ class GatewayFactory:
     gateway_factory(require_tls=False)                  # a [server] key
     gateway_factory(identity={"oidc": {"audience": "x"}})   # deep-merged section
     gateway_factory(tls_cert=None)                      # None deletes a key
+
+    A config with a pseudonym key gets phigate's pseudonym functions installed with it
+    first (`phigate db install`), unless ``install_pseudonym_functions`` is set to False.
     """
 
     def __init__(self, pg: EhrPostgres, issuer: Any, cert: Any, tmp: Path) -> None:
         self.pg = pg
+        self.install_pseudonym_functions = True
         self.issuer = issuer
         self.cert = cert
         self.tmp = tmp
@@ -206,6 +222,8 @@ class GatewayFactory:
         settings, gdir = self._build(overrides)
         path = write_private(gdir / "phigate.toml", dump_toml(settings))
         config = load_config(path)
+        if self.install_pseudonym_functions and config.phi.pseudonym_key is not None:
+            self.pg.install_pseudonym_functions(config)
         thread = GatewayThread(config)
         try:
             thread.start()

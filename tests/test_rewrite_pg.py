@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import secrets
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
@@ -23,19 +24,27 @@ from psycopg import pq
 
 import layer2ref
 from harness import EhrPostgres
+from phigate.masking.db_install import install
 from phigate.masking.rewrite import (
     MaskSQL,
     RewriteResult,
     mask_expression,
-    pseudonym_key_sql,
+    mask_sql,
     rewrite,
 )
 from rewritecat import EHR_RULES, Column, MemCatalog, catalog_from_db
 
 pytestmark = pytest.mark.integration
 
-RAW_KEY = b"rewrite-test-key-0123456789abcdef"
-KEY = pseudonym_key_sql(RAW_KEY)
+RAW_KEY = secrets.token_bytes(32)
+KEY = mask_sql(pseudonyms=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pseudonym_functions(pg: EhrPostgres) -> None:
+    """phigate's pseudonym functions with this module's key, callable by the service role."""
+    with psycopg.connect(pg.dsn(pg.ehr_database)) as admin:
+        install(admin, RAW_KEY, [pg.service_user], "ehr")
 
 
 @pytest.fixture(scope="module")
@@ -561,7 +570,7 @@ def test_free_text_equals_layer2(
     iso: psycopg.Connection[Any], oid: int, tname: str, configured: bool
 ) -> None:
     phi = _Phi() if configured else None
-    masks = pseudonym_key_sql(RAW_KEY, phi)
+    masks = mask_sql(phi, pseudonyms=True)
     assert masks.free_text is not None
     mrn = phi.mrn_pattern if phi else None
     extra = phi.extra_patterns if phi else None
@@ -583,7 +592,7 @@ def test_standard_conforming_strings_do_not_matter(
     # Configured patterns with backslashes reach the server through chr(92): the statement
     # holds no backslash, so it means the same with standard_conforming_strings off.
     sql = "SELECT p.mrn, p.last_name, p.ssn, n.body FROM patients p, notes n LIMIT 40"
-    r = rewrite(sql, catalog, frozenset(), pseudonym_key_sql(RAW_KEY, _Phi()), schema="public")
+    r = rewrite(sql, catalog, frozenset(), mask_sql(_Phi(), pseudonyms=True), schema="public")
     assert r.refuse is None and "\\" not in r.sql
     results = []
     for scs in ("on", "off"):

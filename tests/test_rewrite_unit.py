@@ -5,28 +5,30 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
+import secrets
 
 import pytest
 from pglast import parser
 
 import layer2ref
 import policyconf
-from phigate.config import PhiConfig
+from phigate.config import ColumnRule, PhiConfig, SecretBytes
+from phigate.masking.classification import CatalogSnapshot, ColumnInfo, RelationInfo
+from phigate.masking.pseudonym_db import FunctionsState, pads
 from phigate.masking.rewrite import (
     _PARTIAL_KEEP,
     MaskSQL,
     RewriteResult,
     mask_expression,
+    mask_sql,
     postgres_regex,
-    pseudonym_key_sql,
     rewrite,
 )
 from phigate.policy.engine import PolicyEngine
 from rewritecat import DATE, INT4, INT8, NUMERIC, TEXT, TSTZ, Column, MemCatalog, Relation, Rule
 
-KEY = pseudonym_key_sql(b"k3y")
+# The masks of a target whose pseudonym functions were found installed with the gateway's key.
+KEY = mask_sql(pseudonyms=True)
 SSN_LITERAL = "123-45-6789"
 
 
@@ -255,7 +257,9 @@ def test_cursors_prepare_explain() -> None:
         f"PREPARE s (text) AS SELECT * FROM {P} p WHERE p.ssn = $1",
     )
     ok("EXPLAIN SELECT * FROM patients p", f"EXPLAIN SELECT * FROM {P} p")
-    refused("EXPLAIN SELECT * FROM people", "pseudonym key")
+    # A plan of a pseudonymized relation shows a function call, never key material.
+    r = rw("EXPLAIN SELECT * FROM people")
+    assert r.refuse is None and r.changed and "phigate.pseudonym(" in r.sql
 
 
 def test_reads_inside_writes_are_masked() -> None:
@@ -352,7 +356,7 @@ def test_writes_to_protected_target_without_masked_reads_pass() -> None:
         ("SELECT * INTO TEMP t FROM patients", "SELECT INTO"),
         ("CREATE INDEX ON patients (ssn)", "public.patients"),
         (f"ALTER TABLE patients ADD CHECK (ssn <> '{SSN_LITERAL}')", "public.patients"),
-        ("SELECT * FROM people", "pseudonym key"),  # refused only without a key: see below
+        ("SELECT * FROM people", "phigate's functions"),  # refused without them: see below
         ("SELECT * FROM v_unclear", "mapping unclear"),
         ("SELECT * FROM db.public.patients", "three-part"),
         ("SELECT * FROM patients WHERE", "parse"),
@@ -365,6 +369,21 @@ def test_refusals(sql: str, word: str) -> None:
     assert word in r.refuse
     assert SSN_LITERAL not in r.refuse
     assert r.sql == sql and not r.changed
+
+
+@pytest.mark.parametrize("masks", [None, mask_sql(), mask_sql(pseudonyms=False)])
+def test_pseudonyms_without_the_functions_are_refused_for_the_operator(
+    masks: MaskSQL | None,
+) -> None:
+    # Never the key in the statement instead: refused with 58000 (the operator's to fix), and
+    # only statements that need a pseudonym in SQL.
+    r = rewrite("SELECT * FROM people WHERE id > 1", CAT, frozenset(), masks, schema="public")
+    assert r.refuse is not None and r.sqlstate == "58000"
+    assert r.hint is not None and "phigate db install" in r.hint
+    ok_too = rewrite("SELECT * FROM patients WHERE id > 1", CAT, frozenset(), masks, schema="public")
+    assert ok_too.refuse is None and ok_too.changed
+    seen = rewrite("SELECT * FROM people WHERE id > 1", CAT, frozenset({"mrn"}), masks, schema="public")
+    assert seen.refuse is None
 
 
 def test_writes_and_utility_on_unprotected_pass() -> None:
@@ -459,12 +478,9 @@ def test_pseudonym_and_free_text_expressions() -> None:
         "pg_catalog.left(CAST(\"c\" AS text), 4) = 'psn_' AND "
         "CAST(\"c\" AS text) ~ '^psn_[0-9a-f]{16}$' THEN "
     )
-    assert "'psn_' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(" in e
-    assert "pg_catalog.convert_to(CAST(\"c\" AS text), 'UTF8')" in e
-    assert KEY.ipad is not None and KEY.opad is not None
-    assert KEY.ipad in e and KEY.opad in e
+    assert e.endswith(' ELSE phigate.pseudonym(CAST("c" AS text)) END AS text)')
     e = mask_expression(_col("c", INT8, "bigint"), "pseudonym", KEY)
-    assert "AS bit(60)) AS bigint) AS bigint)" in e
+    assert e == 'CAST(phigate.pseudonym_int(CAST("c" AS text), 15) AS bigint)'
     e = mask_expression(_col("c", TEXT, "text"), "free_text", KEY)
     for tag in ("[SSN]", "[MRN]", "[PHONE]", "[EMAIL]", "[DOB]"):
         assert tag in e
@@ -478,7 +494,7 @@ def test_pseudonym_and_free_text_expressions() -> None:
 def test_integer_pseudonym_fits_the_type(tname: str, bits: int) -> None:
     oid = {"smallint": 21, "integer": INT4, "bigint": INT8}.get(tname, NUMERIC)
     e = mask_expression(_col("c", oid, tname), "pseudonym", KEY)
-    assert f"AS bit({bits})) AS bigint) AS {tname})" in e
+    assert e == f'CAST(phigate.pseudonym_int(CAST("c" AS text), {bits // 4}) AS {tname})'
     assert 16 ** (bits // 4) <= 2**63  # a bigint holds it; numeric(p,s) holds < 10^(p-s)
     if tname.startswith("numeric("):
         p, s = (int(x) for x in tname[8:-1].split(","))
@@ -486,9 +502,10 @@ def test_integer_pseudonym_fits_the_type(tname: str, bits: int) -> None:
 
 
 def test_integer_pseudonym_without_room_is_redacted() -> None:
-    assert mask_expression(_col("c", NUMERIC, "numeric(3,3)"), "pseudonym", KEY) == _kept(
-        "CAST(0 AS numeric(3,3))"
-    )
+    for masks in (KEY, None):  # a constant: needs no pseudonym functions either
+        assert mask_expression(_col("c", NUMERIC, "numeric(3,3)"), "pseudonym", masks) == _kept(
+            "CAST(0 AS numeric(3,3))"
+        )
 
 
 class _Phi:
@@ -508,9 +525,9 @@ TYPES = [(TEXT, "text"), (1043, "character varying(40)"), (1042, "character(24)"
 def test_masks_hold_no_backslash_and_only_ascii() -> None:
     # The statement must mean the same whatever standard_conforming_strings and the client
     # encoding say: no backslash (E'' or not) and no byte above 0x7f anywhere.
-    configured = pseudonym_key_sql(
-        b"\\'\x00" * 30,
+    configured = mask_sql(
         _Phi(r"\bH\d{6}\b", insurance=r"INS-[A-Z]{3}\d{4}", badge=r"(?i)émp~!#%&`@;:=\.\d+"),
+        pseudonyms=True,
     )
     assert configured.free_text is not None
     for masks in (KEY, configured, None):
@@ -523,32 +540,9 @@ def test_masks_hold_no_backslash_and_only_ascii() -> None:
                 parser.parse_sql_json(f"SELECT {e} FROM t")  # valid SQL
 
 
-def _pads(masks: MaskSQL) -> tuple[bytes, bytes]:
-    assert masks.ipad is not None and masks.opad is not None
-    ipad, opad = (
-        bytes.fromhex(p.removeprefix("pg_catalog.decode('").removesuffix("', 'hex')"))
-        for p in (masks.ipad, masks.opad)
-    )
-    return ipad, opad
-
-
-@pytest.mark.parametrize("size", [1, 3, 32, 63, 64, 65, 200])
-def test_hmac_pads_are_rfc2104(size: int) -> None:
-    key = bytes(range(7, 7 + size)) if size < 249 else b"k" * size
-    ipad, opad = _pads(pseudonym_key_sql(key))
-    assert len(ipad) == len(opad) == 64
-    for msg in (b"", b"MRN-0012345", "é中".encode(), b"x" * 200):
-        inner = hashlib.sha256(ipad + msg).digest()
-        assert hashlib.sha256(opad + inner).digest() == hmac.new(key, msg, "sha256").digest()
-
-
-def test_pseudonym_key_sql() -> None:
-    m = pseudonym_key_sql(b"\x00'\\k")
-    assert m.ipad is not None and m.ipad.startswith("pg_catalog.decode('36116a5d36")
-    with pytest.raises(ValueError):
-        pseudonym_key_sql(b"")
-    none = pseudonym_key_sql(None)
-    assert none.ipad is None and none.opad is None and none.free_text is not None
+def test_default_masks_have_no_pseudonyms() -> None:
+    # Fail closed: whoever builds masks without knowing the target's functions gets none.
+    assert not mask_sql().pseudonyms and mask_sql().free_text is not None
 
 
 def test_partial_keep_set_is_the_complement_of_rust_alphanumerics() -> None:
@@ -594,20 +588,20 @@ def test_postgres_regex_refuses(pattern: str) -> None:
 
 
 def test_configured_detectors() -> None:
-    m = pseudonym_key_sql(b"k", _Phi(r"\bH\d{6}\b", insurance=r"INS-[A-Z]{3}\d{4}"))
+    m = mask_sql(_Phi(r"\bH\d{6}\b", insurance=r"INS-[A-Z]{3}\d{4}"))
     assert m.free_text is not None and m.problem is None
     tags = [t for _, t, _ in m.free_text]
     assert tags == ["'[EMAIL]'", "'[MRN]'", "'[MRN]'", "'[SSN]'", "'[PHONE]'", "'[DOB]'",
                     "'[INSURANCE]'"]  # fmt: skip
     # The configured MRN pattern, not the default, backslashes spelled as chr(92).
     assert m.free_text[1][0] == "pg_catalog.replace('~yH~d{6}~y', '~', pg_catalog.chr(92))"
-    default = pseudonym_key_sql(b"k")
+    default = mask_sql()
     assert default.free_text is not None
     assert default.free_text[1][0] == "'(?<![0-9])MRN-[0-9]{7}(?![0-9])'"
 
 
 def test_untranslatable_pattern_redacts_free_text() -> None:
-    m = pseudonym_key_sql(b"k", _Phi(None, nhs=r"\p{N}{10}"))
+    m = mask_sql(_Phi(None, nhs=r"\p{N}{10}"), pseudonyms=True)
     assert m.free_text is None and m.problem is not None and "nhs" in m.problem
     col = _col("c", TEXT, "text")
     assert mask_expression(col, "free_text", m) == _kept("CAST('***' AS text)")
@@ -618,8 +612,48 @@ def test_engine_hands_the_phi_config_to_the_rewrite() -> None:
     cfg = policyconf.config()
     phi = PhiConfig(mrn_pattern=r"H\d{6}", extra_patterns={"insurance": r"INS-\d{4}"})
     engine = PolicyEngine(dataclasses.replace(cfg, phi=phi))
-    masks = engine._key_sql  # noqa: SLF001  # what every rewrite of this engine gets
-    assert masks.ipad is None  # no key configured
+    masks = engine._mask_sql  # noqa: SLF001  # what every rewrite of this engine starts from
+    assert not masks.pseudonyms  # per target, from its catalog
     assert masks.free_text is not None
     assert any("H~d{6}" in p for p, _, _ in masks.free_text)
     assert any(t == "'[INSURANCE]'" for _, t, _ in masks.free_text)
+
+
+def _engine(functions: FunctionsState | None) -> tuple[PolicyEngine, bytes, str]:
+    """An engine whose `clinician` role sees names pseudonymized, with a random key and a
+    catalog whose pseudonym functions are in the given state."""
+    key = secrets.token_bytes(32)
+    rule = ColumnRule("public", "patients", "first_name", "name", "pseudonym", None, "k")
+    phi = PhiConfig(
+        columns={("public", "patients", "first_name"): rule}, pseudonym_key=SecretBytes(key)
+    )
+    cfg = dataclasses.replace(policyconf.config(), phi=phi)
+    cols = (
+        ColumnInfo("id", 1, INT8, "bigint", -1, True, None),
+        ColumnInfo("first_name", 2, TEXT, "text", -1, False, rule),
+    )
+    rel = RelationInfo(16500, "public", "patients", "r", "configured", cols)
+    snap = dataclasses.replace(
+        CatalogSnapshot.from_relations("ehr", 180000, [rel]), pseudonym_functions=functions
+    )
+    engine = PolicyEngine(cfg, {"ehr": snap})
+    return engine, key, policyconf.roleset(cfg, "clinician").identity_class
+
+
+def test_engine_sends_no_key_material_and_refuses_without_the_functions() -> None:
+    computed = "SELECT first_name FROM patients ORDER BY first_name"
+    engine, key, klass = _engine(FunctionsState(True, "installed, key matches"))
+    answer = engine.decide(klass, computed)
+    assert answer["action"] == "allow" and "phigate.pseudonym(" in answer["rewrite"]
+    ipad, opad = pads(key)
+    for secret in (key, ipad[:32], opad[:32]):
+        for form in (secret.hex(), secret.hex().upper()):
+            assert form[:24] not in answer["rewrite"]
+    for state in (None, FunctionsState(False, "phigate's pseudonym functions are not installed")):
+        engine, _, klass = _engine(state)
+        answer = engine.decide(klass, computed)
+        assert (answer["action"], answer["sqlstate"]) == ("deny", "58000")
+        assert "phigate db install" in answer["hint"] and "rewrite" not in answer
+        # Plain reads are masked by the data plane alone and need no functions.
+        plain = engine.decide(klass, "SELECT id, first_name FROM patients")
+        assert plain["action"] == "allow" and plain["origins"] == [16500]

@@ -1,4 +1,4 @@
-"""The `phigate` command: serve, check-config, token, apikey, cert and demo subcommands."""
+"""The `phigate` command: serve, check-config, token, apikey, cert, catalog, db and demo."""
 
 from __future__ import annotations
 
@@ -99,6 +99,30 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--target", metavar="NAME", help="default: every target")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    db = sub.add_parser("db", help="phigate's objects in the target databases")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    inst = db_sub.add_parser(
+        "install",
+        help="create phigate's pseudonym functions and load (or rotate) the pseudonym key; "
+        "run as a database administrator",
+    )
+    inst.add_argument("--config", required=True, type=Path, metavar="FILE")
+    inst.add_argument("--target", metavar="NAME", help="default: every target")
+    inst.add_argument(
+        "--admin-user", metavar="ROLE", default=None,
+        help="the role that will own phigate's objects and the key (default $PGUSER, else "
+        "postgres); never the gateway's service user",
+    )  # fmt: skip
+    inst.add_argument(
+        "--admin-password-file", type=Path, metavar="FILE",
+        help="its password (default $PGPASSWORD, ~/.pgpass, or a prompt on a terminal)",
+    )  # fmt: skip
+    inst.add_argument(
+        "--admin-host", metavar="HOST",
+        help="connect here instead of the target's host (e.g. /var/run/postgresql)",
+    )  # fmt: skip
+    inst.add_argument("--admin-port", type=int, metavar="PORT", help="default: the target's")
+
     demo = sub.add_parser(
         "demo", help="run a local demo (PostgreSQL, token issuer, gateway)", add_help=False
     )
@@ -152,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
         return _apikey(args)
     if args.command == "catalog":
         return _catalog_show(args)
+    if args.command == "db":
+        return _db_install(args)
     if args.command == "cert":
         from phigate.dev.certs import make_dev_cert
 
@@ -197,6 +223,11 @@ def _catalog_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     for snap in snapshots:
         print(f"target {snap.target}:")
+        fns = snap.pseudonym_functions
+        if fns is not None:
+            print(f"  pseudonym functions: {'ready' if fns.ready else 'NOT READY'}: {fns.summary}")
+            for warning in fns.warnings:
+                print(f"    warning: {warning}")
         rels = sorted(snap.relations.values(), key=lambda r: (r.schema, r.name))
         origins = ("configured", "partition", "child", "ancestor", "view")
         for origin in origins:
@@ -223,6 +254,51 @@ def _catalog_show(args: argparse.Namespace) -> int:
                         f"kind {c.rule.kind}, mask {c.rule.mask_spec}"
                     )
     return EXIT_OK
+
+
+def _db_install(args: argparse.Namespace) -> int:
+    import os
+
+    from phigate.config import load_config
+    from phigate.masking.db_install import (
+        InstallError,
+        admin_connect,
+        admin_password,
+        install_target,
+    )
+
+    config = load_config(args.config)
+    if args.target is not None and args.target not in config.targets:
+        known = ", ".join(sorted(config.targets))
+        raise PhigateError(f"{args.config}: no target {args.target!r} (targets: {known})")
+    names = [args.target] if args.target is not None else sorted(config.targets)
+    user = args.admin_user or os.environ.get("PGUSER") or "postgres"
+    password = admin_password(args.admin_password_file)
+    failed = 0
+    for name in names:
+        target = config.targets[name]
+        try:
+            with admin_connect(
+                target, user, password, host=args.admin_host, port=args.admin_port
+            ) as conn:
+                report = install_target(conn, config, name)
+        except InstallError as exc:
+            print(f"phigate: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        key = {
+            "loaded": "key loaded; reload a running gateway (SIGHUP) so it checks the install",
+            "unchanged": "key unchanged",
+            "rotated": "key ROTATED: pseudonyms change now; reload the gateway (SIGHUP)",
+        }[report.key]
+        print(
+            f"target {name} ({target.host}:{target.port}, database {target.database}): "
+            f"phigate's pseudonym functions installed, owned by {report.installer}; {key}"
+        )
+        print(f"  may call them: {', '.join(report.grantees)}")
+        for warning in report.warnings:
+            print(f"  warning: {warning}")
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -171,8 +171,15 @@ NEVER_RELATIONS: frozenset[tuple[str, str]] = frozenset(
     )
 )
 
-#: Extension views that hold other sessions' statement texts -- the masking rewrite's included,
-#: whose pseudonym pads are key material -- never readable in whatever schema they live.
+#: The schema `phigate db install` creates (pseudonym_db.py): no role may name anything in it.
+RESERVED_SCHEMA = "phigate"
+_RESERVED_WHY = (
+    "schema phigate holds the gateway's own pseudonym key and functions and is never "
+    "accessible through the gateway"
+)
+
+#: Extension views that hold other sessions' statement texts (with the literal values in them)
+#: -- never readable in whatever schema they live.
 NEVER_RELATION_NAMES: frozenset[str] = frozenset({
     "pg_stat_statements", "pg_stat_statements_info", "pg_stat_monitor", "pg_stat_kcache",
     "pg_qualstats", "pg_store_plans", "pg_wait_sampling_history", "pg_wait_sampling_profile",
@@ -1177,6 +1184,8 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     schemas: set[str] = set()
     for text in t.string_list("relations", ()):
         schema, rel = _qualified(t, "relations", text, allow_star=True)
+        if schema == RESERVED_SCHEMA:
+            t.fail("relations", f"{text!r}: {_RESERVED_WHY}")
         if (schema, rel) in NEVER_RELATIONS:
             t.fail("relations", f"{text!r} is never allowed through the gateway")
         if rel == "*":
@@ -1218,6 +1227,8 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     functions: set[tuple[str, str]] = set()
     for text in t.string_list("functions", ()):
         schema, fn = _qualified(t, "functions", text, allow_star=False)
+        if schema == RESERVED_SCHEMA:
+            t.fail("functions", f"{text!r}: {_RESERVED_WHY}")
         from phigate.policy.functions import never_reason  # late: policy imports this module
 
         reason = never_reason(fn)

@@ -397,9 +397,9 @@ def _run(
         issuer.ensure_keys()
         cert = make_dev_cert(paths.tls, list(CERT_HOSTNAMES))
 
-    key_file = paths.secrets / "pseudonym.key"
-    if not key_file.exists():
-        write_private(key_file, secrets.token_hex(32) + "\n")  # 64 hex digits: 256 bits
+    # A new random key on every run, also in a kept work dir (the database is new too): no
+    # demo key is ever shipped or reused.
+    key_file = write_private(paths.secrets / "pseudonym.key", secrets.token_hex(32) + "\n")
     config = base_config(
         listen=f"127.0.0.1:{port}",
         tls_cert=Path(cert.cert),
@@ -416,11 +416,17 @@ def _run(
     config = merge_config(config, demo_masking(key_file))
     write_private(paths.config, dump_toml(config))
 
+    from phigate.config import load_config
+
+    loaded = load_config(paths.config)
+    with progress.step("installing the pseudonym functions (phigate db install)"):
+        install_pseudonym_functions(pg, loaded)
+
     with progress.step("starting the gateway") as info:
         from phigate.config import load_config
         from phigate.control.server import GatewayThread
 
-        gateway = GatewayThread(load_config(paths.config))
+        gateway = GatewayThread(loaded)
         gateway.start()
         stop_gateway = _once(gateway.stop)
         stack.callback(stop_gateway)
@@ -450,6 +456,17 @@ def _run(
             )
             return 1
     return 0
+
+
+def install_pseudonym_functions(pg: Any, config: Any) -> None:
+    """What an administrator runs once per target: `phigate db install`, here as the demo
+    server's superuser. The key goes in as COPY data, never as statement text."""
+    import psycopg
+
+    from phigate.masking.db_install import install_target
+
+    with psycopg.connect(pg.dsn(TARGET)) as admin:
+        install_target(admin, config, TARGET)
 
 
 def _once(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -572,6 +589,14 @@ def _check(
                 problems.append(f"only {masked} of {total} patient rows came back masked")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"the masked read failed: {type(exc).__name__}: {exc}")
+        try:
+            with progress.step("comparing pseudonyms from SQL and the data plane") as info:
+                same, total = _pseudonyms_agree(gateway, agent_token, ca)
+                info["detail"] = f"— {same} of {total} names agree"
+            if total == 0 or same != total:
+                problems.append(f"only {same} of {total} pseudonyms agree between the layers")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"the rewritten read failed: {type(exc).__name__}: {exc}")
 
     # Stop the gateway now so its event sink has flushed, then look for our session.
     with progress.step("stopping the gateway and reading its events") as info:
@@ -621,6 +646,26 @@ def _masked_counts(gateway: Any, token: str, ca: Path, pg: Any) -> tuple[int, in
         dob_masked = (dob.month, dob.day) == (1, 1)
         masked += ssn_masked and name_masked and dob_masked
     return masked, len(rows)
+
+
+def _pseudonyms_agree(gateway: Any, token: str, ca: Path) -> tuple[int, int]:
+    """(patients whose pseudonymized name is the same both ways, patients): a plain read is
+    masked by the data plane; ORDER BY makes the gateway rewrite the statement, so the
+    database computes the pseudonym with phigate.pseudonym (installed by `phigate db
+    install`). Both must use the same key. Only counts leave this function."""
+    import psycopg
+
+    with psycopg.connect(
+        host="localhost", hostaddr=gateway.host, port=gateway.port, dbname=TARGET,
+        user="demo-check-agent", password=token, sslmode="verify-full", sslrootcert=str(ca),
+        connect_timeout=10, application_name="phigate-demo-check",
+    ) as conn:  # fmt: skip
+        plain: dict[int, str] = dict(conn.execute("SELECT id, last_name FROM patients").fetchall())
+        rewritten = conn.execute("SELECT id, last_name FROM patients ORDER BY last_name").fetchall()
+    same = sum(
+        1 for pid, name in rewritten if name.startswith("psn_") and plain.get(pid) == name
+    )
+    return same, len(plain)
 
 
 def _read_events(path: Path) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ ConfigError naming the `[phi.columns]` key; an unreachable upstream raises Catal
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,6 +32,10 @@ from typing import Any, NoReturn
 
 from phigate.config import ColumnRule, Config, TargetConfig
 from phigate.errors import ConfigError, PhigateError
+from phigate.masking.pseudonym_db import FunctionsState, grantees
+from phigate.masking.pseudonym_db import check as check_functions
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CatalogError",
@@ -38,6 +44,7 @@ __all__ = [
     "RelationInfo",
     "load_catalog",
     "build_snapshot",
+    "connect_args",
 ]
 
 #: Why a relation is protected (RelationInfo.origin).
@@ -115,6 +122,9 @@ class CatalogSnapshot:
     _rules: Mapping[tuple[int, int], ColumnRule] = field(
         default_factory=lambda: MappingProxyType({}), repr=False
     )
+    # phigate's pseudonym functions in this database, as checked with this snapshot; None when
+    # not checked (no pseudonym key configured). The rewrite needs them ready for pseudonyms.
+    pseudonym_functions: FunctionsState | None = None
 
     @classmethod
     def empty(cls, target: str) -> CatalogSnapshot:
@@ -204,6 +214,9 @@ class CatalogSnapshot:
             "target": self.target,
             "server_version_num": self.server_version_num,
             "loaded_at": self.loaded_at,
+            "pseudonym_functions": (
+                self.pseudonym_functions.to_json() if self.pseudonym_functions else None
+            ),
             "relations": rels,
         }
 
@@ -229,7 +242,7 @@ def load_catalog(config: Config, target_name: str) -> CatalogSnapshot:
     import psycopg
 
     try:
-        with psycopg.connect(**_connect_args(target), autocommit=False) as conn:
+        with psycopg.connect(**connect_args(target), autocommit=False) as conn:
             conn.read_only = True
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             with conn.cursor() as cur:
@@ -240,7 +253,8 @@ def load_catalog(config: Config, target_name: str) -> CatalogSnapshot:
                     "SELECT pg_catalog.set_config('search_path', %s, true)",
                     (target.params["search_path"],),
                 )
-                return build_snapshot(cur, config, target_name)
+                snap = build_snapshot(cur, config, target_name)
+            return _check_functions(conn, config, target_name, snap)
     except psycopg.Error as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CatalogError(
@@ -253,7 +267,31 @@ def load_catalog(config: Config, target_name: str) -> CatalogSnapshot:
         ) from None
 
 
-def _connect_args(t: TargetConfig) -> dict[str, Any]:
+def _check_functions(
+    conn: Any, config: Config, target_name: str, snap: CatalogSnapshot
+) -> CatalogSnapshot:
+    """The snapshot with the state of phigate's pseudonym functions (pseudonym_db.check),
+    logged: an error when a configured pseudonym mask cannot be computed in SQL."""
+    key = config.phi.pseudonym_key
+    if key is None:
+        return snap
+    roles = grantees(config, target_name)
+    state = check_functions(conn, key.reveal(), roles, target_name)
+    needed = any(r.mask == "pseudonym" for r in config.phi.columns.values())
+    if state.ready:
+        log.info("target %s: pseudonym functions %s", target_name, state.summary)
+    elif needed:
+        log.error("target %s: statements whose masking needs a pseudonym in SQL are refused: %s",
+                  target_name, state.summary)  # fmt: skip
+    else:
+        log.info("target %s: %s (no column uses mask 'pseudonym')", target_name, state.summary)
+    for warning in state.warnings:
+        log.warning("target %s: %s", target_name, warning)
+    return dataclasses.replace(snap, pseudonym_functions=state)
+
+
+def connect_args(t: TargetConfig) -> dict[str, Any]:
+    """psycopg.connect() arguments for the gateway's own connection to target ``t``."""
     args: dict[str, Any] = {
         "host": t.host,
         "port": t.port,

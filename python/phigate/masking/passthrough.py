@@ -1,7 +1,7 @@
 """Plain reads that layer 2 alone masks exactly, so the rewrite can leave them as written.
 
 Computing masks in SQL costs the database far more than masking rows in the data plane (on a
-20,000-row read: an HMAC pseudonym ~30 ms, partial ~15 ms of backend CPU, against ~0.3 ms in
+20,000-row read: a pseudonym ~0.1 s, partial ~15 ms of backend CPU, against ~0.3 ms in
 Rust), and a bulk read is exactly where that shows. DESIGN §5 says why the rewrite exists:
 expressions, casts, set operations, whole-row references, views and predicates lose column
 origin or act as oracles. A statement with none of those -- one SELECT from protected tables,

@@ -24,15 +24,18 @@ and function bodies) refuses the whole string with a reason that names relations
 clauses -- never a literal value from the statement.
 
 The caller (policy/engine.py) decides when an identity is masked and passes the catalog
-snapshot, the kinds it sees in clear, the target's pinned schema and ``masks``: the pseudonym
-key and the detector patterns as SQL, built once per configuration by ``pseudonym_key_sql``.
-Each mask yields what layer 2 (the Rust data plane) yields for the same value; see the masks
-section.
+snapshot, the kinds it sees in clear, the target's pinned schema and ``masks``: the detector
+patterns as SQL, built once per configuration by ``mask_sql``, and whether the target's pseudonym
+functions are ready. Each mask yields what layer 2 (the Rust data plane) yields for the same
+value; see the masks section.
+
+Pseudonyms are computed by calling ``phigate.pseudonym`` / ``phigate.pseudonym_int``, which
+`phigate db install` puts in the database with the key (pseudonym_db.py): no key material is
+ever part of a rewritten statement, so server logs, activity views and plans cannot show it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -55,8 +58,8 @@ __all__ = [
     "RelationLike",
     "RewriteResult",
     "mask_expression",
+    "mask_sql",
     "postgres_regex",
-    "pseudonym_key_sql",
     "rewrite",
 ]
 
@@ -105,12 +108,15 @@ class RewriteResult:
     """``sql`` is the statement to send (the original string object when nothing changed);
     ``masked_columns`` are "schema.table.column" of every masked column the statement can
     reach; ``refuse`` is why the statement must be refused instead (then ``sql`` is the
-    original and must not be sent)."""
+    original and must not be sent), with ``sqlstate`` and, when the remedy is not the
+    client's, a ``hint``."""
 
     sql: str
     changed: bool
     masked_columns: list[str] = field(default_factory=list)
     refuse: str | None = None
+    sqlstate: str = "42501"
+    hint: str | None = None
 
 
 # --- masks -------------------------------------------------------------------------------------
@@ -465,36 +471,21 @@ def _free_text_steps(phi: DetectorConfigLike | None) -> tuple[_FreeTextStep, ...
 
 @dataclass(frozen=True, slots=True)
 class MaskSQL:
-    """The configuration-dependent parts of the masks as SQL, built once per configuration
-    (pseudonym_key_sql): the HMAC pads of the pseudonym key (None without a key: statements
-    needing a pseudonym are refused) and the free-text steps (None when a configured pattern
-    has no PostgreSQL translation: free text is then redacted whole; ``problem`` says why)."""
+    """The configuration-dependent parts of the masks as SQL (mask_sql): the free-text steps
+    (None when a configured pattern has no PostgreSQL translation: free text is then redacted
+    whole; ``problem`` says why) and whether the target's pseudonym functions were found
+    ready with the gateway's key (pseudonym_db.check); without them statements needing a
+    pseudonym in SQL are refused (58000)."""
 
-    ipad: str | None
-    opad: str | None
     free_text: tuple[_FreeTextStep, ...] | None
     problem: str | None = None
+    pseudonyms: bool = False
 
 
-def _bytea(data: bytes) -> str:
-    # Hex digits only: no byte of the key can end the literal or need a backslash.
-    return f"pg_catalog.decode('{data.hex()}', 'hex')"
-
-
-def pseudonym_key_sql(key: bytes | None, phi: DetectorConfigLike | None = None) -> MaskSQL:
-    """The pseudonym key and the detector patterns as ``rewrite`` uses them (MaskSQL).
-
-    The pseudonym is HMAC-SHA256 (RFC 2104) computed with built-ins, as pgcrypto's hmac() may
-    not be installed: sha256((K0 xor opad) || sha256((K0 xor ipad) || value)), K0 the key
-    zero-padded to SHA-256's 64-byte block (its SHA-256 when longer). The two pads are
-    precomputed here. ``key`` None: no key configured; ``phi`` None: the default detectors."""
-    if key is not None and not key:
-        raise ValueError("the pseudonym key is empty")
-    ipad = opad = None
-    if key is not None:
-        k0 = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
-        ipad = _bytea(bytes(b ^ 0x36 for b in k0))
-        opad = _bytea(bytes(b ^ 0x5C for b in k0))
+def mask_sql(phi: DetectorConfigLike | None = None, *, pseudonyms: bool = False) -> MaskSQL:
+    """The detector patterns as ``rewrite`` uses them (MaskSQL); ``phi`` None: the default
+    detectors. ``pseudonyms``: phigate.pseudonym and phigate.pseudonym_int are installed on
+    the target with the gateway's key (the engine sets it per target from the catalog)."""
     try:
         steps: tuple[_FreeTextStep, ...] | None = _free_text_steps(phi)
         problem = None
@@ -502,10 +493,10 @@ def pseudonym_key_sql(key: bytes | None, phi: DetectorConfigLike | None = None) 
         # Fail closed but keep serving: layer 1 redacts free text whole, layer 2 still scans.
         steps, problem = None, str(exc)
         log.warning("free-text columns are redacted whole for masked identities: %s", problem)
-    return MaskSQL(ipad, opad, steps, problem)
+    return MaskSQL(steps, problem, pseudonyms)
 
 
-_NO_KEY = pseudonym_key_sql(None)
+_DEFAULT_MASKS = mask_sql(None)
 
 
 def _ident(name: str) -> str:
@@ -557,15 +548,15 @@ def _text_of(col: ColumnLike) -> str:
     return f"CAST({c} AS text)"
 
 
-def _hmac_hex(masks: MaskSQL, value: str) -> str:
-    # The pads travel in the statement text, and with them the key (a pad xor a constant):
-    # visible wherever the upstream server shows statement text -- pg_stat_activity of the
-    # service role, server logs (log_statement, log_min_error_statement, auto_explain) and
-    # EXPLAIN output. Keep the service role's activity private, the server's statement logging
-    # off for it, and refuse EXPLAIN of pseudonymized statements (rewrite() does). Same input,
-    # same key: same pseudonym, so results can still be joined.
-    inner = f"pg_catalog.sha256({masks.ipad} || pg_catalog.convert_to({value}, 'UTF8'))"
-    return f"pg_catalog.encode(pg_catalog.sha256({masks.opad} || {inner}), 'hex')"
+#: Why a statement needing a pseudonym in SQL is refused when the functions are not ready.
+PSEUDONYMS_UNAVAILABLE = (
+    "pseudonym masks are computed by phigate's functions in the database, which are not "
+    "ready on this target"
+)
+PSEUDONYMS_HINT = (
+    "The gateway operator must run `phigate db install` for this target; `phigate catalog "
+    "show` and the gateway log say why."
+)
 
 
 def _int_hex_digits(col: ColumnLike) -> int | None:
@@ -608,13 +599,19 @@ def _partial(text: str, n: int) -> str:
     )
 
 
+def _need_pseudonyms(masks: MaskSQL) -> None:
+    if not masks.pseudonyms:
+        # Never fall back to key material in the statement: refuse until the install is fixed.
+        raise _Refuse(PSEUDONYMS_UNAVAILABLE, "58000", PSEUDONYMS_HINT)
+
+
 def mask_expression(col: ColumnLike, spec: str, masks: MaskSQL | None) -> str:
     """The SQL expression masking column ``col`` with mask ``spec``; of the column's type.
 
     Masks that only make sense for text (partial, email_domain, free_text, pseudonym strings)
     fall back to redact for other types, and year to redact for non-dates, so the result
     always keeps the column's type. NULL stays NULL."""
-    masks = masks or _NO_KEY
+    masks = masks or _DEFAULT_MASKS
     tn = col.type_name
     c = _ident(col.name)
     kind = _base_kind(col)
@@ -636,28 +633,24 @@ def mask_expression(col: ColumnLike, spec: str, masks: MaskSQL | None) -> str:
             f"CAST(CASE WHEN {c} IS NULL THEN NULL ELSE '***' || COALESCE("
             f"pg_catalog.substring({v}, '@[^@]*$'), '') END AS {tn})"
         )
-    if spec == "pseudonym":
-        if masks.ipad is None:
-            raise _Refuse("a pseudonym mask needs the gateway's pseudonym key")
-        if kind == "text":
-            v = _text_of(col)
-            # Layer 2 leaves a value that already is a pseudonym as it is (idempotence). The
-            # length and prefix tests come first and AND stops at the first false, so the
-            # regexp runs only for values shaped like a pseudonym (on every value it cost
-            # 7 ms per 20,000).
-            return (
-                f"CAST(CASE WHEN pg_catalog.octet_length({v}) = 20 "
-                f"AND pg_catalog.left({v}, 4) = 'psn_' "
-                f"AND {v} ~ '^psn_[0-9a-f]{{16}}$' THEN {v} ELSE "
-                f"'psn_' || pg_catalog.left({_hmac_hex(masks, v)}, 16) END AS {tn})"
-            )
-        digits = _int_hex_digits(col)
-        if digits is not None:
-            digest = _hmac_hex(masks, f"CAST({c} AS text)")
-            return (
-                f"CAST(CAST(CAST('x' || pg_catalog.left({digest}, {digits}) AS bit({digits * 4}))"
-                f" AS bigint) AS {tn})"
-            )
+    # Same input, same key: same pseudonym, so results can still be joined. The functions
+    # read the key themselves (SECURITY DEFINER): nothing of it is in the statement.
+    if spec == "pseudonym" and kind == "text":
+        _need_pseudonyms(masks)
+        v = _text_of(col)
+        # Layer 2 leaves a value that already is a pseudonym as it is (idempotence). The length
+        # and prefix tests come first and AND stops at the first false, so the regexp runs only
+        # for values shaped like a pseudonym (on every value it cost 7 ms per 20,000).
+        return (
+            f"CAST(CASE WHEN pg_catalog.octet_length({v}) = 20 "
+            f"AND pg_catalog.left({v}, 4) = 'psn_' "
+            f"AND {v} ~ '^psn_[0-9a-f]{{16}}$' THEN {v} ELSE "
+            f"phigate.pseudonym({v}) END AS {tn})"
+        )
+    digits = _int_hex_digits(col) if spec == "pseudonym" else None
+    if digits is not None:
+        _need_pseudonyms(masks)
+        return f"CAST(phigate.pseudonym_int(CAST({c} AS text), {digits}) AS {tn})"
     if spec == "free_text" and kind == "text" and masks.free_text is not None:
         expr = _text_of(col)
         for pattern, tag, flags in masks.free_text:
@@ -672,15 +665,13 @@ def mask_expression(col: ColumnLike, spec: str, masks: MaskSQL | None) -> str:
 class _Plan:
     """How one protected relation is masked for this identity."""
 
-    __slots__ = ("masked", "name", "pseudonym", "schema", "select_list")
+    __slots__ = ("masked", "name", "schema", "select_list")
 
-    def __init__(self, schema: str, name: str, select_list: str, masked: tuple[str, ...],
-                 pseudonym: bool) -> None:  # fmt: skip
+    def __init__(self, schema: str, name: str, select_list: str, masked: tuple[str, ...]) -> None:
         self.schema = schema
         self.name = name
         self.select_list = select_list
         self.masked = masked
-        self.pseudonym = pseudonym
 
     def subquery(self, only: bool) -> str:
         o = "ONLY " if only else ""
@@ -694,19 +685,17 @@ def _plan(rel: RelationLike, schema: str, name: str, clear: frozenset[str],
           masks: MaskSQL | None) -> _Plan | None:  # fmt: skip
     items = []
     masked = []
-    pseudonym = False
     for col in rel.columns:
         rule = col.rule
         if rule is None or rule.kind in clear:
             items.append(_ident(col.name))
             continue
         spec = _mask_spec(rule)
-        pseudonym = pseudonym or spec == "pseudonym"
         items.append(f"{mask_expression(col, spec, masks)} AS {_ident(col.name)}")
         masked.append(col.name)
     if not masked:
         return None
-    return _Plan(schema, name, ", ".join(items), tuple(masked), pseudonym)
+    return _Plan(schema, name, ", ".join(items), tuple(masked))
 
 
 # A relation's plan depends only on the relation (immutable within a catalog snapshot), the
@@ -735,9 +724,11 @@ def _cached_plan(rel: RelationLike, schema: str, name: str, clear: frozenset[str
 
 
 class _Refuse(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, sqlstate: str = "42501", hint: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.sqlstate = sqlstate
+        self.hint = hint
 
 
 class _Scope:
@@ -791,7 +782,6 @@ class _Rewriter:
         self.splices: list[tuple[int, int, str]] = []
         self.masked: dict[str, None] = {}
         self.refs = 0  # protected references masked so far
-        self.pseudonym_refs = 0
         self.plans: dict[tuple[str, str], _Plan | None] = {}
         self._tokens: list[_Token] | None = None
         self._by_start: dict[int, int] = {}
@@ -833,8 +823,6 @@ class _Rewriter:
 
     def _use(self, plan: _Plan) -> None:
         self.refs += 1
-        if plan.pseudonym:
-            self.pseudonym_refs += 1
         for c in plan.masked:
             self.masked[f"{plan.schema}.{plan.name}.{c}"] = None
 
@@ -1179,16 +1167,11 @@ class _Rewriter:
         )
         self._use(plan)
 
-    def explain(self, b: dict[str, Any], scope: _Scope | None) -> None:
-        before = self.pseudonym_refs
-        self.statement(b["query"], scope)
-        if self.pseudonym_refs != before:
-            raise _Refuse(
-                "EXPLAIN of a statement with pseudonymized columns would show the pseudonym key"
-            )
-
     def inner(self, b: dict[str, Any], scope: _Scope | None) -> None:
-        self.statement(b["query"], scope)  # PREPARE, DECLARE CURSOR
+        # EXPLAIN, PREPARE, DECLARE CURSOR. A plan shows the masking subqueries, which hold
+        # no key material (pseudonyms are function calls); ANALYZE and VERBOSE are refused by
+        # the engine.
+        self.statement(b["query"], scope)
 
     def create_as(self, b: dict[str, Any], scope: _Scope | None) -> None:
         before = self.refs
@@ -1299,7 +1282,7 @@ _STATEMENTS: dict[str, Any] = {
     "DeleteStmt": _Rewriter.delete,
     "MergeStmt": _Rewriter.merge,
     "CopyStmt": _Rewriter.copy,
-    "ExplainStmt": _Rewriter.explain,
+    "ExplainStmt": _Rewriter.inner,
     "PrepareStmt": _Rewriter.inner,
     "DeclareCursorStmt": _Rewriter.inner,
     "CreateTableAsStmt": _Rewriter.create_as,
@@ -1319,9 +1302,9 @@ def rewrite(
     """Mask every protected relation ``sql`` reads, for an identity seeing ``clear_kinds``,
     resolving unqualified names as a session whose search_path is ``schema`` does.
 
-    ``masks`` is what ``pseudonym_key_sql`` built from the pseudonym key and the `[phi]`
-    detector patterns; None (or a MaskSQL without a key) refuses statements that need a
-    pseudonym and scrubs free text with the default detectors."""
+    ``masks`` is what ``mask_sql`` built from the `[phi]` detector patterns and the state of
+    the target's pseudonym functions; None refuses statements that need a pseudonym in SQL
+    and scrubs free text with the default detectors."""
     clear = frozenset(clear_kinds)
     if doc is None:  # the caller may have parsed it already (one parse per decision)
         try:
@@ -1336,7 +1319,7 @@ def rewrite(
             return RewriteResult(sql, False, list(rw.masked))
         return RewriteResult(rw.result(), True, list(rw.masked))
     except _Refuse as exc:
-        return RewriteResult(sql, False, [], exc.reason)
+        return RewriteResult(sql, False, [], exc.reason, exc.sqlstate, exc.hint)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError):
         # A tree shape the rewriter did not expect is something it cannot mask.
         return RewriteResult(sql, False, [], "phigate cannot rewrite this statement")

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 from pglast import parser as _pg_parser
 
+from phigate.config import RESERVED_SCHEMA
 from phigate.policy.functions import (
     DEFAULT_FUNCTIONS,
     NAME_ARGUMENT_FUNCTIONS,
@@ -101,7 +102,8 @@ class Facts:
         "data_modifying_ctes", "discard", "explain_analyze", "explain_verbose", "fail",
         "functions", "has_limit",
         "has_where", "index", "inner_kind", "kind", "literal_sensitive", "locking", "node",
-        "operators", "params", "reg_casts", "relations", "set_configs", "set_local",
+        "operators", "params", "reg_casts", "relations", "reserved_schema", "set_configs",
+        "set_local",
         "set_name", "set_operations", "set_values", "subqueries", "transaction", "writes",
     )  # fmt: skip
 
@@ -140,6 +142,9 @@ class Facts:
         self.reg_casts = 0
         self.params = False
         self.literal_sensitive = False
+        #: A DDL statement names schema phigate or an object in it (relations and functions
+        #: anywhere are in ``relations`` / ``functions``).
+        self.reserved_schema = False
         self.fail: FailClosed | None = None
 
     def __repr__(self) -> str:
@@ -858,6 +863,7 @@ class _Walker:
                 f.cascade = b.get("behavior") == "DROP_CASCADE"
             else:
                 self.generic(ntype, b, _Scope(None), "ddl")
+            f.reserved_schema = _names_reserved_schema(b)
         finally:
             self.generic_op = saved
         return "ddl"
@@ -1172,6 +1178,48 @@ _SIMPLE: dict[str, str] = {
     "ClosePortalStmt": "close_cursor",
     "ConstraintsSetStmt": "transaction",
 }
+
+
+_OBJECT_TYPE_KEYS = ("removeType", "objectType", "renameType", "objtype")
+
+
+def _names_reserved_schema(stmt: dict[str, Any]) -> bool:
+    """Does a DDL statement name schema phigate (the gateway's key and functions) or anything
+    in it? Qualified names are lists of String nodes (a ColumnRef's ``fields`` are not: a
+    table alias may be called phigate); a schema itself is a bare String or a schema field."""
+    on_schema = any(stmt.get(k) == "OBJECT_SCHEMA" for k in _OBJECT_TYPE_KEYS)
+    stack: list[Any] = [stmt]
+    while stack:
+        v = stack.pop()
+        if type(v) is list:
+            stack.extend(v)
+            continue
+        if type(v) is not dict:
+            continue
+        for key, x in v.items():
+            tx = type(x)
+            if tx is str:
+                if x == RESERVED_SCHEMA and (
+                    key in ("schemaname", "newschema")
+                    or (on_schema and key in ("sval", "subname", "newname"))
+                ):
+                    return True
+            elif tx is list:
+                if key != "fields" and len(x) >= 2 and _sval_or_none(x[0]) == RESERVED_SCHEMA:
+                    return True
+                stack.extend(x)
+            elif tx is dict:
+                stack.append(x)
+    return False
+
+
+def _sval_or_none(node: Any) -> str | None:
+    if type(node) is dict:
+        s = node.get("String")
+        if type(s) is dict:
+            v = s.get("sval")
+            return v if type(v) is str else None
+    return None
 
 
 def _dml_stmt(method: Any, kind: str) -> Any:

@@ -22,7 +22,7 @@ from phigate.config import DEFAULT_SCHEMA, Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.masking.classification import CatalogSnapshot
 from phigate.masking.passthrough import copy_columns, passthrough_oids
-from phigate.masking.rewrite import pseudonym_key_sql, rewrite
+from phigate.masking.rewrite import MaskSQL, mask_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
 from phigate.policy.rules import Decision, decide
 
@@ -41,8 +41,18 @@ class PolicyEngine:
         # Per target: the PHI catalog, or None when it could not be loaded (fail closed).
         self.catalogs: Mapping[str, CatalogSnapshot | None] = catalogs or {}
         self._rolesets: dict[str, RoleSet | None] = {}
-        key = config.phi.pseudonym_key
-        self._key_sql = pseudonym_key_sql(key.reveal() if key is not None else None, config.phi)
+        self._mask_sql = mask_sql(config.phi)
+        # Per target: the masks with pseudonyms on when its catalog found phigate's functions
+        # ready with our key. Catalogs do not change under an engine (a reload makes a new one).
+        self._target_masks: dict[str, MaskSQL] = {}
+
+    def masks(self, target: str, catalog: CatalogSnapshot) -> MaskSQL:
+        masks = self._target_masks.get(target)
+        if masks is None:
+            state = catalog.pseudonym_functions
+            masks = replace(self._mask_sql, pseudonyms=state is not None and state.ready)
+            self._target_masks[target] = masks
+        return masks
 
     def roleset(self, identity_class: str) -> RoleSet | None:
         """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
@@ -141,7 +151,8 @@ class PolicyEngine:
             # only these tables (any other origin is redacted).
             return {"action": "allow", "cache": cache, "normalized": normalized,
                     "protected": True, **plain}
-        result = rewrite(sql, catalog, roleset.clear_kinds, self._key_sql, schema=schema, doc=doc)
+        masks = self.masks(roleset.target or "", catalog)
+        result = rewrite(sql, catalog, roleset.clear_kinds, masks, schema=schema, doc=doc)
         if result.refuse is None and result.changed and any(
             f.kind == "explain" and (f.explain_analyze or f.explain_verbose) for f in facts
         ):
@@ -151,9 +162,10 @@ class PolicyEngine:
                              "on relations holding masked PHI")
         if result.refuse is not None:
             return {
-                "action": "deny", "sqlstate": "42501", "cache": "exact", "normalized": normalized,
-                "message": f"{result.refuse} (rule: masking)",
-                "hint": "Masked PHI cannot be read this way; ask for the clear kinds you need.",
+                "action": "deny", "sqlstate": result.sqlstate, "cache": "exact",
+                "normalized": normalized, "message": f"{result.refuse} (rule: masking)",
+                "hint": result.hint
+                or "Masked PHI cannot be read this way; ask for the clear kinds you need.",
             }
         # Layer 2 treats the computed columns of a statement reading a protected relation as
         # PHI unless the rewrite masked that relation at the source.

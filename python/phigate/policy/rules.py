@@ -18,7 +18,13 @@ import weakref
 from dataclasses import dataclass
 from typing import Literal
 
-from phigate.config import NEVER_RELATION_NAMES, NEVER_RELATIONS, RoleConfig, RoleSet
+from phigate.config import (
+    NEVER_RELATION_NAMES,
+    NEVER_RELATIONS,
+    RESERVED_SCHEMA,
+    RoleConfig,
+    RoleSet,
+)
 from phigate.policy.analyze import ColumnUse, Facts
 from phigate.policy.functions import (
     CLASS_FUNCTIONS,
@@ -164,6 +170,17 @@ def _deny(rule: str, message: str, hint: str | None = None, sqlstate: str = "425
     return Decision("deny", sqlstate, f"{message} (rule: {rule})", hint, rule)
 
 
+def _reserved(what: str) -> Decision:
+    # Whatever the role: the schema holds the pseudonym key (readable by its owner only) and
+    # the functions the masking rewrite calls; an agent calling them directly would have an
+    # oracle for pseudonyms of values of its choosing.
+    return _deny(
+        "phigate",
+        f"{what} is never accessible through the gateway: schema {RESERVED_SCHEMA} holds the "
+        "gateway's own pseudonym key and functions",
+    )
+
+
 def _q(name: str) -> str:
     """A name as SQL would spell it (quoted when it needs quotes)."""
     if (
@@ -276,6 +293,8 @@ class _Judge:
     def _compute_access(self, schema: str, name: str, op: str) -> Decision:
         rel = (schema, name)
         text = _rel(rel)
+        if schema == RESERVED_SCHEMA:
+            return _reserved(f"relation {text}")
         if name in NEVER_RELATION_NAMES:
             return _deny(
                 "catalog",
@@ -358,6 +377,8 @@ class _Judge:
 
     def _compute_function(self, written: str | None, name: str, resolved: str) -> Decision:
         text = f"{_q(resolved)}.{_q(name)}"
+        if resolved == RESERVED_SCHEMA:
+            return _reserved(f"function {text}")
         reason = never_reason(name)
         if reason is not None:
             return _deny(
@@ -415,6 +436,8 @@ class _Judge:
             if f.fail.sqlstate == "42601":  # the parser's own message, as PostgreSQL words it
                 return Decision("deny", "42601", f.fail.message, None, "syntax")
             return _deny("analyzer", f.fail.message, "rewrite the statement with simpler SQL")
+        if f.reserved_schema:
+            return _reserved(f"schema {RESERVED_SCHEMA}")
         approval: Decision | None = None
         kind = f.kind
         d = self.kind(f, kind)
