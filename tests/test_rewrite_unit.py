@@ -380,9 +380,13 @@ def test_pseudonyms_without_the_functions_are_refused_for_the_operator(
     r = rewrite("SELECT * FROM people WHERE id > 1", CAT, frozenset(), masks, schema="public")
     assert r.refuse is not None and r.sqlstate == "58000"
     assert r.hint is not None and "phigate db install" in r.hint
-    ok_too = rewrite("SELECT * FROM patients WHERE id > 1", CAT, frozenset(), masks, schema="public")
+    ok_too = rewrite(
+        "SELECT * FROM patients WHERE id > 1", CAT, frozenset(), masks, schema="public"
+    )
     assert ok_too.refuse is None and ok_too.changed
-    seen = rewrite("SELECT * FROM people WHERE id > 1", CAT, frozenset({"mrn"}), masks, schema="public")
+    seen = rewrite(
+        "SELECT * FROM people WHERE id > 1", CAT, frozenset({"mrn"}), masks, schema="public"
+    )
     assert seen.refuse is None
 
 
