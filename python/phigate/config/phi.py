@@ -1,0 +1,171 @@
+"""The [phi] section: classified columns, masks, the pseudonym key and content-detector patterns."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from phigate.config.model import MASKS, PHI_KINDS, ColumnRule, PhiConfig, SecretBytes
+from phigate.config.roles import fold_name
+from phigate.config.table import _Table
+from phigate.config.targets import _MAX_SECRET_BYTES
+
+# Which kinds each mask makes sense for (the column's type is checked against the database by
+# phigate.masking.classification). Masks missing here fit every kind.
+_MASK_KINDS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "partial": frozenset({"ssn", "mrn", "name", "address", "phone", "email", "other"}),
+    "year": frozenset({"dob", "other"}),
+    "email_domain": frozenset({"email", "other"}),
+    "free_text": frozenset({"free_text", "address", "other"}),
+})  # fmt: skip
+
+_PHI_KEYS = frozenset({"columns", "pseudonym_key_file", "mrn_pattern", "extra_patterns"})
+
+_PHI_COLUMN_KEYS = frozenset({"kind", "mask"})
+
+_PARTIAL_MAX = 64
+
+_PSEUDONYM_KEY_MIN_BYTES = 32
+
+_PATTERN_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+# --- PHI classification ---------------------------------------------------------------------
+
+
+def _toml_key(text: str) -> str:
+    """A TOML key as it would be written in the file: bare if it can be, else quoted."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+def _phi(t: _Table) -> PhiConfig:
+    cols_tbl = t.table("columns", required=False, allowed=None)
+    columns: dict[tuple[str, str, str], ColumnRule] = {}
+    for text, value in cols_tbl.data.items():
+        key = _toml_key(text)
+        try:
+            parts = fold_name(text)
+        except ValueError as exc:
+            cols_tbl.fail(key, f"{text!r}: {exc}")
+        if len(parts) != 3:
+            cols_tbl.fail(
+                key, f"{text!r} must name schema.table.column, e.g. \"public.patients.ssn\""
+            )
+        schema, table, column = parts
+        if schema == "pg_catalog" or schema.startswith("pg_"):
+            cols_tbl.fail(key, "system schemas cannot be classified")
+        entry = _Table(value, cols_tbl.key(key), t.ctx, _PHI_COLUMN_KEYS)
+        kind = entry.string("kind")
+        if kind not in PHI_KINDS:
+            near = difflib.get_close_matches(kind, PHI_KINDS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            entry.fail("kind", f"unknown kind {kind!r}{hint}; use {', '.join(PHI_KINDS)}")
+        mask, keep = _mask(entry, entry.string("mask", "redact"))
+        fits = _MASK_KINDS.get(mask)
+        if fits is not None and kind not in fits:
+            entry.fail(
+                "mask",
+                f"{mask!r} does not fit kind {kind!r} (it fits {', '.join(sorted(fits))})",
+            )
+        if (schema, table, column) in columns:
+            other = columns[(schema, table, column)].config_key
+            cols_tbl.fail(key, f"names the same column as {other} (after folding names)")
+        columns[(schema, table, column)] = ColumnRule(
+            schema=schema,
+            table=table,
+            column=column,
+            kind=kind,
+            mask=mask,
+            keep=keep,
+            config_key=cols_tbl.key(key),
+        )
+
+    key_file = t.path("pseudonym_key_file", what="pseudonym key file")
+    pseudonym_key = None
+    if key_file is not None:
+        pseudonym_key = _pseudonym_key(t, key_file)
+    elif any(r.mask == "pseudonym" for r in columns.values()):
+        first = next(r for r in columns.values() if r.mask == "pseudonym")
+        t.fail(
+            "pseudonym_key_file",
+            f"is required: {first.config_key} uses mask 'pseudonym' (make one with "
+            "`head -c 32 /dev/urandom > pseudonym.key; chmod 600 pseudonym.key`)",
+        )
+
+    mrn_pattern = t.opt_string("mrn_pattern")
+    if mrn_pattern is not None:
+        _check_pattern(t, "mrn_pattern", mrn_pattern)
+    extra_tbl = t.table("extra_patterns", required=False, allowed=None)
+    extra: dict[str, str] = {}
+    for name in extra_tbl.data:
+        if not _PATTERN_NAME.fullmatch(name):
+            extra_tbl.fail(
+                _toml_key(name), "pattern names use a-z 0-9 _ and start with a letter (they tag "
+                "what was found)",
+            )  # fmt: skip
+        pattern = extra_tbl.string(name)
+        _check_pattern(extra_tbl, name, pattern)
+        extra[name] = pattern
+    return PhiConfig(
+        columns=MappingProxyType(columns),
+        pseudonym_key_file=key_file,
+        pseudonym_key=pseudonym_key,
+        mrn_pattern=mrn_pattern,
+        extra_patterns=MappingProxyType(extra),
+    )
+
+def _mask(t: _Table, text: str) -> tuple[str, int | None]:
+    name, sep, arg = text.partition(":")
+    if name == "partial":
+        if not sep or not arg.isascii() or not arg.isdigit():
+            t.fail("mask", f"write partial as 'partial:N' (N = characters kept), got {text!r}")
+        keep = int(arg)
+        if not 1 <= keep <= _PARTIAL_MAX:
+            t.fail("mask", f"partial keeps 1 to {_PARTIAL_MAX} characters, got {keep}")
+        return name, keep
+    if name not in MASKS or sep:
+        near = difflib.get_close_matches(name, MASKS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        shown = ", ".join("partial:N" if m == "partial" else m for m in MASKS)
+        t.fail("mask", f"unknown mask {text!r}{hint}; use {shown}")
+    return name, None
+
+def _pseudonym_key(t: _Table, path: Path) -> SecretBytes:
+    key = "pseudonym_key_file"
+    try:
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(_MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        t.fail(key, f"cannot read {str(path)!r}: {exc.strerror}")
+    if mode & 0o077:
+        t.fail(
+            key,
+            f"{str(path)!r} is readable or writable by group or others (mode "
+            f"{mode & 0o777:04o}); run chmod 600 on it",
+        )
+    if len(raw) > _MAX_SECRET_BYTES:
+        t.fail(key, f"{str(path)!r} is larger than {_MAX_SECRET_BYTES} bytes")
+    if len(raw) < _PSEUDONYM_KEY_MIN_BYTES:
+        t.fail(
+            key,
+            f"{str(path)!r} holds {len(raw)} bytes; a pseudonym key needs at least "
+            f"{_PSEUDONYM_KEY_MIN_BYTES} random bytes",
+        )
+    if len(set(raw)) < 8:
+        t.fail(key, f"{str(path)!r} does not look random (too few distinct bytes)")
+    return SecretBytes(raw)
+
+def _check_pattern(t: _Table, key: str, pattern: str) -> None:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        t.fail(key, f"is not a valid regular expression: {exc}")
+    if compiled.fullmatch("") is not None:
+        t.fail(key, "matches the empty string; it would tag every value")
+
