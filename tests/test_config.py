@@ -468,6 +468,15 @@ _AS_USER = "sessions run as the target's user, or as their role's db_role ([role
             "(set it there, with ALTER ROLE ... SET)",
         ),
         ("session_replication_role", "it disables triggers and rules"),
+        (
+            "session_preload_libraries",
+            "it loads server code into the session (auto_explain, for one, would log every "
+            "statement the gateway sends); configure it on the server",
+        ),
+        (
+            "Local_Preload_Libraries",
+            "it loads server code into the session; configure it on the server",
+        ),
     ],
 )
 def test_params_refuse_settings_the_gateway_must_control(
@@ -514,6 +523,15 @@ def test_check_config_refuses_several_schemas(
     assert "Traceback" not in err
     path.write_text(BASE_TOML + 'params = { search_path = "pii" }\n')
     assert cli_main(["check-config", str(path)]) == 0
+
+
+def test_search_path_cannot_be_phigates_own_schema(base: dict[str, Any], confdir: Path) -> None:
+    base["targets"]["ehr"]["params"] = {"search_path": "PHIGATE"}
+    assert str(error(base, confdir)) == (
+        f"{confdir / 'phigate.toml'}: targets.ehr.params.search_path: cannot be phigate: that "
+        "schema holds phigate's own pseudonym key and functions, which no session may use by "
+        "name; name the schema your tables are in"
+    )
 
 
 def test_statement_cap_not_above_message_cap(base: dict[str, Any], confdir: Path) -> None:

@@ -24,6 +24,10 @@ _REFUSED_PARAMS: Mapping[str, str] = MappingProxyType({
     "default_transaction_read_only": "it would override the read-only default the database sets "
     "for the target's user (set it there, with ALTER ROLE ... SET)",
     "session_replication_role": "it disables triggers and rules",
+    "session_preload_libraries": "it loads server code into the session (auto_explain, for "
+    "one, would log every statement the gateway sends); configure it on the server",
+    "local_preload_libraries": "it loads server code into the session; configure it on the "
+    "server",
 })  # fmt: skip
 # The gateway itself decides these: forwarding them from the client would let an agent pick the
 # upstream database or user, start replication, or set arbitrary GUCs (search_path, role) via

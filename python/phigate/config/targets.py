@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from phigate.config.model import DEFAULT_SCHEMA, Secret, TargetConfig
+from phigate.config.model import DEFAULT_SCHEMA, RESERVED_SCHEMA, Secret, TargetConfig
 from phigate.config.parameters import _GUC_NAME, _NEVER_FORWARDED, _REFUSED_PARAMS
 from phigate.config.roles import _ASCII_LOWER, _truncate_identifier
 from phigate.config.table import _kind, _Table
@@ -140,6 +140,12 @@ def _search_path(t: _Table, key: str, value: str) -> str:
             f"cannot be {schema}: pg_* schemas are the server's own (pg_catalog is always "
             "searched first; pg_temp is each session's temporary schema); name the schema "
             "your tables are in",
+        )
+    if schema == RESERVED_SCHEMA:
+        t.fail(
+            key,
+            f"cannot be {schema}: that schema holds phigate's own pseudonym key and functions, "
+            "which no session may use by name; name the schema your tables are in",
         )
     plain = (schema[0].isalpha() or schema[0] == "_") and all(
         c.isalnum() or c in "_$" for c in schema
