@@ -156,7 +156,7 @@ def test_whole_row_reference_is_masked(
 
 def _mrn_keyword(text: str) -> str:
     # Layer 1 also tags "MRN" followed by digits in any spelling ("MRN 0012345" in the demo's
-    # notes), which layer 2's default pattern (MRN-[0-9]{7}) misses: see rewrite._MRN_KEYWORD_RE.
+    # notes), which layer 2's default pattern (MRN-[0-9]{7}) misses: see mask_sql._MRN_KEYWORD_RE.
     return re.sub(r"(?i)mrn[-: #]*[0-9]{4,}", "[MRN]", text)
 
 

@@ -14,9 +14,9 @@ import layer2ref
 import policyconf
 from phigate.config import ColumnRule, PhiConfig, SecretBytes
 from phigate.masking.classification import CatalogSnapshot, ColumnInfo, RelationInfo
+from phigate.masking.mask_sql import _PARTIAL_KEEP
 from phigate.masking.pseudonym_db import FunctionsState, pads
 from phigate.masking.rewrite import (
-    _PARTIAL_KEEP,
     MaskSQL,
     RewriteResult,
     mask_expression,
