@@ -198,7 +198,9 @@ class GatewayFactory:
             nested = merge_config(nested, {"server": server})
         return merge_config(base, nested), gdir
 
-    def __call__(self, **overrides: Any) -> RunningGateway:
+    def __call__(self, *, engine_factory: Any = None, **overrides: Any) -> RunningGateway:
+        """`engine_factory` (config JSON -> engine) wraps the native engine in tests that need
+        to shape the data plane's view of the control plane (see tests/slowcp.py)."""
         require_native()
         from phigate.config import load_config
         from phigate.server import GatewayThread
@@ -206,7 +208,7 @@ class GatewayFactory:
         settings, gdir = self._build(overrides)
         path = write_private(gdir / "phigate.toml", dump_toml(settings))
         config = load_config(path)
-        thread = GatewayThread(config)
+        thread = GatewayThread(config, engine_factory=engine_factory)
         try:
             thread.start()
         except BaseException:

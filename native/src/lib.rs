@@ -16,6 +16,9 @@ pub mod mask_rules;
 pub mod masking;
 pub mod messages;
 pub mod normalize;
+pub mod pipeline;
+#[cfg(test)]
+mod pipeline_model;
 pub mod prefilter;
 pub mod relay;
 pub mod rowguard;
