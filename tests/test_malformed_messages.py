@@ -1,5 +1,6 @@
 """Malformed extended-protocol messages end the session with the gateway's own protocol error:
-nothing the gateway cannot fully parse is passed on for PostgreSQL to answer."""
+nothing the gateway cannot fully parse is passed on for PostgreSQL to answer. Parameter type
+OIDs that name no type get a clear "type does not exist" error, not an internal one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import struct
 
 import pytest
 
-from rawpg import SYNC, RawConn, cstr, msg, parse, tags
+from rawpg import SYNC, RawConn, bind, cstr, msg, parse, query, tags
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +96,21 @@ def test_malformed_message_is_the_gateways_protocol_violation(plain_gateway, tok
     assert (err["S"], err["C"]) == ("FATAL", "08P01"), err
     assert err["M"].startswith(f"invalid {what} message"), err
     assert c.closed()
+
+
+@pytest.mark.parametrize("oid", [999_999, 3_000_000_000, 1])
+def test_parameter_type_that_names_no_type(plain_gateway, token, oid):
+    c = _login(plain_gateway, token())
+    c.send(
+        msg(b"P", _parse_body("", "select $1", struct.pack("!hI", 1, oid)))
+        + bind(params=(b"1",))
+        + SYNC
+    )
+    out = c.read_until()
+    assert tags(out) == "EZ"
+    err = out[0].fields()
+    assert (err["S"], err["C"]) == ("ERROR", "42704"), err
+    assert err["M"] == f"type with OID {oid} does not exist"
+    # The session goes on.
+    c.send(query("select 1"))
+    assert tags(c.read_until()) == "TDCZ"

@@ -430,6 +430,21 @@ fn malformed(what: &str, why: &str) -> GateError {
     GateError::protocol(format!("invalid {what} message: {why}"))
 }
 
+/// PostgreSQL's answer to a parameter type OID that names no type ("cache lookup failed for type
+/// N", an internal error class) in the gateway's words: the OID came from the client, so the
+/// client gets told, with the SQLSTATE of an unknown type.
+fn unknown_type(body: &[u8]) -> Option<Bytes> {
+    if error_response::field(body, b'C')? != b"XX000" {
+        return None;
+    }
+    let oid = error_response::field(body, b'M')?.strip_prefix(b"cache lookup failed for type ")?;
+    let oid: u32 = std::str::from_utf8(oid).ok()?.parse().ok()?;
+    Some(GateError::error("42704", format!("type with OID {oid} does not exist"))
+        .with_hint("Send parameter types the database has, or 0 to let the server infer them.")
+        .to_error_response())
+}
+
+
 /// SQLSTATEs are 5 ASCII alphanumerics; anything else from the control plane becomes 42501.
 fn leak_sqlstate(s: &str) -> &'static str {
     const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000"];
@@ -891,12 +906,14 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
                 }
                 tag_b::NOTICE_RESPONSE if masked => out.extend_from_slice(&scrub_for_masked(ctx, frame.tag, frame.body(), &rules.ctx.detectors)),
                 tag_b::ERROR_RESPONSE => {
-                    let refusal = match event {
-                        Event::Error { refusal, .. } => refusal,
-                        _ => None,
+                    let (refusal, failed) = match event {
+                        Event::Error { refusal, failed } => (refusal, failed),
+                        _ => (None, None),
                     };
                     let replacement = match refusal {
                         Some(r) if ctx.answers_marker(frame.body(), r.marker) => Some(r.response),
+                        // Parameter types are resolved at Parse, Bind and Describe.
+                        _ if matches!(failed, Some(Expect::Ack(b'1' | b'2') | Expect::DescribeStatement)) => unknown_type(frame.body()),
                         _ => None,
                     };
                     let bytes = match replacement {
