@@ -52,6 +52,9 @@ pub struct SessionEnd {
     pub bytes_out: u64,
     pub statements: u64,
     pub reason: &'static str,
+    /// The client side ended (or the gateway closed the session) while the server was still
+    /// working for it: the statement must be cancelled upstream.
+    pub cancel_upstream: bool,
 }
 
 #[derive(Default)]
@@ -210,7 +213,12 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
     let (bi, bo) = (ctx.bytes_in.load(Ordering::Relaxed), ctx.bytes_out.load(Ordering::Relaxed));
     c.bytes_in.fetch_add(bi, Ordering::Relaxed);
     c.bytes_out.fetch_add(bo, Ordering::Relaxed);
-    SessionEnd { bytes_in: bi, bytes_out: bo, statements: ctx.statements.load(Ordering::Relaxed), reason }
+    // The upstream answered everything sent (or is gone, or the client asked to terminate,
+    // which PostgreSQL itself honours only after the running statement): nothing to cancel.
+    let f = &ctx.flow;
+    let busy = f.published.load(Ordering::Acquire) > f.released.load(Ordering::Acquire) || f.copy_in.load(Ordering::Acquire);
+    let cancel_upstream = busy && !matches!(reason, "upstream_closed" | "upstream_write_failed" | "upstream_protocol_error" | "client_terminated");
+    SessionEnd { bytes_in: bi, bytes_out: bo, statements: ctx.statements.load(Ordering::Relaxed), reason, cancel_upstream }
 }
 
 impl Ctx {
