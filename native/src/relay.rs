@@ -816,6 +816,8 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
     let masked = ctx.identity.masked;
     let mut pipeline = Pipeline::new(masked);
     let mut published: Vec<Entry> = Vec::new();
+    // What the client half was last woken for: it is only woken again for progress.
+    let mut told = ((0, 0), false);
     let mut guard = masked.then(|| {
         let mut g = RowGuard::new(&ctx.identity, &ctx.target_name);
         for p in &ctx.startup_parameters {
@@ -941,12 +943,13 @@ async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut 
             }
         }
         // Tell the client half how far the server got (it may be waiting for room).
-        let (released, released_refusals) = pipeline.released();
+        let progress = (pipeline.released(), pipeline.in_copy());
         let f = &ctx.flow;
-        f.released.store(released, Ordering::SeqCst);
-        f.released_refusals.store(released_refusals, Ordering::SeqCst);
-        f.copy_in.store(pipeline.in_copy(), Ordering::SeqCst);
-        if f.waiting.load(Ordering::SeqCst) {
+        f.released.store(progress.0 .0, Ordering::SeqCst);
+        f.released_refusals.store(progress.0 .1, Ordering::SeqCst);
+        f.copy_in.store(progress.1, Ordering::SeqCst);
+        if progress != told && f.waiting.load(Ordering::SeqCst) {
+            told = progress;
             f.room.notify_one();
         }
         if !out.is_empty() {
