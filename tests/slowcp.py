@@ -4,18 +4,25 @@ decisions still in flight while the server answers the messages pipelined before
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
 class _LateReply:
     """A decide request whose reply reaches the data plane `delay` seconds after it is given."""
 
-    def __init__(self, request: Any, delay: float) -> None:
+    def __init__(self, request: Any, engine: SlowDecisions) -> None:
         self._request = request
-        self._delay = delay
+        self._engine = engine
 
     def reply(self, answer: dict[str, Any]) -> bool:
-        timer = threading.Timer(self._delay, self._request.reply, args=(answer,))
+        sql = self._request.payload.get("sql", "")
+
+        def deliver() -> None:
+            self._engine.delivered[sql] = time.monotonic()
+            self._request.reply(answer)
+
+        timer = threading.Timer(self._engine.delay, deliver)
         timer.daemon = True
         timer.start()
         return True
@@ -25,24 +32,32 @@ class _LateReply:
 
 
 class SlowDecisions:
-    """Wraps `phigate._native.Engine`: every decision is delivered `delay` seconds late."""
+    """Wraps `phigate._native.Engine`: every decision is delivered `delay` seconds late;
+    `delivered` maps each statement text to when its decision reached the data plane."""
 
     def __init__(self, config_json: str, delay: float) -> None:
         from phigate import _native
 
         self._engine = _native.Engine(config_json)
         self.delay = delay
+        self.delivered: dict[str, float] = {}
 
     def take_requests(self) -> list[Any]:
         return [
-            _LateReply(r, self.delay) if r.kind == "decide" else r
-            for r in self._engine.take_requests()
+            _LateReply(r, self) if r.kind == "decide" else r for r in self._engine.take_requests()
         ]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
 
-def slow_decisions(delay: float) -> Any:
-    """An engine factory for GatewayFactory(engine_factory=...)."""
-    return lambda config_json: SlowDecisions(config_json, delay)
+class SlowDecisionsFactory:
+    """An engine factory for GatewayFactory(engine_factory=...); `engine` is the one it made."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.engine: SlowDecisions | None = None
+
+    def __call__(self, config_json: str) -> SlowDecisions:
+        self.engine = SlowDecisions(config_json, self.delay)
+        return self.engine
