@@ -4,6 +4,7 @@ the gateway's decisions, and pipelined refusals keep the gateway's error however
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import struct
 import threading
@@ -160,6 +161,23 @@ def test_refusals_skipped_after_an_error_never_hold_the_pipeline(gateways, token
     c.send(query("select 2") + parse(REFUSED) + SYNC)
     out = _read_n(c, 2)
     assert _shape(out) == [("T", ""), ("D", ""), ("C", ""), ("Z", ""), ("E", "42501"), ("Z", "")]
+
+
+def test_a_pipeline_waiting_for_the_server_costs_no_cpu(gateways, token):
+    """Past the refusal bound the gateway waits for the server, here busy for 1.5 s: waiting
+    must not spin."""
+    c = _login(gateways["unmasked"], token())
+    payload = query("select pg_sleep(1.5)") + query(REFUSED) * 5_000
+    threading.Thread(target=c.send, args=(payload,), daemon=True).start()
+    time.sleep(0.3)  # the gateway now holds 4,096 refusals the server has not reached yet
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.8)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    spent = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    assert spent < 0.3, f"{spent:.2f} s of CPU in 0.8 s of waiting"
+    out = _read_n(c, 5_001)
+    assert tags(out[:4]) == "TDCZ"
+    _assert_all_refused_by_the_gateway(out[4:], 5_000)
 
 
 def test_a_copy_from_stdin_with_a_pipelined_sync_keeps_the_session(gateways, token, pg):
