@@ -214,7 +214,9 @@ class GatewayFactory:
             nested = merge_config(nested, {"server": server})
         return merge_config(base, nested), gdir
 
-    def __call__(self, **overrides: Any) -> RunningGateway:
+    def __call__(self, *, engine_factory: Any = None, **overrides: Any) -> RunningGateway:
+        """`engine_factory` (config JSON -> engine) wraps the native engine in tests that need
+        to shape the data plane's view of the control plane (see tests/slowcp.py)."""
         require_native()
         from phigate.config import load_config
         from phigate.control.server import GatewayThread
@@ -224,7 +226,7 @@ class GatewayFactory:
         config = load_config(path)
         if self.install_pseudonym_functions and config.phi.pseudonym_key is not None:
             self.pg.install_pseudonym_functions(config)
-        thread = GatewayThread(config)
+        thread = GatewayThread(config, engine_factory=engine_factory)
         try:
             thread.start()
         except BaseException:

@@ -50,6 +50,11 @@ def describe_portal(portal: str = "") -> bytes:
     return msg(b"D", b"P" + cstr(portal))
 
 
+def close(kind: bytes, name: str = "") -> bytes:
+    """Close (F) of a statement (b"S") or portal (b"P")."""
+    return msg(b"C", kind + cstr(name))
+
+
 SYNC = msg(b"S")
 FLUSH = msg(b"H")
 TERMINATE = msg(b"X")
@@ -81,6 +86,17 @@ class RawConn:
             (host, port), timeout=timeout
         )
         self.buf = b""
+
+    @classmethod
+    def unix(cls, path: str, timeout: float = 10.0) -> RawConn:
+        """A connection over PostgreSQL's Unix-domain socket (direct, for reference answers)."""
+        conn = cls.__new__(cls)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(path)
+        conn.sock = sock
+        conn.buf = b""
+        return conn
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -139,6 +155,11 @@ class RawConn:
         if first.tag != "R":
             return [first]
         self.send(msg(b"p", cstr(token)))
+        return self.read_until("Z")
+
+    def login_trust(self, user: str, database: str) -> list[Message]:
+        """StartupMessage to a server that trusts the connection (no password exchange)."""
+        self.send(startup_packet({"user": user, "database": database}))
         return self.read_until("Z")
 
     def close(self) -> None:

@@ -3,11 +3,10 @@
 //! messages with the plan built from that result's RowDescription.
 //!
 //! The extended protocol gives rows no description of their own: an Execute's DataRows follow
-//! whatever Describe the client sent earlier, maybe in another round trip, or none at all. So the
-//! client→upstream half records, for every message it sends upstream, the response it expects
-//! (`Expect`), in order; this half pops them as responses arrive, the way PostgreSQL answers
-//! them (an error skips everything up to Sync). Portals executed without a Describe of their own
-//! get one injected before the Execute and its answer is swallowed here: the portal's
+//! whatever Describe the client sent earlier, maybe in another round trip, or none at all. The
+//! session's `Pipeline` says which message each response answers; the guard remembers the plan
+//! of every described portal. Portals executed without a Describe of their own in the same
+//! cycle get one injected before the Execute and its answer is swallowed here: the portal's
 //! RowDescription carries the real result formats, which a statement's Describe cannot.
 //!
 //! Everything here fails closed: a row the guard cannot attribute to a plan, or cannot mask,
@@ -15,7 +14,7 @@
 
 use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::errors::{sqlstate, GateError};
@@ -25,42 +24,8 @@ use crate::masking::copy;
 use crate::masking::dates::DateStyle;
 use crate::masking::plan::{self, MaskPlan, OriginFallback, PlanOptions};
 use crate::masking::values::{Classified, ColumnRule, Mask};
-
-/// What the control plane said of a statement, as far as layer 2 cares.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StmtInfo {
-    /// It reads a protected relation.
-    pub protected: bool,
-    /// Layer 1 rewrote it: computed columns derive from masked values only.
-    pub rewritten: bool,
-    /// A plain read left to layer 2: the only table OIDs its columns may come from.
-    pub origins: Option<Arc<[u32]>>,
-    /// A text COPY of such a read: each output column's (table OID, attnum, type OID).
-    pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
-}
-
-/// The response the client→upstream half expects for one message it sent upstream.
-#[derive(Debug)]
-pub enum Expect {
-    /// ParseComplete, BindComplete or CloseComplete (by tag).
-    Ack(u8),
-    /// CloseComplete for a portal: its plan is dropped.
-    ClosePortal(Vec<u8>),
-    /// ParameterDescription, then RowDescription or NoData.
-    DescribeStatement,
-    /// RowDescription or NoData for a portal; `swallow` when the gateway injected the Describe.
-    DescribePortal { portal: Vec<u8>, info: StmtInfo, swallow: bool },
-    /// DataRows or COPY out, then CommandComplete, EmptyQueryResponse or PortalSuspended.
-    Execute { portal: Vec<u8>, info: StmtInfo },
-    /// ReadyForQuery.
-    Sync,
-    /// A simple Query: any number of results, then ReadyForQuery.
-    Query { info: StmtInfo },
-}
-
-/// Expectations a session may have outstanding; a client pipelining more without reading its
-/// results is cut off (PostgreSQL itself would stall long before on its output buffer).
-pub const MAX_EXPECTED: usize = 1 << 20;
+use crate::session::pipeline::{Entry, Event, Expect};
+pub use crate::session::pipeline::StmtInfo;
 
 /// Plans remembered per portal at most (the client half refuses more portals than this anyway).
 const MAX_PORTAL_PLANS: usize = 100_000;
@@ -95,7 +60,7 @@ pub enum Step {
     Default,
 }
 
-fn lost(what: &str) -> GateError {
+pub(crate) fn lost(what: &str) -> GateError {
     GateError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("phigate lost track of which statement a result belongs to ({what}); the session is closed so no unmasked row can leave"))
         .with_hint("Reconnect. If this repeats, tell the gateway operator which driver and statements you use.")
 }
@@ -150,12 +115,14 @@ impl RowGuard {
         Ok(plan.is_active().then(|| Arc::new(plan)))
     }
 
-    /// Sees one whole upstream message; appends to `out` when it answers `Step::Done`.
+    /// Sees one whole upstream message, after the pipeline placed it (`event`; `front` is the
+    /// pipeline's front entry after it); appends to `out` when it answers `Step::Done`.
     pub fn step(
         &mut self,
         tag: u8,
         frame: &Bytes,
-        expected: &mut VecDeque<Expect>,
+        event: &Event,
+        front: Option<&Expect>,
         state: &MaskingState,
         out: &mut BytesMut,
     ) -> Result<Step, GateError> {
@@ -164,7 +131,7 @@ impl RowGuard {
             b'D' => {
                 let plan = match &self.current {
                     Current::Rows(p) => p.clone(),
-                    Current::None => match expected.front() {
+                    Current::None => match front {
                         Some(Expect::Execute { portal, .. }) => {
                             let p = self.portals.get(portal).ok_or_else(|| lost("rows of an undescribed portal"))?.clone();
                             self.current = Current::Rows(p.clone());
@@ -210,47 +177,38 @@ impl RowGuard {
                 }
                 Ok(Step::Done)
             }
-            b'T' => match expected.front() {
-                Some(Expect::Query { info }) => {
-                    let info = info.clone();
-                    self.current = Current::Rows(self.plan(state, body, &info)?);
-                    Ok(Step::Default)
+            b'T' => match event {
+                Event::Done(Entry { expect: Expect::DescribeStatement, .. }) => Ok(Step::Default),
+                Event::Done(Entry { expect: Expect::DescribePortal { portal, info, swallow }, .. }) => {
+                    let plan = self.plan(state, body, info)?;
+                    self.remember(portal.clone(), plan);
+                    Ok(if *swallow { Step::Done } else { Step::Default })
                 }
-                Some(Expect::DescribeStatement) => {
-                    expected.pop_front();
-                    Ok(Step::Default)
-                }
-                Some(Expect::DescribePortal { .. }) => {
-                    let Some(Expect::DescribePortal { portal, info, swallow }) = expected.pop_front() else { unreachable!() };
-                    let plan = self.plan(state, body, &info)?;
-                    self.remember(portal, plan);
-                    Ok(if swallow { Step::Done } else { Step::Default })
-                }
-                _ => Err(lost("an unexpected RowDescription")),
+                _ => match front {
+                    Some(Expect::Query { info, .. }) => {
+                        self.current = Current::Rows(self.plan(state, body, info)?);
+                        Ok(Step::Default)
+                    }
+                    _ => Err(lost("an unexpected RowDescription")),
+                },
             },
-            b'n' => match expected.pop_front() {
-                Some(Expect::DescribeStatement) => Ok(Step::Default),
-                Some(Expect::DescribePortal { portal, swallow, .. }) => {
-                    self.remember(portal, None);
-                    Ok(if swallow { Step::Done } else { Step::Default })
+            b'n' => match event {
+                Event::Done(Entry { expect: Expect::DescribeStatement, .. }) => Ok(Step::Default),
+                Event::Done(Entry { expect: Expect::DescribePortal { portal, swallow, .. }, .. }) => {
+                    self.remember(portal.clone(), None);
+                    Ok(if *swallow { Step::Done } else { Step::Default })
                 }
                 _ => Err(lost("an unexpected NoData")),
             },
-            b't' => match expected.front() {
-                Some(Expect::DescribeStatement) => Ok(Step::Default),
-                _ => Err(lost("an unexpected ParameterDescription")),
-            },
-            b'1' | b'2' | b'3' => match expected.pop_front() {
-                Some(Expect::Ack(t)) if t == tag => Ok(Step::Default),
-                Some(Expect::ClosePortal(portal)) if tag == b'3' => {
-                    self.portals.remove(&portal);
-                    Ok(Step::Default)
+            b'3' => {
+                if let Event::Done(Entry { expect: Expect::ClosePortal(portal), .. }) = event {
+                    self.portals.remove(portal);
                 }
-                _ => Err(lost("an unexpected completion message")),
-            },
+                Ok(Step::Default)
+            }
             b'H' => {
-                let info = match expected.front() {
-                    Some(Expect::Execute { info, .. } | Expect::Query { info }) => info.clone(),
+                let info = match front {
+                    Some(Expect::Execute { info, .. } | Expect::Query { info, .. }) => info.clone(),
                     _ => return Err(lost("an unexpected COPY")),
                 };
                 if body.first() != Some(&0) {
@@ -277,43 +235,13 @@ impl RowGuard {
                 self.current = Current::CopyScan;
                 Ok(Step::Default)
             }
-            b'c' => Ok(Step::Default),
             b'S' => {
                 self.parameter_status(body);
                 Ok(Step::Default)
             }
-            b'C' | b'I' => {
+            // The end of a result: the next rows need a description of their own.
+            b'C' | b'I' | b's' | b'E' | b'Z' => {
                 self.current = Current::None;
-                if let Some(Expect::Execute { .. }) = expected.front() {
-                    expected.pop_front();
-                }
-                Ok(Step::Default)
-            }
-            b's' => {
-                self.current = Current::None;
-                match expected.pop_front() {
-                    Some(Expect::Execute { .. }) => Ok(Step::Default),
-                    _ => Err(lost("an unexpected PortalSuspended")),
-                }
-            }
-            b'E' => {
-                self.current = Current::None;
-                // An error inside a simple Query ends only that Query (at ReadyForQuery); an
-                // error in the extended protocol makes the server skip everything up to Sync.
-                if !matches!(expected.front(), Some(Expect::Query { .. })) {
-                    while expected.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
-                        expected.pop_front();
-                    }
-                }
-                Ok(Step::Default)
-            }
-            b'Z' => {
-                self.current = Current::None;
-                while let Some(e) = expected.pop_front() {
-                    if matches!(e, Expect::Sync | Expect::Query { .. }) {
-                        break;
-                    }
-                }
                 Ok(Step::Default)
             }
             _ => Ok(Step::Default),
@@ -346,7 +274,9 @@ impl RowGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::pipeline::Pipeline;
     use bytes::BufMut;
+    use std::time::Instant;
 
     fn state() -> MaskingState {
         MaskingState::from_json(r#"{"pseudonym_key_hex":"00","targets":{"ehr":{"rules":[[500,1,"ssn","redact"]]}}}"#).unwrap()
@@ -393,48 +323,62 @@ mod tests {
         message(b'D', &b)
     }
 
-    /// Feeds messages; returns what the client gets (Default steps pass the message as is).
-    fn feed(g: &mut RowGuard, q: &mut VecDeque<Expect>, msgs: &[Bytes]) -> Result<Vec<u8>, GateError> {
+    /// Feeds messages through a pipeline and the guard; returns what the client gets (Default
+    /// steps pass the message as is).
+    fn feed(g: &mut RowGuard, p: &mut Pipeline, msgs: &[Bytes]) -> Result<Vec<u8>, GateError> {
         let st = state();
         let mut out = BytesMut::new();
         for m in msgs {
-            if let Step::Default = g.step(m[0], m, q, &st, &mut out)? {
+            let event = p.step(m[0]).map_err(|l| lost(l.0))?;
+            if let Step::Default = g.step(m[0], m, &event, p.front(), &st, &mut out)? {
                 out.extend_from_slice(m);
             }
         }
         Ok(out.to_vec())
     }
 
+    fn pipeline(expected: Vec<Expect>) -> Pipeline {
+        let mut p = Pipeline::new(true);
+        p.absorb(&mut expected.into_iter().map(|expect| Entry { expect, refusal: None, copy_ends: 0 }).collect());
+        p
+    }
+
+    fn query(info: StmtInfo) -> Expect {
+        Expect::Query { info, sent: Instant::now() }
+    }
+
+    fn sync() -> Expect {
+        Expect::Sync { sent: Instant::now() }
+    }
+
     #[test]
     fn swallowed_describe_masks_rows_and_disappears() {
         let mut g = guard(&[]);
         let info = StmtInfo::default();
-        let mut q: VecDeque<Expect> = [
+        let mut q = pipeline(vec![
             Expect::Ack(b'2'),
             Expect::DescribePortal { portal: vec![], info: info.clone(), swallow: true },
             Expect::Execute { portal: vec![], info },
-            Expect::Sync,
-        ]
-        .into();
+            sync(),
+        ]);
         let z = message(b'Z', b"I");
         let out = feed(&mut g, &mut q, &[message(b'2', b""), rd(), row(b"123-45-6789"), message(b'C', b"SELECT 1\0"), z.clone()]).unwrap();
         let expected: Vec<u8> = [message(b'2', b""), row(b"***"), message(b'C', b"SELECT 1\0"), z].concat();
         assert_eq!(out, expected);
-        assert!(q.is_empty());
+        assert!(q.front().is_none());
     }
 
     #[test]
     fn an_error_skips_to_sync_and_a_clear_kind_passes() {
         let mut g = guard(&["ssn"]);
         let info = StmtInfo::default();
-        let mut q: VecDeque<Expect> = [
+        let mut q = pipeline(vec![
             Expect::Ack(b'1'),
             Expect::Ack(b'2'),
             Expect::Execute { portal: b"p".to_vec(), info: info.clone() },
-            Expect::Sync,
-            Expect::Query { info },
-        ]
-        .into();
+            sync(),
+            query(info),
+        ]);
         let err = message(b'E', b"SERROR\0C42601\0Mx\0\0");
         feed(&mut g, &mut q, &[err, message(b'Z', b"I")]).unwrap();
         assert!(matches!(q.front(), Some(Expect::Query { .. })));
@@ -447,7 +391,7 @@ mod tests {
         let mut g = guard(&["ssn"]);
         let only_600: Arc<[u32]> = Arc::from(vec![600u32]);
         let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600), copy_columns: None };
-        let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
+        let mut q = pipeline(vec![query(info)]);
         // Table 500 is not in the list (say, recreated since the catalog was read): redacted
         // even for a kind seen in clear.
         let out = feed(&mut g, &mut q, &[rd(), row(b"123-45-6789")]).unwrap();
@@ -459,7 +403,7 @@ mod tests {
         let mut g = guard(&[]);
         let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32), (600, 1, 25)]);
         let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols) };
-        let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
+        let mut q = pipeline(vec![query(info)]);
         let copy_out = message(b'H', &[0, 0, 2, 0, 0, 0, 0]);
         let data = message(b'd', b"123-45-6789\tcall 555-123-4567\n");
         let out = feed(&mut g, &mut q, &[copy_out.clone(), data]).unwrap();
@@ -468,17 +412,17 @@ mod tests {
         // A COPY with another shape than planned is not guessed at.
         let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32)]);
         let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols) };
-        let mut q: VecDeque<Expect> = [Expect::Query { info }].into();
+        let mut q = pipeline(vec![query(info)]);
         assert!(feed(&mut g, &mut q, &[message(b'H', &[0, 0, 2, 0, 0, 0, 0])]).unwrap_err().is_fatal());
     }
 
     #[test]
     fn rows_nobody_described_end_the_session() {
         let mut g = guard(&[]);
-        let mut q: VecDeque<Expect> = [Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default() }, Expect::Sync].into();
+        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default() }, sync()]);
         let e = feed(&mut g, &mut q, &[row(b"123-45-6789")]).unwrap_err();
         assert!(e.is_fatal());
-        let mut q: VecDeque<Expect> = [Expect::Sync].into();
+        let mut q = pipeline(vec![sync()]);
         assert!(feed(&mut g, &mut q, &[rd()]).unwrap_err().is_fatal(), "a RowDescription nobody asked for");
     }
 }

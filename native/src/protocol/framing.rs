@@ -96,6 +96,75 @@ pub fn next_frame(
     Ok(Some(Frame { tag: h.tag, bytes }))
 }
 
+/// What the client→upstream half takes from the client's bytes next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// A whole message.
+    Frame(Frame),
+    /// Part of a CopyData message, streamed through without waiting for the rest (large COPY IN
+    /// rows are never buffered whole).
+    Stream(bytes::Bytes),
+    /// A Query or Parse longer than the statement limit was read and dropped (its tag).
+    Discarded(u8),
+}
+
+/// Cuts the client's stream after startup: CopyData streams through, an oversized Query or
+/// Parse is discarded as it arrives (its text is never buffered), everything else comes whole.
+#[derive(Debug)]
+pub struct ClientCutter {
+    max_statement: usize,
+    max_message: usize,
+    /// Bytes of a CopyData message still to stream through.
+    pass_remaining: usize,
+    /// Bytes of an oversized Query/Parse still to discard, and which it was.
+    discard_remaining: usize,
+    discard_tag: u8,
+}
+
+impl ClientCutter {
+    pub fn new(max_statement: usize, max_message: usize) -> Self {
+        ClientCutter { max_statement, max_message, pass_remaining: 0, discard_remaining: 0, discard_tag: 0 }
+    }
+
+    /// The next cut, or None when more bytes are needed.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Cut>, FrameError> {
+        loop {
+            if self.pass_remaining > 0 {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let take = self.pass_remaining.min(buf.len());
+                self.pass_remaining -= take;
+                return Ok(Some(Cut::Stream(buf.split_to(take).freeze())));
+            }
+            if self.discard_remaining > 0 {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let take = self.discard_remaining.min(buf.len());
+                buf.advance(take);
+                self.discard_remaining -= take;
+                if self.discard_remaining == 0 {
+                    return Ok(Some(Cut::Discarded(self.discard_tag)));
+                }
+                continue;
+            }
+            let Some(h) = peek_header(buf)? else { return Ok(None) };
+            if h.length > self.max_message {
+                return Err(FrameError::TooLarge { tag: h.tag, length: h.length, limit: self.max_message });
+            }
+            match h.tag {
+                b'd' => self.pass_remaining = h.wire_len(),
+                b'Q' | b'P' if h.body_len() > self.max_statement => {
+                    self.discard_remaining = h.wire_len();
+                    self.discard_tag = h.tag;
+                }
+                _ => return next_frame(buf, |_| self.max_message).map(|f| f.map(Cut::Frame)),
+            }
+        }
+    }
+}
+
 /// Cuts an untagged startup-phase packet (StartupMessage, SSLRequest, CancelRequest...).
 pub fn next_startup_packet(buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
     if buf.len() < 4 {
@@ -188,6 +257,112 @@ mod tests {
         let mut buf = BytesMut::from(&[0, 0, 0, 8, 4, 210, 22, 47][..]);
         let pkt = next_startup_packet(&mut buf).unwrap().unwrap();
         assert_eq!(&pkt[..], &[4, 210, 22, 47]);
+    }
+
+    /// A stream for the client cutter: valid messages of every kind, lengths that lie, garbage.
+    fn hostile_stream() -> impl Strategy<Value = Vec<u8>> {
+        let tag = prop_oneof![
+            prop::sample::select(b"QPBEDCSHdcfXF".to_vec()),
+            any::<u8>(),
+        ];
+        let piece = prop_oneof![
+            6 => (tag.clone(), proptest::collection::vec(any::<u8>(), 0..120)).prop_map(|(t, b)| msg(t, &b)),
+            1 => (tag, any::<u32>(), proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(t, len, rest)| {
+                let mut v = vec![t];
+                v.extend_from_slice(&(len % 300).to_be_bytes());
+                v.extend(rest);
+                v
+            }),
+            1 => proptest::collection::vec(any::<u8>(), 0..12),
+        ];
+        proptest::collection::vec(piece, 0..25).prop_map(|ps| ps.concat())
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Frame(Vec<u8>),
+        Stream(Vec<u8>),
+        Discarded(u8),
+    }
+
+    /// Feeds `chunks` to a cutter, checking every cut against the input at its offset; returns
+    /// what was seen (consecutive stream pieces merged), the error if any and the bytes consumed.
+    fn run_cutter(input: &[u8], chunks: &[&[u8]], max_statement: usize, max_message: usize) -> (Vec<Seen>, Option<FrameError>, usize) {
+        let mut cutter = ClientCutter::new(max_statement, max_message);
+        let mut buf = BytesMut::new();
+        let mut seen: Vec<Seen> = vec![];
+        let mut offset = 0usize;
+        // Bytes of the CopyData message being streamed still to come.
+        let mut copy_remaining = 0usize;
+        for c in chunks {
+            buf.extend_from_slice(c);
+            loop {
+                match cutter.next(&mut buf) {
+                    Ok(None) => break,
+                    Ok(Some(Cut::Frame(f))) => {
+                        assert_eq!(copy_remaining, 0);
+                        let h = peek_header(&input[offset..]).unwrap().unwrap();
+                        assert_eq!(f.bytes.len(), h.wire_len());
+                        assert_eq!(&f.bytes[..], &input[offset..offset + h.wire_len()]);
+                        assert!(f.tag != b'd' && f.bytes.len() - 1 <= max_message);
+                        offset += f.bytes.len();
+                        seen.push(Seen::Frame(f.bytes.to_vec()));
+                    }
+                    Ok(Some(Cut::Stream(d))) => {
+                        assert!(!d.is_empty());
+                        if copy_remaining == 0 {
+                            let h = peek_header(&input[offset..]).unwrap().unwrap();
+                            assert_eq!(h.tag, b'd');
+                            copy_remaining = h.wire_len();
+                        }
+                        assert!(d.len() <= copy_remaining);
+                        assert_eq!(&d[..], &input[offset..offset + d.len()]);
+                        copy_remaining -= d.len();
+                        offset += d.len();
+                        match seen.last_mut() {
+                            Some(Seen::Stream(s)) => s.extend_from_slice(&d),
+                            _ => seen.push(Seen::Stream(d.to_vec())),
+                        }
+                    }
+                    Ok(Some(Cut::Discarded(t))) => {
+                        assert_eq!(copy_remaining, 0);
+                        let h = peek_header(&input[offset..]).unwrap().unwrap();
+                        assert!(h.tag == t && matches!(t, b'Q' | b'P') && h.body_len() > max_statement && h.length <= max_message);
+                        offset += h.wire_len();
+                        seen.push(Seen::Discarded(t));
+                    }
+                    Err(e) => return (seen, Some(e), offset),
+                }
+            }
+        }
+        // Whatever was not cut is still buffered (or was partly streamed or discarded).
+        assert!(offset + buf.len() <= input.len());
+        (seen, None, offset)
+    }
+
+    proptest! {
+        /// The relay's framing of hostile client bytes: no panic, every message boundary where
+        /// the length fields put it, and the same cuts whatever the chunking of the reads.
+        #[test]
+        fn client_cutter_is_chunking_independent(
+            input in hostile_stream(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..40),
+            max_statement in 0usize..200,
+            max_message in 4usize..300,
+        ) {
+            let whole = run_cutter(&input, &[&input], max_statement, max_message);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+            points.sort();
+            let mut chunks: Vec<&[u8]> = vec![];
+            let mut last = 0;
+            for p in points {
+                chunks.push(&input[last..p]);
+                last = p;
+            }
+            chunks.push(&input[last..]);
+            let chunked = run_cutter(&input, &chunks, max_statement, max_message);
+            prop_assert_eq!(whole, chunked);
+        }
     }
 
     proptest! {

@@ -37,8 +37,9 @@ impl CancelRegistry {
         }
     }
 
-    pub fn unregister(&self, pid: i32) {
-        self.map.lock().remove(&pid);
+    /// Forgets a session's key; returns the upstream key it mapped to.
+    pub fn unregister(&self, pid: i32) -> Option<UpstreamKey> {
+        self.map.lock().remove(&pid).map(|(_, key)| key)
     }
 
     /// The upstream key for a client's cancel, if pid and secret match (secret compared in

@@ -103,7 +103,14 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
     }));
     let our_pid = est.our_pid;
     let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session_id)).await;
-    core.cancels.unregister(our_pid);
+    if let Some(key) = core.cancels.unregister(our_pid) {
+        if end.cancel_upstream {
+            // The client is gone (or the gateway closed the session) while the server still
+            // works for it: cancel the statement, or it runs to its end. The backend itself
+            // exits when it next reads the connection the relay has closed.
+            cancel_upstream(&core, &key).await;
+        }
+    }
     core.bridge.emit(&json!({
         "ts": now_ts(), "event": "session_end", "session_id": session_id,
         "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
@@ -409,6 +416,11 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {
     let Some(key) = core.cancels.lookup(pid, secret) else { return };
+    cancel_upstream(core, &key).await;
+}
+
+/// Sends a CancelRequest to the upstream backend behind `key`.
+async fn cancel_upstream(core: &Arc<EngineCore>, key: &crate::session::cancel::UpstreamKey) {
     let tls = core.settings().targets.values().find(|t| Arc::ptr_eq(&t.target, &key.target)).and_then(|t| t.tls.clone())
         .or_else(|| crate::protocol::tls::client_config(&key.target).ok().flatten());
     if crate::session::backend::send_cancel(&key.target, tls, key.pid, key.secret).await.is_ok() {

@@ -3,4 +3,7 @@
 pub mod backend;
 pub mod cancel;
 pub mod frontend;
+pub mod pipeline;
+#[cfg(test)]
+mod pipeline_model;
 pub mod relay;

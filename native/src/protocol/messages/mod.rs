@@ -3,6 +3,7 @@
 
 pub mod authentication;
 pub mod error_response;
+pub mod extended;
 pub mod query;
 pub mod session;
 pub mod startup;
