@@ -10,6 +10,7 @@ pub mod events;
 pub mod masking;
 pub mod normalize;
 pub mod protocol;
+pub mod runtime;
 pub mod session;
 
 #[cfg(feature = "python")]

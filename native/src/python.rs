@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::bridge::PendingRequest;
-use crate::engine::Engine as CoreEngine;
+use crate::runtime::Engine as CoreEngine;
 
 fn to_py(py: Python<'_>, v: &Value) -> PyResult<PyObject> {
     Ok(match v {

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::errors::{sqlstate, GateError};
-use crate::session::frontend::Identity;
+use crate::session::Identity;
 use crate::masking::rules::MaskingState;
 use crate::masking::copy;
 use crate::masking::dates::DateStyle;

@@ -15,25 +15,10 @@ use crate::errors::{sqlstate, GateError};
 use crate::protocol::framing::{next_frame, next_startup_packet};
 use crate::protocol::messages::{authentication, session, startup, tag_f, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
 use crate::protocol::stream::Stream;
+use crate::session::{Established, Identity};
 
 /// Passwords (tokens) are at most this long; JWTs with many groups stay well below.
 const MAX_PASSWORD_MESSAGE: usize = 64 * 1024;
-
-/// The identity the control plane established for this session.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub subject: String,
-    pub groups: Vec<String>,
-    pub class: Arc<str>,
-    /// Upstream role the session runs as (SET ROLE right after the gateway's own login).
-    pub db_role: Option<String>,
-    /// When the credential stops being valid, if the session must close then.
-    pub expires_at: Option<std::time::SystemTime>,
-    /// Sees some classified PHI kind masked: errors and notices are scrubbed before they leave.
-    pub masked: bool,
-    /// PHI kinds it sees in clear (layer 2 passes those columns untouched).
-    pub clear_kinds: Vec<String>,
-}
 
 /// A failed startup: the error for the client (if the socket is still usable) and what to log.
 struct Failure {
@@ -54,30 +39,20 @@ impl Failure {
     }
 }
 
-/// Counts a session as active for as long as it lives.
-struct ActiveGuard(Arc<EngineCore>);
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.counters.sessions_active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr) {
-    core.counters.sessions_active.fetch_add(1, Ordering::AcqRel);
-    let _guard = ActiveGuard(core.clone());
-    let settings = core.settings();
-    let session_id = core.next_session_id();
-    let started = std::time::Instant::now();
+/// Runs a connection from its first byte to an authenticated client with an upstream session:
+/// None when it ended before (a timeout, a cancel request, a refused login — the client has been
+/// told why where it can be).
+pub async fn establish(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStream, peer: SocketAddr, session_id: u64) -> Option<Established> {
     let timeout = settings.cfg.startup_timeout();
     // Boxed so the (large) startup state is freed once the session is established.
-    let result = match tokio::time::timeout(timeout, Box::pin(startup(&core, &settings, tcp, peer, session_id))).await {
+    let result = match tokio::time::timeout(timeout, Box::pin(startup(core, settings, tcp, peer, session_id))).await {
         Ok(r) => r,
-        Err(_) => return, // the half-open socket is dropped; nothing useful to say to it
+        Err(_) => return None, // the half-open socket is dropped; nothing useful to say to it
     };
-    let est = match result {
-        Ok(est) => est,
+    match result {
+        Ok(est) => Some(est),
         Err(f) => {
-            let Some(mut s) = f.stream else { return };
+            let mut s = f.stream?;
             let goodbye = async {
                 if let Some(e) = f.error {
                     if e.sqlstate == sqlstate::PROTOCOL_VIOLATION {
@@ -91,44 +66,9 @@ pub async fn run_session(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr
                 s.shutdown().await;
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), goodbye).await;
-            return;
-        }
-    };
-    core.counters.sessions_total.fetch_add(1, Ordering::Relaxed);
-    core.bridge.emit(&json!({
-        "ts": now_ts(), "event": "session_start", "session_id": session_id,
-        "subject": est.identity.subject, "groups": est.identity.groups, "peer": peer.to_string(),
-        "target": est.target_name, "application_name": est.application_name, "tls": est.tls,
-        "dropped_parameters": est.dropped_parameters,
-    }));
-    let our_pid = est.our_pid;
-    let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session_id)).await;
-    if let Some(key) = core.cancels.unregister(our_pid) {
-        if end.cancel_upstream {
-            // The client is gone (or the gateway closed the session) while the server still
-            // works for it: cancel the statement, or it runs to its end. The backend itself
-            // exits when it next reads the connection the relay has closed.
-            cancel_upstream(&core, &key).await;
+            None
         }
     }
-    core.bridge.emit(&json!({
-        "ts": now_ts(), "event": "session_end", "session_id": session_id,
-        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-        "bytes_in": end.bytes_in, "bytes_out": end.bytes_out, "statements": end.statements, "reason": end.reason,
-    }));
-}
-
-/// What a successful startup hands to the relay.
-pub struct Established {
-    pub client: Stream,
-    pub client_buf: BytesMut,
-    pub upstream: crate::session::backend::Upstream,
-    pub identity: Identity,
-    pub target_name: String,
-    pub application_name: String,
-    pub tls: bool,
-    pub dropped_parameters: Vec<String>,
-    pub our_pid: i32,
 }
 
 async fn read_packet(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<BytesMut>, GateError> {
@@ -416,14 +356,5 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {
     let Some(key) = core.cancels.lookup(pid, secret) else { return };
-    cancel_upstream(core, &key).await;
-}
-
-/// Sends a CancelRequest to the upstream backend behind `key`.
-async fn cancel_upstream(core: &Arc<EngineCore>, key: &crate::session::cancel::UpstreamKey) {
-    let tls = core.settings().targets.values().find(|t| Arc::ptr_eq(&t.target, &key.target)).and_then(|t| t.tls.clone())
-        .or_else(|| crate::protocol::tls::client_config(&key.target).ok().flatten());
-    if crate::session::backend::send_cancel(&key.target, tls, key.pid, key.secret).await.is_ok() {
-        core.counters.cancels_forwarded.fetch_add(1, Ordering::Relaxed);
-    }
+    super::cancel_upstream(core, &key).await;
 }

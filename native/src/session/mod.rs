@@ -1,4 +1,6 @@
-//! One client session: frontend (startup, authentication), the upstream backend, the relay and cancel routing.
+//! One client session: the frontend (TLS, startup, authentication, the upstream connection), then
+//! the relay until either side ends it, then an upstream cancel if the server still works for a
+//! client that is gone. The engine holds only shared state; this module runs a session from it.
 
 pub mod backend;
 pub mod cancel;
@@ -7,3 +9,92 @@ pub mod pipeline;
 #[cfg(test)]
 mod pipeline_model;
 pub mod relay;
+
+use bytes::BytesMut;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+use crate::bridge::now_ts;
+use crate::engine::EngineCore;
+use crate::protocol::stream::Stream;
+
+/// The identity the control plane established for this session.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: String,
+    pub groups: Vec<String>,
+    pub class: Arc<str>,
+    /// Upstream role the session runs as (SET ROLE right after the gateway's own login).
+    pub db_role: Option<String>,
+    /// When the credential stops being valid, if the session must close then.
+    pub expires_at: Option<std::time::SystemTime>,
+    /// Sees some classified PHI kind masked: errors and notices are scrubbed before they leave.
+    pub masked: bool,
+    /// PHI kinds it sees in clear (layer 2 passes those columns untouched).
+    pub clear_kinds: Vec<String>,
+}
+
+/// What a successful startup hands to the relay.
+pub struct Established {
+    pub client: Stream,
+    pub client_buf: BytesMut,
+    pub upstream: crate::session::backend::Upstream,
+    pub identity: Identity,
+    pub target_name: String,
+    pub application_name: String,
+    pub tls: bool,
+    pub dropped_parameters: Vec<String>,
+    pub our_pid: i32,
+}
+
+/// Counts a session as active for as long as it lives.
+struct ActiveGuard(Arc<EngineCore>);
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.counters.sessions_active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Runs one accepted connection to its end.
+pub async fn run(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr) {
+    core.counters.sessions_active.fetch_add(1, Ordering::AcqRel);
+    let _guard = ActiveGuard(core.clone());
+    let settings = core.settings();
+    let session_id = core.next_session_id();
+    let started = std::time::Instant::now();
+    let Some(est) = frontend::establish(&core, &settings, tcp, peer, session_id).await else { return };
+    core.counters.sessions_total.fetch_add(1, Ordering::Relaxed);
+    core.bridge.emit(&json!({
+        "ts": now_ts(), "event": "session_start", "session_id": session_id,
+        "subject": est.identity.subject, "groups": est.identity.groups, "peer": peer.to_string(),
+        "target": est.target_name, "application_name": est.application_name, "tls": est.tls,
+        "dropped_parameters": est.dropped_parameters,
+    }));
+    let our_pid = est.our_pid;
+    let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session_id)).await;
+    if let Some(key) = core.cancels.unregister(our_pid) {
+        if end.cancel_upstream {
+            // The client is gone (or the gateway closed the session) while the server still
+            // works for it: cancel the statement, or it runs to its end. The backend itself
+            // exits when it next reads the connection the relay has closed.
+            cancel_upstream(&core, &key).await;
+        }
+    }
+    core.bridge.emit(&json!({
+        "ts": now_ts(), "event": "session_end", "session_id": session_id,
+        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        "bytes_in": end.bytes_in, "bytes_out": end.bytes_out, "statements": end.statements, "reason": end.reason,
+    }));
+}
+
+/// Sends a CancelRequest to the upstream backend behind `key`.
+pub async fn cancel_upstream(core: &Arc<EngineCore>, key: &cancel::UpstreamKey) {
+    let tls = core.settings().targets.values().find(|t| Arc::ptr_eq(&t.target, &key.target)).and_then(|t| t.tls.clone())
+        .or_else(|| crate::protocol::tls::client_config(&key.target).ok().flatten());
+    if crate::session::backend::send_cancel(&key.target, tls, key.pid, key.secret).await.is_ok() {
+        core.counters.cancels_forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+}

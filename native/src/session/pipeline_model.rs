@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
-use crate::session::frontend::Identity;
+use crate::session::Identity;
 use crate::masking::rules::MaskingState;
 use crate::protocol::messages::put_message;
 use crate::session::pipeline::{Entry, Event, Expect, Pipeline, Refusal, StmtInfo};

@@ -1,0 +1,400 @@
+//! The client→upstream half of the relay: cuts every client message, validates it, judges
+//! statements (prepared ones again after a reload), records what each will answer, and forwards.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::errors::{sqlstate, GateError};
+use crate::protocol::framing::{ClientCutter, Cut};
+use crate::protocol::messages::{extended, query, session, tag_f};
+use crate::session::pipeline::{Expect, StmtInfo};
+use crate::protocol::stream::{release_if_idle, ReadPart, WritePart};
+use super::*;
+
+/// Prepared statements and portals a client may have at most (per session); more is refused.
+const MAX_PREPARED: usize = 100_000;
+
+/// What the gateway knows of a prepared statement: its text and the epoch it was judged under.
+/// A reload bumps the epoch, and the next Bind or Execute judges the text again.
+struct Prepared {
+    sql: Bytes,
+    epoch: u64,
+    /// The text actually prepared upstream, if the gateway rewrote it.
+    rewritten: Option<Bytes>,
+    info: StmtInfo,
+}
+
+#[derive(Default)]
+struct Extended {
+    statements: HashMap<Vec<u8>, Prepared>,
+    portals: HashMap<Vec<u8>, Vec<u8>>,
+    /// Masked sessions: portals described since their Bind in the current cycle (their rows'
+    /// RowDescription reaches layer 2). Per cycle because a Describe skipped after an error
+    /// never answers: the skip ends at Sync, and an Execute after it describes again.
+    described: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Extended {
+    /// Remembers that a portal's RowDescription will reach layer 2. Bounded: Describe of
+    /// portals that do not exist costs the client nothing, so the set is cleared when full
+    /// (forgetting only makes the gateway describe a portal again).
+    fn mark_described(&mut self, portal: &[u8]) {
+        if self.described.len() >= MAX_PREPARED && !self.described.contains(portal) {
+            self.described.clear();
+        }
+        self.described.insert(portal.to_vec());
+    }
+
+    /// What layer 2 needs to know of the statement behind a portal (unknown: a SQL-level cursor,
+    /// whose DECLARE was judged and rewritten).
+    fn portal_info(&self, portal: &[u8]) -> StmtInfo {
+        self.portals.get(portal).and_then(|s| self.statements.get(s)).map(|p| p.info.clone()).unwrap_or_default()
+    }
+}
+
+/// A Bind (F) naming a statement that cannot exist: PostgreSQL answers with an ErrorResponse that
+/// carries the marker, which the other half swaps for the gateway's refusal.
+fn marker_bind(portal: &[u8], marker: &str) -> Bytes {
+    let mut o = BytesMut::new();
+    crate::protocol::messages::put_message(&mut o, b'B', |o| {
+        crate::protocol::messages::put_cstr(o, portal);
+        crate::protocol::messages::put_cstr(o, marker.as_bytes());
+        o.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    });
+    o.freeze()
+}
+
+/// A statement prepared under older masking rules must be prepared again: the text prepared
+/// upstream is the old rewrite.
+fn rules_changed() -> GateError {
+    GateError::error(sqlstate::FEATURE_NOT_SUPPORTED, "the masking rules for this prepared statement changed after a reload")
+        .with_hint("Prepare the statement again.")
+}
+
+/// Judges a prepared statement again after a reload (at its next Bind or Execute): the refusal,
+/// if any. The statement keeps running only if its rewrite is unchanged (the text prepared
+/// upstream is the old rewrite); its layer-2 facts and epoch are brought up to date.
+async fn rejudge(
+    ctx: &Ctx,
+    ext: &mut Extended,
+    stmt: &[u8],
+    sql: &[u8],
+    ob: &mut Outbox,
+    uw: &mut WritePart,
+) -> Result<Option<GateError>, &'static str> {
+    let epoch = ctx.core.cache.epoch();
+    Ok(match ctx.decide(sql, Some(stmt), "extended", ob, uw).await? {
+        Verdict::Allow(rewritten, info) => match ext.statements.get_mut(stmt) {
+            Some(p) if p.rewritten == rewritten => {
+                p.epoch = epoch;
+                p.info = info;
+                None
+            }
+            _ => Some(rules_changed()),
+        },
+        Verdict::Deny(e) => Some(e),
+    })
+}
+
+/// A malformed extended-protocol message: the session ends, as PostgreSQL would end it had the
+/// gateway passed the message on.
+fn malformed(what: &str, why: &str) -> GateError {
+    GateError::protocol(format!("invalid {what} message: {why}"))
+}
+
+pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {
+    let max_statement = ctx.settings.cfg.max_statement_bytes;
+    let max_message = ctx.settings.cfg.max_message_bytes;
+    let masked = ctx.identity.masked;
+    let mut ob = Outbox { masked, ..Outbox::default() };
+    let mut cutter = ClientCutter::new(max_statement, max_message);
+    let mut ext = Extended::default();
+    let cache = &ctx.core.cache;
+    loop {
+        loop {
+            let frame = match cutter.next(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(Cut::Frame(f))) => f,
+                Ok(Some(Cut::Stream(data))) => {
+                    ob.bytes.extend_from_slice(&data);
+                    continue;
+                }
+                Ok(Some(Cut::Discarded(tag))) => {
+                    if let Err(r) = ctx.make_room(&mut ob, &mut uw).await {
+                        return r;
+                    }
+                    let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        format!("statement is larger than this gateway's limit of {max_statement} bytes"))
+                        .with_hint("Send smaller statements (use parameters or COPY for bulk data), or ask the operator to raise max_statement_bytes.");
+                    let (marker, refusal) = ctx.marker(&err);
+                    if tag == tag_f::QUERY {
+                        ext.described.clear();
+                        ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now() }, refusal);
+                        ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
+                    } else {
+                        ob.refuse(Expect::Ack(b'1'), refusal);
+                        ob.bytes.extend_from_slice(&session::parse(b"", marker.as_bytes()));
+                    }
+                    continue;
+                }
+                Err(e) => return ctx.die(GateError::protocol(format!("invalid message from client: {e}"))).await,
+            };
+            if !matches!(frame.tag, tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL | tag_f::TERMINATE) {
+                if let Err(r) = ctx.make_room(&mut ob, &mut uw).await {
+                    return r;
+                }
+            }
+            match frame.tag {
+                tag_f::QUERY | tag_f::PARSE | tag_f::BIND | tag_f::EXECUTE | tag_f::FUNCTION_CALL if ctx.expired() => {
+                    let err = GateError::fatal(sqlstate::INVALID_PASSWORD, "your access token has expired; this session is closed")
+                        .with_hint("Reconnect with a fresh token.");
+                    let _ = ctx.flush(&mut ob, &mut uw).await;
+                    return ctx.die(err).await;
+                }
+                tag_f::QUERY => {
+                    let Some(sql) = query::query_text(frame.body()) else {
+                        return ctx.die(malformed("Query", "the statement text is not one NUL-terminated string")).await;
+                    };
+                    let verdict = match ctx.decide(sql, None, "simple", &mut ob, &mut uw).await {
+                        Ok(v) => v,
+                        Err(r) => return r,
+                    };
+                    // A Query ends the implicit transaction its portals lived in.
+                    ext.described.clear();
+                    let sent = Instant::now();
+                    match verdict {
+                        Verdict::Allow(None, info) => {
+                            ob.expect(Expect::Query { info, sent });
+                            ob.bytes.extend_from_slice(&frame.bytes);
+                        }
+                        Verdict::Allow(Some(rewritten), info) => {
+                            ob.expect(Expect::Query { info, sent });
+                            ob.bytes.extend_from_slice(&session::query(&rewritten));
+                        }
+                        Verdict::Deny(err) => {
+                            let (marker, refusal) = ctx.marker(&err);
+                            ob.refuse(Expect::Query { info: StmtInfo::default(), sent }, refusal);
+                            ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
+                        }
+                    }
+                }
+                tag_f::PARSE => {
+                    let p = match extended::parse(frame.body()) {
+                        Ok(p) => p,
+                        Err(why) => return ctx.die(malformed("Parse", why)).await,
+                    };
+                    let (name, sql) = (p.name, p.sql);
+                    let epoch = cache.epoch();
+                    let verdict = match ctx.decide(sql, Some(name), "extended", &mut ob, &mut uw).await {
+                        Ok(v) => v,
+                        Err(r) => return r,
+                    };
+                    match verdict {
+                        Verdict::Allow(..) if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
+                            let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                                format!("this session already has {MAX_PREPARED} prepared statements"))
+                                .with_hint("Close (deallocate) prepared statements you no longer need.");
+                            let (marker, refusal) = ctx.marker(&err);
+                            ob.refuse(Expect::Ack(b'1'), refusal);
+                            ob.bytes.extend_from_slice(&session::parse(name, marker.as_bytes()));
+                        }
+                        Verdict::Allow(rewritten, info) => {
+                            ob.expect(Expect::Ack(b'1'));
+                            match &rewritten {
+                                None => ob.bytes.extend_from_slice(&frame.bytes),
+                                Some(r) => ob.bytes.extend_from_slice(&session::parse_with_types(name, r, p.param_types)),
+                            }
+                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten, info });
+                        }
+                        Verdict::Deny(err) => {
+                            ext.statements.remove(name);
+                            let (marker, refusal) = ctx.marker(&err);
+                            ob.refuse(Expect::Ack(b'1'), refusal);
+                            ob.bytes.extend_from_slice(&session::parse(name, marker.as_bytes()));
+                        }
+                    }
+                }
+                tag_f::BIND => {
+                    let (portal, stmt) = match extended::bind(frame.body()) {
+                        Ok(b) => (b.portal, b.statement),
+                        Err(why) => return ctx.die(malformed("Bind", why)).await,
+                    };
+                    let refusal = match ext.statements.get(stmt) {
+                        None => Some(GateError::error("26000",
+                            format!("prepared statement \"{}\" was not prepared through this gateway", String::from_utf8_lossy(stmt)))
+                            .with_hint("Prepare statements with the protocol's Parse message in this session.")),
+                        Some(p) if p.epoch != cache.epoch() => {
+                            let sql = p.sql.clone();
+                            match rejudge(ctx, &mut ext, stmt, &sql, &mut ob, &mut uw).await {
+                                Ok(refusal) => refusal,
+                                Err(r) => return r,
+                            }
+                        }
+                        Some(_) if ext.portals.len() >= MAX_PREPARED && !ext.portals.contains_key(portal) => {
+                            Some(GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this session already has {MAX_PREPARED} open portals"))
+                                .with_hint("Close portals you no longer need."))
+                        }
+                        Some(_) => None,
+                    };
+                    if masked {
+                        ext.described.remove(portal);
+                    }
+                    match refusal {
+                        None => {
+                            ob.expect(Expect::Ack(b'2'));
+                            // Drivers rebind the same portal to the same statement on every
+                            // execution: only a change costs allocations.
+                            if ext.portals.get(portal).map(Vec::as_slice) != Some(stmt) {
+                                ext.portals.insert(portal.to_vec(), stmt.to_vec());
+                            }
+                            ob.bytes.extend_from_slice(&frame.bytes);
+                        }
+                        Some(err) => {
+                            ext.portals.remove(portal);
+                            let (marker, refusal) = ctx.marker(&err);
+                            ob.refuse(Expect::Ack(b'2'), refusal);
+                            ob.bytes.extend_from_slice(&marker_bind(portal, &marker));
+                        }
+                    }
+                }
+                tag_f::EXECUTE => {
+                    let portal = match extended::execute(frame.body()) {
+                        Ok(p) => p,
+                        Err(why) => return ctx.die(malformed("Execute", why)).await,
+                    };
+                    // A portal bound before a reload is judged again before it runs (portals from
+                    // SQL-level DECLARE are not in the map: their DECLARE was judged).
+                    let stale = ext.portals.get(portal).and_then(|stmt| {
+                        ext.statements.get(stmt).filter(|p| p.epoch != cache.epoch()).map(|p| (stmt.clone(), p.sql.clone()))
+                    });
+                    let refusal = match stale {
+                        None => None,
+                        Some((stmt, sql)) => match rejudge(ctx, &mut ext, &stmt, &sql, &mut ob, &mut uw).await {
+                            Ok(None) => {
+                                // Layer 2 plans this portal again under the new rules.
+                                ext.described.remove(portal);
+                                None
+                            }
+                            Ok(refusal) => refusal,
+                            Err(r) => return r,
+                        },
+                    };
+                    match refusal {
+                        None => {
+                            if masked {
+                                let info = ext.portal_info(portal);
+                                if !ext.described.contains(portal) {
+                                    // Rows need their portal's RowDescription: ask for it and
+                                    // swallow the answer (the client did not ask).
+                                    ob.expect(Expect::DescribePortal { portal: portal.to_vec(), info: info.clone(), swallow: true });
+                                    ob.bytes.extend_from_slice(&session::describe_portal(portal));
+                                    ext.mark_described(portal);
+                                }
+                                ob.expect(Expect::Execute { portal: portal.to_vec(), info });
+                            } else {
+                                ob.expect(Expect::Execute { portal: Vec::new(), info: StmtInfo::default() });
+                            }
+                            ob.bytes.extend_from_slice(&frame.bytes);
+                        }
+                        Some(err) => {
+                            let (marker, refusal) = ctx.marker(&err);
+                            ob.refuse(Expect::Ack(b'2'), refusal);
+                            ob.bytes.extend_from_slice(&marker_bind(b"", &marker));
+                        }
+                    }
+                }
+                tag_f::CLOSE => {
+                    let (kind, name) = match extended::target(frame.body()) {
+                        Ok(t) => t,
+                        Err(why) => return ctx.die(malformed("Close", why)).await,
+                    };
+                    if kind == b'S' {
+                        ext.statements.remove(name);
+                        ob.expect(Expect::Ack(b'3'));
+                    } else {
+                        ext.portals.remove(name);
+                        ext.described.remove(name);
+                        let portal = ob.portal(name);
+                        ob.expect(Expect::ClosePortal(portal));
+                    }
+                    ob.bytes.extend_from_slice(&frame.bytes);
+                }
+                tag_f::SYNC => {
+                    if !frame.body().is_empty() {
+                        return ctx.die(malformed("Sync", "it has a body")).await;
+                    }
+                    // The cycle ends: whatever a skip left undescribed is described again.
+                    ext.described.clear();
+                    ob.expect(Expect::Sync { sent: Instant::now() });
+                    ob.bytes.extend_from_slice(&frame.bytes);
+                }
+                tag_f::DESCRIBE => {
+                    let (kind, name) = match extended::target(frame.body()) {
+                        Ok(t) => t,
+                        Err(why) => return ctx.die(malformed("Describe", why)).await,
+                    };
+                    if kind == b'S' {
+                        ob.expect(Expect::DescribeStatement);
+                    } else if masked {
+                        ob.expect(Expect::DescribePortal { portal: name.to_vec(), info: ext.portal_info(name), swallow: false });
+                        ext.mark_described(name);
+                    } else {
+                        ob.expect(Expect::DescribePortal { portal: Vec::new(), info: StmtInfo::default(), swallow: false });
+                    }
+                    ob.bytes.extend_from_slice(&frame.bytes);
+                }
+                tag_f::FLUSH | tag_f::COPY_DONE => {
+                    if !frame.body().is_empty() {
+                        return ctx.die(malformed(if frame.tag == tag_f::FLUSH { "Flush" } else { "CopyDone" }, "it has a body")).await;
+                    }
+                    if frame.tag == tag_f::COPY_DONE {
+                        ob.copy_ends += 1;
+                    }
+                    ob.bytes.extend_from_slice(&frame.bytes);
+                }
+                tag_f::COPY_FAIL => {
+                    if let Err(why) = extended::copy_fail(frame.body()) {
+                        return ctx.die(malformed("CopyFail", why)).await;
+                    }
+                    ob.copy_ends += 1;
+                    ob.bytes.extend_from_slice(&frame.bytes);
+                }
+                tag_f::FUNCTION_CALL => {
+                    // Fast-path calls carry no SQL to judge. The marker Query yields the same
+                    // response shape (ErrorResponse, ReadyForQuery) a failed FunctionCall would.
+                    let err = GateError::error(sqlstate::INSUFFICIENT_PRIVILEGE,
+                        "FunctionCall (fast-path) messages are refused by phigate: they carry no SQL the gateway can judge")
+                        .with_hint("Call the function from a SQL statement instead.");
+                    ext.described.clear();
+                    let (marker, refusal) = ctx.marker(&err);
+                    ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now() }, refusal);
+                    ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
+                }
+                tag_f::TERMINATE => {
+                    ob.bytes.extend_from_slice(&frame.bytes);
+                    let _ = ctx.flush(&mut ob, &mut uw).await;
+                    return "client_terminated";
+                }
+                t => {
+                    return ctx.die(GateError::protocol(format!("unexpected message type 0x{t:02x} from client"))).await;
+                }
+            }
+        }
+        if let Err(r) = ctx.flush(&mut ob, &mut uw).await {
+            return r;
+        }
+        release_if_idle(&mut ob.bytes);
+        release_if_idle(&mut buf);
+        match cr.read_into(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = uw.write_all(&session::terminate()).await;
+                return "client_closed";
+            }
+            Ok(n) => {
+                ctx.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
