@@ -98,6 +98,10 @@ class FakeEngine:
         self.epoch += 1
         return self.epoch
 
+    def bump_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
     def shutdown(self, grace_seconds: float) -> None:
         self.shutdown_grace = grace_seconds
 
@@ -365,7 +369,7 @@ def test_gateway_serves_requests_drains_events_reloads_and_stops(
         assert events_log.read_text().endswith('"session_end","session_id":1}\n')
 
         config_path.write_text(config_path.read_text().replace('user = "svc"', 'user = "svc2"'))
-        gateway.reload(load_config(config_path))
+        await gateway.reload(load_config(config_path))
         assert engine.configs[-1]["targets"]["ehr"]["user"] == "svc2"
 
         engine.push_events(b'{"event":"session_end","session_id":2}\n')
