@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="run the gateway with MALLOC_ARENA_MAX=N")
     ap.add_argument("--malloc-trim-threshold", type=int, metavar="BYTES",
                     help="run the gateway with MALLOC_TRIM_THRESHOLD_=BYTES")
+    ap.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                    help="run the gateway with MALLOC_MMAP_THRESHOLD_=BYTES")
     ap.add_argument("--trim-each-round", action="store_true",
                     help="also probe after malloc_trim(0) after every round (not just the last)")
     ap.add_argument("--heaptrack", action="store_true",
@@ -201,6 +203,8 @@ def run(a: argparse.Namespace, reg: Registry, workdir: Path) -> dict[str, Any]:
         env["MALLOC_ARENA_MAX"] = str(a.malloc_arena_max)
     if a.malloc_trim_threshold is not None:
         env["MALLOC_TRIM_THRESHOLD_"] = str(a.malloc_trim_threshold)
+    if a.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
     gw.start(cfg, command=command, env=env)
     pid = gateway_pid(gw.pid)
     # Under heaptrack the spawned process is a shell script that may end before the gateway.
@@ -419,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     gi = report.git_info(gateway.REPO)
     env = " ".join(f"{k}={v}" for k, v in (("GLIBC_TUNABLES", "" if a.glibc_defaults else None),
                                            ("MALLOC_ARENA_MAX", a.malloc_arena_max),
-                                           ("MALLOC_TRIM_THRESHOLD_", a.malloc_trim_threshold))
+                                           ("MALLOC_TRIM_THRESHOLD_", a.malloc_trim_threshold),
+                                           ("MALLOC_MMAP_THRESHOLD_", a.malloc_mmap_threshold))
                    if v is not None)
     meta = {"date": time.strftime("%Y-%m-%d"), "sha": gi["sha"], "dirty": gi["dirty"],
             "argv": sys.argv[1:] if argv is None else argv, "env": env, "load": load}

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import uvloop
 
+from phigate.allocator import tune_malloc
 from phigate.apikeys import ApiKeyVerifier, looks_like_api_key
 from phigate.catalog import CatalogSnapshot, load_catalog
 from phigate.catalog_keeper import CatalogKeeper, Loader
@@ -683,6 +684,7 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
 
 def serve(config_path: str | os.PathLike[str], config: Config | None = None) -> None:
     """Blocking entry point for `phigate serve`."""
+    tune_malloc()  # before the data plane's threads allocate anything
     uvloop.run(run(config_path, config))
 
 
