@@ -47,7 +47,11 @@ def retained_kb(mode: str, **env: str) -> tuple[str, int]:
              if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode, PYTHON_DIR],
-        capture_output=True, text=True, check=True, timeout=60, env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**clean, **env},
     ).stdout.split()
     return out[0], int(out[1])
 

@@ -136,9 +136,7 @@ def assert_masked(ssns: dict[int, str], clear: dict[int, tuple[str, str]]) -> No
         assert ssn == partial(clear[pid][0], 4) and ssn != clear[pid][0]
 
 
-def until_masked_read_works(
-    read: Callable[[], Any], allowed_refusal: str
-) -> tuple[Any, list[str]]:
+def until_masked_read_works(read: Callable[[], Any], allowed_refusal: str) -> tuple[Any, list[str]]:
     """Poll ``read`` until it succeeds; only the outage itself (the gateway cannot reach the
     database) or the catalog refusal naming ``allowed_refusal`` may fail it meanwhile."""
     seen: list[str] = []
