@@ -59,17 +59,21 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
                  pool_db: str, upstream_db: str, svc_user: str, svc_password: str,
                  events_log: str, workers: int,
                  extra_groups: dict[str, list[str]] | None = None,
-                 reader_see_clear: list[str] | None = None, extra_toml: str = "") -> Path:
+                 reader_see_clear: list[str] | None = None, extra_toml: str = "",
+                 tls: tuple[Path, Path] | None = None) -> Path:
     """The gateway TOML: plaintext listener, `bench` -> PostgreSQL, `bench_pool` -> PgBouncer.
 
     `extra_groups` and `extra_toml` (roles, `[phi]`) are for the masked bulk read; when PHI is
     classified, `reader_see_clear` lets the benchmark agent see every classified kind in clear,
     so pgbench and the plain bulk read measure exactly what they measure without `[phi]`.
+    `tls` (certificate, key) lets clients negotiate TLS; plaintext is still accepted.
     """
     group_lines = "".join(f"{_q(g)} = {json.dumps(r)}\n"
                           for g, r in (extra_groups or {}).items())
     see_clear = (f"see_clear = {json.dumps(reader_see_clear)}\n"
                  if reader_see_clear is not None else "")
+    tls_lines = (f"tls_cert = {_q(tls[0])}\ntls_key = {_q(tls[1])}\n" if tls is not None
+                 else "")
     pw = workdir / "svc.password"
     pw.write_text(svc_password + "\n")
     pw.chmod(0o600)
@@ -77,7 +81,7 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
 [server]
 listen = "{LOOPBACK}:{port}"
 require_tls = false
-events_log = {_q(events_log)}
+{tls_lines}events_log = {_q(events_log)}
 workers = {workers}
 
 [identity.oidc]
@@ -130,10 +134,13 @@ class Gateway:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "phigate.log"
 
-    def start(self, config: Path) -> None:
-        self.proc = self.reg.spawn(
-            "phigate", [sys.executable, "-m", "phigate.cli", "serve", "--config", str(config)],
-            log_path=self.log_path, env=_env(), cwd=REPO)
+    def start(self, config: Path, command: list[str] | None = None,
+              env: dict[str, str] | None = None) -> None:
+        """Run `phigate serve` (or ``command``, which must serve ``config``) with the checkout's
+        Python path and ``env`` added to the environment."""
+        argv = command or [sys.executable, "-m", "phigate.cli", "serve", "--config", str(config)]
+        self.proc = self.reg.spawn("phigate", argv, log_path=self.log_path,
+                                   env={**_env(), **(env or {})}, cwd=REPO)
         try:
             wait_port(self.port, 60, self.proc)
         except Exception:

@@ -98,6 +98,10 @@ class FakeEngine:
         self.epoch += 1
         return self.epoch
 
+    def bump_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
     def shutdown(self, grace_seconds: float) -> None:
         self.shutdown_grace = grace_seconds
 
@@ -402,7 +406,7 @@ def test_gateway_serves_requests_drains_events_reloads_and_stops(
         assert events_log.read_text().endswith('"session_end","session_id":1}\n')
 
         config_path.write_text(config_path.read_text().replace('user = "svc"', 'user = "svc2"'))
-        gateway.reload(load_config(config_path))
+        await gateway.reload(load_config(config_path))
         assert engine.configs[-1]["targets"]["ehr"]["user"] == "svc2"
 
         engine.push_events(b'{"event":"session_end","session_id":2}\n')
@@ -428,7 +432,7 @@ def test_reload_never_changes_the_schema_a_target_pins(config: Config, config_pa
         # Sessions already open keep search_path = public upstream: judging their statements
         # with pii would resolve "people" to another table than the one they read.
         with pytest.raises(ConfigError) as info:
-            gateway.reload(_pin(config_path, "pii"))
+            await gateway.reload(_pin(config_path, "pii"))
         assert str(info.value) == (
             f"{config_path}: targets.ehr.params.search_path: changes only on restart ('public' "
             "to 'pii'): sessions opened before a reload keep the search_path they started with"
@@ -436,12 +440,12 @@ def test_reload_never_changes_the_schema_a_target_pins(config: Config, config_pa
         assert len(engine.configs) == 1 and gateway.control.config is config  # nothing applied
         # Removing the target and adding it back later does not get around it.
         config_path.write_text(original.replace("[targets.ehr]", "[targets.other]"))
-        gateway.reload(load_config(config_path))
+        await gateway.reload(load_config(config_path))
         config_path.write_text(original)
         with pytest.raises(ConfigError):
-            gateway.reload(_pin(config_path, "pii"))
+            await gateway.reload(_pin(config_path, "pii"))
         config_path.write_text(original.replace('user = "svc"', 'user = "svc2"'))
-        gateway.reload(load_config(config_path))  # anything else still reloads
+        await gateway.reload(load_config(config_path))  # anything else still reloads
         assert engine.configs[-1]["targets"]["ehr"]["user"] == "svc2"
         await gateway.stop(0.1)
 

@@ -20,9 +20,11 @@ import uvloop
 
 from phigate.audit.events import EventSink
 from phigate.config import Config, load_config
+from phigate.control.allocator import tune_malloc
 from phigate.errors import ConfigError, IdentityError, PhigateError
 from phigate.identity.apikeys import ApiKeyVerifier, looks_like_api_key
 from phigate.identity.oidc import Identity, NoOidcVerifier, OidcVerifier
+from phigate.masking.catalog_keeper import CatalogKeeper, Loader
 from phigate.masking.classification import CatalogSnapshot, load_catalog
 from phigate.masking.layer2 import masking_state_json
 from phigate.policy.engine import PolicyEngine
@@ -69,6 +71,7 @@ class EngineLike(Protocol):
 
     def stats(self) -> dict[str, int]: ...
     def reconfigure(self, config_json: str) -> int: ...
+    def bump_epoch(self) -> int: ...
     def set_masking(self, state_json: str) -> None: ...
     def shutdown(self, grace_seconds: float) -> None: ...
 
@@ -100,8 +103,10 @@ class ControlPlane:
         self.apikeys = apikeys  # None: API keys are not enabled
         # Roles mapping and identity settings; None (unit tests) keeps group-based classes.
         self.config = config
-        # PHI catalogs per target (None: could not be loaded; masked identities are refused).
+        # PHI catalogs per target (None: could not be loaded; masked identities are refused),
+        # and why each missing one is missing (told to the refused clients). Replaced whole.
         self.catalogs: dict[str, CatalogSnapshot | None] = {}
+        self.catalog_notes: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -113,8 +118,13 @@ class ControlPlane:
         if config is None:
             return None
         engine: PolicyEngine | None = getattr(self, "_policy", None)
-        if engine is None or engine.config is not config or engine.catalogs is not self.catalogs:
-            engine = self._policy = PolicyEngine(config, self.catalogs)
+        if (
+            engine is None
+            or engine.config is not config
+            or engine.catalogs is not self.catalogs
+            or engine.notes is not self.catalog_notes
+        ):
+            engine = self._policy = PolicyEngine(config, self.catalogs, self.catalog_notes)
         return engine
 
     def dispatch(self, requests: Iterable[RequestLike]) -> None:
@@ -408,9 +418,18 @@ def _check_schemas(known: dict[str, str], config: Config) -> None:
 class Gateway:
     """One Engine plus the control loop that serves it, on the running (uvloop) event loop."""
 
-    def __init__(self, config: Config, *, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        engine_factory: EngineFactory | None = None,
+        catalog_loader: Loader = load_catalog,
+    ) -> None:
         self.config = config
         self._engine_factory = engine_factory or _native_engine
+        self._catalog_loader = catalog_loader
+        self._catalogs: CatalogKeeper | None = None
+        self._reload_lock = asyncio.Lock()
         self._engine: EngineLike | None = None
         self._control: ControlPlane | None = None
         self._sink: EventSink | None = None
@@ -448,12 +467,21 @@ class Gateway:
             verifier, apikeys=_apikey_verifier(self.config, None), config=self.config
         )
         self._sink = EventSink(self.config.server.events_log)
-        self._control.catalogs = await asyncio.to_thread(load_catalogs, self.config)
+        # A target whose catalog cannot be read now is retried in the background; until it
+        # loads, its masked identities are refused with a message saying so.
+        keeper = self._catalogs = CatalogKeeper(
+            loader=self._catalog_loader, on_change=self._catalog_changed, emit=self.write_event
+        )
+        results = await asyncio.to_thread(keeper.load_all, self.config)
+        keeper.apply(self.config, results)
+        self._control.catalogs = keeper.catalogs()
+        self._control.catalog_notes = keeper.notes()
         try:
             engine = self._engine_factory(self.config.native_json())
             engine.set_masking(masking_state_json(self.config, self._control.catalogs))
             engine.start()
         except BaseException:
+            await keeper.close()
             self._sink.close()
             raise
         self._engine = engine
@@ -485,6 +513,8 @@ class Gateway:
             self._loop.remove_reader(self._engine.wakeup_fd())
             self._on_wakeup()
             self.write_stats()  # the final counters, so a short run still reports them
+        if self._catalogs is not None:
+            await self._catalogs.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -495,8 +525,27 @@ class Gateway:
         self._stopped.set()
         log.info("phigate stopped")
 
-    def reload(self, new_config: Config) -> None:
-        """Apply a new config to new sessions; must run on the gateway's loop."""
+    async def reload(self, new_config: Config) -> None:
+        """Apply a new config to new sessions; must run on the gateway's loop.
+
+        The catalogs are read first, in a thread: the loop keeps serving with the old config
+        and its catalogs meanwhile (a database that drops packets would otherwise stall every
+        login and statement for connect_timeout), then everything switches in one step, so no
+        statement is judged with a new classification and an old catalog. A catalog that
+        cannot be read keeps the previous one if it is still valid (see catalog_keeper) and is
+        retried in the background. Raises ValueError if the data plane refuses the config
+        (nothing has changed then)."""
+        async with self._reload_lock:
+            keeper = self._keeper
+            results = await asyncio.to_thread(keeper.load_all, new_config)
+            if self._stopping:
+                log.info("not reloading: the gateway is stopping")
+                return
+            self._apply_reload(new_config, results)
+
+    def _apply_reload(
+        self, new_config: Config, results: dict[str, CatalogSnapshot | Exception]
+    ) -> None:
         old = self.config
         if new_config.server.listen != old.server.listen:
             log.warning("listen addresses change only on restart; keeping %s", old.server.listen)
@@ -507,19 +556,47 @@ class Gateway:
         verifier = _oidc_verifier(new_config)
         self.control.verifier = verifier
         self.control.apikeys = _apikey_verifier(new_config, self.control.apikeys)
-        # Loaded before the new config applies, so no statement is judged with a new
-        # classification and an old catalog. It blocks the loop for one catalog query per target.
-        catalogs = load_catalogs(new_config)
-        self.engine.set_masking(masking_state_json(new_config, catalogs))
-        self.control.catalogs = catalogs
-        self.control.config = new_config
-        self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         if new_config.server.events_log != old.server.events_log and self._sink is not None:
             self._drain_events()
             self._sink.close()
             self._sink = EventSink(new_config.server.events_log)
+        keeper = self._keeper
+        keeper.apply(new_config, results)  # reports (and retries) what could not be read
+        catalogs = keeper.catalogs()
+        self.engine.set_masking(masking_state_json(new_config, catalogs))
+        self.control.catalogs = catalogs
+        self.control.catalog_notes = keeper.notes()
+        self.control.config = new_config
+        self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         self.config = new_config
-        log.info("reloaded config from %s (decision cache epoch %d)", new_config.source, epoch)
+        problems = keeper.describe()
+        self.write_event({
+            "ts": time.time(), "event": "reload", "source": new_config.source, "epoch": epoch,
+            "catalogs": keeper.states(),
+        })  # fmt: skip
+        if problems:
+            log.warning("reloaded config from %s (decision cache epoch %d), but %s",
+                        new_config.source, epoch, problems)  # fmt: skip
+        else:
+            log.info("reloaded config from %s (decision cache epoch %d)", new_config.source, epoch)
+
+    @property
+    def _keeper(self) -> CatalogKeeper:
+        if self._catalogs is None:
+            raise RuntimeError("gateway not started")
+        return self._catalogs
+
+    def _catalog_changed(self) -> None:
+        """A background read put a new catalog in force (or took one out of force)."""
+        if self._engine is None or self._stopping:
+            return
+        keeper = self._keeper
+        catalogs = keeper.catalogs()
+        self.engine.set_masking(masking_state_json(self.config, catalogs))
+        self.control.catalogs = catalogs
+        self.control.catalog_notes = keeper.notes()
+        # Decisions cached under the previous catalog are judged again.
+        self.engine.bump_epoch()
 
     def reopen_events(self) -> None:
         if self._sink is not None:
@@ -570,25 +647,15 @@ class Gateway:
         except Exception:  # noqa: BLE001 - statistics must never take the gateway down
             log.exception("engine.stats failed")
             return
-        line = {"ts": time.time(), "event": "stats", **counters}
-        self._sink.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+        line: dict[str, Any] = {"ts": time.time(), "event": "stats", **counters}
+        if self._catalogs is not None and self._catalogs.states():
+            line["catalogs"] = self._catalogs.summary()
+        self.write_event(line)
 
-
-def load_catalogs(config: Config) -> dict[str, CatalogSnapshot | None]:
-    """The PHI catalog of every target (only when [phi.columns] classifies anything). A target
-    whose catalog cannot be read maps to None: its masked identities are refused, fail closed."""
-    if not config.phi.columns:
-        return {}
-    out: dict[str, CatalogSnapshot | None] = {}
-    for name in config.targets:
-        try:
-            out[name] = load_catalog(config, name)
-            log.info("PHI catalog for target %s: %d protected relations", name,
-                     len(out[name].protected_relations()))  # type: ignore[union-attr]
-        except PhigateError as exc:
-            log.error("PHI catalog for target %s could not be loaded: %s", name, exc)
-            out[name] = None
-    return out
+    def write_event(self, event: dict[str, Any]) -> None:
+        """Append one control-plane event (reload, catalog, stats) to the events log."""
+        if self._sink is not None:
+            self._sink.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
 
 
 async def run(config_path: str | os.PathLike[str], config: Config | None = None) -> None:
@@ -610,14 +677,19 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    def on_hup() -> None:
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    async def reload() -> None:
         try:
-            gateway.reload(load_config(path))
+            await gateway.reload(load_config(path))
         except (PhigateError, ValueError, OSError) as exc:
             log.error("reload failed, keeping the previous config: %s", exc)
-        gateway.reopen_events()
         sd_notify("READY=1")
+
+    def on_hup() -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        gateway.reopen_events()  # at once: logrotate has already moved the file
+        task = loop.create_task(reload())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
@@ -632,15 +704,23 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
 
 def serve(config_path: str | os.PathLike[str], config: Config | None = None) -> None:
     """Blocking entry point for `phigate serve`."""
+    tune_malloc()  # before the data plane's threads allocate anything
     uvloop.run(run(config_path, config))
 
 
 class GatewayThread:
     """A Gateway on its own uvloop in a background thread, for tests and the demo."""
 
-    def __init__(self, config: Config, *, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        engine_factory: EngineFactory | None = None,
+        catalog_loader: Loader = load_catalog,
+    ) -> None:
         self.config = config
         self._engine_factory = engine_factory
+        self._catalog_loader = catalog_loader
         self._gateway: Gateway | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -687,7 +767,10 @@ class GatewayThread:
         return self._thread is not None and self._thread.is_alive()
 
     def reload(self, config: Config) -> None:
-        self._call(lambda: self.gateway.reload(config))
+        """Reload like SIGHUP does; returns once the new config is in force."""
+        if self._loop is None:
+            raise RuntimeError("gateway not started")
+        asyncio.run_coroutine_threadsafe(self.gateway.reload(config), self._loop).result()
         self.config = config
 
     def stop(self, grace: float = 1.0) -> None:
@@ -728,7 +811,9 @@ class GatewayThread:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        gateway = Gateway(self.config, engine_factory=self._engine_factory)
+        gateway = Gateway(
+            self.config, engine_factory=self._engine_factory, catalog_loader=self._catalog_loader
+        )
         try:
             await gateway.start()
         except BaseException as exc:  # noqa: BLE001

@@ -35,11 +35,16 @@ _MAX_CLASSES = 4096  # distinct identity classes remembered (role combinations x
 
 class PolicyEngine:
     def __init__(
-        self, config: Config, catalogs: Mapping[str, CatalogSnapshot | None] | None = None
+        self,
+        config: Config,
+        catalogs: Mapping[str, CatalogSnapshot | None] | None = None,
+        notes: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         # Per target: the PHI catalog, or None when it could not be loaded (fail closed).
         self.catalogs: Mapping[str, CatalogSnapshot | None] = catalogs or {}
+        # Per target without a catalog: why, in words the refused client may read.
+        self.notes: Mapping[str, str] = notes or {}
         self._rolesets: dict[str, RoleSet | None] = {}
         self._mask_sql = mask_sql(config.phi)
         # Per target: the masks with pseudonyms on when its catalog found phigate's functions
@@ -115,11 +120,14 @@ class PolicyEngine:
         """An allowed statement of an identity that sees some PHI kinds masked."""
         catalog = self.catalogs.get(roleset.target or "")
         if catalog is None:
+            why = self.notes.get(roleset.target or "") or (
+                "the PHI classification catalog for this target is not loaded")
             return {
                 "action": "deny", "sqlstate": "58000", "cache": "none", "normalized": normalized,
-                "message": "the PHI classification catalog for this target is not loaded, so "
-                "statements of masked identities are refused (rule: masking)",
-                "hint": "The gateway operator can see why in the gateway log.",
+                "message": f"{why}, so statements of identities that see PHI masked are refused "
+                "(rule: masking)",
+                "hint": "The gateway retries reading it in the background: try again shortly. "
+                "The gateway operator can see why in the gateway log.",
             }
         if any(f.kind == "ddl" for f in facts):
             # A temp table or view named like a protected relation would be what the server
