@@ -77,6 +77,9 @@ impl Frame {
 }
 
 /// Cuts the next complete message from `buf`, or returns None if more bytes are needed.
+/// Smallest step a partial message's buffer grows by.
+const MIN_GROWTH: usize = 8192;
+
 /// `limit` caps the length we agree to buffer; the caller decides per message type.
 pub fn next_frame(
     buf: &mut BytesMut,
@@ -88,8 +91,11 @@ pub fn next_frame(
         return Err(FrameError::TooLarge { tag: h.tag, length: h.length, limit: lim });
     }
     if buf.len() < h.wire_len() {
-        // Reserve only what this (already size-checked) message needs.
-        buf.reserve(h.wire_len() - buf.len());
+        // Grow toward the announced length only as bytes arrive (at most doubling what is
+        // buffered): a 5-byte header announcing max_message_bytes must not make the gateway
+        // allocate that much for a client that never sends it.
+        let missing = h.wire_len() - buf.len();
+        buf.reserve(missing.min(buf.len().max(MIN_GROWTH)));
         return Ok(None);
     }
     let bytes = buf.split_to(h.wire_len()).freeze();
@@ -246,6 +252,26 @@ mod tests {
         assert!(matches!(next_frame(&mut buf, |_| 1000), Err(FrameError::TooLarge { .. })));
         // Nothing was reserved for the claimed 2 GB.
         assert!(buf.capacity() < 1 << 20);
+    }
+
+    #[test]
+    fn an_announced_length_is_not_reserved_before_its_bytes_arrive() {
+        // A header announcing 64 MiB (within the limit) with nothing after it.
+        let mut buf = BytesMut::from(&[b'Q', 0x04, 0, 0, 0][..]);
+        assert_eq!(next_frame(&mut buf, |_| 1 << 27), Ok(None));
+        assert!(buf.capacity() < 64 * 1024, "reserved {} bytes for 5 received", buf.capacity());
+        // As the body arrives, the buffer grows with it, and the message is cut whole at the end.
+        let body = vec![b'x'; (1 << 26) - 4];
+        let mut sent = 0;
+        let mut frame = None;
+        while frame.is_none() {
+            let n = (body.len() - sent).min(1 << 20);
+            buf.extend_from_slice(&body[sent..sent + n]);
+            sent += n;
+            assert!(buf.capacity() <= 4 * buf.len() + (1 << 20), "over-reserved at {} bytes", buf.len());
+            frame = next_frame(&mut buf, |_| 1 << 27).unwrap();
+        }
+        assert_eq!(frame.unwrap().body().len(), body.len());
     }
 
     #[test]
