@@ -219,7 +219,7 @@ class GatewayFactory:
         to shape the data plane's view of the control plane (see tests/slowcp.py)."""
         require_native()
         from phigate.config import load_config
-        from phigate.control.server import GatewayThread
+        from phigate.control.thread import GatewayThread
 
         settings, gdir = self._build(overrides)
         path = write_private(gdir / "phigate.toml", dump_toml(settings))

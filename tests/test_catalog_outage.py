@@ -28,7 +28,7 @@ import phigate
 from harness import EhrPostgres, GatewayFactory, RunningGateway, psycopg_connect
 from layer2ref import partial
 from phigate.config import Config, load_config
-from phigate.control.server import GatewayThread
+from phigate.control.thread import GatewayThread
 from phigate.dev.demo import dump_toml, merge_config
 from phigate.dev.pgembed import find_free_port
 from phigate.files import write_private

@@ -20,7 +20,8 @@ import uvloop
 
 from phigate.config import Config, load_config
 from phigate.control import server
-from phigate.control.server import ControlPlane, Gateway, GatewayThread, sd_notify
+from phigate.control.server import ControlPlane, Gateway, sd_notify
+from phigate.control.thread import GatewayThread
 from phigate.dev.tokens import DevIssuer
 from phigate.errors import ConfigError, IdentityError
 from phigate.identity.oidc import Identity, OidcVerifier

@@ -424,7 +424,7 @@ def _run(
 
     with progress.step("starting the gateway") as info:
         from phigate.config import load_config
-        from phigate.control.server import GatewayThread
+        from phigate.control.thread import GatewayThread
 
         gateway = GatewayThread(loaded)
         gateway.start()
