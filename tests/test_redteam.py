@@ -733,10 +733,9 @@ def _error_oracle(s: Session, c: Canary) -> None:
 def _unique_dup(s: Session, c: Canary) -> None:
     # mrn is UNIQUE: inserting the canary's MRN again fails with a detail that echoes the key
     # only when the value exists (an existence oracle), so the detail must not carry it.
-    # Known leak while layer 2 is not wired: the INSERT names no masked column in a place the
-    # rewrite checks, so it is allowed, and the server's 23505 DETAIL "Key (mrn)=(...) already
-    # exists." reaches the client unscrubbed. (Scrubbing the detail will not remove the
-    # oracle itself: 23505 for an existing MRN vs success for an unused one.)
+    # Defended by the refusal of writes to masked columns (and, behind it, layer 2 replaces the
+    # server's 23505 DETAIL "Key (mrn)=(...) already exists." by a generic one). Scrubbing alone
+    # would not remove the oracle: 23505 for an existing MRN vs success for an unused one.
     s.sql("begin")
     s.sql(
         "insert into patients (mrn, first_name, last_name, ssn, date_of_birth, address, city,"
@@ -751,10 +750,9 @@ def _unique_dup(s: Session, c: Canary) -> None:
 def _not_null_row(s: Session, c: Canary) -> None:
     # A NOT NULL violation on UPDATE reports the whole new row ("Failing row contains (...)"),
     # i.e. every clear column the statement did not touch.
-    # Known leak while layer 2 is not wired: SET/WHERE name no masked column, so the rewrite
-    # allows the UPDATE; the server builds the 23502 DETAIL from the stored (clear) row -- the
-    # service role has SELECT on every column, so PostgreSQL includes it -- and the gateway
-    # relays the ErrorResponse unscrubbed.
+    # The server builds the 23502 DETAIL from the stored (clear) row -- the service role has
+    # SELECT on every column, so PostgreSQL includes it; layer 2 replaces such row-echoing
+    # details for masked identities.
     s.sql("begin")
     s.sql("update patients set first_name = null where id = %s", (c.pid,))
     s.sql("rollback")
@@ -954,11 +952,10 @@ sql_attempt(
 def _scs_startup(s: Session, c: Canary) -> None:
     # standard_conforming_strings=off in the StartupMessage: the server would then read the
     # statement with backslash escapes while the gateway's parser reads it without.
-    # Known leak: standard_conforming_strings is in the default [server] startup_parameters and
-    # targets pin only search_path, so the setting reaches the upstream session (SET and
-    # set_config() of it are refused, the startup packet is not). pglast then sees two string
-    # literals and no relation ("select ?, ?": allowed, nothing to rewrite) while the server
-    # sees a string, then "ssn, mrn, last_name from patients" and a comment: clear rows.
+    # Had it reached the server, pglast would see two string literals and no relation ("select
+    # ?, ?": allowed, nothing to rewrite) while the server saw a string, then "ssn, mrn,
+    # last_name from patients" and a comment: clear rows. The data plane sends
+    # standard_conforming_strings=on upstream whatever the client asked for.
     rc = s.raw(standard_conforming_strings="off")
     try:
         rc.send(rawpg.query(_SCS_SMUGGLE))
