@@ -1,4 +1,4 @@
-"""A Python model of layer 2's masks (native/src/masking.rs, native/src/detectors.rs), text format.
+"""A Python model of layer 2's masks (native/src/masking/: values.rs, dates.rs, detectors.rs).
 
 The rewrite (layer 1) must yield exactly what layer 2 yields, so the parity tests compare the
 SQL the rewrite emits, run on PostgreSQL, with these functions. Each follows its Rust
@@ -28,7 +28,7 @@ def is_alphanumeric(ch: str) -> bool:
 
 
 def partial(s: str, keep_last: int) -> str:
-    """masking.rs text_mask, Mask::Partial."""
+    """values.rs text_mask, Mask::Partial."""
     n = len(s)
     keep = keep_last if n > keep_last else 0
     cut = n - keep
@@ -36,7 +36,7 @@ def partial(s: str, keep_last: int) -> str:
 
 
 def email_domain(s: str) -> str:
-    """masking.rs text_mask, Mask::EmailDomain."""
+    """values.rs text_mask, Mask::EmailDomain."""
     at = s.rfind("@")
     return REDACTED + s[at:] if at >= 0 else REDACTED
 
@@ -46,7 +46,7 @@ def is_pseudonym(s: str) -> bool:
 
 
 def pseudonym(key: bytes, s: str) -> str:
-    """masking.rs text_mask, Mask::Pseudonym: MaskContext::pseudonym unless it already is one."""
+    """values.rs text_mask, Mask::Pseudonym: MaskContext::pseudonym unless it already is one."""
     if is_pseudonym(s):
         return s
     return "psn_" + hmac.new(key, s.encode(), hashlib.sha256).hexdigest()[:16]
@@ -67,7 +67,7 @@ def _text_year(s: str) -> int | None:
 
 
 def year_only(s: str, ty: str) -> str:
-    """masking.rs year_only, text format; ``ty`` is "date", "timestamp" or "timestamptz"."""
+    """dates.rs year_only, text format; ``ty`` is "date", "timestamp" or "timestamptz"."""
     if s.endswith("infinity"):
         return s
     y = _text_year(s)

@@ -541,7 +541,7 @@ def test_year_of_timestamptz_outside_utc(pg: EhrPostgres) -> None:
 def test_redact_equals_layer2(
     iso: psycopg.Connection[Any], tname: str, oid: int, value: str, placeholder: str
 ) -> None:
-    # masking.rs placeholder(), text format; NULL stays NULL.
+    # masking/values.rs placeholder(), text format; NULL stays NULL.
     assert masked_on_server(iso, oid, tname, "redact", [value, None])[1] == (None, None)
     assert masked_on_server(iso, oid, tname, "redact", [value])[0][1] == placeholder
 

@@ -17,7 +17,7 @@ from phigate.masking.refusal import _Refuse
 # The name the gateway log has always shown for these warnings (this code was in rewrite.py).
 log = logging.getLogger("phigate.masking.rewrite")
 
-# Layer 2 (native/src/masking.rs: text_mask, MaskContext::pseudonym; native/src/detectors.rs)
+# Layer 2 (native/src/masking/values.rs: text_mask, MaskContext::pseudonym; masking/detectors.rs)
 # masks what leaves the server. Every mask here computes what layer 2 computes for the same
 # value in text format (ISO DateStyle; UTC for timestamptz), so a result is the same whichever
 # layer masked it, and layer 2, whose masks are idempotent, leaves layer-1 output as it is.
@@ -31,7 +31,7 @@ _NUMERIC = 1700
 # when its typmod allows fewer integer digits (see _int_hex_digits).
 _INT_HEX = {21: 3, 23: 7, 20: 15, _NUMERIC: 15}
 _NUMBER_OIDS = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})
-# Layer 2's redact placeholders (masking.rs placeholder(), text format) as SQL constants.
+# Layer 2's redact placeholders (masking/values.rs placeholder(), text format) as SQL constants.
 _REDACT_BY_OID: dict[int, str] = {
     16: "false",
     18: "'*'",  # "char"
@@ -108,9 +108,9 @@ _KEEP_SQL = _sql_text(
 
 # --- free-text detectors, as PostgreSQL regular expressions --------------------------------------
 #
-# The same detectors and tags as native/src/detectors.rs, in PostgreSQL's ARE dialect. Layer 2
-# resolves overlapping hits on the original text; here the replacements run one after the
-# other, emails first (their local part may look like a phone number). Tags hold no digit and
+# The same detectors and tags as native/src/masking/detectors.rs, in PostgreSQL's ARE dialect.
+# Layer 2 resolves overlapping hits on the original text; here the replacements run one after
+# the other, emails first (their local part may look like a phone number). Tags hold no digit and
 # no '@', so no later built-in detector matches inside one. The Rust detectors check "no
 # digit on either side" after matching; the lookarounds below say the same.
 

@@ -9,7 +9,7 @@ so no key material is ever part of statement text: the server's log (``log_state
 and EXPLAIN only ever show the function names. `phigate db install` (dbinstall.py) creates
 them; ``check`` proves with one probe value that they exist, that the gateway's database roles
 may call them, and that they hold the gateway's key -- the same key layer 2 (the Rust data
-plane, native/src/masking.rs) uses, so both layers give the same pseudonym for a value.
+plane, native/src/masking/values.rs) uses, so both layers give the same pseudonym for a value.
 """
 
 from __future__ import annotations
