@@ -41,6 +41,20 @@ def email_domain(s: str) -> str:
     return REDACTED + s[at:] if at >= 0 else REDACTED
 
 
+def zip3(s: str, restricted: frozenset[str]) -> str:
+    """values.rs MaskContext::zip3: trimmed of ASCII whitespace (Rust's is_ascii_whitespace:
+    no vertical tab), "NNNNN", "NNNNN-NNNN" or "NNN**" keeps its prefix and gets "**"; a
+    restricted prefix is "000"; anything else "***"."""
+    b = s.strip(" \t\n\f\r")
+    if not (
+        re.fullmatch("[0-9]{5}", b, re.ASCII)
+        or re.fullmatch("[0-9]{5}-[0-9]{4}", b, re.ASCII)
+        or re.fullmatch("[0-9]{3}[*][*]", b, re.ASCII)
+    ) or not b.isascii():
+        return REDACTED
+    return "000**" if b[:3] in restricted else b[:3] + "**"
+
+
 def is_pseudonym(s: str) -> bool:
     return len(s.encode()) == 20 and re.fullmatch("psn_[0-9a-f]{16}", s) is not None
 

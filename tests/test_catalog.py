@@ -48,12 +48,13 @@ CREATE VIEW cat_v_join AS
 CREATE VIEW cat_v_over_view AS SELECT tax_id AS t FROM cat_v_renamed;
 CREATE VIEW cat_v_over_refused AS SELECT id FROM cat_v_expr;
 CREATE MATERIALIZED VIEW cat_mv AS SELECT id, email, date_of_birth AS dob FROM patients;
+CREATE TABLE cat_zips (zip_int integer, zip_short character(3), zip_ok character varying(10));
 """
 CLEANUP = """
 DROP MATERIALIZED VIEW IF EXISTS cat_mv;
 DROP VIEW IF EXISTS cat_v_over_view, cat_v_over_refused, cat_v_renamed, cat_v_expr, cat_v_where,
     cat_v_wholerow, cat_v_union, cat_v_harmless, cat_v_join;
-DROP TABLE IF EXISTS cat_grandchild, cat_pat_child, cat_pat_part;
+DROP TABLE IF EXISTS cat_grandchild, cat_pat_child, cat_pat_part, cat_zips;
 """
 
 
@@ -223,6 +224,8 @@ def test_partition_classified_alone_protects_its_parent(
         ("public.nope.ssn", {"kind": "ssn"}, "relation public.nope does not exist"),
         ("public.patients.city", {"kind": "dob", "mask": "year"}, "needs a date"),
         ("public.patients.id", {"kind": "other", "mask": "partial:2"}, "needs a text column"),
+        ("public.cat_zips.zip_int", {"kind": "zip", "mask": "zip3"}, "store ZIPs as text"),
+        ("public.cat_zips.zip_short", {"kind": "zip", "mask": "zip3"}, "shows five characters"),
     ],
 )
 def test_config_errors_name_the_key(
@@ -232,6 +235,16 @@ def test_config_errors_name_the_key(
         load_catalog(config_for(objects, confdir, {column: rule}), "ehr")
     assert info.value.key == f'phi.columns."{column}"'
     assert text in info.value.message
+
+
+def test_zip3_fits_a_text_column_of_five_or_more(objects: EhrPostgres, confdir: Path) -> None:
+    cols = {
+        "public.cat_zips.zip_ok": {"kind": "zip", "mask": "zip3"},
+        "public.patients.zip": {"kind": "zip", "mask": "zip3"},
+    }
+    snap = load_catalog(config_for(objects, confdir, cols), "ehr")
+    assert snap.relation("public", "cat_zips").column("zip_ok").rule.mask == "zip3"
+    assert snap.relation("public", "patients").column("zip").rule.mask == "zip3"
 
 
 def test_unreachable_upstream(objects: EhrPostgres, confdir: Path) -> None:

@@ -751,6 +751,17 @@ def test_roles_see_clear_and_clear_kinds(base: dict[str, Any], confdir: Path) ->
         ({"extra_patterns": {"Bad Name": "x"}}, 'phi.extra_patterns."Bad Name"', "pattern names"),
         ({"extra_patterns": {"badge": 3}}, "phi.extra_patterns.badge", "must be a string"),
         ({"maskz": {}}, "phi.maskz", "unknown key"),
+        ({"columns": {"public.p.z": {"kind": "address", "mask": "zip3"}}},
+         'phi.columns."public.p.z".mask', "'zip3' does not fit kind 'address' (it fits other"),
+        ({"columns": {"public.p.z": {"kind": "city", "mask": "zip3"}}},
+         'phi.columns."public.p.z".mask', "does not fit kind 'city'"),
+        ({"columns": {"public.p.z": {"kind": "zip", "mask": "year"}}},
+         'phi.columns."public.p.z".mask', "does not fit kind 'zip'"),
+        ({"columns": {"public.p.z": {"kind": "zip", "mask": "zip5"}}},
+         'phi.columns."public.p.z".mask', "did you mean 'zip3'"),
+        ({"columns": {"public.p.z": {"kind": "zipcode", "mask": "zip3"}}},
+         'phi.columns."public.p.z".kind', "did you mean 'zip'"),
+        ({"zip3_restricted_file": "nope.txt"}, "phi.zip3_restricted_file", "does not exist"),
     ],
 )  # fmt: skip
 def test_phi_errors_name_the_key(
@@ -763,6 +774,27 @@ def test_phi_errors_name_the_key(
     assert err.key.startswith(key), (err.key, key)
     assert text in err.message
     assert str(confdir / "phigate.toml") in str(err)
+
+
+def test_zip3_restricted_list(base: dict[str, Any], confdir: Path) -> None:
+    cols = {"public.p.zip": {"kind": "zip", "mask": "zip3"},
+            "public.p.city": {"kind": "city", "mask": "redact"}}  # fmt: skip
+    phi = parse(with_phi(base, confdir, columns=cols), confdir).phi
+    assert phi.columns[("public", "p", "zip")].mask_spec == "zip3"
+    assert phi.columns[("public", "p", "city")].kind == "city"
+    # The package's list: HHS's Safe Harbor prefixes (2000 Census), all 17 of them.
+    assert phi.zip3_restricted == frozenset({
+        "036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
+        "878", "879", "884", "890", "893",
+    }) and phi.zip3_restricted_file is None  # fmt: skip
+    own = confdir / "zip3.txt"
+    own.write_text("# local list\n036\n\n  123  # added\n")
+    phi = parse(with_phi(base, confdir, zip3_restricted_file=str(own)), confdir).phi
+    assert phi.zip3_restricted == {"036", "123"} and phi.zip3_restricted_file == own
+    own.write_text("036\n1234\n")
+    err = error(with_phi(base, confdir, zip3_restricted_file=str(own)), confdir)
+    assert err.key == "phi.zip3_restricted_file"
+    assert "line 2: '1234' is not a 3-digit" in err.message
 
 
 def test_pseudonym_key_file_checks(base: dict[str, Any], confdir: Path) -> None:

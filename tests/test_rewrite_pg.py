@@ -546,6 +546,48 @@ def test_redact_equals_layer2(
     assert masked_on_server(iso, oid, tname, "redact", [value])[0][1] == placeholder
 
 
+# ZIP-shaped with and without +4, restricted prefixes, surrounding whitespace (vertical tab is
+# not whitespace to Rust), already-masked values, and everything that is not a US ZIP.
+ZIP_VALUES: list[str | None] = [
+    None, "02139", "02139-4307", "90210", "00501", " 02139 ", "\t02139\r\n", "02139\f",
+    "03601", "89301-0001", "05901", "021**", "000**", "036**", "***", "", "2139", "021394",
+    "02139-43", "02139 4307", "02139-43071", "0213a", "ZIP 02139", "٠٢١٣٩", "０２１３９",
+    "02\n139", "02*39", "0**", "02139\v", "a'b\\c", "02139--4307",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("oid", "tname"), TEXT_TYPES, ids=["text", "varchar", "bpchar"])
+def test_zip3_equals_layer2(iso: psycopg.Connection[Any], oid: int, tname: str) -> None:
+    restricted = KEY.zip3_restricted
+    assert {"036", "893", "059"} <= restricted  # the package's Safe Harbor list
+    pairs = masked_on_server(iso, oid, tname, "zip3", ZIP_VALUES)
+    assert len(pairs) == len(ZIP_VALUES)
+    seen = set()
+    for clear, got in pairs:
+        if clear is None:
+            assert got is None
+            continue
+        assert got is not None
+        # character(n) pads both the value and the rewrite's output with blanks.
+        want = layer2ref.zip3(clear.rstrip(" ") if oid == 1042 else clear, restricted)
+        if oid == 1042:
+            got = got.rstrip(" ")
+        assert got == want, (clear, got)
+        assert layer2ref.zip3(got, restricted) == got, clear  # layer 2 leaves it as it is
+        seen.add(got)
+    assert {"021**", "902**", "005**", "000**", "***"} <= seen
+
+
+def test_zip3_follows_the_configured_list(iso: psycopg.Connection[Any]) -> None:
+    # A deployment's own list (zip3_restricted_file) reaches the SQL as it reaches layer 2.
+    masks = MaskSQL(KEY.free_text, zip3_restricted=frozenset({"021"}))
+    got = masked_on_server(iso, 25, "text", "zip3", ["02139", "03601"], masks)
+    assert [g for _, g in got] == ["000**", "036**"]
+    assert [layer2ref.zip3(c or "", frozenset({"021"})) for c, _ in got] == ["000**", "036**"]
+    empty = MaskSQL(KEY.free_text, zip3_restricted=frozenset())
+    assert masked_on_server(iso, 25, "text", "zip3", ["03601"], empty)[0][1] == "036**"
+
+
 class _Phi:
     mrn_pattern = r"\bH\d{6}\b"
     extra_patterns = {"insurance": r"INS-[A-Z]{3}\d{4}", "badge": r"(?i)emp-\d{6}"}

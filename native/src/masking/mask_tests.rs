@@ -14,7 +14,10 @@ use std::sync::OnceLock;
 
 fn ctx() -> Arc<MaskContext> {
     static C: OnceLock<Arc<MaskContext>> = OnceLock::new();
-    C.get_or_init(|| Arc::new(MaskContext::new(b"test key 0123456789abcdef0123456", Arc::new(Detectors::standard()))))
+    C.get_or_init(|| {
+        let c = MaskContext::new(b"test key 0123456789abcdef0123456", Arc::new(Detectors::standard()));
+        Arc::new(c.with_zip3_restricted([*b"036", *b"893"]))
+    })
         .clone()
 }
 
@@ -287,6 +290,38 @@ fn partial_email_year() {
 }
 
 #[test]
+fn zip3_keeps_three_digits_and_hides_small_areas() {
+    use Format::{Binary as B, Text as T};
+    let z = |oid, fmt, v: &[u8]| mask1(oid, fmt, Mask::Zip3, v).unwrap();
+    assert_eq!(z(25, T, b"02139"), b"021**");
+    assert_eq!(z(25, T, b"02139-4307"), b"021**");
+    assert_eq!(z(1043, B, b" 02139\t"), b"021**");
+    // character(10) output is blank-padded; the mask's output is not.
+    assert_eq!(z(1042, T, b"02139     "), b"021**");
+    // Safe Harbor: a prefix on the list shows as 000.
+    assert_eq!(z(25, T, b"03601"), b"000**");
+    assert_eq!(z(25, T, b"89301-0001"), b"000**");
+    // Already masked: unchanged (layer 1's output passes layer 2), and so is the redaction.
+    for v in [&b"021**"[..], b"000**", b"***"] {
+        assert_eq!(z(25, T, v), v);
+    }
+    assert_eq!(z(25, T, b"036**"), b"000**");
+    // Not ZIP-shaped: redacted whole.
+    for v in [&b"2139"[..], b"021394", b"02139-43", b"02139 4307", b"0213a", b"ZIP 02139", b"", b"\xd9\xa0\xd9\xa2\xd9\xa1\xd9\xa3\xd9\xa9", b"02\n139", b"02*39", b"0**", b"02139\x0b"] {
+        assert_eq!(z(25, T, v), b"***", "{}", String::from_utf8_lossy(v));
+    }
+    // JSON strings are masked inside; other types get their placeholder.
+    assert_eq!(z(3802, T, b"\"02139\""), b"\"021**\"");
+    assert_eq!(z(3802, B, b"\x01\"02139-4307\""), b"\x01\"021**\"");
+    assert_eq!(z(23, T, b"2139"), b"0");
+    assert_eq!(z(23, B, &2139i32.to_be_bytes()), [0; 4]);
+    assert_eq!("zip3".parse(), Ok(Mask::Zip3));
+    // Without a list nothing is restricted.
+    let bare = MaskContext::new(b"another key", Arc::new(Detectors::standard()));
+    assert_eq!(bare.zip3("03601"), "036**");
+}
+
+#[test]
 fn cached_pseudonyms_are_the_computed_ones() {
     let a = MaskContext::new(b"key one, at least 32 bytes long...", Arc::new(Detectors::standard()));
     let b = MaskContext::new(b"key two, at least 32 bytes long...", Arc::new(Detectors::standard()));
@@ -384,7 +419,9 @@ fn copy_text_rows() {
 fn rewrite_outputs_pass_unchanged() {
     // What layer 1's mask expressions produce must survive layer 2 byte for byte.
     use Format::Text as T;
-    let cases: [(u32, Mask, &[u8]); 8] = [
+    let cases: [(u32, Mask, &[u8]); 10] = [
+        (25, Mask::Zip3, b"021**"),
+        (1043, Mask::Zip3, b"000**"),
         (25, Mask::Partial { keep_last: 4 }, b"***6789"),
         (25, Mask::Partial { keep_last: 4 }, b"***ab"),
         (25, Mask::EmailDomain, b"***@example.org"),
@@ -421,6 +458,7 @@ fn masks() -> impl Strategy<Value = Mask> {
         Just(Mask::EmailDomain),
         Just(Mask::Pseudonym),
         Just(Mask::FreeText),
+        Just(Mask::Zip3),
     ]
 }
 

@@ -48,16 +48,28 @@ impl MaskingState {
             ssn_valid_only: false,
         })
         .map_err(|e| format!("masking state: a detector pattern does not compile: {e}"))?;
+        let mut zip3_restricted = Vec::new();
+        for p in doc.zip3_restricted.iter().flatten() {
+            match p.as_bytes() {
+                &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_digit) => zip3_restricted.push([a, b, c]),
+                _ => return Err(format!("masking state: zip3_restricted: {p:?} is not a 3-digit ZIP prefix")),
+            }
+        }
         let mut targets = HashMap::new();
         for (name, t) in doc.targets {
             let mut rules = HashMap::with_capacity(t.rules.len());
             for (oid, attnum, kind, mask) in t.rules {
                 let mask: Mask = mask.parse().map_err(|e| format!("masking state: targets.{name}: {e}"))?;
+                // Without the list a restricted prefix would be shown: refuse the state.
+                if mask == Mask::Zip3 && doc.zip3_restricted.is_none() {
+                    return Err(format!("masking state: targets.{name} uses zip3 but zip3_restricted is missing"));
+                }
                 rules.insert((oid, attnum), ColumnRule { kind: kind.into(), mask });
             }
             targets.insert(name, TargetRules { rules, protected_oids: t.protected_oids.into_iter().collect() });
         }
-        Ok(MaskingState { ctx: Arc::new(MaskContext::new(&key, Arc::new(detectors))), targets })
+        let ctx = MaskContext::new(&key, Arc::new(detectors)).with_zip3_restricted(zip3_restricted);
+        Ok(MaskingState { ctx: Arc::new(ctx), targets })
     }
 }
 
@@ -72,6 +84,9 @@ struct MaskingDoc {
     extra_patterns: BTreeMap<String, String>,
     #[serde(default)]
     targets: BTreeMap<String, TargetDoc>,
+    /// 3-digit ZIP prefixes zip3 shows as "000**"; required when a rule uses zip3.
+    #[serde(default)]
+    zip3_restricted: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -111,5 +126,22 @@ mod tests {
         assert!(MaskingState::from_json(r#"{"targets":{"ehr":{"rules":[[1,1,"ssn","scramble"]]}}}"#).is_err());
         assert!(MaskingState::from_json(r#"{"mrn_pattern":"("}"#).is_err());
         assert!(MaskingState::from_json(r#"{"surprise":1}"#).is_err());
+    }
+
+    #[test]
+    fn zip3_list_comes_with_the_state() {
+        let s = MaskingState::from_json(
+            r#"{"zip3_restricted":["036","893"],"targets":{"ehr":{"rules":[[16384,7,"zip","zip3"]]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.targets["ehr"].rules[&(16384, 7)].mask, Mask::Zip3);
+        assert_eq!(s.ctx.zip3("03601"), "000**");
+        assert_eq!(s.ctx.zip3("89301-1234"), "000**");
+        assert_eq!(s.ctx.zip3("02139"), "021**");
+        // A zip3 rule without the list, or a malformed entry, is refused: fail closed.
+        assert!(MaskingState::from_json(r#"{"targets":{"ehr":{"rules":[[1,1,"zip","zip3"]]}}}"#).is_err());
+        assert!(MaskingState::from_json(r#"{"zip3_restricted":["36"]}"#).is_err());
+        assert!(MaskingState::from_json(r#"{"zip3_restricted":["03a"]}"#).is_err());
+        assert!(MaskingState::from_json(r#"{"zip3_restricted":["٠٣٦"]}"#).is_err());
     }
 }

@@ -29,11 +29,15 @@ pub enum Mask {
     Pseudonym,
     /// Identifiers found by the content detectors are replaced by tags ("[SSN]").
     FreeText,
+    /// A US ZIP keeps its first three digits ("02139-4307" → "021**"); a prefix on the Safe
+    /// Harbor list of small areas becomes "000**"; anything not ZIP-shaped becomes "***".
+    Zip3,
 }
 
 impl FromStr for Mask {
     type Err = String;
-    /// Parses the config spelling: redact, null, partial:N, year, email_domain, pseudonym, free_text.
+    /// Parses the config spelling: redact, null, partial:N, year, email_domain, pseudonym,
+    /// free_text, zip3.
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim().to_ascii_lowercase();
         Ok(match s.as_str() {
@@ -43,9 +47,10 @@ impl FromStr for Mask {
             "email_domain" => Mask::EmailDomain,
             "pseudonym" => Mask::Pseudonym,
             "free_text" => Mask::FreeText,
+            "zip3" => Mask::Zip3,
             _ => match s.strip_prefix("partial:").map(|n| n.trim().parse::<usize>()) {
                 Some(Ok(keep_last)) if keep_last <= 64 => Mask::Partial { keep_last },
-                _ => return Err(format!("unknown mask {s:?} (expected redact, null, partial:N, year, email_domain, pseudonym or free_text)")),
+                _ => return Err(format!("unknown mask {s:?} (expected redact, null, partial:N, year, email_domain, pseudonym, free_text or zip3)")),
             },
         })
     }
@@ -98,6 +103,8 @@ pub struct MaskContext {
     /// Keys the pseudonym cache by a keyed hash of the value, never the value itself: the
     /// cache must not keep clear PHI in memory.
     cache_hasher: std::collections::hash_map::RandomState,
+    /// 3-digit ZIP prefixes zip3 shows as "000**" (the control plane's list; none by default).
+    zip3_restricted: std::collections::HashSet<[u8; 3]>,
 }
 
 /// Pseudonyms remembered per I/O thread (names and MRNs repeat across rows and statements;
@@ -118,7 +125,37 @@ impl MaskContext {
             detectors,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cache_hasher: std::collections::hash_map::RandomState::new(),
+            zip3_restricted: std::collections::HashSet::new(),
         }
+    }
+
+    /// The same context with `prefixes` as the Safe Harbor list zip3 uses.
+    pub fn with_zip3_restricted(mut self, prefixes: impl IntoIterator<Item = [u8; 3]>) -> Self {
+        self.zip3_restricted = prefixes.into_iter().collect();
+        self
+    }
+
+    /// zip3 of one text value (see `Mask::Zip3`). ASCII whitespace around it is ignored;
+    /// "021**" and "000**" are already masked and stay as they are.
+    pub(crate) fn zip3(&self, s: &str) -> String {
+        let b = s.trim_matches(|c: char| c.is_ascii_whitespace()).as_bytes();
+        let digits = |r: &[u8]| r.iter().all(u8::is_ascii_digit);
+        let shaped = match b.len() {
+            5 => digits(&b[..3]) && (digits(&b[3..]) || &b[3..] == b"**"),
+            10 => digits(&b[..5]) && b[5] == b'-' && digits(&b[6..]),
+            _ => false,
+        };
+        if !shaped {
+            return REDACTED.to_string();
+        }
+        let prefix = [b[0], b[1], b[2]];
+        if self.zip3_restricted.contains(&prefix) {
+            return "000**".to_string();
+        }
+        let mut out = String::with_capacity(5);
+        out.extend(prefix.iter().map(|&d| d as char));
+        out.push_str("**");
+        out
     }
 
     /// The pseudonym token of `value`: `psn_` and the first 16 hex digits of its HMAC.
@@ -331,7 +368,9 @@ pub(crate) fn mask_value<'v>(
         Mask::Null => Ok(None),
         Mask::Redact => redact(),
         Mask::YearOnly if matches!(ty, Ty::Date | Ty::Timestamp | Ty::TimestampTz) => year_only(ty, fmt, style, v).map(Some),
-        Mask::Partial { .. } | Mask::YearOnly | Mask::EmailDomain | Mask::Pseudonym | Mask::FreeText if ty.is_texty() => {
+        Mask::Partial { .. } | Mask::YearOnly | Mask::EmailDomain | Mask::Pseudonym | Mask::FreeText | Mask::Zip3
+            if ty.is_texty() =>
+        {
             let Some(payload) = text_payload(ty, fmt, v) else { return redact() };
             let s = String::from_utf8_lossy(payload);
             let masked: Cow<str> = if matches!(ty, Ty::Json | Ty::Jsonb) {
@@ -413,6 +452,14 @@ pub(crate) fn text_mask<'a>(ctx: &MaskContext, mask: Mask, s: &'a str) -> Cow<'a
         Mask::Pseudonym if is_pseudonym(s) => Cow::Borrowed(s),
         Mask::Pseudonym => Cow::Owned(ctx.pseudonym(s.as_bytes())),
         Mask::FreeText => ctx.detectors.scrub(s),
+        Mask::Zip3 => {
+            let z = ctx.zip3(s);
+            if z == s {
+                Cow::Borrowed(s)
+            } else {
+                Cow::Owned(z)
+            }
+        }
         Mask::Redact | Mask::Null => Cow::Borrowed(REDACTED),
     }
 }

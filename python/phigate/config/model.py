@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from phigate.errors import IdentityError
+from phigate.masking.zip3 import restricted_prefixes
 
 _EVENT_BACKLOG_WAKEUP = 512
 
@@ -49,12 +50,13 @@ APPROVAL_CLASSES: tuple[str, ...] = (*_APPROVAL_GROUPS, *OPERATIONS, *ALLOW_CLAS
 
 #: PHI kinds a classified column can have (`[phi.columns]` kind, roles' `see_clear`).
 PHI_KINDS: tuple[str, ...] = (
-    "ssn", "mrn", "name", "dob", "address", "phone", "email", "free_text", "other",
+    "ssn", "mrn", "name", "dob", "address", "city", "zip", "phone", "email", "free_text",
+    "other",
 )  # fmt: skip
 
 #: Masks (`partial` is written "partial:N", N = trailing characters kept).
 MASKS: tuple[str, ...] = (
-    "redact", "null", "partial", "year", "email_domain", "pseudonym", "free_text",
+    "redact", "null", "partial", "year", "email_domain", "pseudonym", "free_text", "zip3",
 )  # fmt: skip
 
 # Relations no role may list: they hold other sessions' statements, column statistics (sampled
@@ -152,6 +154,10 @@ class PhiConfig:
     pseudonym_key: SecretBytes | None = None  # the file's bytes, as-is; set with the file
     mrn_pattern: str | None = None  # a regular expression; None: no MRN detector
     extra_patterns: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: 3-digit ZIP prefixes the zip3 mask shows as 000** (Safe Harbor's small areas): the
+    #: package's list, or `zip3_restricted_file`. Both masking layers use this one set.
+    zip3_restricted: frozenset[str] = field(default_factory=restricted_prefixes)
+    zip3_restricted_file: Path | None = None
 
     def relations(self) -> frozenset[tuple[str, str]]:
         """The (schema, table) pairs with at least one classified column."""

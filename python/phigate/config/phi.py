@@ -14,17 +14,22 @@ from phigate.config.model import MASKS, PHI_KINDS, ColumnRule, PhiConfig, Secret
 from phigate.config.roles import fold_name
 from phigate.config.table import _Table
 from phigate.config.targets import _MAX_SECRET_BYTES
+from phigate.masking.zip3 import load_restricted, restricted_prefixes
 
 # Which kinds each mask makes sense for (the column's type is checked against the database by
 # phigate.masking.classification). Masks missing here fit every kind.
 _MASK_KINDS: Mapping[str, frozenset[str]] = MappingProxyType({
-    "partial": frozenset({"ssn", "mrn", "name", "address", "phone", "email", "other"}),
+    "partial": frozenset({"ssn", "mrn", "name", "address", "city", "zip", "phone", "email",
+                          "other"}),
     "year": frozenset({"dob", "other"}),
     "email_domain": frozenset({"email", "other"}),
     "free_text": frozenset({"free_text", "address", "other"}),
+    "zip3": frozenset({"zip", "other"}),
 })  # fmt: skip
 
-_PHI_KEYS = frozenset({"columns", "pseudonym_key_file", "mrn_pattern", "extra_patterns"})
+_PHI_KEYS = frozenset({
+    "columns", "pseudonym_key_file", "mrn_pattern", "extra_patterns", "zip3_restricted_file",
+})  # fmt: skip
 
 _PHI_COLUMN_KEYS = frozenset({"kind", "mask"})
 
@@ -111,13 +116,31 @@ def _phi(t: _Table) -> PhiConfig:
         pattern = extra_tbl.string(name)
         _check_pattern(extra_tbl, name, pattern)
         extra[name] = pattern
+    zip3_file = t.path("zip3_restricted_file", what="ZIP prefix list")
+    zip3_restricted = _zip3_restricted(t, zip3_file)
     return PhiConfig(
         columns=MappingProxyType(columns),
         pseudonym_key_file=key_file,
         pseudonym_key=pseudonym_key,
         mrn_pattern=mrn_pattern,
         extra_patterns=MappingProxyType(extra),
+        zip3_restricted=zip3_restricted,
+        zip3_restricted_file=zip3_file,
     )
+
+
+def _zip3_restricted(t: _Table, path: Path | None) -> frozenset[str]:
+    """The restricted 3-digit ZIP prefixes: from ``path``, else the list in the package."""
+    key = "zip3_restricted_file"
+    try:
+        if path is None:
+            return restricted_prefixes()
+        return load_restricted(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        t.fail(key, f"cannot read the ZIP prefix list: {exc}")
+    except ValueError as exc:
+        where = str(path) if path is not None else "the list shipped with phigate"
+        t.fail(key, f"{where!r}, {exc}")
 
 def _mask(t: _Table, text: str) -> tuple[str, int | None]:
     name, sep, arg = text.partition(":")

@@ -163,6 +163,10 @@ def demo_masking(pseudonym_key_file: Path) -> dict[str, Any]:
                 "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
                 "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
                 "public.patients.address": {"kind": "address", "mask": "redact"},
+                # The state stays in clear: Safe Harbor allows it. A ZIP keeps its first three
+                # digits (000 for the small areas Safe Harbor names).
+                "public.patients.city": {"kind": "city", "mask": "redact"},
+                "public.patients.zip": {"kind": "zip", "mask": "zip3"},
                 "public.patients.phone": {"kind": "phone", "mask": "partial:4"},
                 "public.patients.email": {"kind": "email", "mask": "email_domain"},
                 "public.notes.body": {"kind": "free_text", "mask": "free_text"},
@@ -177,7 +181,9 @@ def demo_masking(pseudonym_key_file: Path) -> dict[str, Any]:
 
 
 #: The PHI kinds demo_masking classifies (a clinician sees them all in clear).
-DEMO_PHI_KINDS = ("mrn", "name", "ssn", "dob", "address", "phone", "email", "free_text")
+DEMO_PHI_KINDS = (
+    "mrn", "name", "ssn", "dob", "address", "city", "zip", "phone", "email", "free_text",
+)  # fmt: skip
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -516,9 +522,9 @@ Connect as {args.sub} (groups: {",".join(groups)}); the token is the password, v
   PGPASSWORD={shlex.quote(token)} \\
     {psql_program} "{conninfo}"
 {psql_note}
-Group "agents" reads the whole EHR with PHI masked (read mrn, first_name, ssn, date_of_birth
-and email of a few patients to see it); group "clinicians" sees it in clear. Mint more tokens
-(another shell):
+Group "agents" reads the whole EHR with PHI masked (read mrn, first_name, ssn, date_of_birth,
+email, address, city and zip of a few patients to see it); group "clinicians" sees it in
+clear. Mint more tokens (another shell):
 
   phigate token mint --sub NAME --groups clinicians --key-dir {shlex.quote(str(paths.keys))}
 
@@ -584,7 +590,10 @@ def _check(
         try:
             with progress.step("reading patients as an agent (PHI masked)") as info:
                 masked, total = _masked_counts(gateway, agent_token, ca, pg)
-                info["detail"] = f"— {masked} of {total} patients masked (SSN, name, birth date)"
+                info["detail"] = (
+                    f"— {masked} of {total} patients masked (SSN, name, birth date, address, "
+                    "city, ZIP)"
+                )
             if total == 0 or masked != total:
                 problems.append(f"only {masked} of {total} patient rows came back masked")
         except Exception as exc:  # noqa: BLE001
@@ -621,11 +630,12 @@ _MASKED_SSN = re.compile(r"\*\*\*-\*\*-[0-9]{4}")
 
 
 def _masked_counts(gateway: Any, token: str, ca: Path, pg: Any) -> tuple[int, int]:
-    """(rows whose SSN, first name and birth date all came back masked, rows): compared with
-    the clear values read directly, in memory only; nothing is printed but the counts."""
+    """(rows whose SSN, first name, birth date, address, city and ZIP all came back masked,
+    rows): compared with the clear values read directly, in memory only; nothing is printed
+    but the counts."""
     import psycopg
 
-    sql = "SELECT id, ssn, first_name, date_of_birth FROM patients"
+    sql = "SELECT id, ssn, first_name, date_of_birth, address, city, zip FROM patients"
     clear = {
         int(line.split("|")[0]): line.split("|")[1:]
         for line in pg.psql(sql + ";", dbname=TARGET).splitlines()
@@ -638,13 +648,15 @@ def _masked_counts(gateway: Any, token: str, ca: Path, pg: Any) -> tuple[int, in
     ) as conn:  # fmt: skip
         rows = conn.execute(sql).fetchall()
     masked = 0
-    for pid, ssn, first, dob in rows:
-        c_ssn, c_first, _c_dob = clear.get(pid, ("", "", ""))
+    for pid, ssn, first, dob, address, city, zip_ in rows:
+        c_ssn, c_first, _c_dob, _c_address, _c_city, c_zip = clear.get(pid, ("",) * 6)
         ssn_masked = bool(_MASKED_SSN.fullmatch(ssn)) and ssn != c_ssn
         name_masked = first.startswith("psn_") and first != c_first
         # January 1st of the real year (a birthday on January 1st stays what it was).
         dob_masked = (dob.month, dob.day) == (1, 1)
-        masked += ssn_masked and name_masked and dob_masked
+        place_masked = address == city == "***"
+        zip_masked = zip_ in (c_zip[:3] + "**", "000**") and zip_ != c_zip
+        masked += ssn_masked and name_masked and dob_masked and place_masked and zip_masked
     return masked, len(rows)
 
 

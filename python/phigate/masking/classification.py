@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -621,9 +622,26 @@ def _check_types(cur: Any, config: Config, rels: dict[int, _Rel]) -> None:
             if rule.mask == "pseudonym" and category != "S" and base_oid not in _PSEUDONYM_NUMBERS:
                 _fail(config, rule, f"mask 'pseudonym' needs a text or integer column, but "
                       f"{where} is {c.type_name}; use redact or null")  # fmt: skip
+            if rule.mask == "zip3":
+                _check_zip3(config, rule, where, c.type_name, category)
             if rule.mask in _STRING_MASKS and category != "S":
                 _fail(config, rule, f"mask {rule.mask_spec!r} needs a text column, but {where} "
                       f"is {c.type_name}; use redact or null")  # fmt: skip
+
+
+_LENGTH_LIMIT = re.compile(r"\((\d+)\)$")
+
+
+def _check_zip3(config: Config, rule: ColumnRule, where: str, type_name: str, cat: str) -> None:
+    # zip3 shows "021**", "000**" or "***": a text column that can hold five characters. An
+    # integer ZIP column cannot hold "021**" (and has lost the leading zeros anyway).
+    if cat != "S":
+        _fail(config, rule, f"mask 'zip3' needs a text column (text, varchar or char), but "
+              f"{where} is {type_name}; store ZIPs as text, or use redact or null")  # fmt: skip
+    m = _LENGTH_LIMIT.search(type_name)
+    if m is not None and int(m.group(1)) < 5:
+        _fail(config, rule, f"mask 'zip3' shows five characters (\"021**\"), but {where} is "
+              f"{type_name}; use redact or null")  # fmt: skip
 
 
 # --- view definitions ------------------------------------------------------------------------

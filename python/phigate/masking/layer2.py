@@ -1,6 +1,7 @@
 """The masking state the data plane verifies results with (DESIGN §5 layer 2): per target, the
-classified columns by (table OID, attnum) from the catalog, plus the pseudonym key and the
-content-detector patterns. Sent to the engine at start, on reload and on every catalog refresh."""
+classified columns by (table OID, attnum) from the catalog, plus the pseudonym key, the
+content-detector patterns and the Safe Harbor ZIP prefixes. Sent to the engine at start, on
+reload and on every catalog refresh."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def masking_state_json(config: Config, catalogs: Mapping[str, CatalogSnapshot | 
         "pseudonym_key_hex": key.reveal().hex() if key is not None else None,
         "mrn_pattern": phi.mrn_pattern,
         "extra_patterns": dict(phi.extra_patterns),
+        # The rewrite's zip3 (mask_sql) uses this same set: both layers show the same prefix.
+        "zip3_restricted": sorted(phi.zip3_restricted),
         "targets": targets,
     }
     return json.dumps(doc)

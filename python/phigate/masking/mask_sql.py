@@ -13,6 +13,7 @@ from typing import Protocol
 from phigate.masking.catalog_protocols import ColumnLike, ColumnRuleLike
 from phigate.masking.pg_regex import _u, postgres_regex
 from phigate.masking.refusal import _Refuse
+from phigate.masking.zip3 import restricted_prefixes
 
 # The name the gateway log has always shown for these warnings (this code was in rewrite.py).
 log = logging.getLogger("phigate.masking.rewrite")
@@ -178,6 +179,27 @@ def _free_text_steps(phi: DetectorConfigLike | None) -> tuple[_FreeTextStep, ...
     return tuple((_sql_text(p), _sql_text(t), _lit(f)) for p, t, f in steps)
 
 
+# zip3 (values.rs zip3): after trimming ASCII whitespace (Rust's is_ascii_whitespace: space,
+# tab, line feed, form feed, carriage return -- not vertical tab), a US ZIP ("02139",
+# "02139-4307") or a value zip3 already produced ("021**") keeps its first three digits and
+# gets "**"; a restricted prefix becomes "000"; anything else is "***". The pattern's one
+# capture group is the prefix, so substring() yields it or NULL.
+_ZIP3_RE = _sql_text(
+    "^[ \\t\\n\\f\\r]*([0-9]{3})(?:[0-9]{2}(?:-[0-9]{4})?|[*][*])[ \\t\\n\\f\\r]*$"
+)
+
+
+def _zip3(text: str, restricted: frozenset[str]) -> str:
+    prefix = f"pg_catalog.substring({text}, {_ZIP3_RE})"
+    if restricted:
+        # NULL (not ZIP-shaped) matches no arm and stays NULL through ELSE's ||.
+        arms = " ".join(f"WHEN {_lit(p)} THEN '000**'" for p in sorted(restricted))
+        shown = f"CASE {prefix} {arms} ELSE {prefix} || '**' END"
+    else:
+        shown = f"{prefix} || '**'"
+    return f"COALESCE({shown}, '***')"
+
+
 @dataclass(frozen=True, slots=True)
 class MaskSQL:
     """The configuration-dependent parts of the masks as SQL (mask_sql): the free-text steps
@@ -189,6 +211,7 @@ class MaskSQL:
     free_text: tuple[_FreeTextStep, ...] | None
     problem: str | None = None
     pseudonyms: bool = False
+    zip3_restricted: frozenset[str] = frozenset()
 
 
 def mask_sql(phi: DetectorConfigLike | None = None, *, pseudonyms: bool = False) -> MaskSQL:
@@ -202,7 +225,10 @@ def mask_sql(phi: DetectorConfigLike | None = None, *, pseudonyms: bool = False)
         # Fail closed but keep serving: layer 1 redacts free text whole, layer 2 still scans.
         steps, problem = None, str(exc)
         log.warning("free-text columns are redacted whole for masked identities: %s", problem)
-    return MaskSQL(steps, problem, pseudonyms)
+    restricted = getattr(phi, "zip3_restricted", None)
+    if not isinstance(restricted, frozenset):
+        restricted = restricted_prefixes()
+    return MaskSQL(steps, problem, pseudonyms, restricted)
 
 
 _DEFAULT_MASKS = mask_sql(None)
@@ -360,6 +386,12 @@ def mask_expression(col: ColumnLike, spec: str, masks: MaskSQL | None) -> str:
     if digits is not None:
         _need_pseudonyms(masks)
         return f"CAST(phigate.pseudonym_int(CAST({c} AS text), {digits}) AS {tn})"
+    if spec == "zip3" and kind == "text":
+        v = _text_of(col)
+        return (
+            f"CAST(CASE WHEN {c} IS NULL THEN NULL ELSE {_zip3(v, masks.zip3_restricted)} END "
+            f"AS {tn})"
+        )
     if spec == "free_text" and kind == "text" and masks.free_text is not None:
         expr = _text_of(col)
         for pattern, tag, flags in masks.free_text:

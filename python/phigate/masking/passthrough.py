@@ -30,7 +30,7 @@ _TABLE_KINDS = frozenset({"r", "p", "f"})  # not views: the rewrite maps those
 _TEXT_TYPES = frozenset({25, 1043})  # text, varchar (bpchar pads: left to the rewrite)
 _DATE_TYPES = frozenset({1082, 1114})  # date, timestamp (timestamptz depends on TimeZone)
 # Masks the data plane computes exactly like the rewrite, per kind of column type.
-_TEXT_MASKS = frozenset({"partial", "email_domain", "pseudonym", "redact", "null"})
+_TEXT_MASKS = frozenset({"partial", "email_domain", "pseudonym", "zip3", "redact", "null"})
 _DATE_MASKS = frozenset({"year", "redact", "null"})
 # SelectStmt parts that change what rows mean or carry values the data plane cannot see.
 _FORBIDDEN = (
