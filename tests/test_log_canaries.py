@@ -54,10 +54,22 @@ def phigate_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCapture
     yield caplog
 
 
+# The masked variant takes the rewrite's path: its statements are judged, rewritten and their
+# errors scrubbed for an identity that sees PHI masked.
+MASKED_PHI = {
+    "columns": {
+        "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
+        "public.patients.mrn": {"kind": "mrn", "mask": "redact"},
+        "public.patients.last_name": {"kind": "name", "mask": "redact"},
+    },
+}
+
+
+@pytest.mark.parametrize("view", ["clear", "masked"])
 def test_canaries_reach_neither_the_events_log_nor_the_gateway_log(
-    gateway_factory, token, phigate_logs, capfd
+    view, gateway_factory, token, phigate_logs, capfd
 ):
-    gw = gateway_factory()
+    gw = gateway_factory(phi=MASKED_PHI) if view == "masked" else gateway_factory()
     tok = token(sub="log-canary-agent")
     with psycopg_connect(gw, tok, application_name=ALL) as conn:
         ok = [
@@ -73,6 +85,8 @@ def test_canaries_reach_neither_the_events_log_nor_the_gateway_log(
             "PREPARE canary AS SELECT count(*) FROM patients WHERE last_name = $1",
             f"EXECUTE canary('{NAME}')",
         ]
+        if view == "masked":  # the identity does see the classified columns masked
+            assert conn.execute("SELECT last_name FROM patients LIMIT 1").fetchone() == ("***",)
         for sql in ok:
             conn.execute(sql)
         # A bound parameter of the extended protocol (psycopg sends it apart from the text).
@@ -87,7 +101,11 @@ def test_canaries_reach_neither_the_events_log_nor_the_gateway_log(
             # Fails upstream: the server's error must not carry the statement into any log.
             f"/* {ALL} */ SELECT 1/0, '{ALL}'",
             f"SELECT \"{NAME}\" FROM patients WHERE mrn = '{MRN}'",
+            # The server's error echoes the literal (the client may see it; no log may).
+            f"SELECT '{ALL}'::int",
         ]
+        if view == "masked":  # refused by the masking rule: writing a column seen masked
+            failing.append(f"UPDATE patients SET last_name = '{NAME}' WHERE mrn = '{MRN}'")
         for sql in failing:
             with pytest.raises(psycopg.Error):
                 conn.execute(sql)
