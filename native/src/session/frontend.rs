@@ -265,7 +265,7 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
     let auth_fail = |sqlstate: &'static str, message: String| {
         core.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
         core.bridge.emit(&json!({"ts": now_ts(), "event": "auth_failure", "session_id": session_id,
-            "peer": peer.to_string(), "sqlstate": sqlstate, "user": user}));
+            "peer": peer.to_string(), "sqlstate": sqlstate, "user": crate::events::client_label(&user)}));
         GateError::fatal(sqlstate, message)
     };
     let answer = match core.bridge.ask(RequestKind::Authenticate, payload, settings.cfg.auth_timeout()).await {

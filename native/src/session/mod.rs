@@ -70,8 +70,8 @@ pub async fn run(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr) {
     core.bridge.emit(&json!({
         "ts": now_ts(), "event": "session_start", "session_id": session_id,
         "subject": est.identity.subject, "groups": est.identity.groups, "peer": peer.to_string(),
-        "target": est.target_name, "application_name": est.application_name, "tls": est.tls,
-        "dropped_parameters": est.dropped_parameters,
+        "target": est.target_name, "application_name": crate::events::client_label(&est.application_name), "tls": est.tls,
+        "dropped_parameters": est.dropped_parameters.iter().map(|p| crate::events::parameter_label(p)).collect::<Vec<_>>(),
     }));
     let our_pid = est.our_pid;
     let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session_id)).await;

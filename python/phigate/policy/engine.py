@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from pglast import parser as _pg_parser
 
+from phigate.audit.redact_sql import catalog_names, redact_sql
 from phigate.config import DEFAULT_SCHEMA, Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.masking.classification import CatalogSnapshot
@@ -99,10 +100,19 @@ class PolicyEngine:
         decision = decide(facts, roleset)
         literal = any(f.literal_sensitive for f in facts)
         try:
-            normalized: str | None = _pg_parser.normalize(sql)
+            _pg_parser.normalize(sql)
+            parses = True
         except Exception:  # noqa: BLE001  # unparsable: refused below with 42601 anyway
-            normalized = None
-        cache = "exact" if literal or normalized is None else "normalized"
+            parses = False
+        cache = "exact" if literal or not parses else "normalized"
+        # What the statement event shows: no comment, literal or client-made label (PHI hides
+        # there), only keywords, operators, $n and the names the analyzer resolved. A refused
+        # statement may name anything (a made-up table, function or column), so only keywords
+        # and pg_catalog names of it are shown.
+        names = frozenset[str]()
+        if decision.action == "allow" and roleset is not None:
+            names = catalog_names(facts, self.catalogs.get(roleset.target or ""))
+        normalized: str | None = redact_sql(sql, names)
         masked = roleset is not None and self.config.phi.masked_kinds(roleset.clear_kinds)
         if decision.action == "allow" and roleset is not None and masked:
             return self._masked(sql, facts, roleset, normalized, cache, schema)
