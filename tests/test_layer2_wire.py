@@ -10,6 +10,8 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import json
+import time
 from typing import Any
 
 import asyncpg
@@ -252,3 +254,29 @@ def test_protected_copy_not_masked_at_the_source_closes_the_session(
     assert err.value.sqlstate == "42501" and "not masked at the source" in str(err.value)
     assert conn.closed or conn.broken
     conn.close()
+
+
+def test_withheld_error_details_are_logged_only_as_keyed_hashes(
+    scripted: Any, l2_table: Any
+) -> None:
+    """A constraint detail that echoes a value is withheld from a masked identity; the event
+    that records it holds a keyed hash, not the value nor a plain SHA-256 of it (which could be
+    reversed by hashing every possible SSN)."""
+    cp = scripted(auth={"masked": True}, decide=unrewritten(), masking=l2_table["state"])
+    c = cp.connect()
+    detail = "Key (v)=(987-65-4329) already exists."
+    c.send(query("create temp table scrub_probe (v text unique); "
+                 "insert into scrub_probe values ('987-65-4329'), ('987-65-4329')"))  # fmt: skip
+    out = c.read_until()
+    err = next(m for m in out if m.tag == "E").fields()
+    assert err["C"] == "23505" and "987-65-4329" not in err.get("D", "")
+    deadline = time.monotonic() + 5
+    events: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not any(e["event"] == "message_scrubbed" for e in events):
+        events += [json.loads(line) for line in cp.engine.take_events().splitlines() if line]
+        time.sleep(0.02)
+    scrubbed = next(e for e in events if e["event"] == "message_scrubbed")
+    assert scrubbed["detail_hmac"].startswith("hmac:") and len(scrubbed["detail_hmac"]) == 21
+    text = json.dumps(events)
+    assert "987-65-4329" not in text and "987654329" not in text
+    assert hashlib.sha256(detail.encode()).hexdigest() not in text

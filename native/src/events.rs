@@ -12,12 +12,20 @@ pub fn client_label(s: &str) -> String {
     if s.is_empty() {
         return String::new(); // nothing was sent: nothing to hide
     }
+    keyed_hash(s.as_bytes())
+}
+
+/// `hmac:` and 16 hex digits of HMAC-SHA256 under a key drawn at each start: text that may hold
+/// PHI (client-typed names, error details the gateway withheld) as the events log may hold it.
+/// Equal inputs correlate within one run; a low-entropy input (an SSN in a constraint detail)
+/// cannot be recovered by hashing candidates offline, as a plain SHA-256 would allow.
+pub fn keyed_hash(data: &[u8]) -> String {
     static KEY: OnceLock<ring::hmac::Key> = OnceLock::new();
     let key = KEY.get_or_init(|| {
         let bytes: [u8; 32] = rand::random();
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)
     });
-    let tag = ring::hmac::sign(key, s.as_bytes());
+    let tag = ring::hmac::sign(key, data);
     let mut out = String::with_capacity(21);
     out.push_str("hmac:");
     for b in &tag.as_ref()[..8] {

@@ -8,7 +8,7 @@
 //! The rewrite already keeps clear values out of what the server evaluates; this is the check.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use ring::digest;
+use crate::events::keyed_hash;
 
 use crate::masking::detectors::Detectors;
 use crate::protocol::framing::read_cstr;
@@ -23,10 +23,11 @@ pub const GENERIC_DETAIL: &str = "The conflicting values are withheld by phigate
 pub struct ScrubReport {
     /// The message differs from the original in some field.
     pub changed: bool,
-    /// SHA-256 (hex) of the original DETAIL when it was replaced by `GENERIC_DETAIL`.
-    pub detail_sha256: Option<String>,
-    /// SHA-256 (hex) of the original MESSAGE when values were cut out of it.
-    pub message_sha256: Option<String>,
+    /// Keyed hash (`crate::events::keyed_hash`) of the original DETAIL when it was replaced by
+    /// `GENERIC_DETAIL`.
+    pub detail_hmac: Option<String>,
+    /// Keyed hash of the original MESSAGE when values were cut out of it.
+    pub message_hmac: Option<String>,
     /// Fields dropped because the gateway does not know what they carry.
     pub dropped_fields: Vec<u8>,
 }
@@ -50,11 +51,6 @@ fn passthrough_field(code: u8) -> bool {
 /// internal query.
 fn text_field(code: u8) -> bool {
     matches!(code, b'M' | b'D' | b'H' | b'W' | b'q')
-}
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    let d = digest::digest(&digest::SHA256, data);
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A DETAIL that repeats row or key values (unique, foreign key, not-null, check, exclusion,
@@ -130,12 +126,12 @@ pub fn scrub_error_or_notice(
         }
         let text = String::from_utf8_lossy(v);
         let mut new: String = if code == b'D' && echoes_values(&text) {
-            report.detail_sha256 = Some(sha256_hex(v));
+            report.detail_hmac = Some(keyed_hash(v));
             GENERIC_DETAIL.to_owned()
         } else if code == b'M' && sqlstate.starts_with(b"22") {
             match redact_quoted(&text) {
                 Some(r) => {
-                    report.message_sha256 = Some(sha256_hex(v));
+                    report.message_hmac = Some(keyed_hash(v));
                     r
                 }
                 None => text.into_owned(),
@@ -144,8 +140,8 @@ pub fn scrub_error_or_notice(
             text.into_owned()
         };
         if let std::borrow::Cow::Owned(s) = detectors.scrub(&new) {
-            if code == b'M' && report.message_sha256.is_none() {
-                report.message_sha256 = Some(sha256_hex(v));
+            if code == b'M' && report.message_hmac.is_none() {
+                report.message_hmac = Some(keyed_hash(v));
             }
             new = s;
         }
@@ -215,7 +211,7 @@ mod tests {
             (b'D', detail), (b's', "public"), (b't', "patients"), (b'n', "patients_ssn_key"),
         ]);
         assert_eq!(f(&m, b'D').as_deref(), Some(GENERIC_DETAIL));
-        assert_eq!(r.detail_sha256, Some(sha256_hex(detail.as_bytes())));
+        assert_eq!(r.detail_hmac, Some(keyed_hash(detail.as_bytes())));
         assert!(r.changed);
         assert_eq!(f(&m, b'M').unwrap(), "duplicate key value violates unique constraint \"patients_ssn_key\"");
         assert_eq!(f(&m, b'n').as_deref(), Some("patients_ssn_key"));
@@ -232,7 +228,7 @@ mod tests {
         ] {
             let (m, r) = run(b'E', &[(b'C', "23514"), (b'M', "x"), (b'D', d)]);
             assert_eq!(f(&m, b'D').as_deref(), Some(GENERIC_DETAIL), "{d}");
-            assert!(r.detail_sha256.is_some());
+            assert!(r.detail_hmac.is_some());
         }
     }
 
@@ -241,7 +237,7 @@ mod tests {
         let msg = "invalid input syntax for type integer: \"Jane Doe\"";
         let (m, r) = run(b'E', &[(b'C', "22P02"), (b'M', msg)]);
         assert_eq!(f(&m, b'M').unwrap(), "invalid input syntax for type integer: \"***\"");
-        assert_eq!(r.message_sha256, Some(sha256_hex(msg.as_bytes())));
+        assert_eq!(r.message_hmac, Some(keyed_hash(msg.as_bytes())));
     }
 
     #[test]
@@ -257,7 +253,7 @@ mod tests {
         assert_eq!(f(&m, b'H').unwrap(), "call [PHONE]");
         assert_eq!(f(&m, b'W').unwrap(), "PL/pgSQL function f() line 3 at RAISE, [MRN]");
         assert_eq!(f(&m, b'q').unwrap(), "SELECT '[SSN]'");
-        assert!(r.changed && r.message_sha256.is_some());
+        assert!(r.changed && r.message_hmac.is_some());
     }
 
     #[test]

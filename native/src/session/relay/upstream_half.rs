@@ -31,7 +31,7 @@ fn scrub_for_masked(ctx: &Ctx, tag: u8, body: &[u8], detectors: &crate::masking:
                 // The audit trail keeps hashes of what was withheld, never the text itself.
                 ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "message_scrubbed", "session_id": ctx.session_id,
                     "kind": if tag == tag_b::NOTICE_RESPONSE { "notice" } else { "error" },
-                    "detail_sha256": report.detail_sha256, "message_sha256": report.message_sha256}));
+                    "detail_hmac": report.detail_hmac, "message_hmac": report.message_hmac}));
             }
             bytes
         }
