@@ -156,6 +156,22 @@ def test_set_copy_explain_details() -> None:
     assert not one("explain (analyze false) select 1").explain_analyze
 
 
+@pytest.mark.parametrize(
+    "options",
+    ["analyze", "analyze true", "analyze on", "analyze 1", "analyze 'ON'", "analyze 'true'",
+     "analyze on, analyze off", "analyze 2"],
+)  # fmt: skip
+def test_every_spelling_of_explain_analyze_is_seen(options: str) -> None:
+    assert one(f"explain ({options}) select 1").explain_analyze
+    assert one(f"explain ({options.replace('analyze', 'verbose')}) select 1").explain_verbose
+
+
+@pytest.mark.parametrize("options", ["analyze false", "analyze off", "analyze 0", "analyze 'OFF'"])
+def test_explain_analyze_spelled_off(options: str) -> None:
+    assert not one(f"explain ({options}) select 1").explain_analyze
+    assert not one(f"explain ({options.replace('analyze', 'verbose')}) select 1").explain_verbose
+
+
 def test_set_operations_subqueries_locking() -> None:
     f = one("select a from t where b in (select b from u) union select 1 for update")
     assert f.set_operations and f.subqueries == 1

@@ -12,6 +12,21 @@ from phigate.policy.scope import _Scope
 from phigate.policy.walker_base import _WalkerBase
 
 
+def _explain_flag_on(arg: dict[str, Any] | None) -> bool:
+    """Whether an EXPLAIN boolean option (ANALYZE, VERBOSE) is on. PostgreSQL takes no value,
+    true/false, on/off (any case) or 0/1; anything this cannot read as off counts as on, so an
+    unusual spelling is refused rather than run (fail closed)."""
+    if not arg:
+        return True
+    if "Boolean" in arg:
+        return bool(arg["Boolean"].get("boolval"))
+    if "Integer" in arg:
+        return int(arg["Integer"].get("ival", 0)) != 0  # libpg_query omits zero
+    if "String" in arg:
+        return str(arg["String"].get("sval", "")).lower() not in ("false", "off")
+    return True
+
+
 class _UtilityWalker(_WalkerBase):
     __slots__ = ()
 
@@ -94,17 +109,11 @@ class _UtilityWalker(_WalkerBase):
         f = self.f
         for opt in b.get("options", ()):
             d = opt["DefElem"]
+            # Any occurrence that may turn the option on counts (PostgreSQL keeps the last).
             if d.get("defname") == "verbose":
-                arg_node = d.get("arg") or {}
-                off = "Boolean" in arg_node and not arg_node["Boolean"].get("boolval")
-                f.explain_verbose = not off
+                f.explain_verbose = f.explain_verbose or _explain_flag_on(d.get("arg"))
             if d.get("defname") == "analyze":
-                arg = _const_text(d.get("arg")) if d.get("arg") else "true"
-                if "Boolean" in (d.get("arg") or {}):
-                    arg = "true" if d["arg"]["Boolean"].get("boolval") else "false"
-                elif "String" in (d.get("arg") or {}):
-                    arg = d["arg"]["String"]["sval"].lower()
-                f.explain_analyze = arg in ("true", "on", "1", "yes")
+                f.explain_analyze = f.explain_analyze or _explain_flag_on(d.get("arg"))
         self.inner(b["query"])
         return "explain"
 
