@@ -33,6 +33,22 @@ _NAMEDATALEN = 64
 # --- roles ----------------------------------------------------------------------------------
 
 
+def read_quoted(text: str, i: int) -> tuple[str, int] | None:
+    """The double-quoted identifier starting at ``text[i]`` (``""`` inside is one quote) and the
+    index after its closing quote; None if it is not closed."""
+    j, buf, n = i + 1, [], len(text)
+    while True:
+        k = text.find('"', j)
+        if k < 0:
+            return None
+        buf.append(text[j:k])
+        if k + 1 < n and text[k + 1] == '"':
+            buf.append('"')
+            j = k + 2
+            continue
+        return "".join(buf), k + 1
+
+
 def fold_name(text: str, *, allow_star: bool = False) -> tuple[str, ...]:
     """Split a dotted SQL name and fold it like PostgreSQL: unquoted parts lower-cased (ASCII
     only, as the server does), quoted parts kept with "" unescaped, all truncated to 63 bytes.
@@ -46,19 +62,10 @@ def fold_name(text: str, *, allow_star: bool = False) -> tuple[str, ...]:
         while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] == '"':
-            j, buf = i + 1, []
-            while True:
-                k = text.find('"', j)
-                if k < 0:
-                    raise ValueError("unterminated quoted identifier")
-                buf.append(text[j:k])
-                if k + 1 < n and text[k + 1] == '"':
-                    buf.append('"')
-                    j = k + 2
-                    continue
-                i = k + 1
-                break
-            part = "".join(buf)
+            quoted = read_quoted(text, i)
+            if quoted is None:
+                raise ValueError("unterminated quoted identifier")
+            part, i = quoted
             if not part:
                 raise ValueError("zero-length quoted identifier")
         else:

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 from phigate.config.model import DEFAULT_SCHEMA, RESERVED_SCHEMA, Secret, TargetConfig
 from phigate.config.parameters import _GUC_NAME, _NEVER_FORWARDED, _REFUSED_PARAMS
-from phigate.config.roles import _ASCII_LOWER, _truncate_identifier
+from phigate.config.roles import _ASCII_LOWER, _truncate_identifier, read_quoted
 from phigate.config.table import _kind, _Table
 
 # Schema names sent upstream unquoted (the server reads them back as the same name); any other
@@ -170,19 +170,10 @@ def _split_search_path(text: str) -> list[tuple[str, bool]]:
         return out
     while True:
         if text[i] == '"':
-            j, buf = i + 1, []
-            while True:
-                k = text.find('"', j)
-                if k < 0:
-                    raise ValueError("has an unterminated quoted name")
-                buf.append(text[j:k])
-                if k + 1 < n and text[k + 1] == '"':
-                    buf.append('"')
-                    j = k + 2
-                    continue
-                i = k + 1
-                break
-            name = "".join(buf)
+            quoted = read_quoted(text, i)
+            if quoted is None:
+                raise ValueError("has an unterminated quoted name")
+            name, i = quoted
             if not name:
                 raise ValueError('has an empty quoted name ("")')
             out.append((_truncate_identifier(name), True))
