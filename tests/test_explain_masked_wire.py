@@ -16,21 +16,14 @@ import psycopg
 import pytest
 
 from harness import EhrPostgres, GatewayFactory, RunningGateway, psycopg_connect
+from phigate.dev.demo import DEMO_PHI_COLUMNS
 from test_pseudonym_functions import assert_clean
 
 pytestmark = pytest.mark.integration
 
+# The demo's classification, plus a pseudonymized join key so joins go through the rewrite.
 PHI = {
-    "public.patients.mrn": {"kind": "mrn", "mask": "pseudonym"},
-    "public.patients.first_name": {"kind": "name", "mask": "pseudonym"},
-    "public.patients.last_name": {"kind": "name", "mask": "pseudonym"},
-    "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
-    "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
-    "public.patients.address": {"kind": "address", "mask": "redact"},
-    "public.patients.city": {"kind": "city", "mask": "redact"},
-    "public.patients.zip": {"kind": "zip", "mask": "zip3"},
-    "public.patients.phone": {"kind": "phone", "mask": "partial:4"},
-    "public.patients.email": {"kind": "email", "mask": "email_domain"},
+    **{k: v for k, v in DEMO_PHI_COLUMNS.items() if k.startswith("public.patients.")},
     "public.encounters.patient_id": {"kind": "other", "mask": "pseudonym"},
 }
 CLASSIFIED = ["mrn", "first_name", "last_name", "ssn", "date_of_birth", "address", "city", "zip",

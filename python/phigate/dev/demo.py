@@ -94,6 +94,24 @@ def merge_config(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str
     return out
 
 
+#: What the demo classifies, and how agents see it (the tests reuse it).
+DEMO_PHI_COLUMNS: dict[str, dict[str, str]] = {
+    "public.patients.mrn": {"kind": "mrn", "mask": "pseudonym"},
+    "public.patients.first_name": {"kind": "name", "mask": "pseudonym"},
+    "public.patients.last_name": {"kind": "name", "mask": "pseudonym"},
+    "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
+    "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
+    "public.patients.address": {"kind": "address", "mask": "redact"},
+    # The state stays in clear: Safe Harbor allows it. A ZIP keeps its first three
+    # digits (000 for the small areas Safe Harbor names).
+    "public.patients.city": {"kind": "city", "mask": "redact"},
+    "public.patients.zip": {"kind": "zip", "mask": "zip3"},
+    "public.patients.phone": {"kind": "phone", "mask": "partial:4"},
+    "public.patients.email": {"kind": "email", "mask": "email_domain"},
+    "public.notes.body": {"kind": "free_text", "mask": "free_text"},
+}
+
+
 def base_config(
     *,
     listen: str,
@@ -156,21 +174,7 @@ def demo_masking(pseudonym_key_file: Path) -> dict[str, Any]:
     return {
         "phi": {
             "pseudonym_key_file": str(pseudonym_key_file),
-            "columns": {
-                "public.patients.mrn": {"kind": "mrn", "mask": "pseudonym"},
-                "public.patients.first_name": {"kind": "name", "mask": "pseudonym"},
-                "public.patients.last_name": {"kind": "name", "mask": "pseudonym"},
-                "public.patients.ssn": {"kind": "ssn", "mask": "partial:4"},
-                "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
-                "public.patients.address": {"kind": "address", "mask": "redact"},
-                # The state stays in clear: Safe Harbor allows it. A ZIP keeps its first three
-                # digits (000 for the small areas Safe Harbor names).
-                "public.patients.city": {"kind": "city", "mask": "redact"},
-                "public.patients.zip": {"kind": "zip", "mask": "zip3"},
-                "public.patients.phone": {"kind": "phone", "mask": "partial:4"},
-                "public.patients.email": {"kind": "email", "mask": "email_domain"},
-                "public.notes.body": {"kind": "free_text", "mask": "free_text"},
-            },
+            "columns": dict(DEMO_PHI_COLUMNS),
         },
         "groups": {"agents": ["agent"]},
         "roles": {
