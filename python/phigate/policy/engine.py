@@ -99,11 +99,8 @@ class PolicyEngine:
         facts = analyze(sql, schema=schema)
         decision = decide(facts, roleset)
         literal = any(f.literal_sensitive for f in facts)
-        try:
-            _pg_parser.normalize(sql)
-            parses = True
-        except Exception:  # noqa: BLE001  # unparsable: refused below with 42601 anyway
-            parses = False
+        # analyze() already parsed the text; an unparsable one is refused with 42601 anyway.
+        parses = not any(f.kind == "invalid" for f in facts)
         cache = "exact" if literal or not parses else "normalized"
         # What the statement event shows: no comment, literal or client-made label (PHI hides
         # there), only keywords, operators, $n and the names the analyzer resolved. A refused
