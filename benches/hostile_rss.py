@@ -22,11 +22,9 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -37,7 +35,7 @@ import gateway  # noqa: E402
 import hostile  # noqa: E402
 import report  # noqa: E402
 from pgserver import start_postgres  # noqa: E402
-from procs import Registry, log, raise_nofile, tree_pids, unprivileged_account  # noqa: E402
+from procs import Registry, begin_run, log, tree_pids, unprivileged_account  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SVC_USER, DB, TABLE = "hostile_svc", "bench", "hostile_people"
@@ -402,15 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     reg = Registry(keep_dirs=a.keep_work)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    raise_nofile()
-    workdir = Path(tempfile.mkdtemp(prefix="phigate-hostile-"))
-    workdir.chmod(0o755)
-    reg.dirs.append(workdir)
+    workdir = begin_run(reg, "phigate-hostile-")
     load = os.getloadavg()[0]
     log(f"work dir {workdir}; {a.rounds} rounds x {a.per_round:,} hostile connections")
     try:

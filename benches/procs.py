@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -233,3 +234,22 @@ def tree_cpu_seconds(pid: int) -> float:
         with contextlib.suppress(OSError, ValueError):
             total += cpu_seconds(p)
     return total
+
+
+def begin_run(reg: Registry, prefix: str) -> Path:
+    """What every benchmark driver does first: SIGINT, SIGTERM and SIGHUP unwind like Ctrl-C (so
+    `finally` cleans up; installed explicitly because a shell starting us in the background
+    leaves SIGINT ignored), the open-files limit raised, and a work dir the unprivileged
+    PostgreSQL/PgBouncer account can traverse, registered for removal."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    raise_nofile()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    reg.dirs.append(workdir)
+    return workdir
+

