@@ -101,3 +101,26 @@ def test_reload_applies_to_the_next_statement_of_a_live_session(
         analyst_gateway.config_path.write_text(dump_toml(wider))
         analyst_gateway.thread.reload(load_config(analyst_gateway.config_path))
         assert conn.execute("select count(*) >= 0 from medications").fetchone() == (True,)
+
+
+def test_a_session_whose_target_a_reload_removed_is_refused_with_3d000(
+    analyst_gateway: Any, token: Any
+) -> None:
+    from phigate.config import load_config
+
+    tok = token(groups=("analysts",))
+    with psycopg_connect(analyst_gateway, tok, autocommit=True) as conn:
+        assert conn.execute("select count(*) > 0 from encounters").fetchone() == (True,)
+        path = analyst_gateway.config_path
+        original = path.read_text()
+        assert "[targets.ehr]" in original
+        path.write_text(original.replace("[targets.ehr]", "[targets.renamed]"))
+        try:
+            analyst_gateway.thread.reload(load_config(path))
+            with pytest.raises(psycopg.errors.InvalidCatalogName) as info:
+                conn.execute("select count(*) from encounters")
+            assert info.value.diag.sqlstate == "3D000"
+            assert "no longer a target" in (info.value.diag.message_primary or "")
+            assert info.value.diag.message_hint is not None
+        finally:
+            path.write_text(original)

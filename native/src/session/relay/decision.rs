@@ -8,7 +8,7 @@ use crate::errors::sqlstate;
 
 /// SQLSTATEs are 5 ASCII alphanumerics; anything else from the control plane becomes 42501.
 pub(super) fn leak_sqlstate(s: &str) -> &'static str {
-    const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000"];
+    const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000", "3D000"];
     KNOWN.iter().find(|k| **k == s).copied().unwrap_or(sqlstate::INSUFFICIENT_PRIVILEGE)
 }
 
