@@ -141,6 +141,28 @@ class ColumnRule:
         """True if an identity seeing ``clear_kinds`` in clear gets this column masked."""
         return self.kind not in clear_kinds
 
+#: Kinds whose column values the identifier dictionary learns by default (dates of birth and
+#: free text are not identifiers one can look up as words).
+DICTIONARY_KINDS: tuple[str, ...] = (
+    "name", "mrn", "address", "city", "zip", "email", "phone", "ssn",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DictionaryConfig:
+    """`[phi.dictionary]`: the identifier dictionary the data plane masks free text with."""
+
+    enabled: bool = True
+    kinds: frozenset[str] = frozenset(DICTIONARY_KINDS)
+    #: Seconds between re-reads of the classified columns (a new patient is masked by then).
+    refresh_seconds: float = 300.0
+    #: Folded words that never count as an identifier on their own (one per line in a file).
+    stop_words: frozenset[str] = frozenset()
+    stop_words_file: Path | None = None
+    #: Tokens shorter than this (in characters) never count on their own.
+    min_chars: int = 2
+
+
 @dataclass(frozen=True)
 class PhiConfig:
     """The `[phi]` table: classified columns and what masking and the detectors need."""
@@ -158,6 +180,7 @@ class PhiConfig:
     #: package's list, or `zip3_restricted_file`. Both masking layers use this one set.
     zip3_restricted: frozenset[str] = field(default_factory=restricted_prefixes)
     zip3_restricted_file: Path | None = None
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
 
     def relations(self) -> frozenset[tuple[str, str]]:
         """The (schema, table) pairs with at least one classified column."""

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from phigate.config.model import MASKS, PHI_KINDS, ColumnRule, PhiConfig, SecretBytes
+from phigate.config.model import (
+    DICTIONARY_KINDS,
+    MASKS,
+    PHI_KINDS,
+    ColumnRule,
+    DictionaryConfig,
+    PhiConfig,
+    SecretBytes,
+)
 from phigate.config.roles import fold_name
 from phigate.config.table import _Table
 from phigate.config.targets import _MAX_SECRET_BYTES
@@ -29,6 +37,11 @@ _MASK_KINDS: Mapping[str, frozenset[str]] = MappingProxyType({
 
 _PHI_KEYS = frozenset({
     "columns", "pseudonym_key_file", "mrn_pattern", "extra_patterns", "zip3_restricted_file",
+    "dictionary",
+})  # fmt: skip
+
+_DICTIONARY_KEYS = frozenset({
+    "enabled", "kinds", "refresh_seconds", "stop_words", "stop_words_file", "min_chars",
 })  # fmt: skip
 
 _PHI_COLUMN_KEYS = frozenset({"kind", "mask"})
@@ -118,6 +131,7 @@ def _phi(t: _Table) -> PhiConfig:
         extra[name] = pattern
     zip3_file = t.path("zip3_restricted_file", what="ZIP prefix list")
     zip3_restricted = _zip3_restricted(t, zip3_file)
+    dictionary = _dictionary(t.table("dictionary", required=False, allowed=_DICTIONARY_KEYS))
     return PhiConfig(
         columns=MappingProxyType(columns),
         pseudonym_key_file=key_file,
@@ -126,6 +140,41 @@ def _phi(t: _Table) -> PhiConfig:
         extra_patterns=MappingProxyType(extra),
         zip3_restricted=zip3_restricted,
         zip3_restricted_file=zip3_file,
+        dictionary=dictionary,
+    )
+
+
+def _dictionary(t: _Table) -> DictionaryConfig:
+    """`[phi.dictionary]`: which kinds the identifier dictionary learns, and how often."""
+    enabled = t.boolean("enabled", True)
+    kinds = t.string_list("kinds", DICTIONARY_KINDS)
+    for kind in kinds:
+        if kind not in PHI_KINDS:
+            near = difflib.get_close_matches(kind, PHI_KINDS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            t.fail("kinds", f"unknown kind {kind!r}{hint}; use {', '.join(PHI_KINDS)}")
+        if kind in ("dob", "free_text"):
+            t.fail("kinds", f"{kind!r} values are not identifiers the dictionary can look up "
+                   "as words; the content detectors handle them")  # fmt: skip
+    refresh = t.seconds("refresh_seconds", 300.0, 1.0, 86400.0, lo_open=False)
+    min_chars = t.integer("min_chars", 2, 1, 16)
+    words = set(t.string_list("stop_words", ()))
+    words_file = t.path("stop_words_file", what="stop-word list")
+    if words_file is not None:
+        try:
+            text = words_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            t.fail("stop_words_file", f"cannot read the stop-word list: {exc}")
+        words.update(
+            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+        )
+    return DictionaryConfig(
+        enabled=enabled,
+        kinds=frozenset(kinds),
+        refresh_seconds=refresh,
+        stop_words=frozenset(words),
+        stop_words_file=words_file,
+        min_chars=min_chars,
     )
 
 
