@@ -762,6 +762,14 @@ def test_roles_see_clear_and_clear_kinds(base: dict[str, Any], confdir: Path) ->
         ({"columns": {"public.p.z": {"kind": "zipcode", "mask": "zip3"}}},
          'phi.columns."public.p.z".kind', "did you mean 'zip'"),
         ({"zip3_restricted_file": "nope.txt"}, "phi.zip3_restricted_file", "does not exist"),
+        ({"dictionary": {"kinds": ["nmae"]}}, "phi.dictionary.kinds", "did you mean 'name'"),
+        ({"dictionary": {"kinds": ["dob"]}}, "phi.dictionary.kinds", "not identifiers"),
+        ({"dictionary": {"refresh_seconds": 0}}, "phi.dictionary.refresh_seconds", "at least 1"),
+        ({"dictionary": {"min_chars": 0}}, "phi.dictionary.min_chars", "between 1 and 16"),
+        ({"dictionary": {"enabled": "yes"}}, "phi.dictionary.enabled", "true or false"),
+        ({"dictionary": {"stop_words_file": "nope.txt"}}, "phi.dictionary.stop_words_file",
+         "does not exist"),
+        ({"dictionary": {"refresh": 5}}, "phi.dictionary.refresh", "unknown key"),
     ],
 )  # fmt: skip
 def test_phi_errors_name_the_key(
@@ -795,6 +803,23 @@ def test_zip3_restricted_list(base: dict[str, Any], confdir: Path) -> None:
     err = error(with_phi(base, confdir, zip3_restricted_file=str(own)), confdir)
     assert err.key == "phi.zip3_restricted_file"
     assert "line 2: '1234' is not a 3-digit" in err.message
+
+
+def test_dictionary_settings(base: dict[str, Any], confdir: Path) -> None:
+    d = parse(with_phi(base, confdir), confdir).phi.dictionary
+    # On by default for every identifier kind; a new patient is masked within 5 minutes.
+    assert d.enabled and d.refresh_seconds == 300 and d.min_chars == 2
+    assert d.kinds == {"name", "mrn", "address", "city", "zip", "email", "phone", "ssn"}
+    words = confdir / "stop.txt"
+    words.write_text("# local words\nclinic\n\n  ward  \n")
+    d = parse(with_phi(base, confdir, dictionary={
+        "kinds": ["name", "city"], "refresh_seconds": 30, "stop_words": ["Dr"],
+        "stop_words_file": "stop.txt", "min_chars": 3,
+    }), confdir).phi.dictionary  # fmt: skip
+    assert d.kinds == {"name", "city"} and d.refresh_seconds == 30 and d.min_chars == 3
+    assert d.stop_words == {"Dr", "clinic", "ward"} and d.stop_words_file == words
+    off = parse(with_phi(base, confdir, dictionary={"enabled": False}), confdir)
+    assert not off.phi.dictionary.enabled
 
 
 def test_pseudonym_key_file_checks(base: dict[str, Any], confdir: Path) -> None:

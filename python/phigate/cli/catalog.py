@@ -28,7 +28,7 @@ def _catalog_show(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     names = target_names(config, args.config, args.target)
-    snapshots = [load_catalog(config, name) for name in names]
+    snapshots = [load_catalog(config, name, identifiers=False) for name in names]
     if args.json:
         print(json.dumps([s.to_json() for s in snapshots], indent=2, ensure_ascii=False))
         return EXIT_OK

@@ -17,6 +17,7 @@ import uvloop
 from phigate.audit.events import EventSink
 from phigate.config import Config, load_config
 from phigate.control.allocator import tune_malloc
+from phigate.control.dictionaries import DictionaryKeeper
 from phigate.control.requests import ControlPlane, PrimableVerifier
 from phigate.control.systemd import sd_notify
 from phigate.errors import ConfigError, PhigateError
@@ -55,6 +56,9 @@ class EngineLike(Protocol):
     def reconfigure(self, config_json: str) -> int: ...
     def bump_epoch(self) -> int: ...
     def set_masking(self, state_json: str) -> None: ...
+    def set_dictionary(self, target: str, builder: Any, extend: bool = False) -> dict[str, int]: ...
+    def dictionary_builder(self, target: str) -> Any: ...
+    def drop_dictionary(self, target: str) -> None: ...
     def shutdown(self, grace_seconds: float) -> None: ...
 
 
@@ -112,6 +116,7 @@ class Gateway:
         self._engine_factory = engine_factory or _native_engine
         self._catalog_loader = catalog_loader
         self._catalogs: CatalogKeeper | None = None
+        self._dictionaries = DictionaryKeeper(emit=self.write_event)
         self._reload_lock = asyncio.Lock()
         self._engine: EngineLike | None = None
         self._control: ControlPlane | None = None
@@ -162,6 +167,8 @@ class Gateway:
         try:
             engine = self._engine_factory(self.config.native_json())
             engine.set_masking(masking_state_json(self.config, self._control.catalogs))
+            # Before the first session: a masked identity never sees text scanned without it.
+            self._dictionaries.install(engine, self.config, self._control.catalogs)
             engine.start()
         except BaseException:
             await keeper.close()
@@ -170,6 +177,7 @@ class Gateway:
         self._engine = engine
         self._loop.add_reader(engine.wakeup_fd(), self._on_wakeup)
         self._spawn(self._drain_events_periodically())
+        self._spawn(self._dictionaries.run(engine, lambda: self.config))
         self._on_wakeup()  # requests may have queued before the reader was registered
         log.info("phigate listening on %s", ", ".join(self.addresses))
 
@@ -247,6 +255,7 @@ class Gateway:
         keeper.apply(new_config, results)  # reports (and retries) what could not be read
         catalogs = keeper.catalogs()
         self.engine.set_masking(masking_state_json(new_config, catalogs))
+        self._dictionaries.install(self.engine, new_config, catalogs)
         self.control.catalogs = catalogs
         self.control.catalog_notes = keeper.notes()
         self.control.config = new_config
@@ -276,6 +285,7 @@ class Gateway:
         keeper = self._keeper
         catalogs = keeper.catalogs()
         self.engine.set_masking(masking_state_json(self.config, catalogs))
+        self._dictionaries.install(self.engine, self.config, catalogs)
         self.control.catalogs = catalogs
         self.control.catalog_notes = keeper.notes()
         # Decisions cached under the previous catalog are judged again.

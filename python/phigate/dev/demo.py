@@ -603,6 +603,14 @@ def _check(
         except Exception as exc:  # noqa: BLE001
             problems.append(f"the masked read failed: {type(exc).__name__}: {exc}")
         try:
+            with progress.step("reading notes as an agent (names and places tagged)") as info:
+                clean, total = _notes_without_names(gateway, agent_token, ca, pg)
+                info["detail"] = f"— {clean} of {total} notes name no patient"
+            if total == 0 or clean != total:
+                problems.append(f"{total - clean} of {total} notes named a patient in clear")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"the notes read failed: {type(exc).__name__}: {exc}")
+        try:
             with progress.step("comparing pseudonyms from SQL and the data plane") as info:
                 same, total = _pseudonyms_agree(gateway, agent_token, ca)
                 info["detail"] = f"— {same} of {total} names agree"
@@ -662,6 +670,34 @@ def _masked_counts(gateway: Any, token: str, ca: Path, pg: Any) -> tuple[int, in
         zip_masked = zip_ in (c_zip[:3] + "**", "000**") and zip_ != c_zip
         masked += ssn_masked and name_masked and dob_masked and place_masked and zip_masked
     return masked, len(rows)
+
+
+def _folded_words(text: str) -> set[str]:
+    """Case- and accent-folded words, as the gateway's identifier dictionary compares them."""
+    import unicodedata
+
+    plain = "".join(
+        c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c)
+    ).lower()
+    return set(re.findall(r"[^\W_]+", plain))
+
+
+def _notes_without_names(gateway: Any, token: str, ca: Path, pg: Any) -> tuple[int, int]:
+    """(notes an agent reads with no word of any patient's first or last name, notes): the
+    names come from the database directly and stay in memory; only counts leave."""
+    import psycopg
+
+    names: set[str] = set()
+    for line in pg.psql("SELECT first_name, last_name FROM patients;", dbname=TARGET).splitlines():
+        names |= _folded_words(line.replace("|", " "))
+    with psycopg.connect(
+        host="localhost", hostaddr=gateway.host, port=gateway.port, dbname=TARGET,
+        user="demo-check-agent", password=token, sslmode="verify-full", sslrootcert=str(ca),
+        connect_timeout=10, application_name="phigate-demo-check",
+    ) as conn:  # fmt: skip
+        bodies = [r[0] for r in conn.execute("SELECT body FROM notes").fetchall()]
+    clean = sum(1 for b in bodies if not _folded_words(b) & names)
+    return clean, len(bodies)
 
 
 def _pseudonyms_agree(gateway: Any, token: str, ca: Path) -> tuple[int, int]:

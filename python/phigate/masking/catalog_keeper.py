@@ -65,7 +65,10 @@ class Backoff:
 def catalog_inputs(config: Config, target: str) -> Inputs:
     """What a target's snapshot depends on besides the database's own state."""
     t = config.targets[target]
-    return (t.host, t.port, t.database, frozenset(config.phi.columns.items()))
+    # The dictionary's settings too: a snapshot read with other kinds or stop words carries an
+    # identifier dictionary that no longer matches the config.
+    return (t.host, t.port, t.database, frozenset(config.phi.columns.items()),
+            config.phi.dictionary)  # fmt: skip
 
 
 def load_all(

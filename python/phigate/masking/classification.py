@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 from phigate.config import ColumnRule, Config, TargetConfig
 from phigate.errors import ConfigError, PhigateError
+from phigate.masking.dictionary_loader import IdentifierLoad, load_identifiers
 from phigate.masking.pseudonym_db import FunctionsState, grantees
 from phigate.masking.pseudonym_db import check as check_functions
 
@@ -126,6 +127,9 @@ class CatalogSnapshot:
     # phigate's pseudonym functions in this database, as checked with this snapshot; None when
     # not checked (no pseudonym key configured). The rewrite needs them ready for pseudonyms.
     pseudonym_functions: FunctionsState | None = None
+    # The identifier dictionary read with this snapshot (same connection and transaction);
+    # the gateway hands its builder to the data plane once. None: dictionary off or no read.
+    identifiers: IdentifierLoad | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def empty(cls, target: str) -> CatalogSnapshot:
@@ -229,13 +233,16 @@ def _qname(r: RelationInfo) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load_catalog(config: Config, target_name: str) -> CatalogSnapshot:
+def load_catalog(
+    config: Config, target_name: str, *, identifiers: bool = True
+) -> CatalogSnapshot:
     """Read the catalog of ``target_name`` through the gateway's own upstream connection.
 
-    Synchronous (call it in a thread from async code). Raises ConfigError when `[phi.columns]`
-    names a relation or column that does not exist or a mask that does not fit the column's
-    type, CatalogError when the upstream cannot be reached or read, KeyError for an unknown
-    target name.
+    With ``identifiers`` the identifier dictionary's values are read in the same transaction
+    (dictionary_loader.py). Synchronous (call it in a thread from async code). Raises
+    ConfigError when `[phi.columns]` names a relation or column that does not exist or a mask
+    that does not fit the column's type, CatalogError when the upstream cannot be reached or
+    read, KeyError for an unknown target name.
     """
     target = config.targets[target_name]
     if not config.phi.columns:
@@ -255,7 +262,15 @@ def load_catalog(config: Config, target_name: str) -> CatalogSnapshot:
                     (target.params["search_path"],),
                 )
                 snap = build_snapshot(cur, config, target_name)
-            return _check_functions(conn, config, target_name, snap)
+            snap = _check_functions(conn, config, target_name, snap)
+            if not identifiers:
+                return snap
+            load = load_identifiers(conn, config)
+            if load is not None:
+                log.info("target %s: identifier dictionary read: %d columns, %d distinct "
+                         "values in %.2f s", target_name, load.columns, load.values,
+                         load.seconds)  # fmt: skip
+            return dataclasses.replace(snap, identifiers=load)
     except psycopg.Error as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CatalogError(
