@@ -820,6 +820,14 @@ def test_dictionary_settings(base: dict[str, Any], confdir: Path) -> None:
     assert d.stop_words == {"Dr", "clinic", "ward"} and d.stop_words_file == words
     off = parse(with_phi(base, confdir, dictionary={"enabled": False}), confdir)
     assert not off.phi.dictionary.enabled
+    # A catalog read with other dictionary settings may not stay in force after a reload (its
+    # dictionary would not be what the config asks for).
+    from phigate.masking.catalog_keeper import catalog_inputs
+
+    on = parse(with_phi(base, confdir), confdir)
+    assert catalog_inputs(on, "ehr") != catalog_inputs(off, "ehr")
+    again = parse(with_phi(base, confdir), confdir)
+    assert catalog_inputs(on, "ehr") == catalog_inputs(again, "ehr")
 
 
 def test_pseudonym_key_file_checks(base: dict[str, Any], confdir: Path) -> None:
