@@ -22,6 +22,7 @@ from phigate.audit.redact_sql import catalog_names, redact_sql
 from phigate.config import DEFAULT_SCHEMA, Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.masking.classification import CatalogSnapshot
+from phigate.masking.free_text_uses import free_text_use, refusal
 from phigate.masking.passthrough import copy_columns, passthrough_oids
 from phigate.masking.rewrite import MaskSQL, mask_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
@@ -59,6 +60,15 @@ class PolicyEngine:
             masks = replace(self._mask_sql, pseudonyms=state is not None and state.ready)
             self._target_masks[target] = masks
         return masks
+
+    def _dictionary_masks(self, clear_kinds: frozenset[str]) -> bool:
+        """True when the data plane's identifier dictionary masks identifiers of some kind in
+        the free text this identity reads: it is on and learns a kind masked for it. Free-text
+        columns are then read whole or not at all (free_text_uses.py)."""
+        dictionary = self.config.phi.dictionary
+        return dictionary.enabled and bool(
+            dictionary.kinds & self.config.phi.masked_kinds(clear_kinds)
+        )
 
     def roleset(self, identity_class: str) -> RoleSet | None:
         """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
@@ -160,6 +170,14 @@ class PolicyEngine:
             doc = orjson.loads(_pg_parser.parse_sql_json(sql))
         except _pg_parser.ParseError:
             doc = None  # refused below by the rewrite, with its message
+        if doc is not None and self._dictionary_masks(roleset.clear_kinds):
+            use = free_text_use(doc, catalog, roleset.clear_kinds, schema=schema)
+            if use is not None:
+                # The database would compute on the names the gateway's dictionary hides.
+                # Exact: ORDER BY 1 (allowed) and ORDER BY 2 (refused) normalize alike.
+                message, hint = refusal(use, roleset.names)
+                return {"action": "deny", "sqlstate": "42501", "cache": "exact",
+                        "normalized": normalized, "message": message, "hint": hint}
         plain = _plain_read(doc, catalog, roleset.clear_kinds, schema) if doc is not None else None
         if plain is not None:
             # Layer 2 masks it by column origin, exactly and far cheaper than SQL; it may read
