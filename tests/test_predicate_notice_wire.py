@@ -49,13 +49,14 @@ def gw(gateway_factory: GatewayFactory, tmp_path: Path) -> Iterator[RunningGatew
 
 def _told(
     conn: psycopg.Connection[Any], sql: str, params: Any = None
-) -> tuple[list[Any], list[Any]]:
-    """The rows of ``sql`` and the 01M02 notices that came with them."""
-    notices: list[Any] = []
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The rows of ``sql`` and the 01M02 notices that came with them, as (message, hint)."""
+    notices: list[tuple[str, str]] = []
 
     def handler(diag: Any) -> None:
+        # The diagnostic is only readable during the call.
         if diag.sqlstate == CODE:
-            notices.append(diag)
+            notices.append((diag.message_primary or "", diag.message_hint or ""))
 
     conn.add_notice_handler(handler)
     try:
@@ -77,9 +78,9 @@ def test_a_clear_value_compared_with_a_masked_column_is_told(
             rows, notices = _told(conn, sql)
             assert rows == [], sql  # the statement ran on the masked values
             assert len(notices) == 1, sql
-            message = notices[0].message_primary or ""
+            message, hint = notices[0]
             assert message.startswith(f"phigate: {column} is masked ({mask}) for this session")
-            assert "SHOW phigate.masking" in (notices[0].message_hint or "")
+            assert "SHOW phigate.masking" in hint
             assert CLEAR_NAME not in message and "123" not in message and "1980" not in message
         # Not a per-session notice: the same statement is told again.
         assert len(_told(conn, LAST_NAME)[1]) == 1
