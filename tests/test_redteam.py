@@ -167,6 +167,12 @@ def canary(pg: Any) -> Iterator[Canary]:
                 " VALUES (%s, 'Z99.89', %s, '2024-02-03 11:00+00')",
                 (c.encounter_id, c.diag),
             )
+            # A note naming the canary, as clinical notes name their patients: the free-text
+            # oracles below search for that name.
+            conn.execute(
+                "INSERT INTO notes (encounter_id, author, body) VALUES (%s, 'Dr. Q', %s)",
+                (c.encounter_id, f"{c.first} {c.last} seen today for a checkup."),
+            )
             conn.execute(_CANARY_OBJECTS.format(svc=pg.service_user))
             doc = {"secret": c.doc_secret, "nested": {"code": c.doc_code}, "kind": "canary"}
             conn.execute("INSERT INTO canary_docs VALUES (%s, %s::jsonb)", (c.pid, json.dumps(doc)))
@@ -191,11 +197,12 @@ def canary(pg: Any) -> Iterator[Canary]:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(_CANARY_DROP)
             with conn.transaction():
-                conn.execute(
-                    "DELETE FROM diagnoses WHERE encounter_id IN"
-                    " (SELECT id FROM encounters WHERE patient_id = %s)",
-                    (c.pid,),
-                )
+                for table in ("diagnoses", "notes"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE encounter_id IN"  # noqa: S608
+                        " (SELECT id FROM encounters WHERE patient_id = %s)",
+                        (c.pid,),
+                    )
                 conn.execute("DELETE FROM encounters WHERE patient_id = %s", (c.pid,))
                 conn.execute("DELETE FROM patients WHERE id = %s", (c.pid,))
             conn.execute("ANALYZE patients, encounters, diagnoses")
@@ -211,6 +218,7 @@ PHI_COLUMNS = {
     "public.patients.date_of_birth": {"kind": "dob", "mask": "year"},
     "public.diagnoses.description": {"kind": "free_text", "mask": "redact"},
     "public.canary_docs.doc": {"kind": "other", "mask": "redact"},
+    "public.notes.body": {"kind": "free_text", "mask": "free_text"},
 }
 
 
@@ -724,6 +732,86 @@ def _error_oracle(s: Session, c: Canary) -> None:
         (c.doc_secret,),
     )
     assert not isinstance(r, psycopg.errors.DivisionByZero), "error oracle on a JSON subfield"
+
+
+# --- free text: computing on the names the gateway's dictionary masks --------------------------
+#
+# The identifier dictionary (on by default) tags the patients' names in free text leaving the
+# gateway, but the database sees them: any statement that searches, sorts, groups or computes
+# on notes.body would find the canary's note by name although the result shows no name. Each
+# shape must be refused (42501, naming the column); a match count of 0 is not enough, since the
+# rewrite does not hide names from the database.
+
+
+def _free_text_attempt(name: str, *stmts: str) -> None:
+    def fn(s: Session, c: Canary) -> None:
+        for stmt in stmts:
+            r = s.sql(stmt.format(**c.fmt()))
+            assert isinstance(r, psycopg.errors.InsufficientPrivilege), (
+                f"free-text shape #{stmts.index(stmt)} of {name} was not refused"
+            )
+            assert (r.diag.message_primary or "").startswith("public.notes.body is free text")
+
+    ATTEMPTS.append(pytest.param(fn, id=f"freetext-{name}"))
+
+
+_free_text_attempt(
+    "search",
+    "select id from notes where body ilike '%{last}%'",
+    "select id from notes where body like '%' || upper('{last}') || '%'",
+    "select id from notes where strpos(lower(body), lower('{last}')) > 0",
+    "select id from notes where body ~* '{first3}'",
+    "select id from notes where to_tsvector('simple', body) @@ to_tsquery('simple', '{last}')",
+    "select e.id from encounters e join notes n on n.encounter_id = e.id"
+    " and n.body ilike '%{last}%'",
+    "select count(*) from encounters e where exists (select 1 from notes n"
+    " where n.encounter_id = e.id and n.body ilike '%{last}%')",
+    "copy (select id from notes where body ilike '%{last}%') to stdout",
+)
+_free_text_attempt(
+    "compute",
+    "select substr(body, 1, 3) from notes",
+    "select regexp_replace(body, '(.)', '\\1 ', 'g') from notes",
+    "select reverse(body), md5(body), length(body) from notes",
+    "select string_agg(body, ' ') from notes",
+    "select lag(body) over (order by id) from notes",
+    "select body::bytea from notes",
+)
+_free_text_attempt(
+    "sort_group_distinct",
+    "select id from notes order by body",
+    "select id, body from notes order by 2",
+    "select *, id from notes order by 1",
+    "select body, count(*) from notes group by body",
+    "select body from notes group by 1",
+    "select distinct body from notes",
+    "select distinct on (body) id from notes",
+    "select max(body) from notes",
+)
+_free_text_attempt(
+    "whole_row",
+    "select id from notes n where row_to_json(n)::text ilike '%{last}%'",
+    "select n from notes n",
+    "select id from notes n where n::text like '%{last}%'",
+    "select k, v from notes n, jsonb_each_text(to_jsonb(n)) e(k, v)",
+)
+_free_text_attempt(
+    "renamed",
+    "select x from (select body as x from notes) s where x ilike '%{last}%'",
+    "select b from notes n(i, e, a, b) where b ilike '%{last}%'",
+    "select * from (table notes) t",
+    "select body as id from notes order by id",
+)
+_free_text_attempt(
+    "setops_ctes_lateral",
+    "select body from notes union select '{last}'",
+    "select body from notes intersect select body from notes",
+    "select id from notes except select id from notes where body like '{first3}%'",
+    "with c as (select body from notes) select count(*) from c where body ilike '%{last}%'",
+    "select e.id from encounters e, lateral (select body from notes n"
+    " where n.encounter_id = e.id) s where s.body ilike '%{last}%'",
+    "select * from notes natural join (select '{last}' as body) k",
+)
 
 
 # --- cast errors and constraint details --------------------------------------------------------

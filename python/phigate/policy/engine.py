@@ -22,6 +22,8 @@ from phigate.audit.redact_sql import catalog_names, redact_sql
 from phigate.config import DEFAULT_SCHEMA, Config, RoleSet, parse_identity_class
 from phigate.errors import IdentityError
 from phigate.masking.classification import CatalogSnapshot
+from phigate.masking.comparison_notices import comparison_notices
+from phigate.masking.free_text_uses import free_text_use, refusal
 from phigate.masking.passthrough import copy_columns, passthrough_oids
 from phigate.masking.rewrite import MaskSQL, mask_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
@@ -59,6 +61,15 @@ class PolicyEngine:
             masks = replace(self._mask_sql, pseudonyms=state is not None and state.ready)
             self._target_masks[target] = masks
         return masks
+
+    def _dictionary_masks(self, clear_kinds: frozenset[str]) -> bool:
+        """True when the data plane's identifier dictionary masks identifiers of some kind in
+        the free text this identity reads: it is on and learns a kind masked for it. Free-text
+        columns are then read whole or not at all (free_text_uses.py)."""
+        dictionary = self.config.phi.dictionary
+        return dictionary.enabled and bool(
+            dictionary.kinds & self.config.phi.masked_kinds(clear_kinds)
+        )
 
     def roleset(self, identity_class: str) -> RoleSet | None:
         """The RoleSet an authenticate answer's identity_class stands for (None: no role)."""
@@ -160,12 +171,26 @@ class PolicyEngine:
             doc = orjson.loads(_pg_parser.parse_sql_json(sql))
         except _pg_parser.ParseError:
             doc = None  # refused below by the rewrite, with its message
+        if doc is not None and self._dictionary_masks(roleset.clear_kinds):
+            use = free_text_use(doc, catalog, roleset.clear_kinds, schema=schema)
+            if use is not None:
+                # The database would compute on the names the gateway's dictionary hides.
+                # Exact: ORDER BY 1 (allowed) and ORDER BY 2 (refused) normalize alike.
+                message, hint = refusal(use, roleset.names)
+                return {"action": "deny", "sqlstate": "42501", "cache": "exact",
+                        "normalized": normalized, "message": message, "hint": hint}
+        # 01M02: a masked column compared with a constant no masked value can meet. The notice
+        # depends on the constant, so a decision carrying one is reused for this text only.
+        comparisons = (
+            comparison_notices(doc, catalog, roleset.clear_kinds, schema=schema)
+            if doc is not None else []
+        )  # fmt: skip
         plain = _plain_read(doc, catalog, roleset.clear_kinds, schema) if doc is not None else None
         if plain is not None:
             # Layer 2 masks it by column origin, exactly and far cheaper than SQL; it may read
             # only these tables (any other origin is redacted).
-            return {"action": "allow", "cache": cache, "normalized": normalized,
-                    "protected": True, **plain}
+            return _with_notices({"action": "allow", "cache": cache, "normalized": normalized,
+                                  "protected": True, **plain}, comparisons)
         masks = self.masks(roleset.target or "", catalog)
         result = rewrite(sql, catalog, roleset.clear_kinds, masks, schema=schema, doc=doc)
         if result.refuse is None and result.changed and any(
@@ -188,11 +213,20 @@ class PolicyEngine:
         if not result.changed:
             # No masked column is read; whether one is does not depend on literal values, so
             # the usual cache rule applies.
-            return {"action": "allow", "cache": cache, "normalized": normalized,
-                    "protected": protected}
+            return _with_notices({"action": "allow", "cache": cache, "normalized": normalized,
+                                  "protected": protected}, comparisons)
         # The rewrite keeps the client's literals, so it is reused for this exact text only.
-        return {"action": "allow", "cache": "exact", "normalized": normalized,
-                "rewrite": result.sql, "protected": protected}
+        return _with_notices({"action": "allow", "cache": "exact", "normalized": normalized,
+                              "rewrite": result.sql, "protected": protected}, comparisons)
+
+
+def _with_notices(decision: dict[str, Any], notices: list[dict[str, Any]]) -> dict[str, Any]:
+    """``decision`` with ``notices`` added to its list (the data plane sends each with the
+    result); one that carries a notice about the statement's constants is cached exactly."""
+    if notices:
+        decision.setdefault("notices", []).extend(notices)
+        decision["cache"] = "exact"
+    return decision
 
 
 def _plain_read(
