@@ -23,6 +23,16 @@ pub enum Reuse {
     Normalized,
 }
 
+/// A notice the client gets right before the result of an allowed statement (what a masked
+/// result hides, say), as the control plane decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// Sent at most once per session under this key; None: sent with every result.
+    pub key: Option<Arc<str>>,
+    /// The whole NoticeResponse message, built once.
+    pub message: bytes::Bytes,
+}
+
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub action: Action,
@@ -39,6 +49,8 @@ pub struct Decision {
     /// A text COPY of such a read: (table OID, attnum, type OID) of each output column, which
     /// COPY's own messages do not carry.
     pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
+    /// Notices for the client before the statement's result (None: none).
+    pub notices: Option<Arc<[Notice]>>,
 }
 
 /// Per identity class, then per text: nested so a lookup borrows the class and the statement
@@ -143,7 +155,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None })
     }
 
     #[test]

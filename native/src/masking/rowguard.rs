@@ -390,7 +390,7 @@ mod tests {
     fn a_plain_read_shows_only_the_tables_it_was_allowed() {
         let mut g = guard(&["ssn"]);
         let only_600: Arc<[u32]> = Arc::from(vec![600u32]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600), copy_columns: None };
+        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600), copy_columns: None, notices: None };
         let mut q = pipeline(vec![query(info)]);
         // Table 500 is not in the list (say, recreated since the catalog was read): redacted
         // even for a kind seen in clear.
@@ -402,7 +402,7 @@ mod tests {
     fn a_text_copy_is_masked_by_the_planned_columns() {
         let mut g = guard(&[]);
         let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32), (600, 1, 25)]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols) };
+        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols), notices: None };
         let mut q = pipeline(vec![query(info)]);
         let copy_out = message(b'H', &[0, 0, 2, 0, 0, 0, 0]);
         let data = message(b'd', b"123-45-6789\tcall 555-123-4567\n");
@@ -411,7 +411,7 @@ mod tests {
         assert_eq!(out, expected, "classified column redacted, the other scanned");
         // A COPY with another shape than planned is not guessed at.
         let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32)]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols) };
+        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols), notices: None };
         let mut q = pipeline(vec![query(info)]);
         assert!(feed(&mut g, &mut q, &[message(b'H', &[0, 0, 2, 0, 0, 0, 0])]).unwrap_err().is_fatal());
     }

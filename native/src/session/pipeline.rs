@@ -24,6 +24,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cache::Notice;
+
 /// What the control plane said of a statement, as far as layer 2 cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StmtInfo {
@@ -35,6 +37,8 @@ pub struct StmtInfo {
     pub origins: Option<Arc<[u32]>>,
     /// A text COPY of such a read: each output column's (table OID, attnum, type OID).
     pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
+    /// Notices the client gets right before the result (taken when it starts).
+    pub notices: Option<Arc<[Notice]>>,
 }
 
 /// The response expected for one message sent upstream. Portal names and statement facts are
@@ -171,6 +175,20 @@ impl Pipeline {
         }
         while self.queue.front().is_some_and(|e| !matches!(e.expect, Expect::Sync { .. })) {
             self.pop();
+        }
+    }
+
+    /// The notices of the front Execute or Query, taken when `tag` (not yet stepped) starts
+    /// its result: the first message answering it that is not an ErrorResponse (a statement
+    /// failing before it has a result gets none; notices of later statements of a Query, or
+    /// of a later Execute, wait for their own result).
+    pub fn take_notices(&mut self, tag: u8) -> Option<Arc<[Notice]>> {
+        if !matches!(self.mode, Mode::Normal) || !matches!(tag, b'T' | b'D' | b'C' | b'I' | b'G' | b'H' | b's') {
+            return None;
+        }
+        match &mut self.queue.front_mut()?.expect {
+            Expect::Execute { info, .. } | Expect::Query { info, .. } => info.notices.take(),
+            _ => None,
         }
     }
 
@@ -455,6 +473,63 @@ mod tests {
         assert!(p.step(b'2').is_err());
         assert!(p.recover(b'Z').is_some());
         assert!(matches!(p.front(), Some(Expect::Query { .. })));
+    }
+
+    fn noted(expect: Expect, key: &str) -> Entry {
+        let notices: Arc<[Notice]> = Arc::from(vec![Notice { key: Some(key.into()), message: Bytes::from_static(b"N") }]);
+        let expect = match expect {
+            Expect::Execute { portal, mut info } => {
+                info.notices = Some(notices);
+                Expect::Execute { portal, info }
+            }
+            Expect::Query { mut info, sent } => {
+                info.notices = Some(notices);
+                Expect::Query { info, sent }
+            }
+            other => other,
+        };
+        e(expect)
+    }
+
+    fn taken(p: &mut Pipeline, tag: u8) -> Option<String> {
+        let n = p.take_notices(tag).map(|n| n[0].key.as_deref().unwrap_or_default().to_string());
+        p.step(tag).unwrap_or_else(|l| panic!("{} at {:?}", l.0, tag as char));
+        n
+    }
+
+    /// Notices go out right before the first message of their own statement's result, once;
+    /// never before an error, a Describe's answer or a ReadyForQuery.
+    #[test]
+    fn notices_are_taken_when_their_result_starts() {
+        let mut p = Pipeline::new(true);
+        p.absorb(&mut vec![e(Expect::Ack(b'1')), e(Expect::Ack(b'2')), e(Expect::DescribeStatement), noted(execute(), "a"), noted(execute(), "b"), e(sync())]);
+        assert_eq!(taken(&mut p, b'1'), None);
+        assert_eq!(taken(&mut p, b'2'), None);
+        assert_eq!(taken(&mut p, b't'), None);
+        assert_eq!(taken(&mut p, b'T'), None);
+        // Rows of the first Execute: its notice before the first only; a notice coming from
+        // the server in between changes nothing.
+        assert_eq!(taken(&mut p, b'D').as_deref(), Some("a"));
+        assert_eq!(taken(&mut p, b'N'), None);
+        assert_eq!(taken(&mut p, b'D'), None);
+        assert_eq!(taken(&mut p, b'C'), None);
+        // The second Execute has no rows (an INSERT): its notice before its CommandComplete.
+        assert_eq!(taken(&mut p, b'C').as_deref(), Some("b"));
+        assert_eq!(taken(&mut p, b'Z'), None);
+        // A Query that fails before any result gets no notice, at the error nor at the end.
+        p.absorb(&mut vec![noted(query(), "q")]);
+        assert_eq!(taken(&mut p, b'E'), None);
+        assert_eq!(taken(&mut p, b'Z'), None);
+        // A Query whose result starts with COPY; a failing Execute skips to Sync, notice unsent.
+        p.absorb(&mut vec![noted(query(), "c"), noted(execute(), "x"), noted(execute(), "y"), e(sync())]);
+        assert_eq!(taken(&mut p, b'H').as_deref(), Some("c"));
+        assert_eq!(taken(&mut p, b'd'), None);
+        assert_eq!(taken(&mut p, b'c'), None);
+        assert_eq!(taken(&mut p, b'C'), None);
+        assert_eq!(taken(&mut p, b'Z'), None);
+        assert_eq!(taken(&mut p, b'E'), None);
+        assert_eq!(taken(&mut p, b'Z'), None);
+        assert!(p.front().is_none());
     }
 
     use proptest::prelude::*;

@@ -8,13 +8,15 @@
 //! flushing (its decisions taking any time), the server answering one message at a time, the
 //! upstream half reading answers — run in any order causality allows. Every answer must be
 //! placed, every row masked with its own statement's plan, and the client must get exactly what
-//! PostgreSQL sent, minus the gateway's injected Describes, with refusals swapped in.
+//! PostgreSQL sent, minus the gateway's injected Describes, with refusals swapped in, and each
+//! Execute's and Query's notice right before the first message of its own result.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
+use crate::cache::Notice;
 use crate::session::Identity;
 use crate::masking::rules::MaskingState;
 use crate::protocol::messages::put_message;
@@ -56,11 +58,12 @@ enum Up {
     BindMarker(u64),
     DescribeStatement(Vec<u8>),
     DescribePortal { portal: Vec<u8>, injected: bool },
-    Execute { portal: Vec<u8>, max_rows: u32, fail: bool },
+    /// `notice`: the number of the notice its entry carries.
+    Execute { portal: Vec<u8>, max_rows: u32, fail: bool, notice: u64 },
     CloseStatement(Vec<u8>),
     ClosePortal(Vec<u8>),
     Sync { commit_fails: bool },
-    Query { statements: Vec<u32>, fail_at: Option<usize> },
+    Query { statements: Vec<u32>, fail_at: Option<usize>, notice: u64 },
     QueryMarker(u64),
     Flush,
 }
@@ -133,6 +136,17 @@ fn masked_row(s: u32, n: u32) -> Bytes {
     data_row(&v)
 }
 
+/// The notice the gateway writes before the result of the message that carries notice `n`.
+fn notice_message(n: u64) -> Bytes {
+    msg(b'N', format!("SNOTICE\0C01M01\0Mnotice {n}\0\0").as_bytes())
+}
+
+/// The first message of a result: what a notice goes before (an error or the ReadyForQuery
+/// of a failed statement is not one).
+fn starts_result(tag: u8) -> bool {
+    matches!(tag, b'T' | b'D' | b'C' | b'I' | b's')
+}
+
 fn refusal_response(n: u64) -> Bytes {
     msg(b'E', format!("SERROR\0C42501\0Mrefused {n}\0\0").as_bytes())
 }
@@ -151,6 +165,19 @@ struct Server {
 }
 
 impl Server {
+    /// The answer to `up`, each message with the notice the client must get right before it.
+    fn answer_noted(&mut self, up: Up) -> Vec<(Bytes, Truth, Option<u64>)> {
+        let notice = match up {
+            Up::Execute { notice, .. } | Up::Query { notice, .. } => Some(notice),
+            _ => None,
+        };
+        let mut out: Vec<_> = self.answer(up).into_iter().map(|(m, t)| (m, t, None)).collect();
+        if let Some(first) = out.iter_mut().find(|(m, ..)| starts_result(m[0])) {
+            first.2 = notice;
+        }
+        out
+    }
+
     fn answer(&mut self, up: Up) -> Vec<(Bytes, Truth)> {
         if self.skipping && !matches!(up, Up::Sync { .. }) {
             return vec![];
@@ -191,7 +218,7 @@ impl Server {
                 let m = if has_rows(p.s) { row_description(p.s) } else { msg(b'n', b"") };
                 out.push((m, if injected { Truth::Injected } else { Truth::Plain }));
             }
-            Up::Execute { portal, max_rows, fail } => {
+            Up::Execute { portal, max_rows, fail, .. } => {
                 let Some(p) = self.portals.get_mut(&portal) else { fail!(Truth::Plain) };
                 let s = p.s;
                 if !has_rows(s) {
@@ -230,7 +257,7 @@ impl Server {
                 }
                 out.push(plain(msg(b'Z', b"I")));
             }
-            Up::Query { statements, fail_at } => {
+            Up::Query { statements, fail_at, .. } => {
                 self.statements.remove(&Vec::new());
                 self.portals.clear();
                 for (i, s) in statements.into_iter().enumerate() {
@@ -267,6 +294,7 @@ struct Client {
     known: HashSet<Vec<u8>>,
     described: HashSet<Vec<u8>>,
     next_marker: u64,
+    next_notice: u64,
 }
 
 impl Client {
@@ -278,6 +306,13 @@ impl Client {
             (n, Some(Entry { expect, refusal: Some(Box::new(Refusal { marker: n, response: refusal_response(n) })), copy_ends: 0 }))
         };
         let info = StmtInfo::default;
+        // Every Execute and Query the gateway lets through carries a notice of its own.
+        let noted = |c: &mut Client| {
+            c.next_notice += 1;
+            let n = c.next_notice;
+            let notices: std::sync::Arc<[Notice]> = vec![Notice { key: None, message: notice_message(n) }].into();
+            (n, StmtInfo { notices: Some(notices), ..StmtInfo::default() })
+        };
         match op {
             Op::Parse { name: i, s, fail, refused: true } => {
                 let _ = (s, fail);
@@ -309,8 +344,9 @@ impl Client {
                     let e = entry(Expect::DescribePortal { portal: name(portal), info: info(), swallow: true });
                     units.push((Up::DescribePortal { portal: name(portal), injected: true }, e));
                 }
-                let e = entry(Expect::Execute { portal: name(portal), info: info() });
-                units.push((Up::Execute { portal: name(portal), max_rows, fail }, e));
+                let (notice, info) = noted(self);
+                let e = entry(Expect::Execute { portal: name(portal), info });
+                units.push((Up::Execute { portal: name(portal), max_rows, fail, notice }, e));
             }
             Op::CloseStatement(i) => {
                 self.known.remove(&name(i));
@@ -326,12 +362,14 @@ impl Client {
             }
             Op::Query { statements, fail_at, refused: r } => {
                 self.described.clear();
-                let expect = Expect::Query { info: info(), sent: Instant::now() };
                 if r {
+                    let expect = Expect::Query { info: info(), sent: Instant::now() };
                     let (n, e) = refused(expect, self);
                     units.push((Up::QueryMarker(n), e));
                 } else {
-                    units.push((Up::Query { statements, fail_at }, entry(expect)));
+                    let (notice, info) = noted(self);
+                    let expect = Expect::Query { info, sent: Instant::now() };
+                    units.push((Up::Query { statements, fail_at, notice }, entry(expect)));
                 }
             }
             Op::Flush => units.push((Up::Flush, None)),
@@ -384,7 +422,7 @@ fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
     let mut outbox: Vec<(Up, Option<Entry>)> = vec![];
     let mut published: Vec<Entry> = vec![];
     let mut server_input: VecDeque<Up> = VecDeque::new();
-    let mut wire: VecDeque<(Bytes, Truth)> = VecDeque::new();
+    let mut wire: VecDeque<(Bytes, Truth, Option<u64>)> = VecDeque::new();
     let (mut total, mut total_refusals) = (0u64, 0u64);
     let mut got = BytesMut::new();
     let mut want = BytesMut::new();
@@ -400,7 +438,7 @@ fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
         }
     };
     let mut read = |n: usize,
-                    wire: &mut VecDeque<(Bytes, Truth)>,
+                    wire: &mut VecDeque<(Bytes, Truth, Option<u64>)>,
                     published: &mut Vec<Entry>,
                     pipeline: &mut Pipeline,
                     got: &mut BytesMut,
@@ -408,8 +446,16 @@ fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
      -> Result<(), String> {
         pipeline.absorb(published);
         for _ in 0..n {
-            let Some((m, truth)) = wire.pop_front() else { break };
+            let Some((m, truth, notice)) = wire.pop_front() else { break };
             let tag = m[0];
+            if let Some(n) = notice {
+                want.extend_from_slice(&notice_message(n));
+            }
+            if let Some(due) = pipeline.take_notices(tag) {
+                for n in due.iter() {
+                    got.extend_from_slice(&n.message);
+                }
+            }
             let event = pipeline.step(tag).map_err(|l| format!("pipeline lost: {} at {:?} ({truth:?})", l.0, tag as char))?;
             match &truth {
                 Truth::Plain => want.extend_from_slice(&m),
@@ -455,7 +501,7 @@ fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
                 client.send(Op::Sync { commit_fails: false }, &mut outbox);
                 flush(&mut outbox, &mut published, &mut server_input);
                 while let Some(up) = server_input.pop_front() {
-                    wire.extend(server.answer(up));
+                    wire.extend(server.answer_noted(up));
                 }
                 let n = wire.len();
                 read(n, &mut wire, &mut published, &mut pipeline, &mut got, &mut want)?;
@@ -474,7 +520,7 @@ fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
             // The server answers the next message it has.
             3 => {
                 if let Some(up) = server_input.pop_front() {
-                    wire.extend(server.answer(up));
+                    wire.extend(server.answer_noted(up));
                 }
             }
             // The upstream half reads a few answers.
@@ -483,7 +529,7 @@ fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
             _ => {
                 pipeline.absorb(&mut published);
                 // An asynchronous notice can come between any two messages.
-                wire.push_back((msg(b'N', b"SNOTICE\0C00000\0Mhello\0\0"), Truth::Plain));
+                wire.push_back((msg(b'N', b"SNOTICE\0C00000\0Mhello\0\0"), Truth::Plain, None));
             }
         }
     }

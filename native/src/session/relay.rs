@@ -31,6 +31,7 @@ use crate::protocol::stream::WritePart;
 
 mod client_half;
 mod decision;
+mod notices;
 mod upstream_half;
 
 use client_half::client_to_upstream;
@@ -311,6 +312,7 @@ impl Ctx {
                 rewritten: decision.rewritten.is_some(),
                 origins: decision.origins.clone(),
                 copy_columns: decision.copy_columns.clone(),
+                notices: decision.notices.clone(),
             }),
             Action::Deny { sqlstate, message, hint } => {
                 let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());

@@ -54,6 +54,10 @@ PHI_KINDS: tuple[str, ...] = (
     "other",
 )  # fmt: skip
 
+#: A role's `masking_notices`: tell masked identities which columns a result masks once per
+#: relation and session ("first", the default), with every result ("always"), or never ("off").
+MASKING_NOTICES: tuple[str, ...] = ("first", "always", "off")
+
 #: Masks (`partial` is written "partial:N", N = trailing characters kept).
 MASKS: tuple[str, ...] = (
     "redact", "null", "partial", "year", "email_domain", "pseudonym", "free_text", "zip3",
@@ -261,6 +265,7 @@ class RoleConfig:
     approval: Mapping[str, str]  # operation or allow class -> the `approval` entry naming it
     db_role: str | None
     see_clear: frozenset[str] = frozenset()  # PHI kinds this role sees in clear
+    masking_notices: str = "first"  # one of MASKING_NOTICES
 
     def covers(self, schema: str, name: str) -> bool:
         return schema in self.schemas or (schema, name) in self.relations
@@ -288,6 +293,17 @@ class RoleSet:
     def clear_kinds(self) -> frozenset[str]:
         """PHI kinds this identity sees in clear: the union of its roles' ``see_clear``."""
         return frozenset().union(*(r.see_clear for r in self.roles))
+
+    @property
+    def masking_notices(self) -> str:
+        """How often this identity is told what a result masks: "always" if a role says so,
+        "off" only if every role does, else "first" (once per relation and session)."""
+        modes = {r.masking_notices for r in self.roles}
+        if "always" in modes:
+            return "always"
+        if modes == {"off"}:
+            return "off"
+        return "first"
 
     @property
     def identity_class(self) -> str:

@@ -12,6 +12,7 @@ from phigate.config.model import (
     _RESERVED_WHY,
     ALLOW_CLASSES,
     APPROVAL_CLASSES,
+    MASKING_NOTICES,
     NEVER_RELATIONS,
     OPERATIONS,
     PHI_KINDS,
@@ -23,7 +24,7 @@ from phigate.config.table import _kind, _Table
 
 _ROLE_KEYS = frozenset({
     "targets", "relations", "columns", "operations", "functions", "allow", "approval", "db_role",
-    "see_clear",
+    "see_clear", "masking_notices",
 })  # fmt: skip
 
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
@@ -211,6 +212,10 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     if db_role is not None and len(db_role.encode("utf-8")) >= _NAMEDATALEN:
         t.fail("db_role", "must be at most 63 bytes (a PostgreSQL role name)")
     see_clear = _names(t, "see_clear", PHI_KINDS, ())
+    masking_notices = t.string("masking_notices", "first")
+    if masking_notices not in MASKING_NOTICES:
+        t.fail("masking_notices", f"must be one of {', '.join(map(repr, MASKING_NOTICES))}, "
+               f"not {masking_notices!r}")
 
     return RoleConfig(
         name=name,
@@ -224,6 +229,7 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
         approval=MappingProxyType(approval),
         db_role=db_role,
         see_clear=see_clear,
+        masking_notices=masking_notices,
     )
 
 def _groups(t: _Table, roles: Mapping[str, RoleConfig]) -> dict[str, tuple[str, ...]]:

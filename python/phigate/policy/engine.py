@@ -27,7 +27,9 @@ from phigate.masking.free_text_uses import free_text_use, refusal
 from phigate.masking.passthrough import copy_columns, passthrough_oids
 from phigate.masking.rewrite import MaskSQL, mask_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
+from phigate.policy.notices import MaskingNotices
 from phigate.policy.rules import Decision, decide
+from phigate.policy.show_masking import is_show_masking, masking_rows, show_answer
 
 __all__ = ["PolicyEngine"]
 
@@ -53,6 +55,7 @@ class PolicyEngine:
         # Per target: the masks with pseudonyms on when its catalog found phigate's functions
         # ready with our key. Catalogs do not change under an engine (a reload makes a new one).
         self._target_masks: dict[str, MaskSQL] = {}
+        self._notices = MaskingNotices()
 
     def masks(self, target: str, catalog: CatalogSnapshot) -> MaskSQL:
         masks = self._target_masks.get(target)
@@ -122,9 +125,41 @@ class PolicyEngine:
             names = catalog_names(facts, self.catalogs.get(roleset.target or ""))
         normalized: str | None = redact_sql(sql, names)
         masked = roleset is not None and self.config.phi.masked_kinds(roleset.clear_kinds)
-        if decision.action == "allow" and roleset is not None and masked:
-            return self._masked(sql, facts, roleset, normalized, cache, schema)
+        if decision.action == "allow" and roleset is not None:
+            if any(is_show_masking(f) for f in facts):
+                return self._show_masking(facts, roleset, normalized, bool(masked))
+            if masked:
+                return self._masked(sql, facts, roleset, normalized, cache, schema)
         return answer(decision, cache, normalized)
+
+    def _show_masking(
+        self, facts: list[Facts], roleset: RoleSet, normalized: str | None, masked: bool
+    ) -> dict[str, Any]:
+        """SHOW phigate.masking: the identity's masked columns, as a constant statement."""
+        if len(facts) != 1:
+            return {
+                "action": "deny", "sqlstate": "0A000", "cache": "exact", "normalized": normalized,
+                "message": "SHOW phigate.masking must be sent as a statement of its own "
+                "(rule: masking)",
+                "hint": "Send SHOW phigate.masking alone, then the other statements.",
+            }
+        if not masked:
+            return show_answer([], normalized)
+        catalog = self.catalogs.get(roleset.target or "")
+        if catalog is None:
+            return self._no_catalog(roleset, normalized)
+        return show_answer(masking_rows(catalog, roleset), normalized)
+
+    def _no_catalog(self, roleset: RoleSet, normalized: str | None) -> dict[str, Any]:
+        why = self.notes.get(roleset.target or "") or (
+            "the PHI classification catalog for this target is not loaded")
+        return {
+            "action": "deny", "sqlstate": "58000", "cache": "none", "normalized": normalized,
+            "message": f"{why}, so statements of identities that see PHI masked are refused "
+            "(rule: masking)",
+            "hint": "The gateway retries reading it in the background: try again shortly. "
+            "The gateway operator can see why in the gateway log.",
+        }
 
     def _masked(
         self,
@@ -138,15 +173,7 @@ class PolicyEngine:
         """An allowed statement of an identity that sees some PHI kinds masked."""
         catalog = self.catalogs.get(roleset.target or "")
         if catalog is None:
-            why = self.notes.get(roleset.target or "") or (
-                "the PHI classification catalog for this target is not loaded")
-            return {
-                "action": "deny", "sqlstate": "58000", "cache": "none", "normalized": normalized,
-                "message": f"{why}, so statements of identities that see PHI masked are refused "
-                "(rule: masking)",
-                "hint": "The gateway retries reading it in the background: try again shortly. "
-                "The gateway operator can see why in the gateway log.",
-            }
+            return self._no_catalog(roleset, normalized)
         if any(f.kind == "ddl" for f in facts):
             # A temp table or view named like a protected relation would be what the server
             # reads while the rewrite masked the real one; a function or view could carry
@@ -181,16 +208,22 @@ class PolicyEngine:
                         "normalized": normalized, "message": message, "hint": hint}
         # 01M02: a masked column compared with a constant no masked value can meet. The notice
         # depends on the constant, so a decision carrying one is reused for this text only.
+        # A role with masking_notices = "off" has clients that want no notices at all.
         comparisons = (
             comparison_notices(doc, catalog, roleset.clear_kinds, schema=schema)
-            if doc is not None else []
+            if doc is not None and roleset.masking_notices != "off" else []
         )  # fmt: skip
         plain = _plain_read(doc, catalog, roleset.clear_kinds, schema) if doc is not None else None
+        # What the agent is told about the masked columns its result carries (by the data
+        # plane, right before the result).
+        notices = self._notices.for_statement(
+            facts, catalog, roleset.clear_kinds, roleset.masking_notices)
+        told = {"notices": notices} if notices else {}
         if plain is not None:
             # Layer 2 masks it by column origin, exactly and far cheaper than SQL; it may read
             # only these tables (any other origin is redacted).
             return _with_notices({"action": "allow", "cache": cache, "normalized": normalized,
-                                  "protected": True, **plain}, comparisons)
+                                  "protected": True, **plain, **told}, comparisons)
         masks = self.masks(roleset.target or "", catalog)
         result = rewrite(sql, catalog, roleset.clear_kinds, masks, schema=schema, doc=doc)
         if result.refuse is None and result.changed and any(
@@ -214,17 +247,17 @@ class PolicyEngine:
             # No masked column is read; whether one is does not depend on literal values, so
             # the usual cache rule applies.
             return _with_notices({"action": "allow", "cache": cache, "normalized": normalized,
-                                  "protected": protected}, comparisons)
+                                  "protected": protected, **told}, comparisons)
         # The rewrite keeps the client's literals, so it is reused for this exact text only.
         return _with_notices({"action": "allow", "cache": "exact", "normalized": normalized,
-                              "rewrite": result.sql, "protected": protected}, comparisons)
+                              "rewrite": result.sql, "protected": protected, **told}, comparisons)
 
 
 def _with_notices(decision: dict[str, Any], notices: list[dict[str, Any]]) -> dict[str, Any]:
     """``decision`` with ``notices`` added to its list (the data plane sends each with the
     result); one that carries a notice about the statement's constants is cached exactly."""
     if notices:
-        decision.setdefault("notices", []).extend(notices)
+        decision["notices"] = [*decision.get("notices", ()), *notices]
         decision["cache"] = "exact"
     return decision
 

@@ -14,6 +14,7 @@ the statement, which may hold PHI.
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 from typing import Literal
@@ -25,12 +26,15 @@ from phigate.config import (
     RoleConfig,
     RoleSet,
 )
+from phigate.policy import show_masking
 from phigate.policy.analyze import ColumnUse, Facts
 from phigate.policy.functions import (
     CLASS_FUNCTIONS,
     DEFAULT_FUNCTIONS,
     never_reason,
 )
+from phigate.policy.sql_names import sql_name as _q
+from phigate.policy.sql_names import sql_relation as _rel
 
 __all__ = [
     "SAFE_CATALOG_RELATIONS",
@@ -179,23 +183,6 @@ def _reserved(what: str) -> Decision:
         f"{what} is never accessible through the gateway: schema {RESERVED_SCHEMA} holds the "
         "gateway's own pseudonym key and functions",
     )
-
-
-def _q(name: str) -> str:
-    """A name as SQL would spell it (quoted when it needs quotes)."""
-    if (
-        name
-        and (name[0].isalpha() or name[0] == "_")
-        and name.isascii()
-        and name == name.lower()
-        and all(c.isalnum() or c in "_$" for c in name)
-    ):
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _rel(rel: tuple[str, str]) -> str:
-    return f"{_q(rel[0])}.{_q(rel[1])}"
 
 
 _judges: weakref.WeakKeyDictionary[RoleSet, dict[str | None, _Judge]] = weakref.WeakKeyDictionary()
@@ -488,6 +475,18 @@ class _Judge:
         return approval or ALLOW
 
     def kind(self, f: Facts, kind: str) -> Decision:
+        if kind == "show":
+            name = f.set_name or ""
+            if name.startswith(show_masking.NAMESPACE) and name != show_masking.SETTING:
+                # PostgreSQL would answer "unrecognized configuration parameter" too; the hint
+                # names the one phigate answers.
+                return _deny(
+                    "setting",
+                    f"unrecognized configuration parameter {json.dumps(name, ensure_ascii=False)}",
+                    f"SHOW {show_masking.SETTING} lists every column masked for you; phigate "
+                    "has no other setting.",
+                    sqlstate="42704",
+                )
         if kind in _ALWAYS_KINDS:
             if kind in ("copy_to", "copy_from") and f.copy_target in ("program", "file"):
                 what = "a program" if f.copy_target == "program" else "a server file"

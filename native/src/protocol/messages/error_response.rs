@@ -26,8 +26,17 @@ fn clean(s: &str) -> Vec<u8> {
 
 /// Builds an ErrorResponse with severity, SQLSTATE, message and optional detail/hint.
 pub fn build(severity: &str, sqlstate: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Bytes {
+    build_tagged(b'E', severity, sqlstate, message, detail, hint)
+}
+
+/// Builds a NoticeResponse (severity NOTICE) with SQLSTATE, message and optional hint.
+pub fn notice(sqlstate: &str, message: &str, hint: Option<&str>) -> Bytes {
+    build_tagged(b'N', "NOTICE", sqlstate, message, None, hint)
+}
+
+fn build_tagged(tag: u8, severity: &str, sqlstate: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Bytes {
     let mut out = BytesMut::with_capacity(64 + message.len());
-    put_message(&mut out, b'E', |o| {
+    put_message(&mut out, tag, |o| {
         o.put_u8(b'S');
         put_cstr(o, severity.as_bytes());
         o.put_u8(b'V');
@@ -80,5 +89,18 @@ mod tests {
         assert_eq!(field(body, b'X'), None);
         let len = u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize;
         assert_eq!(len + 1, m.len());
+    }
+
+    #[test]
+    fn notices_are_notice_severity_and_clipped() {
+        let long = "x".repeat(MAX_FIELD + 10);
+        let m = notice("01M01", &long, Some("h"));
+        assert_eq!(m[0], b'N');
+        let body = &m[5..];
+        assert_eq!(field(body, b'S'), Some(&b"NOTICE"[..]));
+        assert_eq!(field(body, b'V'), Some(&b"NOTICE"[..]));
+        assert_eq!(field(body, b'C'), Some(&b"01M01"[..]));
+        assert_eq!(field(body, b'M').map(<[u8]>::len), Some(MAX_FIELD));
+        assert_eq!(field(body, b'H'), Some(&b"h"[..]));
     }
 }

@@ -34,6 +34,9 @@ struct Extended {
     /// RowDescription reaches layer 2). Per cycle because a Describe skipped after an error
     /// never answers: the skip ends at Sync, and an Execute after it describes again.
     described: std::collections::HashSet<Vec<u8>>,
+    /// A statement with notices was prepared in this session (unmasked sessions look a
+    /// portal's statement up at Execute only then).
+    any_notices: bool,
 }
 
 impl Extended {
@@ -51,6 +54,20 @@ impl Extended {
     /// whose DECLARE was judged and rewritten).
     fn portal_info(&self, portal: &[u8]) -> StmtInfo {
         self.portals.get(portal).and_then(|s| self.statements.get(s)).map(|p| p.info.clone()).unwrap_or_default()
+    }
+
+    /// What an unmasked session's Execute carries: only the notices of the portal's statement.
+    fn portal_notices(&self, portal: &[u8]) -> StmtInfo {
+        if !self.any_notices {
+            return StmtInfo::default();
+        }
+        let notices = self.portals.get(portal).and_then(|s| self.statements.get(s)).and_then(|p| p.info.notices.clone());
+        StmtInfo { notices, ..StmtInfo::default() }
+    }
+
+    fn insert_statement(&mut self, name: &[u8], p: Prepared) {
+        self.any_notices |= p.info.notices.is_some();
+        self.statements.insert(name.to_vec(), p);
     }
 }
 
@@ -89,6 +106,7 @@ async fn rejudge(
         Verdict::Allow(rewritten, info) => match ext.statements.get_mut(stmt) {
             Some(p) if p.rewritten == rewritten => {
                 p.epoch = epoch;
+                ext.any_notices |= info.notices.is_some();
                 p.info = info;
                 None
             }
@@ -206,7 +224,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                 None => ob.bytes.extend_from_slice(&frame.bytes),
                                 Some(r) => ob.bytes.extend_from_slice(&session::parse_with_types(name, r, p.param_types)),
                             }
-                            ext.statements.insert(name.to_vec(), Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten, info });
+                            ext.insert_statement(name, Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten, info });
                         }
                         Verdict::Deny(err) => {
                             ext.statements.remove(name);
@@ -294,7 +312,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                 }
                                 ob.expect(Expect::Execute { portal: portal.to_vec(), info });
                             } else {
-                                ob.expect(Expect::Execute { portal: Vec::new(), info: StmtInfo::default() });
+                                ob.expect(Expect::Execute { portal: Vec::new(), info: ext.portal_notices(portal) });
                             }
                             ob.bytes.extend_from_slice(&frame.bytes);
                         }

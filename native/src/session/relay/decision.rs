@@ -3,12 +3,17 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
-use crate::cache::{Action, Decision, Reuse};
+use crate::cache::{Action, Decision, Notice, Reuse};
 use crate::errors::sqlstate;
+use crate::protocol::messages::error_response;
+
+/// Notices one decision may carry (one per relation a statement reads, and a few more): more
+/// is not a decision the control plane makes.
+const MAX_NOTICES: usize = 1024;
 
 /// SQLSTATEs are 5 ASCII alphanumerics; anything else from the control plane becomes 42501.
 pub(super) fn leak_sqlstate(s: &str) -> &'static str {
-    const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000", "3D000"];
+    const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000", "3D000", "42704"];
     KNOWN.iter().find(|k| **k == s).copied().unwrap_or(sqlstate::INSUFFICIENT_PRIVILEGE)
 }
 
@@ -52,5 +57,88 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
                 .collect::<Option<Arc<[(u32, i16, u32)]>>>()?,
         ),
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns })
+    let notices = match a.get("notices") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => {
+            let list = v.as_array().filter(|l| l.len() <= MAX_NOTICES)?;
+            let parsed = list.iter().map(parse_notice).collect::<Option<Arc<[Notice]>>>()?;
+            (!parsed.is_empty()).then_some(parsed)
+        }
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices })
+}
+
+/// One entry of a decision's `notices`: `{"key", "code", "message", "hint"}`, prebuilt as the
+/// NoticeResponse the client gets. None (the whole decision is refused) unless the code is a
+/// warning-class SQLSTATE (01xxx) and the texts hold no NUL.
+fn parse_notice(n: &serde_json::Value) -> Option<Notice> {
+    let text = |k: &str| -> Option<Option<&str>> {
+        match n.get(k) {
+            None | Some(serde_json::Value::Null) => Some(None),
+            Some(v) => Some(Some(v.as_str().filter(|s| !s.is_empty() && !s.contains('\0'))?)),
+        }
+    };
+    let code = n.get("code")?.as_str()?;
+    let valid_code = code.len() == 5 && code.starts_with("01") && code.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+    if !valid_code {
+        return None;
+    }
+    let message = text("message")??;
+    let hint = text("hint")?;
+    let key = text("key")?.map(Arc::from);
+    Some(Notice { key, message: error_response::notice(code, message, hint) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn allow(notices: serde_json::Value) -> Option<Decision> {
+        parse_decision(&json!({"action": "allow", "cache": "exact", "notices": notices}))
+    }
+
+    #[test]
+    fn notices_become_notice_responses() {
+        let d = allow(json!([
+            {"key": "public.patients", "code": "01M01", "message": "masked: ssn", "hint": "SHOW phigate.masking"},
+            {"key": null, "code": "01M02", "message": "compared masked"},
+        ]))
+        .unwrap();
+        let n = d.notices.unwrap();
+        assert_eq!(n.len(), 2);
+        assert_eq!(n[0].key.as_deref(), Some("public.patients"));
+        assert_eq!(n[0].message[0], b'N');
+        let body = &n[0].message[5..];
+        assert_eq!(error_response::field(body, b'C'), Some(&b"01M01"[..]));
+        assert_eq!(error_response::field(body, b'M'), Some(&b"masked: ssn"[..]));
+        assert_eq!(error_response::field(body, b'H'), Some(&b"SHOW phigate.masking"[..]));
+        assert_eq!(n[1].key, None);
+        assert_eq!(error_response::field(&n[1].message[5..], b'H'), None);
+        // None, null and an empty list all mean no notice.
+        assert!(allow(json!([])).unwrap().notices.is_none());
+        assert!(allow(serde_json::Value::Null).unwrap().notices.is_none());
+        assert!(parse_decision(&json!({"action": "allow"})).unwrap().notices.is_none());
+    }
+
+    #[test]
+    fn a_malformed_notice_fails_the_whole_decision() {
+        for bad in [
+            json!("01M01"),
+            json!([{"code": "01M01"}]),
+            json!([{"code": "01M01", "message": ""}]),
+            json!([{"code": "01M01", "message": 5}]),
+            json!([{"code": "01M01", "message": "a\u{0}b"}]),
+            json!([{"code": "42501", "message": "m"}]),
+            json!([{"code": "01m01", "message": "m"}]),
+            json!([{"code": "01M0", "message": "m"}]),
+            json!([{"code": "01M01", "message": "m", "key": 3}]),
+            json!([{"code": "01M01", "message": "m", "key": ""}]),
+            json!([{"code": "01M01", "message": "m", "hint": ["h"]}]),
+            json!([{"code": "01M01", "message": "m"}, 7]),
+            json!((0..=MAX_NOTICES).map(|_| json!({"code": "01M01", "message": "m"})).collect::<Vec<_>>()),
+        ] {
+            assert!(allow(bad.clone()).is_none(), "{bad}");
+        }
+    }
 }

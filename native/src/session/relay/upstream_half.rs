@@ -13,6 +13,7 @@ use crate::protocol::messages::{error_response, query, tag_b};
 use crate::session::pipeline::{Entry, Event, Expect, Pipeline};
 use crate::masking::rowguard::{RowGuard, Step};
 use crate::protocol::stream::{release_if_idle, ReadPart, WritePart};
+use super::notices::SentNotices;
 use super::*;
 
 /// Upstream messages the relay must see whole; everything else streams through.
@@ -74,6 +75,7 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
     let mut cycle_error: Option<String> = None;
     let masked = ctx.identity.masked;
     let mut pipeline = Pipeline::new(masked);
+    let mut sent_notices = SentNotices::default();
     let mut published: Vec<Entry> = Vec::new();
     // What the client half was last woken for: it is only woken again for progress.
     let mut told = ((0, 0), false);
@@ -109,6 +111,9 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             if !inspect {
                 // Rows, descriptions, COPY data: stream through without waiting for the whole
                 // message (the pipeline only needs the tag).
+                if let Some(due) = pipeline.take_notices(h.tag) {
+                    sent_notices.write(&due, &mut out);
+                }
                 if pipeline.step(h.tag).is_err() {
                     pipeline.recover(h.tag);
                 }
@@ -123,6 +128,10 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 Ok(None) => break,
                 Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an oversized message; closing the session"), "upstream_protocol_error").await,
             };
+            // The control plane's notices precede the result they are about.
+            if let Some(due) = pipeline.take_notices(frame.tag) {
+                sent_notices.write(&due, &mut out);
+            }
             let event = match pipeline.step(frame.tag) {
                 Ok(event) => event,
                 Err(lost) if masked => {
