@@ -210,6 +210,15 @@ _DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _DML_LABELS = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE",
                "MergeStmt": "MERGE"}  # fmt: skip
 
+# Functions and casts that carry whole values into a top-level output unchanged (JSON escapes
+# only quotes, backslashes and control characters), so the data plane still sees every word.
+_WHOLE_WRAPPERS = frozenset({
+    "to_json", "to_jsonb", "json_build_object", "jsonb_build_object", "json_build_array",
+    "jsonb_build_array", "row_to_json", "json_agg", "jsonb_agg", "json_object_agg",
+    "jsonb_object_agg",
+})  # fmt: skip
+_WHOLE_CASTS = frozenset({"text", "varchar", "json", "jsonb"})
+
 # What a top-level select list entry gives: ("column" | "star" | "expr", the free-text column
 # it is or may expand to, or None).
 _Output = tuple[str, str | None]
@@ -264,6 +273,10 @@ class _Scan:
         for rt in b.get("targetList", ()):
             r = rt["ResTarget"]
             out = self.plain_output(r.get("val"), star)
+            val = r.get("val")
+            wrapped = isinstance(val, dict) and ("FuncCall" in val or "TypeCast" in val)
+            if out is None and wrapped and self.whole_value_output(val):
+                out = ("expr", None)  # JSON or text of whole values: the data plane scans it
             if out is None:
                 val = r.get("val")
                 whole = isinstance(val, dict) and "ColumnRef" in val  # `n`, `notes`
@@ -292,6 +305,39 @@ class _Scan:
         for key, value in b.items():
             if key not in done:
                 self.walk(value, _CLAUSES.get(key, "this statement"), star)
+
+    def whole_value_output(self, val: Any) -> bool:
+        """A top-level select list entry that only wraps whole values in JSON or casts them to
+        text (``json_build_object('note', body)``, ``row_to_json(n)``, ``body::json``): every
+        character of the column reaches the data plane, which tags the identifiers in the
+        output, in the order they were written. Aggregates that order or filter are not."""
+        if not isinstance(val, dict) or len(val) != 1:
+            return False
+        ((ntype, b),) = val.items()
+        if ntype == "A_Const":
+            return True
+        if ntype == "ColumnRef":
+            # A column or a whole row (`n`, `n.*`); a bare `*` is not a value.
+            fields = b["fields"]
+            return all("String" in f for f in fields[:-1]) and (
+                "String" in fields[-1] or len(fields) > 1)
+        if ntype == "TypeCast":
+            names = [n.get("String", {}).get("sval") for n in b["typeName"].get("names", ())]
+            t = b["typeName"]
+            # No typmod: `body::varchar(3)` would cut the text, and names with it.
+            return (
+                bool(names) and names[-1] in _WHOLE_CASTS and not t.get("arrayBounds")
+                and not t.get("typmods") and self.whole_value_output(b.get("arg"))
+            )  # fmt: skip
+        if ntype == "FuncCall":
+            names = [n.get("String", {}).get("sval") for n in b.get("funcname", ())]
+            if names[:-1] not in ([], ["pg_catalog"]) or names[-1] not in _WHOLE_WRAPPERS:
+                return False
+            if any(b.get(k) for k in ("agg_order", "agg_filter", "over", "agg_distinct",
+                                      "agg_star", "agg_within_group", "func_variadic")):
+                return False
+            return all(self.whole_value_output(a) for a in b.get("args") or ())
+        return False
 
     def plain_output(self, val: Any, star: str | None) -> _Output | None:
         """A top-level select list entry that reads columns whole (``body``, ``n.body``,
