@@ -1129,6 +1129,55 @@ def _asyncpg_attempt(s: Session, c: Canary) -> None:
 # --- the test ----------------------------------------------------------------------------------
 
 
+# --- the identifier dictionary: the canary's name in its note, every way out -----------------
+# The canary note names the patient ("{first} {last} seen today..."); the gateway learned the name
+# from patients.first_name/last_name at start. Each route that carries the note's text to the
+# agent must tag the name: the oracle fails the attempt on any form of it in the bytes sent back.
+
+sql_attempt("dictionary", "plain_read", "select id, body from notes where encounter_id = {enc}")
+sql_attempt("dictionary", "plain_read_binary",
+            "select id, body from notes where encounter_id = {enc}", binary=True)
+sql_attempt("dictionary", "star", "select * from notes n where n.encounter_id = {enc}")
+sql_attempt("dictionary", "json",
+            "select json_build_object('note', body), row_to_json(n), to_jsonb(n.body)"
+            " from notes n where encounter_id = {enc}")  # fmt: skip
+sql_attempt("dictionary", "json_agg",
+            "select encounter_id, json_agg(body) from notes where encounter_id = {enc}"
+            " group by encounter_id")  # fmt: skip
+sql_attempt("dictionary", "copy",
+            "copy (select id, body from notes where encounter_id = {enc}) to stdout",
+            "copy notes to stdout")  # fmt: skip
+sql_attempt("dictionary", "error_echo",
+            "select body::json from notes where encounter_id = {enc}",
+            "select body::int from notes where encounter_id = {enc}",
+            "select (body::text)::jsonb from notes where encounter_id = {enc}")  # fmt: skip
+sql_attempt("dictionary", "case_and_order",
+            "select upper('{first} {last}'), lower('{last}, {first}')")  # fmt: skip
+
+
+@attempt("dictionary", "asyncpg")
+def _dictionary_asyncpg(s: Session, c: Canary) -> None:
+    import asyncpg
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=s.env.relay.port, user=token_subject(s.env.token),
+            password=s.env.token, database="ehr", ssl=False, timeout=10,
+        )  # fmt: skip
+        try:
+            return [
+                await conn.fetch(q, c.encounter_id)
+                for q in ("select body from notes where encounter_id = $1",
+                          "select json_build_object('b', body) from notes where encounter_id = $1")
+            ]  # fmt: skip
+        finally:
+            await conn.close()
+
+    results = asyncio.run(run())
+    # Not refused: the note arrives, with the name tagged.
+    assert all(len(r) == 1 for r in results) and "[NAME]" in results[0][0][0]
+
+
 @pytest.mark.parametrize("fn", ATTEMPTS)
 def test_attempt_is_masked_or_refused(env: Env, fn: Attempt) -> None:
     env.relay.take()  # nothing from an earlier test counts for this one

@@ -242,7 +242,7 @@ class PolicyEngine:
             }
         # Layer 2 treats the computed columns of a statement reading a protected relation as
         # PHI unless the rewrite masked that relation at the source.
-        protected = _reads_protected(facts, catalog)
+        protected = _reads_protected(facts, catalog, roleset.clear_kinds)
         if not result.changed:
             # No masked column is read; whether one is does not depend on literal values, so
             # the usual cache rule applies.
@@ -277,12 +277,20 @@ def _plain_read(
     return None
 
 
-def _reads_protected(facts: list[Facts], catalog: CatalogSnapshot) -> bool:
-    """True if the statement names a relation the catalog protects."""
+def _reads_protected(
+    facts: list[Facts], catalog: CatalogSnapshot, clear_kinds: frozenset[str]
+) -> bool:
+    """True if the statement names a relation with a column this identity sees masked (or a
+    view the classification cannot map). A relation whose classified columns are all clear
+    for it is not: `SELECT count(*) FROM notes` for a role that sees free text in clear must
+    not come back redacted."""
     # A lookup per relation, not protected_relations(): that builds a new set every call.
-    return any(
-        catalog.relation(schema, name) is not None for f in facts for schema, name, _ in f.relations
-    )
+    for f in facts:
+        for schema, name, _ in f.relations:
+            rel = catalog.relation(schema, name)
+            if rel is not None and (rel.refuse or rel.masked_columns(clear_kinds)):
+                return True
+    return False
 
 
 def _masked_write(
