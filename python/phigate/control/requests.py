@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from phigate.config import Config
@@ -66,6 +66,10 @@ class ControlPlane:
         # and why each missing one is missing (told to the refused clients). Replaced whole.
         self.catalogs: dict[str, CatalogSnapshot | None] = {}
         self.catalog_notes: dict[str, str] = {}
+        # True when a text holds an identifier the data plane's detectors or dictionary find
+        # (the native Engine's text_has_phi, set once it exists): names the analyzer would log
+        # as written are replaced when it says so.
+        self.phi_in_text: Callable[[str], bool] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -84,6 +88,7 @@ class ControlPlane:
             or engine.notes is not self.catalog_notes
         ):
             engine = self._policy = PolicyEngine(config, self.catalogs, self.catalog_notes)
+        engine.phi_in_text = self.phi_in_text
         return engine
 
     def dispatch(self, requests: Iterable[RequestLike]) -> None:

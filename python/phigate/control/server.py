@@ -175,6 +175,7 @@ class Gateway:
             self._sink.close()
             raise
         self._engine = engine
+        self._control.phi_in_text = getattr(engine, "text_has_phi", None)
         self._loop.add_reader(engine.wakeup_fd(), self._on_wakeup)
         self._spawn(self._drain_events_periodically())
         self._spawn(self._dictionaries.run(engine, lambda: self.config))

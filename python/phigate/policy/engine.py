@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -56,6 +56,10 @@ class PolicyEngine:
         # ready with our key. Catalogs do not change under an engine (a reload makes a new one).
         self._target_masks: dict[str, MaskSQL] = {}
         self._notices = MaskingNotices()
+        # Says whether a name holds an identifier (detectors or dictionary): such a name is
+        # not logged as written even when the analyzer resolved it (a made-up column named
+        # like a patient). None: only the analyzer's resolution decides.
+        self.phi_in_text: Callable[[str], bool] | None = None
 
     def masks(self, target: str, catalog: CatalogSnapshot) -> MaskSQL:
         masks = self._target_masks.get(target)
@@ -123,6 +127,9 @@ class PolicyEngine:
         names = frozenset[str]()
         if decision.action == "allow" and roleset is not None:
             names = catalog_names(facts, self.catalogs.get(roleset.target or ""))
+        if names and self.phi_in_text is not None:
+            check = self.phi_in_text
+            names = frozenset(n for n in names if not check(n))
         normalized: str | None = redact_sql(sql, names)
         masked = roleset is not None and self.config.phi.masked_kinds(roleset.clear_kinds)
         if decision.action == "allow" and roleset is not None:
