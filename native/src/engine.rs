@@ -1,5 +1,5 @@
-//! The engine: the data plane's shared state — settings, masking state, the bridge, the decision
-//! cache, the cancel registry and counters. Sessions read it; `runtime` owns threads and sockets.
+//! The engine: the data plane's shared state — settings, masking state, identifier dictionaries,
+//! the bridge, the decision cache, the cancel registry and counters. Sessions read it; `runtime` owns threads and sockets.
 
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::bridge::Bridge;
 use crate::cache::DecisionCache;
 use crate::session::cancel::CancelRegistry;
+use crate::masking::dictionary_set::DictionarySet;
 use crate::masking::rules::MaskingState;
 use crate::config::{NativeConfig, Target};
 
@@ -64,6 +65,9 @@ pub struct EngineCore {
     settings: RwLock<Arc<Settings>>,
     /// Layer-2 masking rules, keys and detectors; replaced whole by `Engine::set_masking`.
     masking: RwLock<Arc<MaskingState>>,
+    /// Identifier dictionaries per target; every masking state's detectors read these, so
+    /// they survive `set_masking`.
+    pub dictionaries: Arc<DictionarySet>,
     pub bridge: Bridge,
     pub cache: DecisionCache,
     pub cancels: CancelRegistry,
@@ -93,9 +97,11 @@ impl EngineCore {
         let backlog = cfg.event_backlog_wakeup;
         let settings = Settings::build(cfg)?;
         let bridge = Bridge::new(backlog).map_err(|e| format!("cannot create wakeup socket: {e}"))?;
+        let dictionaries = Arc::new(DictionarySet::default());
         Ok(EngineCore {
             settings: RwLock::new(Arc::new(settings)),
-            masking: RwLock::new(Arc::new(MaskingState::initial())),
+            masking: RwLock::new(Arc::new(MaskingState::initial(dictionaries.clone()))),
+            dictionaries,
             bridge,
             cache: DecisionCache::new(),
             cancels: CancelRegistry::default(),

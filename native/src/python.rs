@@ -2,7 +2,7 @@
 //! file knows PyO3; it converts JSON values at the boundary, once per request, never per row.
 
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyInt, PyString, PyTuple};
 use serde_json::Value;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::bridge::PendingRequest;
+use crate::masking::dictionary::{DictionaryBuilder as CoreBuilder, Kind};
 use crate::runtime::Engine as CoreEngine;
 
 fn to_py(py: Python<'_>, v: &Value) -> PyResult<PyObject> {
@@ -123,6 +124,50 @@ impl Request {
     }
 }
 
+/// Identifier values for one target's dictionary: each value is folded, hashed under the
+/// dictionary's key and forgotten. Engine.set_dictionary() takes its entries (once).
+#[pyclass(module = "phigate._native")]
+struct DictionaryBuilder {
+    /// None once handed to Engine.set_dictionary().
+    inner: Option<CoreBuilder>,
+}
+
+impl DictionaryBuilder {
+    fn spent() -> PyErr {
+        PyRuntimeError::new_err("this DictionaryBuilder was already given to Engine.set_dictionary(); create a new one")
+    }
+}
+
+#[pymethods]
+impl DictionaryBuilder {
+    #[new]
+    #[pyo3(signature = (stop_words, min_chars = 2))]
+    fn new(stop_words: Vec<String>, min_chars: usize) -> Self {
+        DictionaryBuilder { inner: Some(CoreBuilder::new(stop_words.iter().map(String::as_str), min_chars)) }
+    }
+
+    /// Adds values of one PHI kind ("name", "address", "city", "zip", "mrn", "email", "phone",
+    /// "ssn", "dob"; other kinds are tagged [PHI]); None is skipped. Returns the entries added.
+    fn add(&mut self, kind: &str, values: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let b = self.inner.as_mut().ok_or_else(Self::spent)?;
+        let kind = Kind::parse(kind);
+        let mut added = 0;
+        for v in values.try_iter()? {
+            let v = v?;
+            if v.is_none() {
+                continue;
+            }
+            let s = v.downcast::<PyString>().map_err(|_| PyTypeError::new_err("DictionaryBuilder.add() takes str or None values"))?;
+            added += b.add(kind, s.to_str()?);
+        }
+        Ok(added)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.as_ref().map_or(0, CoreBuilder::len)
+    }
+}
+
 #[pyclass(module = "phigate._native")]
 struct Engine {
     inner: CoreEngine,
@@ -166,6 +211,30 @@ impl Engine {
         self.inner.set_masking(state_json).map_err(PyValueError::new_err)
     }
 
+    /// A builder that starts from `target`'s dictionary (same key, stop words, entries);
+    /// KeyError if the target has none.
+    fn dictionary_builder(&self, target: &str) -> PyResult<DictionaryBuilder> {
+        let b = self.inner.dictionary_builder(target).ok_or_else(|| PyKeyError::new_err(target.to_string()))?;
+        Ok(DictionaryBuilder { inner: Some(b) })
+    }
+
+    /// Replaces `target`'s dictionary with the builder's entries (extend=True: adds them to the
+    /// current one; the builder must come from dictionary_builder(target)). Takes the builder.
+    #[pyo3(signature = (target, builder, extend = false))]
+    fn set_dictionary<'py>(&self, py: Python<'py>, target: &str, builder: &Bound<'py, DictionaryBuilder>, extend: bool) -> PyResult<Bound<'py, PyDict>> {
+        let b = builder.borrow_mut().inner.take().ok_or_else(DictionaryBuilder::spent)?;
+        let (entries, bytes) = py.allow_threads(|| self.inner.set_dictionary(target, b, extend)).map_err(PyValueError::new_err)?;
+        let d = PyDict::new(py);
+        d.set_item("entries", entries)?;
+        d.set_item("bytes", bytes)?;
+        Ok(d)
+    }
+
+    /// Removes `target`'s dictionary; False if it had none.
+    fn drop_dictionary(&self, target: &str) -> bool {
+        self.inner.drop_dictionary(target)
+    }
+
     fn bump_epoch(&self) -> u64 {
         self.inner.core.cache.bump_epoch()
     }
@@ -175,6 +244,14 @@ impl Engine {
         for (k, v) in self.inner.stats() {
             d.set_item(k, v)?;
         }
+        let dictionaries = PyDict::new(py);
+        for (target, entries, bytes) in self.inner.dictionary_stats() {
+            let one = PyDict::new(py);
+            one.set_item("entries", entries)?;
+            one.set_item("bytes", bytes)?;
+            dictionaries.set_item(target, one)?;
+        }
+        d.set_item("dictionary", dictionaries)?;
         Ok(d)
     }
 
@@ -188,6 +265,7 @@ impl Engine {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Engine>()?;
+    m.add_class::<DictionaryBuilder>()?;
     m.add_class::<Request>()?;
     Ok(())
 }

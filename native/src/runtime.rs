@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::NativeConfig;
 use crate::engine::{EngineCore, Settings};
+use crate::masking::dictionary::DictionaryBuilder;
 use crate::masking::rules::MaskingState;
 
 /// One I/O thread with its own single-threaded tokio runtime. Sessions never share work, so
@@ -131,9 +132,52 @@ impl Engine {
     /// New layer-2 masking state (catalog rules, pseudonym key, detectors) for every session's
     /// next result. Bumps nothing: the control plane reloads decisions separately.
     pub fn set_masking(&self, json: &str) -> Result<(), String> {
-        let state = MaskingState::from_json(json)?;
+        let state = MaskingState::from_json(json, self.core.dictionaries.clone())?;
         self.core.replace_masking(state);
         Ok(())
+    }
+
+    /// Replaces `target`'s identifier dictionary with `builder`'s entries, or with `extend`
+    /// adds them to the current one (then `builder` must come from `dictionary_builder(target)`,
+    /// so both share a key). Applies to every session's next scan. Returns (entries, bytes).
+    pub fn set_dictionary(&self, target: &str, builder: DictionaryBuilder, extend: bool) -> Result<(usize, usize), String> {
+        if !self.core.settings().targets.contains_key(target) {
+            return Err(format!("no target {target:?} in the configuration; a dictionary belongs to a configured target"));
+        }
+        let dictionaries = &self.core.dictionaries;
+        let d = if extend {
+            dictionaries.replace_with::<String>(target, |current| match current {
+                None => Ok(builder.freeze()),
+                Some(d) => {
+                    let mut merged = DictionaryBuilder::from(&**d);
+                    merged.absorb(&builder).ok_or_else(|| {
+                        format!("this builder was not started from the dictionary of target {target:?}: get one from Engine.dictionary_builder({target:?}) to extend it, or replace the dictionary (extend=False)")
+                    })?;
+                    Ok(merged.freeze())
+                }
+            })?
+        } else {
+            let d = std::sync::Arc::new(builder.freeze());
+            dictionaries.set(target, d.clone());
+            d
+        };
+        Ok((d.len(), d.memory_bytes()))
+    }
+
+    /// A builder that starts from `target`'s current dictionary (its key, stop words, minimum
+    /// length and entries), to add values and pass to `set_dictionary`; None if it has none.
+    pub fn dictionary_builder(&self, target: &str) -> Option<DictionaryBuilder> {
+        self.core.dictionaries.get(target).map(|d| DictionaryBuilder::from(&*d))
+    }
+
+    /// Removes `target`'s dictionary; false if it had none.
+    pub fn drop_dictionary(&self, target: &str) -> bool {
+        self.core.dictionaries.remove(target)
+    }
+
+    /// (target, entries, bytes) of every identifier dictionary: counts only.
+    pub fn dictionary_stats(&self) -> Vec<(String, usize, usize)> {
+        self.core.dictionaries.stats()
     }
 
     pub fn stats(&self) -> Vec<(&'static str, u64)> {

@@ -55,11 +55,54 @@ Events (JSON lines, one object per line, produced in Rust, batched):
    "error": sqlstate|None}   # one per request cycle (Query or Sync)
   {"ts", "event": "auth_failure", "session_id", "peer", "sqlstate", "user"}
   {"ts", "event": "protocol_violation", "session_id", "peer", "detail"}
+
+Identifier dictionaries (names, streets, towns... that have no shape a pattern could find):
+
+    builder = DictionaryBuilder(stop_words, min_chars=2)
+    builder.add("name", first_names)      # values of one PHI kind; None is skipped
+    builder.add("address", addresses)
+    engine.set_dictionary("ehr", builder) # replaces target ehr's dictionary
+    # later, values of new rows only:
+    more = engine.dictionary_builder("ehr")
+    more.add("name", new_names)
+    engine.set_dictionary("ehr", more, extend=True)
+
+  Every text the content detectors scan for a masked identity (unclassified text and JSON
+  columns, free_text masks, COPY output, error and notice fields) then has each stored token
+  sequence replaced by its kind's tag: [NAME], [ADDRESS], [CITY], [ZIP], [MRN], [EMAIL],
+  [PHONE], [SSN], [DOB], other kinds [PHI]. Matching ignores case, accents and punctuation
+  between tokens ("Harris, Daniel" matches "daniel harris" only as a sequence; a name's tokens
+  also match alone). The dictionaries are the engine's: set_masking() does not reset them.
 """
 
+from collections.abc import Iterable
 from typing import Any
 
 __version__: str
+
+class DictionaryBuilder:
+    """Identifier values for one target's dictionary. Each value is split into tokens (runs of
+    letters and digits), folded (case, accents), hashed under a key random to the dictionary,
+    and forgotten: no clear value is kept.
+
+    What a value adds: its whole token sequence (up to 15 tokens); for kind "name" also each
+    token alone; for all-digit values and kinds "mrn", "ssn", "phone" also the digits run
+    together ("984-96-1001" matches "984961001"); for "mrn" also its longest digit run of 4 or
+    more. Tokens shorter than min_chars characters or in stop_words never match alone, and a
+    value made only of such tokens adds nothing. The tags' words (name, address, ...) are
+    always stop words."""
+
+    def __init__(self, stop_words: list[str], min_chars: int = 2) -> None: ...
+
+    def add(self, kind: str, values: Iterable[str | None]) -> int:
+        """Add values of one PHI kind ("name", "address", "city", "zip", "mrn", "email",
+        "phone", "ssn", "dob"; any other kind is tagged [PHI]). None is skipped; a value that
+        is not a str raises TypeError. Returns the entries added (a sequence already present,
+        under any kind, keeps its first kind and counts 0). RuntimeError once the builder was
+        given to Engine.set_dictionary()."""
+
+    def __len__(self) -> int:
+        """Entries so far (0 once given to Engine.set_dictionary())."""
 
 class Request:
     """One question from the data plane. Answer it exactly once with reply()."""
@@ -103,13 +146,32 @@ class Engine:
         """Apply a new config to new sessions (listen addresses are not changed)
         and bump the decision-cache epoch. Returns the new epoch."""
 
+    def dictionary_builder(self, target: str) -> DictionaryBuilder:
+        """A builder that starts from target's current dictionary: same key, stop words,
+        min_chars and entries. KeyError if the target has no dictionary."""
+
+    def set_dictionary(
+        self, target: str, builder: DictionaryBuilder, extend: bool = False
+    ) -> dict[str, int]:
+        """Make builder's entries target's dictionary, for every session's next scan; returns
+        {"entries": int, "bytes": int}. extend=False replaces the dictionary; extend=True adds
+        the builder's entries to the current one, and the builder must come from
+        dictionary_builder(target) (ValueError otherwise; with no current dictionary it simply
+        becomes it). Takes the builder: it cannot be used again. ValueError if target is not a
+        configured target."""
+
+    def drop_dictionary(self, target: str) -> bool:
+        """Remove target's dictionary; False if it had none."""
+
     def bump_epoch(self) -> int:
         """Invalidate every cached decision; returns the new epoch."""
 
-    def stats(self) -> dict[str, int]:
-        """Counters: sessions_active, sessions_total, cache_hits, cache_misses,
+    def stats(self) -> dict[str, Any]:
+        """Counters (int): sessions_active, sessions_total, cache_hits, cache_misses,
         cache_entries, requests_pending, requests_timed_out, bytes_in, bytes_out,
-        protocol_violations, auth_failures, cancels_forwarded, epoch."""
+        protocol_violations, auth_failures, cancels_forwarded, statements, rows_masked,
+        masking_failures, epoch; and "dictionary": {target: {"entries": int, "bytes": int}}
+        for every identifier dictionary (counts only)."""
 
     def shutdown(self, grace_seconds: float) -> None:
         """Stop accepting connections, let sessions finish for up to grace_seconds,

@@ -4,9 +4,16 @@
 //! Matching uses the `regex` crate, so every scan is linear in the input whatever the pattern.
 //! Values without a hit are the common case and take the fast path: a byte prefilter, then one
 //! `RegexSet` pass; the per-pattern searches only run for the patterns the set says matched.
+//!
+//! The identifier dictionaries (names, streets, towns from the database) run after the
+//! patterns, in the text the patterns left: see `hits`.
 
 use regex::{Regex, RegexSet};
 use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::masking::dictionary::{tag_spans, TAGS};
+use crate::masking::dictionary_set::DictionarySet;
 
 /// Default medical record number shape when the config names none.
 /// "MRN" in any case, optional separators, then at least 4 digits: "MRN-0012345", "mrn: 12345",
@@ -69,6 +76,10 @@ pub struct Detectors {
     /// The configured patterns (a configured MRN pattern, extra patterns) as their own set with
     /// their indexes in `rules`: they run when the built-in prefilter rules the built-ins out.
     configured: Option<(RegexSet, Vec<usize>)>,
+    /// The engine's identifier dictionaries (empty unless `with_dictionaries`).
+    dictionaries: Arc<DictionarySet>,
+    /// Every tag a scrub can write: walls for the dictionaries, so tags are never words.
+    tags: Vec<String>,
 }
 
 type Accept = fn(&str, usize, usize) -> bool;
@@ -192,7 +203,17 @@ impl Detectors {
         } else {
             Some((RegexSet::new(configured.iter().map(|&i| rules[i].re.as_str()))?, configured))
         };
-        Ok(Detectors { set, rules, configured })
+        let mut tags: Vec<String> = rules.iter().map(|r| r.tag.clone()).chain(TAGS.iter().map(|t| t.to_string())).collect();
+        tags.sort();
+        tags.dedup();
+        Ok(Detectors { set, rules, configured, dictionaries: Arc::default(), tags })
+    }
+
+    /// These detectors with the engine's identifier dictionaries (read at every scan, so a
+    /// dictionary swapped in later applies at once).
+    pub fn with_dictionaries(mut self, dictionaries: Arc<DictionarySet>) -> Self {
+        self.dictionaries = dictionaries;
+        self
     }
 
     /// The built-in detectors with the default MRN pattern.
@@ -216,13 +237,43 @@ impl Detectors {
     }
 
     /// False when no detector can fire on these bytes, checked without decoding them: the
-    /// built-in shapes are ASCII, and configured patterns always need the full check.
+    /// built-in shapes are ASCII; configured patterns and dictionaries always need the full check.
     pub fn may_hit(&self, bytes: &[u8]) -> bool {
-        self.configured.is_some() || builtin_may_match(bytes)
+        self.configured.is_some() || self.dictionaries.any() || builtin_may_match(bytes)
     }
 
-    /// Every hit, sorted by position, without overlaps (the earliest, then longest, wins).
+    /// Every hit, sorted by position, without overlaps.
+    ///
+    /// Patterns first: among them the earliest, then longest, wins. Then each dictionary (in
+    /// target order) scans only the text outside earlier hits and outside tags already in the
+    /// text, so its hits never overlap (none is dropped half-way, leaving the rest of a name in
+    /// clear) and scrubbing twice changes nothing the first time did not.
     pub fn hits(&self, text: &str) -> Vec<Hit> {
+        let mut hits = self.pattern_hits(text);
+        if !self.dictionaries.any() {
+            return hits;
+        }
+        let dictionaries = self.dictionaries.load();
+        let mut walls: Vec<(usize, usize)> = hits.iter().map(|h| (h.start, h.end)).collect();
+        walls.extend(tag_spans(text, &self.tags));
+        walls.sort_unstable();
+        let patterns = hits.len();
+        for (i, d) in dictionaries.values().enumerate() {
+            let from = hits.len();
+            d.scan_between(text, &walls, &mut hits);
+            if hits.len() > from && i + 1 < dictionaries.len() {
+                walls.extend(hits[from..].iter().map(|h| (h.start, h.end)));
+                walls.sort_unstable();
+            }
+        }
+        if hits.len() > patterns {
+            hits.sort_unstable_by_key(|h| h.start);
+        }
+        hits
+    }
+
+    /// The pattern hits: sorted, without overlaps (the earliest, then longest, wins).
+    fn pattern_hits(&self, text: &str) -> Vec<Hit> {
         let matched = self.candidates(text);
         if matched.is_empty() {
             return Vec::new();
@@ -255,15 +306,20 @@ impl Detectors {
     }
 
     /// `text` with every detected identifier replaced by its tag; borrowed when nothing matched.
-    /// Idempotent for the built-in detectors: tags contain no digits and no '@'.
+    /// Idempotent for the built-in detectors (tags contain no digits and no '@') and for the
+    /// dictionaries (tags are walls to them).
     pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let hits = self.hits(text);
+        Self::replace(text, &self.hits(text))
+    }
+
+    /// `text` with each of `hits` (sorted, not overlapping) replaced by its tag.
+    pub fn replace<'a>(text: &'a str, hits: &[Hit]) -> Cow<'a, str> {
         if hits.is_empty() {
             return Cow::Borrowed(text);
         }
         let mut s = String::with_capacity(text.len());
         let mut last = 0;
-        for h in &hits {
+        for h in hits {
             s.push_str(&text[last..h.start]);
             s.push_str(&h.tag);
             last = h.end;
@@ -397,7 +453,68 @@ mod tests {
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 
+    fn with_dictionary() -> Detectors {
+        use crate::masking::dictionary::Kind;
+        let set = crate::masking::dictionary_set::test_set(&[
+            (Kind::Name, "Daniel Harris"),
+            (Kind::Name, "Müller"),
+            (Kind::Address, "12 Elm Street"),
+            (Kind::Address, "4567 Oak Avenue"),
+            (Kind::City, "Springfield"),
+            (Kind::Phone, "555-010-4477"),
+        ]);
+        Detectors::standard().with_dictionaries(set)
+    }
+
+    #[test]
+    fn dictionary_hits_join_the_pattern_hits() {
+        let d = with_dictionary();
+        assert_eq!(
+            d.scrub("Harris, Daniel (ssn 123-45-6789) lives at 12 Elm Street, Springfield; call 5550104477 or MULLER."),
+            "[NAME], [NAME] (ssn [SSN]) lives at [ADDRESS], [CITY]; call [PHONE] or [NAME]."
+        );
+        // Patterns first; a dictionary never matches inside or across a pattern hit.
+        assert_eq!(d.scrub("mail daniel.harris@example.org"), "mail [EMAIL]");
+        assert_eq!(d.scrub("call 555-123-4567 Oak Avenue"), "call [PHONE] Oak Avenue");
+        let hits = d.hits("call 555-123-4567 Oak Avenue, Daniel");
+        assert!(hits.windows(2).all(|w| w[0].end <= w[1].start), "{hits:?}");
+        // Every value may hold a name once a dictionary has entries.
+        assert!(d.may_hit(b"no digits here") && !det().may_hit(b"no digits here"));
+        assert_eq!(det().scrub("Daniel Harris"), "Daniel Harris", "no dictionary: the patterns alone, as before");
+    }
+
+    #[test]
+    fn a_dictionary_set_later_applies_to_existing_detectors() {
+        use crate::masking::dictionary::{DictionaryBuilder, Kind};
+        let set = Arc::new(DictionarySet::default());
+        let d = Detectors::standard().with_dictionaries(set.clone());
+        assert_eq!(d.scrub("Okafor"), "Okafor");
+        let mut b = DictionaryBuilder::new([], 2);
+        b.add(Kind::Name, "Okafor");
+        set.set("ehr", Arc::new(b.freeze()));
+        assert_eq!(d.scrub("Okafor"), "[NAME]");
+        set.remove("ehr");
+        assert_eq!(d.scrub("Okafor"), "Okafor");
+    }
+
     proptest! {
+        #[test]
+        fn scrub_with_a_dictionary_is_idempotent(s in "[ -~]{0,60}", pick in prop::collection::vec(0usize..6, 1..5), ssn in "[0-9]{3}-[0-9]{2}-[0-9]{4}") {
+            let d = with_dictionary();
+            let parts = ["Daniel Harris", "harris", "12 elm street", "Springfield", "555 010 4477", "[NAME] [CITY]"];
+            let mut input = format!("{s} {ssn}");
+            for &p in &pick {
+                input.push(' ');
+                input.push_str(parts[p]);
+                input.push(' ');
+                input.push_str(&s);
+            }
+            let once = d.scrub(&input).into_owned();
+            prop_assert!(!once.contains(&ssn));
+            prop_assert!(!once.to_lowercase().contains("harris") && !once.contains("Springfield"));
+            prop_assert_eq!(d.scrub(&once).into_owned(), once);
+        }
+
         #[test]
         fn scrub_is_idempotent(s in "[ -~]{0,80}", ssn in "[0-9]{3}-[0-9]{2}-[0-9]{4}") {
             let d = det();

@@ -382,6 +382,34 @@ fn free_text_and_scan() {
 }
 
 #[test]
+fn names_from_the_dictionary_in_scanned_text_json_and_copy() {
+    use crate::masking::dictionary::Kind;
+    let set = crate::masking::dictionary_set::test_set(&[(Kind::Name, "Daniel Harris"), (Kind::Address, "12 Elm Street")]);
+    let ctx = Arc::new(MaskContext::new(b"test key 0123456789abcdef0123456", Arc::new(Detectors::standard().with_dictionaries(set))));
+    let plan = MaskPlan::from_columns(
+        vec![
+            ColumnPlan { type_oid: 25, format: Format::Text, action: Action::Scan },
+            ColumnPlan { type_oid: 3802, format: Format::Text, action: Action::Scan },
+            ColumnPlan { type_oid: 114, format: Format::Text, action: Action::Mask { mask: Mask::FreeText, why: Why::NoOrigin } },
+        ],
+        ctx,
+    );
+    let note: &[u8] = b"seen with HARRIS, Daniel";
+    let jsonb: &[u8] = br#"{"contact": "Daniel Harris", "home": "12 Elm Street"}"#;
+    let json: &[u8] = br#"["daniel", 12]"#;
+    let mut out = BytesMut::new();
+    mask_data_row(&plan, &data_row(&[Some(note), Some(jsonb), Some(json)]), &mut out).unwrap();
+    let row = parse_row(&out);
+    assert_eq!(row[0].as_deref(), Some(&b"seen with [NAME], [NAME]"[..]));
+    assert_eq!(row[1].as_deref(), Some(&br#"{"contact": "[NAME]", "home": "[ADDRESS]"}"#[..]));
+    assert_eq!(row[2].as_deref(), Some(&br#"["[NAME]", 12]"#[..]));
+    // The same columns as a text COPY line.
+    let mut out = BytesMut::new();
+    mask_copy_data(&plan, b"Daniel Harris\\tat home\t{\"a\": \"harris\"}\t\\N\n", b'\t', &mut out).unwrap();
+    assert_eq!(&out[5..], &b"[NAME]\\tat home\t{\"a\": \"[NAME]\"}\t\\N\n"[..]);
+}
+
+#[test]
 fn copy_text_rows() {
     let plan = MaskPlan::from_columns(
         vec![

@@ -1,14 +1,18 @@
-//! PHI masking in the data plane: mask plans and values, detectors and their prefilter, error scrubbing, rules
-//! pushed by the control plane, and the row guard that matches every row to its statement.
+//! PHI masking in the data plane: mask plans and values, detectors and their prefilter, the
+//! identifier dictionaries, error scrubbing, rules pushed by the control plane, and the row guard
+//! that matches every row to its statement.
 
 pub mod copy;
 pub mod dates;
 pub mod detectors;
+pub mod dictionary;
+pub mod dictionary_set;
 pub mod plan;
 pub mod prefilter;
 pub mod rowguard;
 pub mod rules;
 pub mod scrub;
+pub mod tokens;
 pub mod values;
 
 #[cfg(test)]

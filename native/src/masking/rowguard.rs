@@ -279,7 +279,7 @@ mod tests {
     use std::time::Instant;
 
     fn state() -> MaskingState {
-        MaskingState::from_json(r#"{"pseudonym_key_hex":"00","targets":{"ehr":{"rules":[[500,1,"ssn","redact"]]}}}"#).unwrap()
+        MaskingState::from_json(r#"{"pseudonym_key_hex":"00","targets":{"ehr":{"rules":[[500,1,"ssn","redact"]]}}}"#, Default::default()).unwrap()
     }
 
     fn guard(clear: &[&str]) -> RowGuard {

@@ -1,12 +1,14 @@
 //! What the data plane needs to verify masking (layer 2): per target, the classified columns by
 //! (table OID, attnum) from the control plane's catalog; the pseudonym key; the compiled content
-//! detectors. Replaced whole on every catalog load or reload (`Engine::set_masking`).
+//! detectors. Replaced whole on every catalog load or reload (`Engine::set_masking`); the
+//! identifier dictionaries are the engine's and outlive it.
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::masking::detectors::{DetectorConfig, Detectors};
+use crate::masking::dictionary_set::DictionarySet;
 use crate::masking::values::{ColumnRule, Mask, MaskContext};
 
 /// The classification of one target, as the catalog resolved it.
@@ -28,12 +30,14 @@ pub struct MaskingState {
 impl MaskingState {
     /// Before the control plane has sent anything: built-in detectors, a random pseudonym key
     /// (no pseudonym can be configured without a key file, so none is ever shown), no rules.
-    pub fn initial() -> Self {
+    pub fn initial(dictionaries: Arc<DictionarySet>) -> Self {
         let key: [u8; 32] = rand::random();
-        MaskingState { ctx: Arc::new(MaskContext::new(&key, Arc::new(Detectors::standard()))), targets: HashMap::new() }
+        let detectors = Detectors::standard().with_dictionaries(dictionaries);
+        MaskingState { ctx: Arc::new(MaskContext::new(&key, Arc::new(detectors))), targets: HashMap::new() }
     }
 
-    pub fn from_json(s: &str) -> Result<Self, String> {
+    /// The state the control plane sent; its detectors scan with the engine's `dictionaries`.
+    pub fn from_json(s: &str, dictionaries: Arc<DictionarySet>) -> Result<Self, String> {
         let doc: MaskingDoc = serde_json::from_str(s).map_err(|e| format!("masking state: {e}"))?;
         let key = match &doc.pseudonym_key_hex {
             Some(h) => hex_decode(h).ok_or("masking state: pseudonym_key_hex is not hex")?,
@@ -47,7 +51,8 @@ impl MaskingState {
             extra: doc.extra_patterns.into_iter().collect(),
             ssn_valid_only: false,
         })
-        .map_err(|e| format!("masking state: a detector pattern does not compile: {e}"))?;
+        .map_err(|e| format!("masking state: a detector pattern does not compile: {e}"))?
+        .with_dictionaries(dictionaries);
         let mut zip3_restricted = Vec::new();
         for p in doc.zip3_restricted.iter().flatten() {
             match p.as_bytes() {
@@ -115,6 +120,7 @@ mod tests {
         let s = MaskingState::from_json(
             r#"{"pseudonym_key_hex":"00ff","mrn_pattern":"H[0-9]{6}","extra_patterns":{"NHS":"NHS[0-9]{10}"},
                 "targets":{"ehr":{"rules":[[16384,2,"ssn","partial:4"],[16384,3,"name","pseudonym"]],"protected_oids":[17000]}}}"#,
+            Arc::default(),
         )
         .unwrap();
         let t = &s.targets["ehr"];
@@ -122,16 +128,17 @@ mod tests {
         assert_eq!(&*t.rules[&(16384, 3)].kind, "name");
         assert!(t.protected_oids.contains(&17000));
         assert_eq!(s.ctx.detectors.scrub("see H123456 and NHS0123456789"), "see [MRN] and [NHS]");
-        assert!(MaskingState::from_json(r#"{"pseudonym_key_hex":"zz"}"#).is_err());
-        assert!(MaskingState::from_json(r#"{"targets":{"ehr":{"rules":[[1,1,"ssn","scramble"]]}}}"#).is_err());
-        assert!(MaskingState::from_json(r#"{"mrn_pattern":"("}"#).is_err());
-        assert!(MaskingState::from_json(r#"{"surprise":1}"#).is_err());
+        assert!(MaskingState::from_json(r#"{"pseudonym_key_hex":"zz"}"#, Arc::default()).is_err());
+        assert!(MaskingState::from_json(r#"{"targets":{"ehr":{"rules":[[1,1,"ssn","scramble"]]}}}"#, Arc::default()).is_err());
+        assert!(MaskingState::from_json(r#"{"mrn_pattern":"("}"#, Arc::default()).is_err());
+        assert!(MaskingState::from_json(r#"{"surprise":1}"#, Arc::default()).is_err());
     }
 
     #[test]
     fn zip3_list_comes_with_the_state() {
         let s = MaskingState::from_json(
             r#"{"zip3_restricted":["036","893"],"targets":{"ehr":{"rules":[[16384,7,"zip","zip3"]]}}}"#,
+            Arc::default(),
         )
         .unwrap();
         assert_eq!(s.targets["ehr"].rules[&(16384, 7)].mask, Mask::Zip3);
@@ -139,9 +146,9 @@ mod tests {
         assert_eq!(s.ctx.zip3("89301-1234"), "000**");
         assert_eq!(s.ctx.zip3("02139"), "021**");
         // A zip3 rule without the list, or a malformed entry, is refused: fail closed.
-        assert!(MaskingState::from_json(r#"{"targets":{"ehr":{"rules":[[1,1,"zip","zip3"]]}}}"#).is_err());
-        assert!(MaskingState::from_json(r#"{"zip3_restricted":["36"]}"#).is_err());
-        assert!(MaskingState::from_json(r#"{"zip3_restricted":["03a"]}"#).is_err());
-        assert!(MaskingState::from_json(r#"{"zip3_restricted":["٠٣٦"]}"#).is_err());
+        assert!(MaskingState::from_json(r#"{"targets":{"ehr":{"rules":[[1,1,"zip","zip3"]]}}}"#, Arc::default()).is_err());
+        assert!(MaskingState::from_json(r#"{"zip3_restricted":["36"]}"#, Arc::default()).is_err());
+        assert!(MaskingState::from_json(r#"{"zip3_restricted":["03a"]}"#, Arc::default()).is_err());
+        assert!(MaskingState::from_json(r#"{"zip3_restricted":["٠٣٦"]}"#, Arc::default()).is_err());
     }
 }

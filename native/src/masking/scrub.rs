@@ -280,6 +280,27 @@ mod tests {
         assert!(f(&m, b'M').is_some());
     }
 
+    #[test]
+    fn names_from_the_dictionary_are_tagged_in_errors_and_notices() {
+        use crate::masking::dictionary::Kind;
+        let set = crate::masking::dictionary_set::test_set(&[(Kind::Name, "Daniel Harris"), (Kind::City, "Springfield")]);
+        let d = Detectors::standard().with_dictionaries(set);
+        let body = body(&[
+            (b'S', "ERROR"), (b'C', "P0001"),
+            (b'M', "patient Daniel Harris of Springfield has no chart"),
+            (b'H', "ask harris"),
+            (b't', "patients"),
+        ]);
+        let (m, r) = scrubbed(b'E', &body, &d).unwrap();
+        assert_eq!(f(&m, b'M').unwrap(), "patient [NAME] of [CITY] has no chart");
+        assert_eq!(f(&m, b'H').unwrap(), "ask [NAME]");
+        assert_eq!(f(&m, b't').as_deref(), Some("patients"));
+        assert!(r.changed && r.message_hmac.is_some());
+        // Scrubbing the scrubbed message changes nothing.
+        let (again, _) = scrubbed(b'E', &m[5..], &d).unwrap();
+        assert_eq!(again, m);
+    }
+
     proptest! {
         #[test]
         fn scrubbing_is_idempotent(msg in "[ -~]{0,60}", ssn in "[0-9]{3}-[0-9]{2}-[0-9]{4}", state in prop::sample::select(vec!["22P02", "23505", "P0001"])) {

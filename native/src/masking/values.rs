@@ -506,7 +506,7 @@ pub(crate) fn scan_value<'v>(ctx: &MaskContext, ty: Ty, fmt: Format, v: &'v [u8]
     if hits.is_empty() {
         return Ok(Some(Cow::Borrowed(v)));
     }
-    let scrubbed = ctx.detectors.scrub(&s);
+    let scrubbed = Detectors::replace(&s, &hits);
     let ok = match ty {
         Ty::Text => true,
         Ty::Json | Ty::Jsonb => serde_json::from_str::<serde::de::IgnoredAny>(&scrubbed).is_ok(),

@@ -411,6 +411,7 @@ fn masked_identity() -> Identity {
 fn run(ops: Vec<Op>, schedule: Vec<u8>) -> Result<(), String> {
     let state = MaskingState::from_json(
         r#"{"pseudonym_key_hex":"00","targets":{"ehr":{"rules":[[1001,1,"k","redact"],[1003,1,"k","redact"],[1005,1,"k","redact"]]}}}"#,
+        Default::default(),
     )
     .map_err(|e| e.to_string())?;
     let mut client = Client::default();

@@ -1,0 +1,504 @@
+//! Word tokens of text for the identifier dictionary: maximal runs of Unicode letters and digits,
+//! folded so that case and accents do not matter ("Müller", "MULLER" and "muller" fold alike).
+//!
+//! The scanner runs over every text value going to a masked identity, so ASCII text takes a
+//! fast path: 64 bytes at a time become bit masks (ASCII letter or digit; non-ASCII byte) and
+//! tokens are found by counting bits, with no branch per byte; an ASCII token up to 16 bytes is
+//! folded by two loads and an OR (lowercase = `| 0x20` for ASCII letters and digits alike). A
+//! token with a non-ASCII character, or longer than 16 bytes, is folded char by char.
+
+use unicode_normalization::char::{decompose_compatible, is_combining_mark};
+
+/// A folded token in a form that does not depend on how it was found: up to 16 bytes as one
+/// zero-padded little-endian u128 (tokens never contain a zero byte, so this is exact), longer
+/// ones as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folded<'a> {
+    Short(u128),
+    Long(&'a [u8]),
+}
+
+impl<'a> Folded<'a> {
+    /// The canonical form of folded bytes.
+    pub fn of(bytes: &'a [u8]) -> Self {
+        if bytes.len() <= 16 {
+            let mut w = [0u8; 16];
+            w[..bytes.len()].copy_from_slice(bytes);
+            Folded::Short(u128::from_le_bytes(w))
+        } else {
+            Folded::Long(bytes)
+        }
+    }
+
+    /// The folded bytes (`buf` holds a short token's).
+    pub fn bytes<'b>(&'b self, buf: &'b mut [u8; 16]) -> &'b [u8] {
+        match *self {
+            Folded::Short(w) => {
+                *buf = w.to_le_bytes();
+                let n = buf.iter().position(|&c| c == 0).unwrap_or(16);
+                &buf[..n]
+            }
+            Folded::Long(b) => b,
+        }
+    }
+}
+
+/// A letter or digit: starts and continues a token.
+#[inline]
+fn is_word(c: char) -> bool {
+    c.is_alphanumeric()
+}
+
+/// Continues a token without starting one: combining marks, so that decomposed text
+/// ("Mu\u{308}ller") is the same token as precomposed text ("Müller").
+#[inline]
+fn continues_word(c: char) -> bool {
+    is_word(c) || is_combining_mark(c)
+}
+
+/// Appends the fold of `c`: compatibility decomposition (NFKD: accents become combining marks,
+/// full-width and other compatibility forms their plain letter), lowercase, "ß" as "ss" (so
+/// "Straße" and "STRASSE" meet), and only letters and digits kept (combining marks dropped, and
+/// the punctuation some forms decompose to: "½" is "1⁄2"), so a fold is one token again.
+pub fn fold_char(c: char, out: &mut Vec<u8>) {
+    if c.is_ascii() {
+        out.push(c.to_ascii_lowercase() as u8);
+        return;
+    }
+    decompose_compatible(c, |d| {
+        if is_combining_mark(d) {
+            return;
+        }
+        // to_lowercase can itself yield a mark ('İ' → "i\u{307}").
+        for l in d.to_lowercase().filter(|&l| is_word(l)) {
+            if l == 'ß' {
+                out.extend_from_slice(b"ss");
+            } else {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(l.encode_utf8(&mut b).as_bytes());
+            }
+        }
+    });
+}
+
+/// A token found by `Tokens::fill`: its byte range and the hash of its fold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tok {
+    pub start: usize,
+    pub end: usize,
+    pub hash: u64,
+}
+
+/// The tokens of `text[from..to]`, one at a time (`next_token`) or many (`fill`), with folds.
+pub struct Tokens<'a> {
+    text: &'a str,
+    from: usize,
+    to: usize,
+    pos: usize,
+    /// The 64-byte block being read: its first byte's index and its masks (bit j = byte
+    /// `block + j`): ASCII letters and digits, and non-ASCII bytes, both within the window.
+    block: usize,
+    word: u64,
+    high: u64,
+    /// Folds of long or non-ASCII tokens; allocated the first time one occurs.
+    spill: Vec<u8>,
+}
+
+impl<'a> Tokens<'a> {
+    /// Tokens of the whole text.
+    pub fn new(text: &'a str) -> Self {
+        Self::within(text, 0, text.len())
+    }
+
+    /// Tokens of `text[from..to]` (both char boundaries): a token never crosses either end.
+    pub fn within(text: &'a str, from: usize, to: usize) -> Self {
+        assert!(from <= to && text.is_char_boundary(from) && text.is_char_boundary(to));
+        let mut t = Tokens { text, from, to, pos: from, block: from, word: 0, high: 0, spill: Vec::new() };
+        t.load(from);
+        t
+    }
+
+    /// Reads the masks of the block starting at `block` (blocks are 64-byte steps from `from`).
+    #[inline]
+    fn load(&mut self, block: usize) {
+        self.block = block;
+        let b = &self.text.as_bytes()[..self.to];
+        let (word, high) = if block + 64 <= b.len() {
+            masks::of(b[block..block + 64].try_into().expect("64 bytes"))
+        } else if block < b.len() {
+            let mut tail = [0u8; 64];
+            tail[..b.len() - block].copy_from_slice(&b[block..]);
+            masks::of(&tail)
+        } else {
+            (0, 0)
+        };
+        (self.word, self.high) = (word, high);
+    }
+
+    /// Moves the block forward so that it holds `pos`; false when `pos` is past the window.
+    #[inline]
+    fn reach(&mut self, pos: usize) -> bool {
+        if pos >= self.to {
+            return false;
+        }
+        if pos >= self.block + 64 {
+            self.load(self.from + (pos - self.from) / 64 * 64);
+        }
+        true
+    }
+
+    #[inline]
+    fn char_at(&self, i: usize) -> char {
+        self.text[i..self.to].chars().next().unwrap_or('\0')
+    }
+
+    /// The next token: its byte range in the text and its fold.
+    #[inline]
+    pub fn next_token(&mut self) -> Option<(usize, usize, Folded<'_>)> {
+        // The start: the first letter or digit at or after `pos`.
+        let start = loop {
+            if !self.reach(self.pos) {
+                self.pos = self.to;
+                return None;
+            }
+            let off = self.pos - self.block;
+            let found = (self.word | self.high) >> off;
+            if found == 0 {
+                self.pos = self.block + 64;
+                continue;
+            }
+            let i = self.pos + found.trailing_zeros() as usize;
+            if self.word >> (i - self.block) & 1 == 1 {
+                break i;
+            }
+            let c = self.char_at(i);
+            if is_word(c) {
+                return Some(self.fold_from(i));
+            }
+            self.pos = i + c.len_utf8();
+        };
+        // The end: the first byte at or after `start` that is not an ASCII letter or digit.
+        let mut end = start;
+        loop {
+            if !self.reach(end) {
+                end = self.to;
+                break;
+            }
+            let rest = !self.word >> (end - self.block);
+            if rest != 0 {
+                end += rest.trailing_zeros() as usize;
+                break;
+            }
+            end = self.block + 64;
+        }
+        let end = end.min(self.to);
+        if end < self.to && self.high >> (end - self.block) & 1 == 1 && continues_word(self.char_at(end)) {
+            return Some(self.fold_from(start));
+        }
+        self.pos = end;
+        Some((start, end, self.ascii_fold(start, end)))
+    }
+
+    /// Appends tokens to `out` until it is full or the text ends, each with `hash` of its fold;
+    /// returns how many (fewer than `out.len()` only at the end of the text).
+    ///
+    /// A block of 64 ASCII bytes yields all its tokens from two bit masks (token starts: a
+    /// letter or digit after something else; ends: the reverse), with no branch per byte.
+    /// Blocks with a non-ASCII byte, and tokens of 64 bytes or more, go through `next_token`.
+    #[inline]
+    pub fn fill(&mut self, out: &mut [Tok], mut hash: impl FnMut(Folded<'_>) -> u64) -> usize {
+        let mut n = 0;
+        while n < out.len() && self.pos < self.to {
+            let base = self.pos;
+            let (word, high) = self.masks_at(base);
+            if high != 0 {
+                let Some((start, end, f)) = self.next_token() else { break };
+                out[n] = Tok { start, end, hash: hash(f) };
+                n += 1;
+                continue;
+            }
+            // `pos` is never inside a token, so bit 0 needs no carry from the byte before.
+            let mut starts = word & !(word << 1);
+            let mut ends = !word & (word << 1);
+            loop {
+                if starts == 0 {
+                    self.pos = (base + 64).min(self.to);
+                    break;
+                }
+                let s = starts.trailing_zeros() as usize;
+                if ends == 0 {
+                    // The last token runs past the block: read it again from its start, or
+                    // (64 bytes or longer) through the general path.
+                    if s > 0 {
+                        self.pos = base + s;
+                    } else if let Some((start, end, f)) = self.next_token() {
+                        out[n] = Tok { start, end, hash: hash(f) };
+                        n += 1;
+                    }
+                    break;
+                }
+                let e = ends.trailing_zeros() as usize;
+                starts &= starts - 1;
+                ends &= ends - 1;
+                let (start, end) = (base + s, base + e);
+                out[n] = Tok { start, end, hash: hash(self.ascii_fold(start, end)) };
+                n += 1;
+                if n == out.len() {
+                    self.pos = end;
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    /// The masks of the 64 bytes at `base` (bytes from `to` on count as neither).
+    #[inline]
+    fn masks_at(&self, base: usize) -> (u64, u64) {
+        let b = self.text.as_bytes();
+        if base + 64 <= self.to {
+            masks::of(b[base..base + 64].try_into().expect("64 bytes"))
+        } else {
+            let mut tail = [0u8; 64];
+            tail[..self.to - base].copy_from_slice(&b[base..self.to]);
+            masks::of(&tail)
+        }
+    }
+
+    /// The fold of the ASCII letters and digits `text[start..end]`.
+    #[inline]
+    fn ascii_fold(&mut self, start: usize, end: usize) -> Folded<'_> {
+        let b = self.text.as_bytes();
+        let len = end - start;
+        if len > 16 {
+            self.spill.clear();
+            self.spill.extend(b[start..end].iter().map(|c| c | 0x20));
+            return Folded::Long(&self.spill);
+        }
+        // Two little-endian loads; bytes past the token are masked off.
+        let mut w = [0u8; 16];
+        if start + 16 <= b.len() {
+            w.copy_from_slice(&b[start..start + 16]);
+        } else {
+            w[..b.len() - start].copy_from_slice(&b[start..]);
+        }
+        let keep = if len == 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
+        Folded::Short((u128::from_le_bytes(w) | 0x2020_2020_2020_2020_2020_2020_2020_2020) & keep)
+    }
+
+    /// Folds the token starting at `start` char by char (it has a non-ASCII letter, digit or mark).
+    fn fold_from(&mut self, start: usize) -> (usize, usize, Folded<'_>) {
+        self.spill.clear();
+        let mut end = start;
+        for c in self.text[start..self.to].chars() {
+            if !(if end == start { is_word(c) } else { continues_word(c) }) {
+                break;
+            }
+            fold_char(c, &mut self.spill);
+            end += c.len_utf8();
+        }
+        self.pos = end;
+        (start, end, Folded::of(&self.spill))
+    }
+}
+
+/// The two masks of a 64-byte block: ASCII letters and digits; bytes >= 0x80.
+mod masks {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub fn of(b: &[u8; 64]) -> (u64, u64) {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of the x86_64 baseline; each load reads 16 bytes inside `b`.
+        unsafe {
+            let (a, z, zero, nine, fold) =
+                (_mm_set1_epi8(b'a' as i8), _mm_set1_epi8(b'z' as i8), _mm_set1_epi8(b'0' as i8), _mm_set1_epi8(b'9' as i8), _mm_set1_epi8(0x20));
+            let (mut word, mut high) = (0u64, 0u64);
+            for k in 0..4 {
+                let v = _mm_loadu_si128(b.as_ptr().add(16 * k) as *const __m128i);
+                // Unsigned range checks: min(max(x, lo), hi) == x exactly for lo..=hi. OR 0x20
+                // maps 'A'..='Z' onto 'a'..='z' and nothing else into that range.
+                let l = _mm_or_si128(v, fold);
+                let letter = _mm_cmpeq_epi8(_mm_min_epu8(_mm_max_epu8(l, a), z), l);
+                let digit = _mm_cmpeq_epi8(_mm_min_epu8(_mm_max_epu8(v, zero), nine), v);
+                word |= u64::from(_mm_movemask_epi8(_mm_or_si128(letter, digit)) as u16) << (16 * k);
+                high |= u64::from(_mm_movemask_epi8(v) as u16) << (16 * k);
+            }
+            (word, high)
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn of(b: &[u8; 64]) -> (u64, u64) {
+        scalar(b)
+    }
+
+    /// One byte at a time: the reference the SIMD version is tested against.
+    #[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
+    pub fn scalar(b: &[u8; 64]) -> (u64, u64) {
+        let (mut word, mut high) = (0u64, 0u64);
+        for (j, &c) in b.iter().enumerate() {
+            word |= u64::from(c.is_ascii_alphanumeric()) << j;
+            high |= u64::from(c >= 0x80) << j;
+        }
+        (word, high)
+    }
+}
+
+/// Every folded token of `text`, as strings (for building the dictionary and for tests).
+pub fn folded(text: &str) -> Vec<String> {
+    let mut t = Tokens::new(text);
+    let mut out = Vec::new();
+    while let Some((_, _, f)) = t.next_token() {
+        out.push(String::from_utf8_lossy(f.bytes(&mut [0; 16])).into_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The definition, char by char: the reference for the block scanner.
+    fn reference(text: &str, from: usize, to: usize) -> Vec<(usize, usize, Vec<u8>)> {
+        let mut out = vec![];
+        let mut it = text[from..to].char_indices().peekable();
+        while let Some((i, c)) = it.next() {
+            if !is_word(c) {
+                continue;
+            }
+            let mut f = vec![];
+            fold_char(c, &mut f);
+            let mut end = i + c.len_utf8();
+            while let Some(&(j, d)) = it.peek() {
+                if !continues_word(d) {
+                    break;
+                }
+                fold_char(d, &mut f);
+                end = j + d.len_utf8();
+                it.next();
+            }
+            out.push((from + i, from + end, f));
+        }
+        out
+    }
+
+    fn scanned(text: &str, from: usize, to: usize) -> Vec<(usize, usize, Vec<u8>)> {
+        let mut t = Tokens::within(text, from, to);
+        let mut out = vec![];
+        while let Some((a, b, f)) = t.next_token() {
+            out.push((a, b, f.bytes(&mut [0; 16]).to_vec()));
+        }
+        out
+    }
+
+    /// The tokens `fill` finds, in batches of `batch`, with a "hash" that is an index into the
+    /// folds it saw.
+    fn filled(text: &str, from: usize, to: usize, batch: usize) -> Vec<(usize, usize, Vec<u8>)> {
+        let mut t = Tokens::within(text, from, to);
+        let mut folds: Vec<Vec<u8>> = vec![];
+        let mut out = vec![];
+        let mut buf = vec![Tok::default(); batch];
+        loop {
+            let n = t.fill(&mut buf, |f| {
+                folds.push(f.bytes(&mut [0; 16]).to_vec());
+                folds.len() as u64 - 1
+            });
+            out.extend(buf[..n].iter().map(|k| (k.start, k.end, folds[k.hash as usize].clone())));
+            if n < batch {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn case_and_accents_fold_alike() {
+        assert_eq!(folded("Müller MULLER muller Mu\u{308}ller"), ["muller"; 4]);
+        assert_eq!(folded("García-López"), ["garcia", "lopez"]);
+        assert_eq!(folded("12 Elm Street"), ["12", "elm", "street"]);
+        assert_eq!(folded("O'Brien O’Brien"), ["o", "brien", "o", "brien"]);
+        assert_eq!(folded("Harris, Daniel"), ["harris", "daniel"]);
+        assert_eq!(folded("ＭＵＬＬＥＲ Straße STRASSE İpek"), ["muller", "strasse", "strasse", "ipek"]);
+        assert_eq!(folded("ÅSA øst Žofie"), ["asa", "øst", "zofie"]);
+        assert_eq!(folded("  ...  "), Vec::<String>::new());
+    }
+
+    #[test]
+    fn tokens_carry_their_byte_ranges_and_stop_at_the_window() {
+        let s = "Dr. Zoë Kim, 02139";
+        let ranges: Vec<&str> = scanned(s, 0, s.len()).iter().map(|(a, b, _)| &s[*a..*b]).collect();
+        assert_eq!(ranges, ["Dr", "Zoë", "Kim", "02139"]);
+        assert_eq!(scanned("abcdef", 1, 4), [(1, 4, b"bcd".to_vec())]);
+    }
+
+    #[test]
+    fn tokens_across_blocks_and_of_every_length() {
+        for len in 1..80 {
+            for at in [0, 1, 47, 63, 64, 65, 100] {
+                let mut s = ".".repeat(at);
+                s.push_str(&"Ab".repeat(len)[..len]);
+                s.push_str(" x");
+                let want = reference(&s, 0, s.len());
+                assert_eq!(scanned(&s, 0, s.len()), want, "len {len} at {at}");
+                assert_eq!(filled(&s, 0, s.len(), 3), want, "len {len} at {at}");
+                assert_eq!(filled(&s, 0, s.len() - 2, 64), reference(&s, 0, s.len() - 2), "len {len} at {at}");
+            }
+        }
+        let long_accent = format!("{}é", "A".repeat(70));
+        assert_eq!(folded(&long_accent), [format!("{}e", "a".repeat(70))]);
+    }
+
+    #[test]
+    fn short_and_long_folds_have_one_form() {
+        let mut b = [0; 16];
+        assert_eq!(Folded::of(b"muller"), Folded::of(&folded("MÜLLER")[0].clone().into_bytes()));
+        assert_eq!(Folded::of(b"abc").bytes(&mut b), b"abc");
+        assert!(matches!(Folded::of(&[b'a'; 17]), Folded::Long(_)));
+        let t = "Übermäßiglangername";
+        assert_eq!(scanned(t, 0, t.len())[0].2, b"ubermassiglangername");
+    }
+
+    #[test]
+    fn block_masks_match_the_scalar_reference() {
+        let mut b = [0u8; 64];
+        for start in (0..=255u8).step_by(64) {
+            for (j, c) in b.iter_mut().enumerate() {
+                *c = start.wrapping_add(j as u8);
+            }
+            assert_eq!(masks::of(&b), masks::scalar(&b));
+        }
+    }
+
+    proptest! {
+        /// The block scanner finds exactly the tokens and folds of the definition, in any
+        /// window of any text (ASCII-heavy with accents, marks, digits and long runs).
+        #[test]
+        fn scanner_agrees_with_the_definition(s in "([a-zA-Z0-9]{0,20}|[ .,'-]{1,3}|é|Ü|\u{308}|ß|İ|ﹲ|½|\\PC){0,40}", cut in any::<(u16, u16)>()) {
+            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
+            let (from, to) = (a.min(b), a.max(b));
+            let want = reference(&s, from, to);
+            prop_assert_eq!(&scanned(&s, from, to), &want);
+            prop_assert_eq!(&filled(&s, from, to, 1 + cut.0 as usize % 7), &want);
+            prop_assert_eq!(&filled(&s, from, to, 64), &want);
+        }
+
+        /// Mostly ASCII text, long enough for whole 64-byte blocks of the fast path, with a
+        /// rare accent or mark pushing a block onto the general path.
+        #[test]
+        fn block_path_agrees_on_ascii_text(s in "([a-zA-Z0-9]{1,30}[ .,;:()/'-]{1,2}){0,60}(é|\u{301}|Ö)?([a-zA-Z0-9]{1,30}[ .,-]){0,30}", batch in 1usize..70) {
+            let want = reference(&s, 0, s.len());
+            prop_assert_eq!(&filled(&s, 0, s.len(), batch), &want);
+            prop_assert_eq!(&scanned(&s, 0, s.len()), &want);
+        }
+
+        /// A fold is one token that folds to itself: the fold is a fixed point, so folding in
+        /// the builder and in the scan cannot drift apart.
+        #[test]
+        fn fold_is_idempotent(s in "\\PC{0,40}") {
+            for t in folded(&s).into_iter().filter(|t| !t.is_empty()) {
+                prop_assert_eq!(folded(&t), vec![t.clone()]);
+            }
+        }
+    }
+}
