@@ -41,9 +41,9 @@ class Engine:
     def dictionary_builder(self, target: str) -> Builder:
         return Builder(self.dicts.get(target))
 
-    def drop_dictionary(self, target: str) -> None:
+    def drop_dictionary(self, target: str) -> bool:
         self.calls.append(("drop", target, False))
-        self.dicts.pop(target, None)
+        return self.dicts.pop(target, None) is not None
 
 
 class FakeConfig:

@@ -31,6 +31,13 @@ NEW_FIRST, NEW_LAST = "Quillonna", "Brevak-Tasmer"
 NEW_ADDRESS, NEW_CITY, NEW_ZIP = "4471 Vontessa Crescent", "Port Ulvaric", "04871"
 
 
+class Note(dict[str, Any]):
+    """The planted note and the patient's identifiers; never shown in a failure report."""
+
+    def __repr__(self) -> str:
+        return "<note>"
+
+
 def fold_tokens(text: str) -> list[str]:
     """Words as the gateway compares them: case- and accent-folded alphanumeric runs."""
     plain = "".join(
@@ -75,8 +82,8 @@ def patient_note(pg: Any) -> Iterator[dict[str, Any]]:
             (enc, body),
         ).fetchone()[0]
         try:
-            yield {"id": nid, "body": body, "first": first, "last": last, "address": address,
-                   "city": city, "zip": zip_}  # fmt: skip
+            yield Note(id=nid, body=body, first=first, last=last, address=address, city=city,
+                       zip=zip_)  # fmt: skip
         finally:
             conn.execute("DELETE FROM notes WHERE id = %s", (nid,))
 
@@ -108,7 +115,7 @@ def _agent(gw: Any, token: Any) -> psycopg.Connection[Any]:
 def _assert_tagged(text: str, note: dict[str, Any]) -> None:
     for field in ("first", "last", "address", "city", "zip"):
         assert not contains_sequence(text, note[field]), f"{field} of the patient left in clear"
-    assert text.count("[NAME]") >= 8
+    assert text.count("[NAME]") == 7  # full, reversed, lower: two each; upper: the last name
     assert "[ADDRESS]" in text and "[CITY]" in text and "[ZIP]" in text
     assert text.endswith("plan unchanged"), "words around the identifiers stay"
 
@@ -202,8 +209,9 @@ def test_a_new_patient_is_masked_after_the_refresh(gw: Any, token: Any, pg: Any)
                     time.sleep(0.2)
             waited = time.monotonic() - started
             assert text == "[NAME] [NAME] moved to [ADDRESS], [CITY] [ZIP]."
-            # Statistics reach the refresh within about a second of the commit.
-            assert waited < REFRESH_SECONDS + 10
+            # PostgreSQL publishes an idle session's table statistics within 10 s of its commit;
+            # the next refresh after that reads the table.
+            assert waited < REFRESH_SECONDS + 10 + 3
         finally:
             admin.execute("DELETE FROM notes WHERE id = %s", (nid,))
             admin.execute("DELETE FROM patients WHERE id = %s", (pid,))

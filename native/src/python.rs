@@ -235,6 +235,13 @@ impl Engine {
         self.inner.drop_dictionary(target)
     }
 
+    /// True when the content detectors or a dictionary find an identifier in `text`: the
+    /// control plane keeps such names out of the statements it logs.
+    fn text_has_phi(&self, py: Python<'_>, text: &str) -> bool {
+        let masking = self.inner.core.masking();
+        py.allow_threads(|| !masking.ctx.detectors.hits(text).is_empty())
+    }
+
     fn bump_epoch(&self) -> u64 {
         self.inner.core.cache.bump_epoch()
     }

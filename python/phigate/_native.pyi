@@ -163,6 +163,9 @@ class Engine:
     def drop_dictionary(self, target: str) -> bool:
         """Remove target's dictionary; False if it had none."""
 
+    def text_has_phi(self, text: str) -> bool:
+        """True when the content detectors or a dictionary find an identifier in text."""
+
     def bump_epoch(self) -> int:
         """Invalidate every cached decision; returns the new epoch."""
 

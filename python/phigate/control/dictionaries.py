@@ -37,8 +37,11 @@ class DictionaryEngine(Protocol):
 
     def dictionary_builder(self, target: str) -> Any: ...
 
-    def drop_dictionary(self, target: str) -> None: ...
+    def drop_dictionary(self, target: str) -> bool: ...
 
+
+#: Every this many refreshes, every identifier table is read again (statistics aside).
+FULL_EVERY = 12
 
 Refresher = Callable[
     [Config, str, Mapping[tuple[str, str], int | None], BuilderLike], IdentifierLoad | None
@@ -56,6 +59,7 @@ class DictionaryKeeper:
         self._emit = emit
         self._refresher = refresher
         self._signatures: dict[str, Mapping[tuple[str, str], int | None]] = {}
+        self._refreshes = 0
         self._lock = asyncio.Lock()
 
     def install(
@@ -87,7 +91,13 @@ class DictionaryKeeper:
     async def refresh(self, engine: DictionaryEngine, config: Config) -> None:
         """One refresh of every target that has a dictionary (reads run in threads)."""
         async with self._lock:
+            self._refreshes += 1
+            # Every FULL_EVERY-th refresh reads every table, whatever the statistics say: they
+            # can be reset, lag, or be off for one table, and a missed name is not acceptable.
+            full = self._refreshes % FULL_EVERY == 0
             for name, before in list(self._signatures.items()):
+                if full:
+                    before = dict.fromkeys(before)
                 if name not in config.targets:
                     continue
                 builder = engine.dictionary_builder(name)

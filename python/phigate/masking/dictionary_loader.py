@@ -104,6 +104,11 @@ def relation_signatures(
     rels = sorted(set(relations))
     if not rels:
         return {}
+    # Without track_counts the counters never move: every refresh must read every table.
+    cur.execute("SELECT pg_catalog.current_setting('track_counts')::bool")
+    row = cur.fetchone()
+    if not (row and row[0]):
+        return dict.fromkeys(rels)
     cur.execute(
         "SELECT n.nspname, c.relname, c.relkind::text,"
         " s.n_tup_ins + s.n_tup_upd + s.n_tup_del"
