@@ -49,6 +49,8 @@ CREATE VIEW cat_v_over_view AS SELECT tax_id AS t FROM cat_v_renamed;
 CREATE VIEW cat_v_over_refused AS SELECT id FROM cat_v_expr;
 CREATE MATERIALIZED VIEW cat_mv AS SELECT id, email, date_of_birth AS dob FROM patients;
 CREATE TABLE cat_zips (zip_int integer, zip_short character(3), zip_ok character varying(10));
+GRANT SELECT ON cat_pat_part, cat_pat_part_1, cat_pat_part_2, cat_pat_child, cat_grandchild,
+    cat_zips, cat_mv TO {svc};
 """
 CLEANUP = """
 DROP MATERIALIZED VIEW IF EXISTS cat_mv;
@@ -60,7 +62,7 @@ DROP TABLE IF EXISTS cat_grandchild, cat_pat_child, cat_pat_part, cat_zips;
 
 @pytest.fixture(scope="module")
 def objects(pg: EhrPostgres) -> Iterator[EhrPostgres]:
-    pg.psql(CLEANUP + OBJECTS, dbname=pg.ehr_database)
+    pg.psql(CLEANUP + OBJECTS.format(svc=pg.service_user), dbname=pg.ehr_database)
     try:
         yield pg
     finally:
@@ -270,3 +272,26 @@ def test_cli_catalog_show(
     bad.write_text(dump_toml(settings(objects, confdir, COLUMNS, port=1)))
     assert cli_main(["catalog", "show", "--config", str(bad)]) == 1
     assert "cannot read the catalog" in capsys.readouterr().err
+
+
+def test_an_unreadable_identifier_column_fails_the_read_with_advice(
+    objects: EhrPostgres, confdir: Path
+) -> None:
+    """The dictionary must read every identifier column it is configured for: a table the
+    service user cannot read fails the catalog (masked identities are refused) with a message
+    that says what to grant."""
+    q(objects, "CREATE TABLE cat_secret_names (id int, name text)")
+    try:
+        cols = {**COLUMNS, "public.cat_secret_names.name": {"kind": "name", "mask": "redact"}}
+        with pytest.raises(CatalogError) as err:
+            load_catalog(config_for(objects, confdir, cols), "ehr")
+        msg = str(err.value)
+        assert "public.cat_secret_names.name" in msg and "lacks SELECT" in msg
+        assert "[phi.dictionary] kinds" in msg
+        # Without the dictionary (or without that kind in it) the catalog reads.
+        data = settings(objects, confdir, cols)
+        data["phi"]["dictionary"] = {"kinds": ["ssn", "email"]}
+        snap = load_catalog(parse_config(data, source=str(confdir / "phigate.toml")), "ehr")
+        assert snap.relation("public", "cat_secret_names") is not None
+    finally:
+        q(objects, "DROP TABLE cat_secret_names")

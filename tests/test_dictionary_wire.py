@@ -77,8 +77,8 @@ def patient_note(pg: Any) -> Iterator[dict[str, Any]]:
             f"plan unchanged"
         )
         nid = conn.execute(
-            "INSERT INTO notes (encounter_id, author, body) VALUES (%s, 'Dr. Test', %s) "
-            "RETURNING id",
+            "INSERT INTO notes (id, encounter_id, author, body)"
+            " VALUES (990001, %s, 'Dr. Test', %s) RETURNING id",
             (enc, body),
         ).fetchone()[0]
         try:
@@ -186,15 +186,16 @@ def test_a_new_patient_is_masked_after_the_refresh(gw: Any, token: Any, pg: Any)
     with psycopg.connect(pg.service_dsn(), autocommit=True) as admin:
         enc, = admin.execute("SELECT id FROM encounters ORDER BY id LIMIT 1").fetchone()
         pid = admin.execute(
-            "INSERT INTO patients (mrn, first_name, last_name, date_of_birth, ssn, address,"
-            " city, state, zip, phone, email) VALUES ('MRN-9990001', %s, %s, '1970-01-01',"
+            # An explicit id: other tests expect the id sequence where the data left it.
+            "INSERT INTO patients (id, mrn, first_name, last_name, date_of_birth, ssn, address,"
+            " city, state, zip, phone, email) VALUES (990001, 'MRN-9990001', %s, %s, '1970-01-01',"
             " '900-00-0001', %s, %s, 'ME', %s, '(207) 555-0100', 'new.patient@example.org')"
             " RETURNING id",
             (NEW_FIRST, NEW_LAST, NEW_ADDRESS, NEW_CITY, NEW_ZIP),
         ).fetchone()[0]
         body = f"{NEW_FIRST} {NEW_LAST} moved to {NEW_ADDRESS}, {NEW_CITY} {NEW_ZIP}."
         nid = admin.execute(
-            "INSERT INTO notes (encounter_id, author, body) VALUES (%s, 'Dr. Test', %s)"
+            "INSERT INTO notes (id, encounter_id, author, body) VALUES (990002, %s, 'Dr. Test', %s)"
             " RETURNING id", (enc, body),
         ).fetchone()[0]  # fmt: skip
         try:

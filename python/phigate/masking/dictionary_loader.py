@@ -140,7 +140,20 @@ def read_identifiers(
         sql = f"SELECT DISTINCT {col}::text FROM {rel} WHERE {col} IS NOT NULL"  # noqa: S608
         with conn.cursor(name=f"phigate_dictionary_{ncols}") as cur:
             cur.itersize = BATCH_ROWS
-            cur.execute(sql)
+            try:
+                cur.execute(sql)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != "42501":
+                    raise
+                from phigate.masking.classification import CatalogError
+
+                # The catalog read fails with this reason (masked identities are refused
+                # until it succeeds): a dictionary without the column would miss its names.
+                raise CatalogError(
+                    f"the identifier dictionary cannot read {schema}.{table}.{column} (kind "
+                    f"{kind!r}): the service user lacks SELECT on {schema}.{table}; grant it, "
+                    f"or leave {kind!r} out of [phi.dictionary] kinds"
+                ) from None
             while True:
                 rows = cur.fetchmany(BATCH_ROWS)
                 if not rows:
