@@ -4,6 +4,8 @@ ZIPs written in notes reach agents tagged ([NAME], [ADDRESS], [CITY], [ZIP]) thr
 clinicians read the same notes unchanged; a patient inserted after start is masked once the
 dictionary has refreshed; the events say what was loaded without a single value."""
 
+# ruff: noqa: S608  # statements name a patient on purpose (never printed)
+
 from __future__ import annotations
 
 import asyncio
@@ -225,3 +227,31 @@ def test_events_report_the_dictionary_without_values(gw: Any, patient_note: Any)
     text = gw.events_log.read_text().lower()
     for field in ("first", "last", "address", "city"):
         assert patient_note[field].lower() not in text
+
+
+def test_a_column_named_like_a_patient_is_not_logged(
+    gw: Any, token: Any, patient_note: Any
+) -> None:
+    """A made-up column the analyzer cannot tell from a real one (encounters is not classified,
+    so the catalog does not list its columns) is logged as a placeholder when the dictionary
+    knows the word; the server's error reaches the agent with the name tagged."""
+    last = patient_note["last"]
+    marker = "SELECT department FROM encounters LIMIT 1"
+    with _agent(gw, token) as conn:
+        quoted, folded = f'SELECT "{last}" FROM encounters', f"SELECT e.{last} FROM encounters e"
+        for sql in (quoted, folded):
+            with pytest.raises(psycopg.errors.UndefinedColumn) as err:
+                conn.execute(sql)
+            primary = err.value.diag.message_primary or ""
+            assert not contains_sequence(primary, last) and "[NAME]" in primary
+        conn.execute(marker)  # a real column stays named
+    # The events sink writes in batches: wait for the marker statement's event.
+    deadline = time.monotonic() + 10
+    while True:
+        statements = [e for e in gw.events() if e.get("event") == "statement"]
+        logged = " ".join(e.get("normalized") or "" for e in statements)
+        if "department" in logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not contains_sequence(logged, last)
+    assert "department" in logged and "encounters" in logged
