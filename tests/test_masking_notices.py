@@ -175,6 +175,10 @@ def test_modes_and_how_roles_combine(cfg: Config, engine: PolicyEngine) -> None:
     assert policyconf.roleset(cfg, "quiet", "agent").masking_notices == "first"
     assert policyconf.roleset(cfg, "quiet").masking_notices == "off"
     assert keys(decide(engine, sql, "quiet", "agent")) == ["public.patients"]
+    # "off" silences the comparison notice (01M02) too: such clients want no notices at all.
+    compare = "SELECT id FROM patients WHERE last_name = 'Smith'"
+    assert [n["code"] for n in decide(engine, compare, "first")["notices"]] == ["01M02"]
+    assert "notices" not in decide(engine, compare, "quiet")
 
 
 def test_masking_notices_config_errors_name_file_and_key() -> None:
