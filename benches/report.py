@@ -13,7 +13,7 @@ from typing import Any
 SYSTEMS = ("direct", "pgbouncer", "phigate")
 TPS_RATIO_TARGET = 0.9
 BULK_RATIO_TARGET = 0.9
-MASKED_RATIO_TARGET = 0.8  # masked bulk read throughput / the same read unmasked (issue 4)
+MASKED_RATIO_TARGET = 0.8  # masked bulk read throughput / the same read unmasked
 RSS_TARGET_KB = 16.0
 
 
@@ -107,7 +107,7 @@ def _mask_sets(mk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each met / not met / not measured (met=None)."""
+    """The performance targets, each met / not met / not measured (met=None)."""
     out: list[dict[str, Any]] = []
     for row in data.get("pgbench", []):
         res = row["results"]
@@ -265,7 +265,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                      f"{_f(x.get('per_conn_kb'), 2)} |")
         L.append("")
 
-    L.append("## Targets (issue 2; masked read: issue 4)")
+    L.append("## Targets")
     L.append("")
     L.append("| target | measured | result |")
     L.append("|---|---:|---|")
