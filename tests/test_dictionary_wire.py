@@ -74,7 +74,7 @@ def patient_note(pg: Any) -> Iterator[dict[str, Any]]:
             "SELECT id FROM encounters WHERE patient_id = %s LIMIT 1", (pid,)
         ).fetchone()[0]
         body = (
-            f"Full {first} {last}; reversed {last}, {first}; lower {first.lower()} "
+            f"{last}, {first}: full {first} {last}; lower {first.lower()} "
             f"{last.lower()}; upper {last.upper()}; lives at {address}, {city} {zip_}; "
             f"plan unchanged"
         )
@@ -163,6 +163,9 @@ def test_copy_and_json_and_errors(gw: Any, token: Any, patient_note: Any) -> Non
     _assert_tagged(doc["note"], patient_note)
     diag = err.value.diag
     echoed = " ".join(filter(None, (diag.message_primary, diag.message_detail, diag.context)))
+    # The server quotes the note's first word, the last name ('Token "<last>" is invalid.',
+    # "JSON data, line 1: <last>..."): it reaches the agent tagged.
+    assert 'Token "[NAME]" is invalid' in echoed and "line 1: [NAME]" in echoed
     for field in ("first", "last", "city"):
         assert not contains_sequence(echoed, patient_note[field])
 
