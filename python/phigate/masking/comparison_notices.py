@@ -39,6 +39,7 @@ from phigate.masking.masked_values import (
     regex_pattern,
 )
 from phigate.masking.range_vars import protected_relation, reference_name
+from phigate.policy.parse_nodes import child_nodes
 
 __all__ = ["MASKED_COMPARISON", "MaskedComparison", "comparison_notices", "masked_comparisons"]
 
@@ -154,28 +155,15 @@ class _Finder:
     # walking ----------------------------------------------------------------------------------
 
     def walk(self, value: Any, level: _Level | None) -> None:
-        tv = type(value)
-        if tv is list:
-            for item in value:
-                self.walk(item, level)
-            return
-        if tv is not dict:
-            return
-        if len(value) == 1:
-            ((key, body),) = value.items()
-            if key[:1].isupper() and type(body) is dict:
-                if key == "SelectStmt":
-                    self.select(body, level)
-                    return
-                if key in _DML:
-                    self.dml(body, level)
-                    return
+        for key, body in child_nodes(value):
+            if key == "SelectStmt":
+                self.select(body, level)
+            elif key in _DML:
+                self.dml(body, level)
+            else:
                 if key == "A_Expr" and level is not None:
                     self.comparison(body, level)
                 self.walk(body, level)
-                return
-        for item in value.values():
-            self.walk(item, level)
 
     def select(self, b: Mapping[str, Any], parent: _Level | None) -> None:
         level = _Level(parent)

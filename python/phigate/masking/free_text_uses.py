@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 from phigate.masking.catalog_protocols import CatalogLike, ColumnLike, RelationLike
 from phigate.masking.range_vars import is_range_var, protected_relation, reference_name
+from phigate.policy.parse_nodes import child_nodes
 
 __all__ = ["FreeTextUse", "free_text_columns", "free_text_use", "refusal"]
 
@@ -427,20 +428,8 @@ class _Scan:
     # expressions ------------------------------------------------------------------------------
 
     def walk(self, value: Any, clause: str, star: str | None) -> None:
-        tv = type(value)
-        if tv is list:
-            for item in value:
-                self.walk(item, clause, star)
-            return
-        if tv is not dict:
-            return
-        if len(value) == 1:
-            ((key, body),) = value.items()
-            if key[:1].isupper() and type(body) is dict:
-                self.node(key, body, clause, star)
-                return
-        for item in value.values():
-            self.walk(item, clause, star)
+        for key, body in child_nodes(value):
+            self.node(key, body, clause, star)
 
     def node(self, ntype: str, b: dict[str, Any], clause: str, star: str | None) -> None:
         if ntype == "ColumnRef":

@@ -3,6 +3,7 @@ understand."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -58,3 +59,23 @@ def _const_text(node: Any) -> str | None:
             return None
         node = tc.get("arg")
     return None
+
+
+def child_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The outermost parse nodes in ``value`` — ``{"NodeType": {...}}`` dicts — looking through
+    lists and plain field dicts, in document order. Walkers recurse into a node's body
+    themselves, so each decides what a node's children mean."""
+    tv = type(value)
+    if tv is list:
+        for item in value:
+            yield from child_nodes(item)
+        return
+    if tv is not dict:
+        return
+    if len(value) == 1:
+        ((key, body),) = value.items()
+        if key[:1].isupper() and type(body) is dict:
+            yield key, body
+            return
+    for item in value.values():
+        yield from child_nodes(item)
