@@ -144,8 +144,10 @@ def test_each_relation_gets_its_own_notice_in_statement_order(engine: PolicyEngi
     assert keys(answer) == ["public.notes", "public.patients"]
     assert answer["notices"][0]["message"] == (
         "phigate masked columns of public.notes for this session: body (free_text: identifiers "
-        "found in the text (SSNs, phone numbers, emails, MRNs, dates of birth) replaced by tags "
-        "like [SSN], [PHONE]). Comparisons and searches on these columns see the masked values."
+        "in the text (SSNs, phone numbers, emails, MRNs, dates of birth, and the names, "
+        "addresses, cities and ZIPs of the people in the database) replaced by tags like "
+        "[NAME], [SSN]; read the column whole, phigate refuses searching, sorting or "
+        "computing on it). Comparisons and searches on these columns see the masked values."
     )
     # Several statements in one message: each relation once.
     both = decide(engine, "SELECT ssn FROM patients; SELECT * FROM patients; TABLE notes", "agent")

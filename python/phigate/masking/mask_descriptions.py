@@ -12,9 +12,11 @@ _TEXT_OIDS = frozenset({25, 1043, 1042, 19})  # text, varchar, bpchar, name
 _DATE_OIDS = frozenset({1082, 1114, 1184})  # date, timestamp, timestamptz
 
 
-def describe_mask(column: ColumnLike, mask: str, kind: str) -> str:
+def describe_mask(column: ColumnLike, mask: str, kind: str, *, names_tagged: bool = False) -> str:
     """``mask`` ("redact", "partial:4", ...) of ``column`` (PHI ``kind``) as one clause, e.g.
-    ``partial: only the last 4 characters shown``. An unknown mask is named as it is."""
+    ``partial: only the last 4 characters shown``. An unknown mask is named as it is.
+    ``names_tagged``: the identifier dictionary is on (free text loses names and places too,
+    and can only be read whole)."""
     name, _, arg = mask.partition(":")
     if name == "redact":
         if column.type_oid in _TEXT_OIDS:
@@ -41,6 +43,13 @@ def describe_mask(column: ColumnLike, mask: str, kind: str) -> str:
         return (
             f"pseudonym: {what}, the same value always gives the same pseudonym, so joins and "
             "GROUP BY still work"
+        )
+    if name == "free_text" and names_tagged:
+        return (
+            "free_text: identifiers in the text (SSNs, phone numbers, emails, MRNs, dates of "
+            "birth, and the names, addresses, cities and ZIPs of the people in the database) "
+            "replaced by tags like [NAME], [SSN]; read the column whole, phigate refuses "
+            "searching, sorting or computing on it"
         )
     if name == "free_text":
         return (

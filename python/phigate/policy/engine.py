@@ -55,7 +55,7 @@ class PolicyEngine:
         # Per target: the masks with pseudonyms on when its catalog found phigate's functions
         # ready with our key. Catalogs do not change under an engine (a reload makes a new one).
         self._target_masks: dict[str, MaskSQL] = {}
-        self._notices = MaskingNotices()
+        self._notices = MaskingNotices(names_tagged=config.phi.dictionary.enabled)
         # Says whether a name holds an identifier (detectors or dictionary): such a name is
         # not logged as written even when the analyzer resolved it (a made-up column named
         # like a patient). None: only the analyzer's resolution decides.

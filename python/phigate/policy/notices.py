@@ -56,7 +56,9 @@ class MaskingNotices:
     """The 01M01 notices of statements; each relation's message is built once per engine (the
     catalog does not change under one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, names_tagged: bool = False) -> None:
+        # The identifier dictionary is on: free text has names and places tagged too.
+        self.names_tagged = names_tagged
         # (target, relation OID, clear kinds) -> message: OIDs are per database.
         self._messages: dict[tuple[str, int, frozenset[str]], str | None] = {}
 
@@ -85,11 +87,14 @@ class MaskingNotices:
         if k not in self._messages:
             if len(self._messages) >= _MAX_MESSAGES:
                 self._messages.clear()
-            self._messages[k] = masked_columns_message(rel, clear_kinds)
+            self._messages[k] = masked_columns_message(
+                rel, clear_kinds, names_tagged=self.names_tagged)
         return self._messages[k]
 
 
-def masked_columns_message(rel: RelationInfo, clear_kinds: frozenset[str]) -> str | None:
+def masked_columns_message(
+    rel: RelationInfo, clear_kinds: frozenset[str], *, names_tagged: bool = False
+) -> str | None:
     """Every column of ``rel`` masked for ``clear_kinds`` with its mask, in one line; None when
     none is."""
     parts: list[str] = []
@@ -97,7 +102,7 @@ def masked_columns_message(rel: RelationInfo, clear_kinds: frozenset[str]) -> st
     listed = 0
     for col in masked:
         assert col.rule is not None  # masked_columns() only yields classified columns
-        words = describe_mask(col, col.rule.mask_spec, col.rule.kind)
+        words = describe_mask(col, col.rule.mask_spec, col.rule.kind, names_tagged=names_tagged)
         part = f"{sql_name(col.name)} ({words})"
         if parts and listed + len(part) > _MAX_LISTED:
             parts.append(f"and {len(masked) - len(parts)} more (SHOW phigate.masking lists them)")
