@@ -9,7 +9,11 @@
 //!
 //! An entry and the marker of the same token share the hash bits, so both sit in the same
 //! bucket: one cache line answers "is this token an identifier, and does a longer one start
-//! here". The scan hashes tokens a batch ahead and prefetches their buckets.
+//! here". In front of the table, a small keyed bitset of the tokens that start something
+//! (start_filter.rs) rules out most tokens of ordinary text from a sample of their bytes, with
+//! no hash and no table read; the rest are hashed and looked up exactly. A dictionary so large
+//! that the bitset is mostly ones scans without it: tokens are hashed a batch ahead and their
+//! buckets prefetched.
 //! No clear value is ever stored; the key is random per dictionary and never leaves it.
 
 use foldhash::quality::FoldHasher;
@@ -18,7 +22,8 @@ use std::collections::HashSet;
 use std::hash::Hasher;
 
 use crate::masking::detectors::Hit;
-use crate::masking::tokens::{Folded, Tok, Tokens};
+use crate::masking::start_filter::{StartBits, StartFilter};
+use crate::masking::tokens::{Folded, Sample, Tok, Tokens};
 
 /// Longest token sequence stored; longer values keep their first `MAX_TOKENS` tokens.
 pub const MAX_TOKENS: usize = 15;
@@ -296,6 +301,10 @@ impl Table {
 pub struct Dictionary {
     key: Key,
     table: Table,
+    /// The tokens that start an entry or a marker: full resolution (for builders started from
+    /// this dictionary) and the folded filter scans read (None: too dense to help).
+    starts: StartBits,
+    filter: Option<StartFilter>,
     /// Settings a builder started from this dictionary continues with; stop words as hashes.
     stop: HashSet<u64>,
     min_chars: usize,
@@ -305,6 +314,8 @@ pub struct Dictionary {
 /// way from memory together instead of one after the other.
 const BATCH: usize = 64;
 const _: () = assert!(MAX_TOKENS < BATCH);
+/// Candidates (tokens the start filter lets through) read ahead and prefetched together.
+const CANDIDATES: usize = 8;
 
 impl Dictionary {
     /// Entries (token sequences and single tokens), markers not counted.
@@ -320,6 +331,8 @@ impl Dictionary {
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.table.lines.capacity() * std::mem::size_of::<Line>()
+            + self.starts.memory_bytes()
+            + self.filter.as_ref().map_or(0, StartFilter::memory_bytes)
             + self.stop.capacity() * (std::mem::size_of::<u64>() + 1)
     }
 
@@ -358,6 +371,81 @@ impl Dictionary {
         if self.table.entries == 0 {
             return;
         }
+        match &self.filter {
+            Some(filter) => self.scan_filtered(filter, text, from, to, out),
+            None => self.scan_batched(text, from, to, out),
+        }
+    }
+
+    /// `scan` through the start filter: only tokens whose bit is set (candidates) are hashed
+    /// and looked up; the others cannot start anything, which is what the look-up would have
+    /// said. Candidates are read a batch ahead and their buckets prefetched, so a table out of
+    /// cache costs one memory wait per batch, not one per candidate. After a hit the scan goes
+    /// on after its last token (candidates inside it are dropped), as in `scan_batched`.
+    fn scan_filtered(&self, filter: &StartFilter, text: &str, from: usize, to: usize, out: &mut Vec<Hit>) {
+        let mut tokens = Tokens::within(text, from, to);
+        // (start, end, hash) of the candidates read ahead.
+        let mut batch = [(0usize, 0usize, 0u64); CANDIDATES];
+        // Where the next hit may start: the end of the last hit.
+        let mut resume = from;
+        loop {
+            let mut n = 0;
+            while n < CANDIDATES {
+                let Some((start, end)) = next_candidate(&mut tokens, filter) else { break };
+                let Some((_, _, folded)) = tokens.token_at(start) else { break };
+                let hash = self.key.token(folded);
+                self.table.prefetch(self.table.home(hash));
+                batch[n] = (start, end, hash);
+                n += 1;
+            }
+            for &(start, end, first) in &batch[..n] {
+                if start < resume {
+                    continue;
+                }
+                if let Some((last, code)) = self.longest_at(text, end, to, first) {
+                    out.push(Hit { start, end: last, tag: Kind::from_code(code).tag().to_string() });
+                    resume = last;
+                }
+            }
+            if n < CANDIDATES {
+                return;
+            }
+            if resume > end_of(&batch) {
+                tokens.skip_to(resume);
+            }
+        }
+    }
+
+    /// The longest stored sequence starting with the token hashed `first`, which ends at
+    /// `end`: (its last byte, its kind code), or None. Later tokens are read from `end` on.
+    #[inline]
+    fn longest_at(&self, text: &str, end: usize, to: usize, first: u64) -> Option<(usize, u64)> {
+        let (alone, longest) = self.table.probe(first);
+        let found = (alone != 0).then_some((end, alone));
+        if longest < 2 {
+            return found;
+        }
+        // The next tokens, hashed exactly: each sequence's hash and last byte.
+        let mut seq = [(0u64, 0usize); MAX_TOKENS + 1];
+        let (mut h, mut n) = (first, 1);
+        let mut next = Tokens::within(text, end, to);
+        while n < longest as usize {
+            let Some((_, e, f)) = next.next_token() else { break };
+            h = self.key.extend(h, self.key.token(f));
+            n += 1;
+            seq[n] = (h, e);
+        }
+        let longer = (2..=n).rev().find_map(|k| {
+            let code = self.table.entry(seq[k].0);
+            (code != 0).then_some((seq[k].1, code))
+        });
+        longer.or(found)
+    }
+
+    /// `scan` without the filter: every token hashed, a batch ahead, its bucket prefetched (the
+    /// faster way when most tokens would pass the filter anyway). The reference `scan_filtered`
+    /// is tested against.
+    pub(crate) fn scan_batched(&self, text: &str, from: usize, to: usize, out: &mut Vec<Hit>) {
         let mut tokens = Tokens::within(text, from, to);
         let mut buf = [Tok::default(); BATCH];
         // Each token's home bucket, computed and prefetched when the token is read.
@@ -409,6 +497,18 @@ impl Dictionary {
     }
 }
 
+/// The end of the last candidate of a full batch.
+fn end_of(batch: &[(usize, usize, u64); CANDIDATES]) -> usize {
+    batch[CANDIDATES - 1].1
+}
+
+/// The next token that may start an entry. Not inlined: the skip loop (nearly every token of
+/// ordinary text) keeps the filter and the text in registers of its own.
+#[inline(never)]
+fn next_candidate(tokens: &mut Tokens<'_>, filter: &StartFilter) -> Option<(usize, usize)> {
+    tokens.next_where(|s| filter.may_start(s))
+}
+
 /// Where any of `tags` occurs in `text`, sorted: the walls that keep tags from being scanned.
 pub fn tag_spans(text: &str, tags: &[impl AsRef<str>]) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
@@ -425,6 +525,7 @@ pub fn tag_spans(text: &str, tags: &[impl AsRef<str>]) -> Vec<(usize, usize)> {
 pub struct DictionaryBuilder {
     key: Key,
     table: Table,
+    starts: StartBits,
     stop: HashSet<u64>,
     min_chars: usize,
 }
@@ -432,6 +533,7 @@ pub struct DictionaryBuilder {
 /// One token of a value being added, as far as the rules need it.
 struct ValueToken {
     hash: u64,
+    sample: Sample,
     chars: usize,
     digits: bool,
 }
@@ -448,7 +550,7 @@ impl DictionaryBuilder {
                 stop.insert(key.token(f));
             }
         }
-        DictionaryBuilder { key, table: Table::with_slots(1024), stop, min_chars }
+        DictionaryBuilder { key, table: Table::with_slots(1024), starts: StartBits::new(rand::random()), stop, min_chars }
     }
 
     /// Entries so far (markers not counted).
@@ -460,7 +562,9 @@ impl DictionaryBuilder {
         self.table.entries == 0
     }
 
-    fn entry(&mut self, hash: u64, kind: Kind) -> usize {
+    /// Adds the entry `hash`, a sequence whose first token's fold has `first` as its sample.
+    fn entry(&mut self, hash: u64, first: Sample, kind: Kind) -> usize {
+        self.starts.insert(first);
         usize::from(self.table.insert(hash & HASH_BITS | kind as u64, Merge::KeepFirst))
     }
 
@@ -484,7 +588,7 @@ impl DictionaryBuilder {
             let chars = std::str::from_utf8(bytes).map_or(bytes.len(), |s| s.chars().count());
             let digits = bytes.iter().all(u8::is_ascii_digit);
             joined.extend_from_slice(bytes);
-            toks.push(ValueToken { hash: self.key.token(f), chars, digits });
+            toks.push(ValueToken { hash: self.key.token(f), sample: Sample::of_bytes(bytes), chars, digits });
         }
         let ignored = |t: &ValueToken| t.chars < self.min_chars || self.stop.contains(&t.hash);
         if toks.iter().all(ignored) {
@@ -492,32 +596,34 @@ impl DictionaryBuilder {
         }
         let seq = &toks[..toks.len().min(MAX_TOKENS)];
         let whole = seq[1..].iter().fold(seq[0].hash, |h, t| self.key.extend(h, t.hash));
-        let mut entries = vec![whole];
+        // Each entry with its first token's sample (for the start filter).
+        let mut entries = vec![(whole, seq[0].sample)];
         if kind == Kind::Name {
-            entries.extend(toks.iter().filter(|t| !ignored(t)).map(|t| t.hash));
+            entries.extend(toks.iter().filter(|t| !ignored(t)).map(|t| (t.hash, t.sample)));
         }
         if kind == Kind::Mrn {
-            entries.extend(toks.iter().filter(|t| t.digits && t.chars >= 4).max_by_key(|t| t.chars).map(|t| t.hash));
+            entries.extend(toks.iter().filter(|t| t.digits && t.chars >= 4).max_by_key(|t| t.chars).map(|t| (t.hash, t.sample)));
         }
         if toks.len() > 1 && (toks.iter().all(|t| t.digits) || matches!(kind, Kind::Mrn | Kind::Ssn | Kind::Phone)) {
             let hash = self.key.token(Folded::of(&joined));
             if !self.stop.contains(&hash) {
-                entries.push(hash);
+                entries.push((hash, Sample::of_bytes(&joined)));
             }
         }
-        let marker = (seq.len() > 1).then(|| seq[0].hash & HASH_BITS | MARKER | seq.len() as u64);
-        if let Some(m) = marker {
-            self.table.insert(m, Merge::Max);
+        if seq.len() > 1 {
+            // The marker's token is the whole sequence's first token, in the filter already.
+            self.table.insert(seq[0].hash & HASH_BITS | MARKER | seq.len() as u64, Merge::Max);
         }
-        entries.into_iter().map(|h| self.entry(h, kind)).sum()
+        entries.into_iter().map(|(h, first)| self.entry(h, first, kind)).sum()
     }
 
     /// Adds every entry and marker of `other`, which must share this builder's key (it was
     /// started from the same dictionary); returns the entries added, or None for another key.
     pub fn absorb(&mut self, other: &DictionaryBuilder) -> Option<usize> {
-        if other.key.seeds != self.key.seeds {
+        if other.key.seeds != self.key.seeds || !other.starts.same_keys(&self.starts) {
             return None;
         }
+        self.starts.absorb(&other.starts);
         let before = self.table.entries;
         for s in other.table.occupied() {
             self.table.insert(s, if s & MARKER == 0 { Merge::KeepFirst } else { Merge::Max });
@@ -527,14 +633,15 @@ impl DictionaryBuilder {
 
     /// The shareable dictionary, its table sized to the entries.
     pub fn freeze(self) -> Dictionary {
-        Dictionary { key: self.key, table: self.table.compact(), stop: self.stop, min_chars: self.min_chars }
+        let filter = self.starts.filter();
+        Dictionary { key: self.key, table: self.table.compact(), starts: self.starts, filter, stop: self.stop, min_chars: self.min_chars }
     }
 }
 
 /// A builder that adds to `d`: same key, stop words and minimum length, a copy of its entries.
 impl From<&Dictionary> for DictionaryBuilder {
     fn from(d: &Dictionary) -> Self {
-        DictionaryBuilder { key: d.key.clone(), table: d.table.clone(), stop: d.stop.clone(), min_chars: d.min_chars }
+        DictionaryBuilder { key: d.key.clone(), table: d.table.clone(), starts: d.starts.clone(), stop: d.stop.clone(), min_chars: d.min_chars }
     }
 }
 

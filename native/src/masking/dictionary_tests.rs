@@ -1,6 +1,7 @@
 //! Tests of the identifier dictionary: what a value becomes, how text is matched, memory.
 
 use super::*;
+use crate::masking::start_filter::StartFilter;
 use proptest::prelude::*;
 
 fn build(values: &[(Kind, &str)]) -> Dictionary {
@@ -188,4 +189,81 @@ proptest! {
         }
         prop_assert_eq!(tagged(&d, &once), once.clone());
     }
+}
+
+/// The same dictionary scanning through `filter` (None: the batched reference scan).
+fn with_filter(d: &Dictionary, filter: Option<StartFilter>) -> Dictionary {
+    Dictionary { key: d.key.clone(), table: d.table.clone(), starts: d.starts.clone(), filter, stop: d.stop.clone(), min_chars: d.min_chars }
+}
+
+const KINDS_ADDED: [Kind; 7] = [Kind::Name, Kind::Address, Kind::City, Kind::Mrn, Kind::Ssn, Kind::Phone, Kind::Zip];
+
+/// A text piece: a value as added (its case changed, accents decomposed or dropped, its
+/// separators changed), the first tokens of a value (a longer sequence's start without its end),
+/// a random word (ASCII, non-ASCII, long), separators or a tag.
+fn piece(values: &[(usize, String)], pick: (u8, usize, u8), word: &str) -> String {
+    let value = &values[pick.1 % values.len()].1;
+    match pick.0 % 8 {
+        0 => match pick.2 % 5 {
+            0 => value.to_uppercase(),
+            1 => value.to_lowercase(),
+            2 => value.replace('ü', "u\u{308}").replace('é', "e\u{301}"),
+            3 => value.replace([' ', '-'], "\n , "),
+            _ => value.clone(),
+        },
+        1 => value.split(' ').take(1 + pick.2 as usize % 3).collect::<Vec<_>>().join(" "),
+        2 | 3 => word.to_string(),
+        4 => word.repeat(1 + pick.2 as usize % 12),
+        5 => [" ", ", ", " - ", ".\n", "'", "  ;  "][pick.2 as usize % 6].to_string(),
+        6 => ["[NAME]", "[CITY] ", "İpek", "ＭＵＬＬＥＲ", "Straße", "½", "Ö"][pick.2 as usize % 7].to_string(),
+        _ => format!("{} {}", value, word),
+    }
+}
+
+proptest! {
+    /// The filtered scan finds exactly the hits of the reference scan (every token hashed and
+    /// looked up), at the chosen filter size, the coarsest size, and with a filter every token
+    /// passes: the filter only ever skips tokens the table would have rejected.
+    #[test]
+    fn filtered_scan_finds_exactly_what_the_reference_finds(
+        values in prop::collection::vec((0usize..7, "[A-Za-zéüÖß0-9]{1,10}([ -][A-Za-z0-9üé]{1,8}){0,3}"), 1..12),
+        picks in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 0..60),
+        words in prop::collection::vec("[a-zA-Z0-9]{1,12}|\\PC{1,4}|[a-z]{60,70}", 1..8),
+    ) {
+        let mut b = DictionaryBuilder::new(["the", "of"], 2);
+        for (k, v) in &values {
+            b.add(KINDS_ADDED[*k], v);
+        }
+        let d = b.freeze();
+        let text: String = picks.iter().enumerate().map(|(i, &p)| piece(&values, p, &words[i % words.len()]) + " ").collect();
+        let want = with_filter(&d, None).hits(&text);
+        prop_assert!(d.filter.is_some());
+        prop_assert_eq!(&d.hits(&text), &want, "chosen size");
+        prop_assert_eq!(&with_filter(&d, Some(d.starts.folded_for_tests(0))).hits(&text), &want, "coarsest size");
+        prop_assert_eq!(&with_filter(&d, Some(d.starts.everything_for_tests())).hits(&text), &want, "every token passes");
+        // Windows (as between walls) too.
+        let cut = text.char_indices().map(|(i, _)| i).nth(picks.len() / 2).unwrap_or(0);
+        let (mut fast, mut slow) = (vec![], vec![]);
+        d.scan(&text, cut, text.len(), &mut fast);
+        d.scan_batched(&text, cut, text.len(), &mut slow);
+        prop_assert_eq!(fast, slow);
+    }
+}
+
+#[test]
+fn filtered_scan_on_the_edges() {
+    let d = build(&[(Kind::Name, "Müller"), (Kind::Address, "12 Elm Street"), (Kind::Name, &"Long".repeat(20)), (Kind::Ssn, "984-96-1001")]);
+    let reference = with_filter(&d, None);
+    for text in [
+        "x".repeat(63) + " 12 elm street",
+        "a".repeat(62) + " 12 Elm",
+        format!("{} MÜLLER mu\u{308}ller", "y".repeat(61)),
+        format!("{}.{}", "z".repeat(64), "long".repeat(20)),
+        "LONG".repeat(20),
+        "984 96 1001 984961001 [SSN] 12 Elm Street12 Elm Street".to_string(),
+        String::new(),
+    ] {
+        assert_eq!(d.hits(&text), reference.hits(&text), "{text:?}");
+    }
+    assert_eq!(tagged(&d, &format!("{} 12 Elm Street, müller.", "q".repeat(60))), format!("{} [ADDRESS], [NAME].", "q".repeat(60)));
 }

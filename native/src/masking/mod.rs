@@ -12,6 +12,7 @@ pub mod prefilter;
 pub mod rowguard;
 pub mod rules;
 pub mod scrub;
+pub mod start_filter;
 pub mod tokens;
 pub mod values;
 

@@ -81,6 +81,40 @@ pub fn fold_char(c: char, out: &mut Vec<u8>) {
     });
 }
 
+/// What the dictionary's start filter reads of a fold: its first 8 bytes (little-endian,
+/// zero-padded) and its length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub head: u64,
+    pub len: usize,
+}
+
+impl Sample {
+    pub fn of(f: Folded<'_>) -> Sample {
+        let mut buf = [0; 16];
+        Sample::of_bytes(f.bytes(&mut buf))
+    }
+
+    /// The sample of folded bytes.
+    pub fn of_bytes(b: &[u8]) -> Sample {
+        Sample { head: load8(&b[..b.len().min(8)], 0), len: b.len() }
+    }
+}
+
+/// The 8 bytes of `b` at `i` as a little-endian u64, zero-padded past the end of `b`.
+#[inline(always)]
+fn load8(b: &[u8], i: usize) -> u64 {
+    match b.get(i..i + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().expect("8 bytes")),
+        None => {
+            let mut w = [0u8; 8];
+            let rest = b.get(i..).unwrap_or(&[]);
+            w[..rest.len()].copy_from_slice(rest);
+            u64::from_le_bytes(w)
+        }
+    }
+}
+
 /// A token found by `Tokens::fill`: its byte range and the hash of its fold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tok {
@@ -135,13 +169,13 @@ impl<'a> Tokens<'a> {
         (self.word, self.high) = (word, high);
     }
 
-    /// Moves the block forward so that it holds `pos`; false when `pos` is past the window.
+    /// Moves the block so that it holds `pos`; false when `pos` is past the window.
     #[inline]
     fn reach(&mut self, pos: usize) -> bool {
         if pos >= self.to {
             return false;
         }
-        if pos >= self.block + 64 {
+        if pos >= self.block + 64 || pos < self.block {
             self.load(self.from + (pos - self.from) / 64 * 64);
         }
         true
@@ -250,6 +284,85 @@ impl<'a> Tokens<'a> {
             }
         }
         n
+    }
+
+    /// Skips tokens until one whose fold's `Sample` passes `keep`; returns its byte range and
+    /// leaves the scan after it (`token_at` gives its fold).
+    ///
+    /// The dictionary's fast path: most tokens of ordinary text cannot start an entry, and an
+    /// ASCII token's sample is one load, an OR and a mask, read straight from the text (no fold,
+    /// no hash). Blocks with a non-ASCII byte, and tokens of 64 bytes or more, are folded through
+    /// `next_token` and sampled from the fold; both give the same sample for the same fold.
+    #[inline]
+    pub fn next_where(&mut self, mut keep: impl FnMut(Sample) -> bool) -> Option<(usize, usize)> {
+        while self.pos < self.to {
+            let base = self.pos;
+            let (word, high) = self.masks_at(base);
+            if high != 0 {
+                let (start, end, f) = self.next_token()?;
+                if keep(Sample::of(f)) {
+                    return Some((start, end));
+                }
+                continue;
+            }
+            // As in `fill`: `pos` is never inside a token.
+            let mut starts = word & !(word << 1);
+            let mut ends = !word & (word << 1);
+            loop {
+                if starts == 0 {
+                    self.pos = (base + 64).min(self.to);
+                    break;
+                }
+                let s = starts.trailing_zeros() as usize;
+                if ends == 0 {
+                    // The last token runs past the block: read it again from its start, or
+                    // (64 bytes or longer) through the general path.
+                    if s > 0 {
+                        self.pos = base + s;
+                    } else {
+                        let (start, end, f) = self.next_token()?;
+                        if keep(Sample::of(f)) {
+                            return Some((start, end));
+                        }
+                    }
+                    break;
+                }
+                let e = ends.trailing_zeros() as usize;
+                starts &= starts - 1;
+                ends &= ends - 1;
+                let (start, end) = (base + s, base + e);
+                if keep(self.ascii_sample(start, end)) {
+                    self.pos = end;
+                    return Some((start, end));
+                }
+            }
+        }
+        None
+    }
+
+    /// The token starting at `start` (a token's first byte) and its fold; the scan continues
+    /// after it.
+    #[inline]
+    pub fn token_at(&mut self, start: usize) -> Option<(usize, usize, Folded<'_>)> {
+        self.pos = start;
+        self.next_token()
+    }
+
+    /// Continues the scan at `pos` (not inside a token: a token's end, or a separator).
+    #[inline]
+    pub fn skip_to(&mut self, pos: usize) {
+        self.pos = pos.min(self.to);
+    }
+
+    /// The sample of the fold of the ASCII letters and digits `text[start..end]`, read from the
+    /// text: the same bytes `Sample::of` reads from `ascii_fold`'s result.
+    #[inline]
+    fn ascii_sample(&self, start: usize, end: usize) -> Sample {
+        const FOLD: u64 = 0x2020_2020_2020_2020;
+        /// The bytes of a head of 0..=8 bytes.
+        const KEEP: [u64; 9] = [0, 0xFF, 0xFFFF, 0xFF_FFFF, 0xFFFF_FFFF, 0xFF_FFFF_FFFF, 0xFFFF_FFFF_FFFF, 0xFF_FFFF_FFFF_FFFF, u64::MAX];
+        let len = end - start;
+        Sample { head: (load8(self.text.as_bytes(), start) | FOLD) & KEEP[len.min(8)], len }
     }
 
     /// The masks of the 64 bytes at `base` (bytes from `to` on count as neither).
