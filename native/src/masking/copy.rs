@@ -80,9 +80,16 @@ pub(crate) fn copy_lines(plan: &MaskPlan, data: &[u8], delim: u8, out: &mut Byte
                     out.put_slice(field);
                     continue;
                 }
-                let clear = copy_unescape(field);
+                // Without a backslash the field's bytes are the value: no copy to unescape.
+                let clear: std::borrow::Cow<[u8]> = if memchr::memchr(b'\\', field).is_none() {
+                    std::borrow::Cow::Borrowed(field)
+                } else {
+                    std::borrow::Cow::Owned(copy_unescape(field))
+                };
                 match mask_value(&plan.ctx, plan.date_style, &col.action, Ty::of(col.type_oid), Format::Text, &clear, &mut scratch) {
                     Ok(None) => out.put_slice(b"\\N"),
+                    // Unchanged (a scanned value without a hit): the field as it came, escaped.
+                    Ok(Some(std::borrow::Cow::Borrowed(v))) if std::ptr::eq(v, &*clear) => out.put_slice(field),
                     Ok(Some(v)) => copy_escape(&v, delim, out),
                     Err(()) => return Err(MaskError::UnsupportedBinaryType { column: i, type_oid: col.type_oid }),
                 }

@@ -167,7 +167,7 @@ impl RowGuard {
                 }
                 // client_encoding is pinned to UTF8 upstream, so text COPY output is UTF-8; bytes
                 // that are not are replaced (U+FFFD) rather than passed unchecked.
-                let text = String::from_utf8_lossy(body);
+                let text = crate::masking::values::utf8_text(body);
                 let scrubbed = state.ctx.detectors.scrub(&text);
                 if matches!((&text, &scrubbed), (Cow::Borrowed(_), Cow::Borrowed(_))) {
                     out.extend_from_slice(frame);

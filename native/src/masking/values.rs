@@ -372,7 +372,7 @@ pub(crate) fn mask_value<'v>(
             if ty.is_texty() =>
         {
             let Some(payload) = text_payload(ty, fmt, v) else { return redact() };
-            let s = String::from_utf8_lossy(payload);
+            let s = utf8_text(payload);
             let masked: Cow<str> = if matches!(ty, Ty::Json | Ty::Jsonb) {
                 match json_mask(ctx, mask, &s) {
                     Some(m) => m,
@@ -492,6 +492,16 @@ pub(crate) fn json_mask<'a>(ctx: &MaskContext, mask: Mask, s: &'a str) -> Option
 /// get their hits tagged (JSON only while it stays valid); other types with a hit are redacted.
 /// Binary values of unknown types are not scanned: their bytes are not text, and a chance
 /// match would refuse the whole row for nothing.
+/// `b` as text: borrowed when it is valid UTF-8 (PostgreSQL sends UTF-8; std's validation has
+/// an ASCII word-at-a-time fast path `String::from_utf8_lossy`'s chunk iterator lacks), else with
+/// U+FFFD for invalid sequences.
+pub(crate) fn utf8_text(b: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(b) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(b),
+    }
+}
+
 pub(crate) fn scan_value<'v>(ctx: &MaskContext, ty: Ty, fmt: Format, v: &'v [u8]) -> Result<Option<Cow<'v, [u8]>>, ()> {
     if ty == Ty::Other && fmt == Format::Binary {
         return Ok(Some(Cow::Borrowed(v)));
@@ -501,7 +511,7 @@ pub(crate) fn scan_value<'v>(ctx: &MaskContext, ty: Ty, fmt: Format, v: &'v [u8]
     if !ctx.detectors.may_hit(payload) {
         return Ok(Some(Cow::Borrowed(v)));
     }
-    let s = String::from_utf8_lossy(payload);
+    let s = utf8_text(payload);
     let hits = ctx.detectors.hits(&s);
     if hits.is_empty() {
         return Ok(Some(Cow::Borrowed(v)));
