@@ -35,7 +35,7 @@ mod notices;
 mod upstream_half;
 
 use client_half::client_to_upstream;
-use decision::{leak_sqlstate, parse_decision};
+use decision::{parse_decision, refusal_sqlstate};
 use upstream_half::upstream_to_client;
 
 /// Refusals in flight at most: past this, the client half waits until the server has answered
@@ -315,7 +315,7 @@ impl Ctx {
                 notices: decision.notices.clone(),
             }),
             Action::Deny { sqlstate, message, hint } => {
-                let mut e = GateError::error(leak_sqlstate(sqlstate), message.clone());
+                let mut e = GateError::error(refusal_sqlstate(sqlstate), message.clone());
                 e.hint = hint.clone();
                 Verdict::Deny(e)
             }

@@ -11,10 +11,30 @@ use crate::protocol::messages::error_response;
 /// is not a decision the control plane makes.
 const MAX_NOTICES: usize = 1024;
 
-/// SQLSTATEs are 5 ASCII alphanumerics; anything else from the control plane becomes 42501.
-pub(super) fn leak_sqlstate(s: &str) -> &'static str {
-    const KNOWN: &[&str] = &["42501", "42601", "0A000", "57014", "58000", "54000", "22021", "25006", "28000", "3D000", "42704"];
-    KNOWN.iter().find(|k| **k == s).copied().unwrap_or(sqlstate::INSUFFICIENT_PRIVILEGE)
+/// Distinct refusal SQLSTATEs kept (the control plane uses a handful); past this, 42501.
+const REFUSAL_CODES_MAX: usize = 64;
+
+/// The SQLSTATE of a refusal from the control plane, as the client gets it: five characters
+/// [0-9A-Z] of an error class (not 00 success, 01 warning, 02 no data) pass as they are, so a
+/// new refusal needs no change here; anything else becomes 42501 (fail closed). `GateError`
+/// holds a `&'static str`, so each distinct code is interned once (refusals only, never rows).
+pub(super) fn refusal_sqlstate(s: &str) -> &'static str {
+    let b = s.as_bytes();
+    let shaped = b.len() == 5 && b.iter().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase());
+    if !shaped || matches!(&b[..2], b"00" | b"01" | b"02") {
+        return sqlstate::INSUFFICIENT_PRIVILEGE;
+    }
+    static INTERNED: parking_lot::Mutex<Vec<&'static str>> = parking_lot::Mutex::new(Vec::new());
+    let mut seen = INTERNED.lock();
+    if let Some(k) = seen.iter().find(|k| **k == s) {
+        return k;
+    }
+    if seen.len() >= REFUSAL_CODES_MAX {
+        return sqlstate::INSUFFICIENT_PRIVILEGE;
+    }
+    let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    seen.push(k);
+    k
 }
 
 pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
@@ -139,6 +159,18 @@ mod tests {
             json!((0..=MAX_NOTICES).map(|_| json!({"code": "01M01", "message": "m"})).collect::<Vec<_>>()),
         ] {
             assert!(allow(bad.clone()).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusal_sqlstates_pass_when_well_formed_errors() {
+        for code in ["42501", "3D000", "42704", "0A000", "58000", "57014", "XX000"] {
+            assert_eq!(refusal_sqlstate(code), code);
+        }
+        assert!(std::ptr::eq(refusal_sqlstate("42704"), refusal_sqlstate("42704")), "interned once");
+        // Not an error class, or not a SQLSTATE at all: fail closed.
+        for bad in ["00000", "01M01", "02000", "4250", "425011", "42a01", "42 01", "", "é4250"] {
+            assert_eq!(refusal_sqlstate(bad), "42501", "{bad:?}");
         }
     }
 }
