@@ -21,6 +21,7 @@ ConfigError naming the `[phi.columns]` key; an unreachable upstream raises Catal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -247,34 +248,44 @@ def load_catalog(
     target = config.targets[target_name]
     if not config.phi.columns:
         return CatalogSnapshot.empty(target_name)
+    with read_only_transaction(config, target_name, "the catalog") as conn:
+        with conn.cursor() as cur:
+            # The search_path the target's sessions run with: format_type() spells a type
+            # unqualified only when it is visible there, so the rewrite's CASTs name the
+            # same types in those sessions.
+            cur.execute(
+                "SELECT pg_catalog.set_config('search_path', %s, true)",
+                (target.params["search_path"],),
+            )
+            snap = build_snapshot(cur, config, target_name)
+        snap = _check_functions(conn, config, target_name, snap)
+        if not identifiers:
+            return snap
+        load = load_identifiers(conn, config)
+        if load is not None:
+            log.info("target %s: identifier dictionary read: %d columns, %d distinct "
+                     "values in %.2f s", target_name, load.columns, load.values,
+                     load.seconds)  # fmt: skip
+        return dataclasses.replace(snap, identifiers=load)
+
+
+@contextlib.contextmanager
+def read_only_transaction(config: Config, target_name: str, what: str) -> Iterator[Any]:
+    """The gateway's own connection to ``target_name`` inside a read-only REPEATABLE READ
+    transaction (one snapshot for everything read). A connection or server error becomes a
+    CatalogError saying it could not read ``what`` ("the catalog") and naming the target."""
     import psycopg
 
+    target = config.targets[target_name]
     try:
         with psycopg.connect(**connect_args(target), autocommit=False) as conn:
             conn.read_only = True
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.cursor() as cur:
-                # The search_path the target's sessions run with: format_type() spells a type
-                # unqualified only when it is visible there, so the rewrite's CASTs name the
-                # same types in those sessions.
-                cur.execute(
-                    "SELECT pg_catalog.set_config('search_path', %s, true)",
-                    (target.params["search_path"],),
-                )
-                snap = build_snapshot(cur, config, target_name)
-            snap = _check_functions(conn, config, target_name, snap)
-            if not identifiers:
-                return snap
-            load = load_identifiers(conn, config)
-            if load is not None:
-                log.info("target %s: identifier dictionary read: %d columns, %d distinct "
-                         "values in %.2f s", target_name, load.columns, load.values,
-                         load.seconds)  # fmt: skip
-            return dataclasses.replace(snap, identifiers=load)
+            yield conn
     except psycopg.Error as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CatalogError(
-            f"cannot read the catalog of target {target_name!r} "
+            f"cannot read {what} of target {target_name!r} "
             f"({target.host}:{target.port}, database {target.database}, user {target.user}): {msg}"
         ) from None
     except OSError as exc:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from phigate.config import Config
+from phigate.masking.mask_sql import _ident
 
 __all__ = [
     "BATCH_ROWS",
@@ -89,10 +90,6 @@ def dictionary_columns(config: Config) -> list[tuple[str, str, str, str]]:
         return []
     columns = config.phi.columns.items()
     return sorted((s, t, c, rule.kind) for (s, t, c), rule in columns if rule.kind in d.kinds)
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def relation_signatures(
@@ -199,23 +196,10 @@ def refresh_identifiers(
     """One periodic refresh of ``target_name`` (blocking: run it in a thread): the values of
     tables changed since ``before`` added to ``builder`` (which starts from the dictionary in
     force). Raises CatalogError when the database cannot be read."""
-    import psycopg
+    from phigate.masking.classification import read_only_transaction
 
-    from phigate.masking.classification import CatalogError, connect_args
-
-    target = config.targets[target_name]
-    try:
-        with psycopg.connect(**connect_args(target), autocommit=False) as conn:
-            conn.read_only = True
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            return load_identifiers(conn, config, builder, before)
-    except psycopg.Error as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CatalogError(
-            f"cannot refresh the identifier dictionary of target {target_name!r}: {msg}"
-        ) from None
-    except OSError as exc:
-        raise CatalogError(f"cannot reach target {target_name!r}: {exc}") from None
+    with read_only_transaction(config, target_name, "the identifier dictionary") as conn:
+        return load_identifiers(conn, config, builder, before)
 
 
 def changed_tables(
