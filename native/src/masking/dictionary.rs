@@ -342,8 +342,10 @@ impl Dictionary {
     }
 
     /// Every dictionary hit in `text`, sorted, not overlapping; the dictionary's own tags are
-    /// walls (see `TAGS`). `Detectors::hits` combines this with the patterns instead.
-    pub fn hits(&self, text: &str) -> Vec<Hit> {
+    /// walls (see `TAGS`). The tests' view: `Detectors::hits` combines the dictionary with the
+    /// patterns itself.
+    #[cfg(test)]
+    pub(crate) fn hits(&self, text: &str) -> Vec<Hit> {
         let mut out = Vec::new();
         self.scan_between(text, &tag_spans(text, &TAGS), &mut out);
         out

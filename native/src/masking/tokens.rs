@@ -457,8 +457,9 @@ mod masks {
     }
 }
 
-/// Every folded token of `text`, as strings (for building the dictionary and for tests).
-pub fn folded(text: &str) -> Vec<String> {
+/// Every folded token of `text`, as strings (the tests' reference; the builder folds in place).
+#[cfg(test)]
+pub(crate) fn folded(text: &str) -> Vec<String> {
     let mut t = Tokens::new(text);
     let mut out = Vec::new();
     while let Some((_, _, f)) = t.next_token() {
