@@ -162,13 +162,11 @@ class Gateway:
         )
         results = await asyncio.to_thread(keeper.load_all, self.config)
         keeper.apply(self.config, results)
-        self._control.catalogs = keeper.catalogs()
-        self._control.catalog_notes = keeper.notes()
         try:
             engine = self._engine_factory(self.config.native_json())
-            engine.set_masking(masking_state_json(self.config, self._control.catalogs))
-            # Before the first session: a masked identity never sees text scanned without it.
-            self._dictionaries.install(engine, self.config, self._control.catalogs)
+            # Before the first session: a masked identity never sees text scanned without the
+            # catalog's rules and dictionary.
+            self._put_in_force(engine, self._control, self.config, keeper)
             engine.start()
         except BaseException:
             await keeper.close()
@@ -254,11 +252,7 @@ class Gateway:
             self._sink = EventSink(new_config.server.events_log)
         keeper = self._keeper
         keeper.apply(new_config, results)  # reports (and retries) what could not be read
-        catalogs = keeper.catalogs()
-        self.engine.set_masking(masking_state_json(new_config, catalogs))
-        self._dictionaries.install(self.engine, new_config, catalogs)
-        self.control.catalogs = catalogs
-        self.control.catalog_notes = keeper.notes()
+        self._put_in_force(self.engine, self.control, new_config, keeper)
         self.control.config = new_config
         self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         self.config = new_config
@@ -273,6 +267,17 @@ class Gateway:
         else:
             log.info("reloaded config from %s (decision cache epoch %d)", new_config.source, epoch)
 
+    def _put_in_force(
+        self, engine: EngineLike, control: ControlPlane, config: Config, keeper: CatalogKeeper
+    ) -> None:
+        """The keeper's catalogs in force everywhere at once: the data plane's masking rules and
+        identifier dictionaries, and the control plane's policy (with why any is missing)."""
+        catalogs = keeper.catalogs()
+        engine.set_masking(masking_state_json(config, catalogs))
+        self._dictionaries.install(engine, config, catalogs)
+        control.catalogs = catalogs
+        control.catalog_notes = keeper.notes()
+
     @property
     def _keeper(self) -> CatalogKeeper:
         if self._catalogs is None:
@@ -283,12 +288,7 @@ class Gateway:
         """A background read put a new catalog in force (or took one out of force)."""
         if self._engine is None or self._stopping:
             return
-        keeper = self._keeper
-        catalogs = keeper.catalogs()
-        self.engine.set_masking(masking_state_json(self.config, catalogs))
-        self._dictionaries.install(self.engine, self.config, catalogs)
-        self.control.catalogs = catalogs
-        self.control.catalog_notes = keeper.notes()
+        self._put_in_force(self.engine, self.control, self.config, self._keeper)
         # Decisions cached under the previous catalog are judged again.
         self.engine.bump_epoch()
 
