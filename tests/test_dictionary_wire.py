@@ -258,3 +258,47 @@ def test_a_column_named_like_a_patient_is_not_logged(
         time.sleep(0.2)
     assert not contains_sequence(logged, last)
     assert "department" in logged and "encounters" in logged
+
+
+def test_an_identifier_table_the_gateway_cannot_read_refuses_masked_identities(
+    pg: Any, gateway_factory: Any, token: Any, tmp_path: Any
+) -> None:
+    """The dictionary must read every identifier column: if the service user lacks SELECT on
+    one, masked identities are refused (58000) rather than served without those names; the
+    `catalog` event tells the operator what to grant, and granting it recovers by itself."""
+    admin_dsn = pg.dsn(pg.ehr_database)
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE dict_hidden_names (id int, name text)")
+    try:
+        key = tmp_path / "pseudonym.key"
+        key.write_bytes(secrets.token_bytes(32))
+        os.chmod(key, 0o600)
+        demo = demo_masking(key)
+        demo["phi"]["columns"]["public.dict_hidden_names.name"] = {"kind": "name", "mask": "redact"}
+        gw = gateway_factory(**merge_config(demo, {"groups": {"agents": ["agent"]}}))
+        tok = token(sub="agent-hidden", groups=("agents",))
+        with psycopg_connect(gw, tok) as conn, pytest.raises(psycopg.Error) as err:
+            conn.execute("SELECT id FROM notes LIMIT 1")
+        assert err.value.sqlstate == "58000"
+        assert "retrying" in (err.value.diag.message_primary or "")
+        deadline = time.monotonic() + 10
+        while not any(e.get("event") == "catalog" for e in gw.events()):
+            assert time.monotonic() < deadline, "no catalog event"
+            time.sleep(0.2)
+        failed = [e for e in gw.events() if e.get("event") == "catalog"]
+        assert "lacks SELECT on public.dict_hidden_names; grant it" in failed[0]["error"]
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f"GRANT SELECT ON dict_hidden_names TO {pg.service_user}")
+        deadline = time.monotonic() + 30
+        while True:
+            with psycopg_connect(gw, tok) as conn:
+                try:
+                    conn.execute("SELECT id FROM notes LIMIT 1")
+                    break
+                except psycopg.Error as exc:
+                    assert exc.sqlstate == "58000"
+            assert time.monotonic() < deadline, "the retry never picked up the grant"
+            time.sleep(0.5)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("DROP TABLE IF EXISTS dict_hidden_names")

@@ -265,3 +265,13 @@ def test_show_masking_and_notices_through_psql(gw: RunningGateway, token: Any) -
     assert f"HINT:  {HINT}" in proc.stderr
     proc = psql(gw, token(sub="show-psql-clear", groups=("clinicians",)), "SHOW phigate.masking")
     assert (proc.returncode, proc.stdout) == (0, "")
+
+
+def test_show_masking_among_other_statements_is_refused(gw: RunningGateway, token: Any) -> None:
+    """Sent with other statements in one simple Query it cannot be answered as its own result:
+    0A000, with a hint saying to send it alone; the session goes on."""
+    with connect(gw, token, "agents") as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as exc:
+            conn.execute("SHOW phigate.masking; SELECT 1")
+        assert exc.value.diag.message_hint is not None
+        assert conn.execute("SHOW phigate.masking").fetchall() == SHOW_ROWS
