@@ -39,7 +39,7 @@ from phigate.masking.masked_values import (
     regex_pattern,
 )
 from phigate.masking.range_vars import protected_relation, reference_name
-from phigate.policy.parse_nodes import child_nodes
+from phigate.policy.parse_nodes import child_nodes, column_ref_names
 
 __all__ = ["MASKED_COMPARISON", "MaskedComparison", "comparison_notices", "masked_comparisons"]
 
@@ -288,13 +288,10 @@ class _Finder:
     def masked_column(
         self, node: Any, level: _Level
     ) -> tuple[MaskedValues, MaskedComparison] | None:
-        ref = node.get("ColumnRef") if isinstance(node, dict) and len(node) == 1 else None
-        if ref is None:
+        names = column_ref_names(node)
+        if names is None:
             return None
-        fields = ref["fields"]
-        if not all("String" in f for f in fields):
-            return None
-        resolved = self.resolve([f["String"]["sval"] for f in fields], level)
+        resolved = self.resolve(names, level)
         if resolved is None:
             return None
         schema, name, col = resolved

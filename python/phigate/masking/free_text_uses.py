@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 from phigate.masking.catalog_protocols import CatalogLike, ColumnLike, RelationLike
 from phigate.masking.range_vars import is_range_var, protected_relation, reference_name
-from phigate.policy.parse_nodes import child_nodes
+from phigate.policy.parse_nodes import child_nodes, column_ref_names
 
 __all__ = ["FreeTextUse", "free_text_columns", "free_text_use", "refusal"]
 
@@ -470,13 +470,8 @@ class _Scan:
 
     def bare_column(self, node: Any) -> bool:
         """A reference to one column (not a whole row, not a *)."""
-        ref = node.get("ColumnRef") if isinstance(node, dict) and len(node) == 1 else None
-        if ref is None:
-            return False
-        fields = ref["fields"]
-        if not all("String" in f for f in fields):
-            return False
-        return fields[-1]["String"]["sval"] not in self.n.wholes
+        names = column_ref_names(node)
+        return names is not None and names[-1] not in self.n.wholes
 
     def count_of_column(self, b: Mapping[str, Any]) -> bool:
         names = [f.get("String", {}).get("sval") for f in b.get("funcname", ())]

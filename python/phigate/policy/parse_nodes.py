@@ -79,3 +79,15 @@ def child_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             return
     for item in value.values():
         yield from child_nodes(item)
+
+
+def column_ref_names(node: Any) -> list[str] | None:
+    """The names of a column reference written as names only (``c``, ``t.c``, ``s.t.c``);
+    None for anything else (a ``*``, an expression)."""
+    ref = node.get("ColumnRef") if isinstance(node, dict) and len(node) == 1 else None
+    if ref is None:
+        return None
+    fields = ref["fields"]
+    if not all("String" in f for f in fields):
+        return None
+    return [f["String"]["sval"] for f in fields]
