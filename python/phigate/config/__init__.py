@@ -13,6 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from phigate.config.audit import _AUDIT_KEYS, _audit
 from phigate.config.identity import _IDENTITY_KEYS, _identity, apikeys_store_from_file
 from phigate.config.model import (
     ALLOW_CLASSES,
@@ -28,6 +29,7 @@ from phigate.config.model import (
     PHI_KINDS,
     RESERVED_SCHEMA,
     ApiKeysConfig,
+    AuditConfig,
     ColumnRule,
     Config,
     DictionaryConfig,
@@ -53,6 +55,7 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "DEFAULT_STARTUP_PARAMETERS",
     "ApiKeysConfig",
+    "AuditConfig",
     "ColumnRule",
     "Config",
     "DICTIONARY_KINDS",
@@ -110,7 +113,8 @@ def parse_config(
     if base_dir is None:
         base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
     ctx = _Ctx(source, Path(base_dir).absolute())
-    root = _Table(data, "", ctx, {"server", "identity", "targets", "groups", "roles", "phi"})
+    sections = {"server", "identity", "targets", "groups", "roles", "phi", "audit"}
+    root = _Table(data, "", ctx, sections)
     server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
     identity = root.table("identity", required=True, allowed=_IDENTITY_KEYS)
     identity_config = _identity(identity)
@@ -127,6 +131,9 @@ def parse_config(
     roles = _roles(root.table("roles", required=False, allowed=None), targets)
     groups = _groups(root.table("groups", required=False, allowed=None), roles)
     phi = _phi(root.table("phi", required=False, allowed=_PHI_KEYS))
+    audit = None
+    if "audit" in data:
+        audit = _audit(root.table("audit", required=True, allowed=_AUDIT_KEYS), ctx)
     return Config(
         server=server,
         identity=identity_config,
@@ -135,5 +142,6 @@ def parse_config(
         groups=MappingProxyType(groups),
         roles=MappingProxyType(roles),
         phi=phi,
+        audit=audit,
     )
 

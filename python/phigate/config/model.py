@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -211,6 +212,26 @@ class ServerConfig:
     drain_timeout: float
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The [audit] section (docs/audit.md): the trail's directory, keys and durability."""
+
+    dir: Path
+    origin: str
+    signing_key: SecretBytes  # the C2SP signer key text (PRIVATE+KEY+...)
+    signing_key_file: Path
+    previous_signing_key: SecretBytes | None  # set while rotating: the key that signed before
+    hmac_key: SecretBytes  # 32 raw bytes: keys every hash a record holds in place of a value
+    sync: str  # "batch" | "statement"
+    sync_window: float
+    checkpoint_interval: float
+    checkpoint_every: int
+    checkpoint_copy_dir: Path | None
+    checkpoint_command: tuple[str, ...]
+    segment_max_bytes: int
+    segment_max_age: float
+    max_pending_records: int
+
+@dataclass(frozen=True)
 class OidcConfig:
     issuer: str
     audience: str
@@ -339,6 +360,7 @@ class Config:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: MappingProxyType({}))
     phi: PhiConfig = field(default_factory=PhiConfig)
+    audit: AuditConfig | None = None  # None: the gateway refuses to serve (no trail, no service)
 
     def roles_for(self, groups: Iterable[str], target: str | None = None) -> RoleSet | None:
         """The RoleSet of an identity with these token groups, or None if it has no role.
@@ -388,11 +410,31 @@ class Config:
             "startup_parameters": list(s.startup_parameters),
             "event_backlog_wakeup": _EVENT_BACKLOG_WAKEUP,
             "targets": {name: _native_target(t) for name, t in self.targets.items()},
+            "audit": _native_audit(self.audit) if self.audit is not None else None,
         }
         return json.dumps(doc, ensure_ascii=False)
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+def _native_audit(a: AuditConfig) -> dict[str, Any]:
+    previous = a.previous_signing_key
+    return {
+        "dir": str(a.dir),
+        "origin": a.origin,
+        "signing_key": a.signing_key.reveal().decode(),
+        "previous_signing_key": previous.reveal().decode() if previous is not None else None,
+        "hmac_key": base64.b64encode(a.hmac_key.reveal()).decode(),
+        "sync": a.sync,
+        "sync_window_ms": _ms(a.sync_window),
+        "checkpoint_interval_ms": _ms(a.checkpoint_interval),
+        "checkpoint_every": a.checkpoint_every,
+        "checkpoint_copy_dir": str(a.checkpoint_copy_dir) if a.checkpoint_copy_dir else None,
+        "checkpoint_command": list(a.checkpoint_command),
+        "segment_max_bytes": a.segment_max_bytes,
+        "segment_max_age_ms": _ms(a.segment_max_age),
+        "max_pending_records": a.max_pending_records,
+    }
 
 def _native_target(t: TargetConfig) -> dict[str, Any]:
     return {
