@@ -100,7 +100,7 @@ def test_native_json_matches_documented_schema(confdir: Path) -> None:
     assert set(doc) == {
         "listen", "workers", "tls", "require_tls", "auth_timeout_ms", "decision_timeout_ms",
         "startup_timeout_ms", "max_statement_bytes", "max_message_bytes", "startup_parameters",
-        "event_backlog_wakeup", "targets",
+        "event_backlog_wakeup", "targets", "audit",
     }  # fmt: skip
     assert doc["tls"] == {
         "cert_file": str(confdir / "tls/server.crt"),
