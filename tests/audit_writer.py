@@ -89,7 +89,7 @@ class TrailWriter:
 
     def checkpoint(
         self, *, signers: list[SignerKey] | None = None, root: bytes | None = None,
-        write_file: bool = True,
+        write_file: bool = True, spoil_signature: bool = False,
     ) -> str:  # fmt: skip
         """A checkpoint record (covering every record before it) and the checkpoint file."""
         if signers is None:
@@ -100,6 +100,10 @@ class TrailWriter:
         size = self.seq
         real_root = self.root()
         note = self.note(size, root or real_root, signers)
+        if spoil_signature:  # flip a bit of the last signature byte: same key, invalid signature
+            blob = base64.b64decode(note.rstrip("\n").rsplit(" ", 1)[1])
+            bad = base64.b64encode(blob[:-1] + bytes([blob[-1] ^ 1])).decode()
+            note = note.rstrip("\n").rsplit(" ", 1)[0] + " " + bad + "\n"
         self.append({
             "event": "checkpoint", "size": size,
             "root": base64.b64encode(root or real_root).decode(), "note": note,

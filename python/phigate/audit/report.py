@@ -33,11 +33,11 @@ def detail(rec: dict[str, Any]) -> str:
     """What a record says beyond its time, kind, session, subject and decision."""
     event = rec.get("event")
     if event == "statement":
-        parts = [str(rec.get("normalized") or "")]
+        # The rule and error code first: a narrow terminal cuts the end of the line.
+        parts = [str(rec.get("normalized") or ""), _pairs(rec, {"cached", "protocol"})]
         if rec.get("relations"):
             parts.append("relations=" + ",".join(map(str, rec["relations"])))
-        extra = _pairs(rec, {"cached", "protocol"})
-        return "  ".join(p for p in (*parts, extra) if p)
+        return "  ".join(p for p in parts if p)
     if event == "checkpoint":
         return f"size={rec.get('size')} root={rec.get('root')}"
     if event == "audit_key_rotated":

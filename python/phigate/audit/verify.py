@@ -159,7 +159,6 @@ class _Verifier:
                 self._wrong_seq(line, seq, expected, prev_line, lines)
             if prev != prev_hash:
                 self._broken_chain(line, seq, prev, prev_hash, prev_line, lines)
-            self._check_external(expected)
             if rec["event"] == "checkpoint":
                 self._checkpoint(line, seq, rec)
                 tail_first = None
@@ -170,6 +169,9 @@ class _Verifier:
                     f"{_where(line, seq)}: the trail's origin changes to {rec.get('origin')!r} "
                     f"(it is {self.report.origin!r}): records of another trail were mixed in"
                 )
+            # After the record's own checks: a copy of a checkpoint the log holds is reported
+            # where the log holds it.
+            self._check_external(expected)
             if rec["event"] != "checkpoint" and tail_first is None:
                 tail_first = (line, seq, rec["ts"])
             newest_ts = max(newest_ts, rec["ts"])

@@ -338,13 +338,13 @@ def _search(args: argparse.Namespace) -> int:
     hits.sort(key=lambda oh: (str(oh[1].rec.get("ts", "")), oh[0], oh[1].seq))
     more = limit is not None and len(hits) > args.limit
     hits = hits[: args.limit] if limit is not None else hits
-    if args.json:
+    if not hits:
+        print("no records match", file=sys.stderr)
+    elif args.json:
         for origin, h in hits:
             print(json.dumps({"origin": origin, "seq": h.seq, "rec": h.rec}, ensure_ascii=False))
-    elif hits:
-        print(table(hits, show_origin=len({o for o, _ in hits}) > 1))
     else:
-        print("no records match", file=sys.stderr)
+        print(table(hits, show_origin=len({o for o, _ in hits}) > 1))
     if more:
         print(f"(first {args.limit} shown; use --limit N, or --limit 0 for all)", file=sys.stderr)
     return EXIT_OK
