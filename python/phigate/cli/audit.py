@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
 import socket
 import sys
 import time
@@ -141,6 +142,9 @@ def _guard(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 
         try:
             return run(args)
+        except BrokenPipeError:  # `... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
         except (_Usage, AuditKeyError, NoteError, ConfigError) as exc:
             print(f"phigate audit: {exc}", file=sys.stderr)
             return EXIT_USAGE
