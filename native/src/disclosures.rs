@@ -233,6 +233,10 @@ struct Disclosed {
 pub struct Tally {
     disclosed: BTreeMap<Arc<str>, Disclosed>,
     possible: BTreeMap<Arc<str>, u64>,
+    /// The last value hashed per key position, with how it was read and its hash: rows sorted
+    /// or joined by person repeat it, and an HMAC costs far more than a comparison. The buffer
+    /// is reused, so this allocates only when a key is longer than any before.
+    memo: Vec<(KeyRead, Vec<u8>, u128)>,
 }
 
 impl Tally {
@@ -277,17 +281,24 @@ impl Tally {
                 v
             };
             let Some(k) = plan.keys.get(next).filter(|k| k.index == index) else { continue };
+            let position = next;
             next += 1;
             let name = &plan.slots[k.slot].name;
             let d = match self.disclosed.get_mut(name) {
                 Some(d) => d,
                 None => self.disclosed.entry(name.clone()).or_default(),
             };
-            match value.and_then(|v| hash_value(key, k.read, v)) {
-                Some(h) if d.hashes.len() < cap || d.hashes.contains(&h) => {
+            // Past the cap a row is counted without hashing it: the person may be in the list
+            // already (the record says so for the listed ones), or among the counted.
+            let hashed = match value {
+                Some(v) if d.hashes.len() < cap => memo_hash(&mut self.memo, position, key, k.read, v),
+                _ => None,
+            };
+            match hashed {
+                Some(h) => {
                     d.hashes.insert(h);
                 }
-                _ => d.more += 1,
+                None => d.more += 1,
             }
             if next == plan.keys.len() {
                 return;
@@ -363,6 +374,25 @@ impl Tally {
         }
         o.push(b'}');
     }
+}
+
+/// `hash_value`, remembered per key position for the next row.
+fn memo_hash(memo: &mut Vec<(KeyRead, Vec<u8>, u128)>, position: usize, key: &SubjectKey, read: KeyRead, v: &[u8]) -> Option<u128> {
+    if let Some((r, bytes, h)) = memo.get(position) {
+        if *r == read && bytes.as_slice() == v {
+            return Some(*h);
+        }
+    }
+    let h = hash_value(key, read, v)?;
+    if memo.len() <= position {
+        memo.resize_with(position + 1, || (KeyRead::Unreadable, Vec::new(), 0));
+    }
+    let slot = &mut memo[position];
+    slot.0 = read;
+    slot.1.clear();
+    slot.1.extend_from_slice(v);
+    slot.2 = h;
+    Some(h)
 }
 
 /// The key value's text form hashed: text bytes as they are, binary integers and UUIDs as the
@@ -517,6 +547,22 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_key_is_hashed_once_and_the_memo_follows_the_read() {
+        let key = SubjectKey::new(&[6; 32]);
+        let text = ResultPlan::from_row_description(&rd(&[(PATIENTS, 1, 25, 0)]), &map(), |_, _| false, None).unwrap();
+        let binary = ResultPlan::from_row_description(&rd(&[(PATIENTS, 1, 23, 1)]), &map(), |_, _| false, None).unwrap();
+        let mut t = Tally::default();
+        // The same four bytes: "1234" as text, then as a binary int4 (825373492).
+        t.row(&text, &key, &row(&[Some(b"1234")]), 10);
+        t.row(&text, &key, &row(&[Some(b"1234")]), 10);
+        t.row(&binary, &key, &row(&[Some(b"1234")]), 10);
+        let h = &fragment(&mut t)["subjects"]["public.patients"]["h"];
+        let mut want = vec![hash_label(&key, b"1234"), hash_label(&key, b"825373492")];
+        want.sort();
+        assert_eq!(h, &serde_json::json!(want));
+    }
+
+    #[test]
     fn past_the_cap_rows_are_counted() {
         let key = SubjectKey::new(&[2; 32]);
         let plan = ResultPlan::from_row_description(&rd(&[(ENCOUNTERS, 2, 23, 0)]), &map(), |_, _| false, None).unwrap();
@@ -524,11 +570,14 @@ mod tests {
         for i in 0..10 {
             t.row(&plan, &key, &row(&[Some(i.to_string().as_bytes())]), 4);
         }
-        t.row(&plan, &key, &row(&[Some(b"0")]), 4); // already kept: not "more"
+        t.row(&plan, &key, &row(&[Some(b"0")]), 4); // past the cap: counted, even if listed
         t.row(&plan, &key, &row(&[None]), 4);
         let v = fragment(&mut t);
         let e = &v["subjects"]["public.encounters"];
-        assert_eq!((e["h"].as_array().unwrap().len(), e["more"].as_u64()), (4, Some(7)));
+        assert_eq!((e["h"].as_array().unwrap().len(), e["more"].as_u64()), (4, Some(8)));
+        let mut listed: Vec<String> = (0..4).map(|i| hash_label(&key, i.to_string().as_bytes())).collect();
+        listed.sort();
+        assert_eq!(e["h"], serde_json::json!(listed), "the first distinct keys are the listed ones");
     }
 
     #[test]
