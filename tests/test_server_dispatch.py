@@ -57,6 +57,7 @@ class FakeEngine:
         self.started = False
         self.shutdown_grace: float | None = None
         self.epoch = 0
+        self.subjects: dict[str, Any] = {}
 
     def start(self) -> None:
         self.started = True
@@ -93,6 +94,9 @@ class FakeEngine:
 
     def set_masking(self, state_json: str) -> None:
         self.masking = state_json
+
+    def set_subjects(self, target: str, relations: list[Any], names: list[str]) -> None:
+        self.subjects[target] = (relations, names)
 
     def reconfigure(self, config_json: str) -> int:
         self.configs.append(json.loads(config_json))

@@ -1,8 +1,10 @@
 //! Micro-benchmark of the layer 2 masking per DataRow, of the content detectors and of the
-//! identifier dictionaries, with no benchmark framework so it runs on stable:
+//! identifier dictionaries and of the accounting of disclosures, with no benchmark framework so
+//! it runs on stable:
 //! `cargo bench --bench masking`.
 
 use bytes::{BufMut, BytesMut};
+use phigate_native::disclosures::{ResultPlan, SubjectKey, SubjectMap, SubjectRelation, Tally};
 use phigate_native::masking::detectors::Detectors;
 use phigate_native::masking::dictionary::{Dictionary, DictionaryBuilder, Kind};
 use phigate_native::masking::dictionary_set::DictionarySet;
@@ -42,7 +44,58 @@ fn time_rows(name: &str, plan: &MaskPlan, body: &[u8]) {
     println!("{name:<48} {:>7.0} ns/row", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
 }
 
+/// Accounting of disclosures per DataRow: one key column hashed (HMAC-SHA256) and kept in the
+/// hash set (distinct keys, up to the cap, then counted), plus the relations counted as possible.
+fn time_disclosures() {
+    let columns = [(1i16, "id"), (2, "last_name"), (3, "ssn")].into_iter().map(|(a, n)| (a, n.into())).collect();
+    let map = SubjectMap::new(vec![SubjectRelation { oid: 500, key_attnum: 1, name: "public.patients".into(), columns }], []);
+    let mut rd = BytesMut::new();
+    rd.put_i16(3);
+    for attnum in 1..=3i16 {
+        rd.put_slice(b"c\0");
+        rd.put_u32(500);
+        rd.put_i16(attnum);
+        rd.put_u32(if attnum == 1 { 20 } else { 25 });
+        rd.put_i16(-1);
+        rd.put_i32(-1);
+        rd.put_i16(0);
+    }
+    let key = SubjectKey::new(&[5u8; 32]);
+    let keyed = ResultPlan::from_row_description(&rd, &map, |_, _| false, None).unwrap();
+    let rows: Vec<Vec<u8>> = (0..ROWS).map(|i| data_row(&[i.to_string().as_bytes(), b"Doe", b"123-45-6789"])).collect();
+    for (name, cap) in [("disclosures: 1 key column, all distinct, no cap", ROWS as usize), ("disclosures: 1 key column, past a cap of 1000", 1000)] {
+        let mut tally = Tally::default();
+        tally.begin(&keyed);
+        let t = Instant::now();
+        for r in &rows {
+            tally.row(&keyed, &key, black_box(r), cap);
+        }
+        println!("{name:<48} {:>7.0} ns/row", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+        let mut record = b"{}".to_vec();
+        tally.append_to(&mut record);
+        black_box(record);
+    }
+    // Rows sorted or joined by person: ten rows per key, under the default cap of 1000.
+    let grouped: Vec<Vec<u8>> = (0..ROWS).map(|i| data_row(&[(i / 10 % 1000).to_string().as_bytes(), b"Doe", b"123-45-6789"])).collect();
+    let mut tally = Tally::default();
+    let t = Instant::now();
+    for r in &grouped {
+        tally.row(&keyed, &key, black_box(r), 1000);
+    }
+    println!("{:<48} {:>7.0} ns/row", "disclosures: 1 key column, 10 rows per person", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+    let read: Vec<Arc<str>> = vec!["public.patients".into()];
+    // A count(*) over patients: no output column from it, the decision says it was read.
+    let unkeyed = ResultPlan::from_row_description(&[0, 0], &map, |_, _| false, Some(&read)).unwrap();
+    let mut tally = Tally::default();
+    let t = Instant::now();
+    for r in &rows {
+        tally.row(&unkeyed, &key, black_box(r), 1000);
+    }
+    println!("{:<48} {:>7.0} ns/row", "disclosures: no key column (possible, counted)", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+}
+
 fn main() {
+    time_disclosures();
     let ctx = Arc::new(MaskContext::new(&[7u8; 32], Arc::new(Detectors::standard())));
     // id, name, ssn, dob, email, note, visits, balance — the demo schema's shape.
     let body = data_row(&[

@@ -51,6 +51,9 @@ pub struct Decision {
     pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
     /// Notices for the client before the statement's result (None: none).
     pub notices: Option<Arc<[Notice]>>,
+    /// `[phi.subjects]` relations the statement reads ("schema.table"): rows of its results
+    /// that do not show their key are possibly any of their subjects.
+    pub subject_relations: Option<Arc<[Arc<str>]>>,
 }
 
 /// Per identity class, then per text: nested so a lookup borrows the class and the statement
@@ -155,7 +158,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None })
     }
 
     #[test]

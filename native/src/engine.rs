@@ -13,6 +13,7 @@ use crate::session::cancel::CancelRegistry;
 use crate::masking::dictionary_set::DictionarySet;
 use crate::masking::rules::MaskingState;
 use crate::config::{NativeConfig, Target};
+use crate::disclosures::{SubjectKey, Subjects};
 
 /// A resolved target: its config and the upstream TLS config built from it.
 pub struct ResolvedTarget {
@@ -25,6 +26,9 @@ pub struct Settings {
     pub cfg: NativeConfig,
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     pub targets: HashMap<String, ResolvedTarget>,
+    /// The audit HMAC key subject keys are hashed with, and how many hashes a result keeps
+    /// per relation; None without an `[audit]` section (no accounting of disclosures).
+    pub disclosures: Option<(Arc<SubjectKey>, usize)>,
 }
 
 impl Settings {
@@ -41,7 +45,11 @@ impl Settings {
             }
             targets.insert(name.clone(), ResolvedTarget { target: Arc::new(t.clone()), tls });
         }
-        Ok(Settings { cfg, server_tls, targets })
+        let disclosures = match &cfg.audit {
+            Some(a) => Some((Arc::new(SubjectKey::new(&a.hmac_key_bytes()?)), a.disclosures_exact_max)),
+            None => None,
+        };
+        Ok(Settings { cfg, server_tls, targets, disclosures })
     }
 }
 
@@ -68,6 +76,8 @@ pub struct EngineCore {
     /// Identifier dictionaries per target; every masking state's detectors read these, so
     /// they survive `set_masking`.
     pub dictionaries: Arc<DictionarySet>,
+    /// Subject relations per target (accounting of disclosures); set by `Engine::set_subjects`.
+    pub subjects: Subjects,
     pub bridge: Bridge,
     pub cache: DecisionCache,
     pub cancels: CancelRegistry,
@@ -102,6 +112,7 @@ impl EngineCore {
             settings: RwLock::new(Arc::new(settings)),
             masking: RwLock::new(Arc::new(MaskingState::initial(dictionaries.clone()))),
             dictionaries,
+            subjects: Subjects::default(),
             bridge,
             cache: DecisionCache::new(),
             cancels: CancelRegistry::default(),

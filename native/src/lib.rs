@@ -4,6 +4,7 @@
 pub mod bridge;
 pub mod cache;
 pub mod config;
+pub mod disclosures;
 pub mod engine;
 pub mod errors;
 pub mod events;

@@ -211,6 +211,22 @@ impl Engine {
         self.inner.set_masking(state_json).map_err(PyValueError::new_err)
     }
 
+    /// Subject relations of `target` (accounting of disclosures): `relations` as
+    /// [(table_oid, key_attnum, "schema.table", {attnum: column name})] resolved in its catalog,
+    /// `names` every relation `[phi.subjects]` names (empty: none on this target).
+    fn set_subjects(&self, target: &str, relations: Vec<(u32, i16, String, std::collections::HashMap<i16, String>)>, names: Vec<String>) -> PyResult<()> {
+        let relations = relations
+            .into_iter()
+            .map(|(oid, key_attnum, name, columns)| crate::disclosures::SubjectRelation {
+                oid,
+                key_attnum,
+                name: name.into(),
+                columns: columns.into_iter().map(|(a, c)| (a, c.into())).collect(),
+            })
+            .collect();
+        self.inner.set_subjects(target, relations, names).map_err(PyValueError::new_err)
+    }
+
     /// A builder that starts from `target`'s dictionary (same key, stop words, entries);
     /// KeyError if the target has none.
     fn dictionary_builder(&self, target: &str) -> PyResult<DictionaryBuilder> {

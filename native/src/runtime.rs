@@ -137,6 +137,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Puts `target`'s subject relations in force for every session's next result: `relations`
+    /// resolved in its catalog, `names` every relation `[phi.subjects]` names (empty: the target
+    /// has none, and its sessions record no disclosures).
+    pub fn set_subjects(&self, target: &str, relations: Vec<crate::disclosures::SubjectRelation>, names: Vec<String>) -> Result<(), String> {
+        if !self.core.settings().targets.contains_key(target) {
+            return Err(format!("no target {target:?} in the configuration; subject relations belong to a configured target"));
+        }
+        if names.is_empty() {
+            self.core.subjects.set(target, None);
+        } else {
+            let map = crate::disclosures::SubjectMap::new(relations, names.into_iter().map(std::sync::Arc::from));
+            self.core.subjects.set(target, Some(std::sync::Arc::new(map)));
+        }
+        Ok(())
+    }
+
     /// Replaces `target`'s identifier dictionary with `builder`'s entries, or with `extend`
     /// adds them to the current one (then `builder` must come from `dictionary_builder(target)`,
     /// so both share a key). Applies to every session's next scan. Returns (entries, bytes).

@@ -142,6 +142,17 @@ class Engine:
     def set_masking(self, state_json: str) -> None:
         """Layer-2 masking state (phigate.masking.layer2); ValueError if it does not validate."""
 
+    def set_subjects(
+        self,
+        target: str,
+        relations: list[tuple[int, int, str, dict[int, str]]],
+        names: list[str],
+    ) -> None:
+        """Subject relations of ``target`` for the accounting of disclosures: ``relations`` as
+        (table OID, key attnum, "schema.table", {attnum: column}) resolved in its catalog,
+        ``names`` every relation `[phi.subjects]` names (empty: none). ValueError for an unknown
+        target."""
+
     def reconfigure(self, config_json: str) -> int:
         """Apply a new config to new sessions (listen addresses are not changed)
         and bump the decision-cache epoch. Returns the new epoch."""

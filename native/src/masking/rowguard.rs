@@ -11,6 +11,10 @@
 //!
 //! Everything here fails closed: a row the guard cannot attribute to a plan, or cannot mask,
 //! ends the session with an error instead of reaching the client.
+//!
+//! The same bookkeeping serves the accounting of disclosures (crate::disclosures): sessions on
+//! a target with subject relations get a guard even when nothing is masked for them, and every
+//! DataRow's subject keys are tallied before it is masked.
 
 use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
@@ -25,15 +29,33 @@ use crate::masking::dates::DateStyle;
 use crate::masking::plan::{self, MaskPlan, OriginFallback, PlanOptions};
 use crate::masking::values::{Classified, ColumnRule, Mask};
 use crate::session::pipeline::{Entry, Event, Expect};
+use crate::disclosures::{ResultPlan, SubjectKey, SubjectMap, Tally};
 pub use crate::session::pipeline::StmtInfo;
 
 /// Plans remembered per portal at most (the client half refuses more portals than this anyway).
 const MAX_PORTAL_PLANS: usize = 100_000;
 
+/// What a described result's rows get: a mask plan (None: sent as they are) and what they
+/// disclose (None: nothing about subjects).
+#[derive(Clone, Default)]
+struct Described {
+    mask: Option<Arc<MaskPlan>>,
+    subjects: Option<Arc<ResultPlan>>,
+}
+
+/// The accounting of disclosures for one session: the audit HMAC key, the cap on hashes kept,
+/// the target's subject relations (refreshed at every RowDescription) and the cycle's tally.
+pub struct Accounting {
+    key: Arc<SubjectKey>,
+    cap: usize,
+    pub subjects: Option<Arc<SubjectMap>>,
+    tally: Tally,
+}
+
 /// What rows arriving now are masked with.
 enum Current {
     None,
-    Rows(Option<Arc<MaskPlan>>),
+    Rows(Described),
     /// COPY out in text or CSV: the detectors run over each CopyData payload.
     CopyScan,
     /// Text COPY of a plain read: columns masked by position with their known origins.
@@ -44,8 +66,13 @@ enum Current {
 pub struct RowGuard {
     target: String,
     clear: Vec<Arc<str>>,
-    portals: HashMap<Vec<u8>, Option<Arc<MaskPlan>>>,
+    portals: HashMap<Vec<u8>, Described>,
     current: Current,
+    /// The identity sees some PHI masked (else the guard only keeps the accounting).
+    masking: bool,
+    pub accounting: Option<Accounting>,
+    /// The subject relations a COPY out in progress reads (its rows carry no description).
+    copy_read: Option<Arc<[Arc<str>]>>,
     /// Values masked or scrubbed in this session (for the session's events).
     pub values_masked: u64,
     /// The session's DateStyle as the server last reported it (ParameterStatus).
@@ -72,6 +99,9 @@ impl RowGuard {
             clear: identity.clear_kinds.iter().map(|k| Arc::from(k.as_str())).collect(),
             portals: HashMap::new(),
             current: Current::None,
+            masking: identity.masked,
+            accounting: None,
+            copy_read: None,
             values_masked: 0,
             date_style: DateStyle::Iso,
         }
@@ -87,6 +117,41 @@ impl RowGuard {
             if name.eq_ignore_ascii_case(b"DateStyle") {
                 self.date_style = DateStyle::parse(&String::from_utf8_lossy(value));
             }
+        }
+    }
+
+    /// Records disclosures with the audit HMAC key, keeping up to `cap` hashes per relation
+    /// and result before counting.
+    pub fn with_disclosures(mut self, key: Arc<SubjectKey>, cap: usize, subjects: Option<Arc<SubjectMap>>) -> Self {
+        self.accounting = Some(Accounting { key, cap, subjects, tally: Tally::default() });
+        self
+    }
+
+    /// Appends the cycle's disclosures to its result record and starts the next cycle.
+    pub fn take_disclosures(&mut self, record: &mut Vec<u8>) {
+        if let Some(a) = self.accounting.as_mut() {
+            a.tally.append_to(record);
+        }
+    }
+
+    fn describe(&self, state: &MaskingState, body: &[u8], info: &StmtInfo) -> Result<Described, GateError> {
+        let mask = if self.masking { self.plan(state, body, info)? } else { None };
+        let subjects = match self.accounting.as_ref().and_then(|a| a.subjects.as_ref()) {
+            None => None,
+            Some(map) => {
+                let masked = |oid, attnum| mask.is_some() && matches!(self.classify(state, oid, attnum), Classified::Masked(_));
+                let plan = ResultPlan::from_row_description(body, map, masked, info.subject_relations.as_deref())
+                    .ok_or_else(|| lost("a RowDescription that cannot be read"))?;
+                (!plan.is_empty()).then(|| Arc::new(plan))
+            }
+        };
+        Ok(Described { mask, subjects })
+    }
+
+    /// Tallies one DataRow's subjects (before it is masked).
+    fn disclose(&mut self, described: &Described, body: &[u8]) {
+        if let (Some(plan), Some(a)) = (&described.subjects, self.accounting.as_mut()) {
+            a.tally.row(plan, &a.key, body, a.cap);
         }
     }
 
@@ -129,11 +194,14 @@ impl RowGuard {
         let body = &frame[5..];
         match tag {
             b'D' => {
-                let plan = match &self.current {
+                let described = match &self.current {
                     Current::Rows(p) => p.clone(),
                     Current::None => match front {
                         Some(Expect::Execute { portal, .. }) => {
                             let p = self.portals.get(portal).ok_or_else(|| lost("rows of an undescribed portal"))?.clone();
+                            if let (Some(plan), Some(a)) = (&p.subjects, self.accounting.as_mut()) {
+                                a.tally.begin(plan);
+                            }
                             self.current = Current::Rows(p.clone());
                             p
                         }
@@ -141,7 +209,8 @@ impl RowGuard {
                     },
                     Current::CopyScan | Current::CopyPlan(_) => return Err(lost("a row inside COPY")),
                 };
-                match plan {
+                self.disclose(&described, body);
+                match described.mask {
                     None => out.extend_from_slice(frame),
                     Some(plan) => {
                         let before = out.len();
@@ -154,6 +223,13 @@ impl RowGuard {
                 Ok(Step::Done)
             }
             b'd' => {
+                if let (Some(read), Some(a)) = (&self.copy_read, self.accounting.as_mut()) {
+                    a.tally.copy_row(read);
+                }
+                if !self.masking {
+                    out.extend_from_slice(frame);
+                    return Ok(Step::Done);
+                }
                 if let Current::CopyPlan(plan) = &self.current {
                     let before = out.len();
                     copy::mask_copy_data(plan, body, b'\t', out).map_err(|e| e.to_gate_error().into_fatal())?;
@@ -180,13 +256,17 @@ impl RowGuard {
             b'T' => match event {
                 Event::Done(Entry { expect: Expect::DescribeStatement, .. }) => Ok(Step::Default),
                 Event::Done(Entry { expect: Expect::DescribePortal { portal, info, swallow }, .. }) => {
-                    let plan = self.plan(state, body, info)?;
-                    self.remember(portal.clone(), plan);
+                    let described = self.describe(state, body, info)?;
+                    self.remember(portal.clone(), described);
                     Ok(if *swallow { Step::Done } else { Step::Default })
                 }
                 _ => match front {
                     Some(Expect::Query { info, .. }) => {
-                        self.current = Current::Rows(self.plan(state, body, info)?);
+                        let described = self.describe(state, body, info)?;
+                        if let (Some(plan), Some(a)) = (&described.subjects, self.accounting.as_mut()) {
+                            a.tally.begin(plan);
+                        }
+                        self.current = Current::Rows(described);
                         Ok(Step::Default)
                     }
                     _ => Err(lost("an unexpected RowDescription")),
@@ -195,7 +275,7 @@ impl RowGuard {
             b'n' => match event {
                 Event::Done(Entry { expect: Expect::DescribeStatement, .. }) => Ok(Step::Default),
                 Event::Done(Entry { expect: Expect::DescribePortal { portal, swallow, .. }, .. }) => {
-                    self.remember(portal.clone(), None);
+                    self.remember(portal.clone(), Described::default());
                     Ok(if *swallow { Step::Done } else { Step::Default })
                 }
                 _ => Err(lost("an unexpected NoData")),
@@ -211,6 +291,11 @@ impl RowGuard {
                     Some(Expect::Execute { info, .. } | Expect::Query { info, .. }) => info.clone(),
                     _ => return Err(lost("an unexpected COPY")),
                 };
+                self.copy_read = info.subject_relations.clone().filter(|_| self.accounting.is_some());
+                if !self.masking {
+                    // Nothing to mask: COPY's rows pass as they are (binary too).
+                    return Ok(Step::Default);
+                }
                 if body.first() != Some(&0) {
                     return Err(GateError::fatal(sqlstate::FEATURE_NOT_SUPPORTED,
                         "binary COPY output cannot be checked for PHI by phigate; the session is closed")
@@ -242,6 +327,7 @@ impl RowGuard {
             // The end of a result: the next rows need a description of their own.
             b'C' | b'I' | b's' | b'E' | b'Z' => {
                 self.current = Current::None;
+                self.copy_read = None;
                 Ok(Step::Default)
             }
             _ => Ok(Step::Default),
@@ -262,7 +348,7 @@ impl RowGuard {
         plan
     }
 
-    fn remember(&mut self, portal: Vec<u8>, plan: Option<Arc<MaskPlan>>) {
+    fn remember(&mut self, portal: Vec<u8>, plan: Described) {
         if self.portals.len() >= MAX_PORTAL_PLANS && !self.portals.contains_key(&portal) {
             // Forgetting fails closed: rows of a forgotten portal end the session.
             self.portals.clear();
@@ -390,7 +476,7 @@ mod tests {
     fn a_plain_read_shows_only_the_tables_it_was_allowed() {
         let mut g = guard(&["ssn"]);
         let only_600: Arc<[u32]> = Arc::from(vec![600u32]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600), copy_columns: None, notices: None };
+        let info = StmtInfo { protected: true, rewritten: false, origins: Some(only_600), copy_columns: None, notices: None, subject_relations: None };
         let mut q = pipeline(vec![query(info)]);
         // Table 500 is not in the list (say, recreated since the catalog was read): redacted
         // even for a kind seen in clear.
@@ -402,7 +488,7 @@ mod tests {
     fn a_text_copy_is_masked_by_the_planned_columns() {
         let mut g = guard(&[]);
         let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32), (600, 1, 25)]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols), notices: None };
+        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols), notices: None, subject_relations: None };
         let mut q = pipeline(vec![query(info)]);
         let copy_out = message(b'H', &[0, 0, 2, 0, 0, 0, 0]);
         let data = message(b'd', b"123-45-6789\tcall 555-123-4567\n");
@@ -411,7 +497,7 @@ mod tests {
         assert_eq!(out, expected, "classified column redacted, the other scanned");
         // A COPY with another shape than planned is not guessed at.
         let cols: Arc<[(u32, i16, u32)]> = Arc::from(vec![(500u32, 1i16, 25u32)]);
-        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols), notices: None };
+        let info = StmtInfo { protected: true, rewritten: false, origins: None, copy_columns: Some(cols), notices: None, subject_relations: None };
         let mut q = pipeline(vec![query(info)]);
         assert!(feed(&mut g, &mut q, &[message(b'H', &[0, 0, 2, 0, 0, 0, 0])]).unwrap_err().is_fatal());
     }

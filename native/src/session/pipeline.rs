@@ -39,6 +39,8 @@ pub struct StmtInfo {
     pub copy_columns: Option<Arc<[(u32, i16, u32)]>>,
     /// Notices the client gets right before the result (taken when it starts).
     pub notices: Option<Arc<[Notice]>>,
+    /// `[phi.subjects]` relations it reads (accounting of disclosures).
+    pub subject_relations: Option<Arc<[Arc<str>]>>,
 }
 
 /// The response expected for one message sent upstream. Portal names and statement facts are

@@ -88,6 +88,9 @@ struct Ctx {
     settings: Arc<Settings>,
     session_id: u64,
     identity: Identity,
+    /// Results are attributed to statements and their rows read whole: the identity sees some
+    /// PHI masked, or the target has subject relations whose disclosures are recorded.
+    tracked: bool,
     target_name: String,
     /// ParameterStatus messages the server sent at startup (layer 2 follows DateStyle).
     startup_parameters: Vec<Bytes>,
@@ -148,7 +151,9 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
     let mut up = est.upstream;
     let startup_parameters = std::mem::take(&mut up.parameter_status);
     let (ur, uw) = up.stream.split();
+    let accounted = settings.disclosures.is_some() && core.subjects.get(&est.target_name).is_some();
     let ctx = Ctx {
+        tracked: est.identity.masked || accounted,
         core,
         settings,
         session_id,
@@ -313,6 +318,7 @@ impl Ctx {
                 origins: decision.origins.clone(),
                 copy_columns: decision.copy_columns.clone(),
                 notices: decision.notices.clone(),
+                subject_relations: decision.subject_relations.clone(),
             }),
             Action::Deny { sqlstate, message, hint } => {
                 let mut e = GateError::error(refusal_sqlstate(sqlstate), message.clone());

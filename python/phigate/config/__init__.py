@@ -134,6 +134,12 @@ def parse_config(
     audit = None
     if "audit" in data:
         audit = _audit(root.table("audit", required=True, allowed=_AUDIT_KEYS), ctx)
+    if phi.subjects and audit is None:
+        # Disclosures are recorded as keyed hashes of the subject keys: no key, no accounting.
+        root.table("phi", required=True, allowed=_PHI_KEYS).table(
+            "subjects", required=True, allowed=None
+        ).fail("", "needs an [audit] section: disclosures are recorded in the audit trail as "
+               "hashes keyed with its hmac_key")  # fmt: skip
     return Config(
         server=server,
         identity=identity_config,

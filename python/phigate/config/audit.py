@@ -13,7 +13,7 @@ from phigate.config.table import _Ctx, _Table
 _AUDIT_KEYS = frozenset({
     "dir", "origin", "signing_key", "previous_signing_key", "hmac_key", "sync", "sync_window",
     "checkpoint_interval", "checkpoint_every", "checkpoint_copy_dir", "checkpoint_command",
-    "segment_max_bytes", "segment_max_age", "max_pending_records",
+    "segment_max_bytes", "segment_max_age", "max_pending_records", "disclosures_exact_max",
 })  # fmt: skip
 
 SYNC_MODES = ("batch", "statement")
@@ -83,6 +83,7 @@ def _audit(t: _Table, ctx: _Ctx) -> AuditConfig:
         segment_max_bytes=t.integer("segment_max_bytes", 64 * 1024 * 1024, 64 * 1024, 1 << 40),
         segment_max_age=t.seconds("segment_max_age", 86400.0, 1, 366 * 86400, lo_open=False),
         max_pending_records=t.integer("max_pending_records", 100_000, 0, 100_000_000),
+        disclosures_exact_max=t.integer("disclosures_exact_max", 1000, 1, 1_000_000),
     )
 
 

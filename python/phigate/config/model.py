@@ -186,6 +186,10 @@ class PhiConfig:
     zip3_restricted: frozenset[str] = field(default_factory=restricted_prefixes)
     zip3_restricted_file: Path | None = None
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    #: `[phi.subjects]`: (schema, table) -> the column naming the person each row describes.
+    #: Every key holds the same person identifier (the value of the patients' key), so one
+    #: person's rows are found in each of these relations by the same keyed hash.
+    subjects: Mapping[tuple[str, str], str] = field(default_factory=lambda: MappingProxyType({}))
 
     def relations(self) -> frozenset[tuple[str, str]]:
         """The (schema, table) pairs with at least one classified column."""
@@ -230,6 +234,8 @@ class AuditConfig:
     segment_max_bytes: int
     segment_max_age: float
     max_pending_records: int
+    #: Subject-key hashes a result record keeps per relation before it counts the rest.
+    disclosures_exact_max: int = 1000
 
 @dataclass(frozen=True)
 class OidcConfig:
@@ -434,6 +440,7 @@ def _native_audit(a: AuditConfig) -> dict[str, Any]:
         "segment_max_bytes": a.segment_max_bytes,
         "segment_max_age_ms": _ms(a.segment_max_age),
         "max_pending_records": a.max_pending_records,
+        "disclosures_exact_max": a.disclosures_exact_max,
     }
 
 def _native_target(t: TargetConfig) -> dict[str, Any]:

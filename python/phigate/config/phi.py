@@ -37,7 +37,7 @@ _MASK_KINDS: Mapping[str, frozenset[str]] = MappingProxyType({
 
 _PHI_KEYS = frozenset({
     "columns", "pseudonym_key_file", "mrn_pattern", "extra_patterns", "zip3_restricted_file",
-    "dictionary",
+    "dictionary", "subjects",
 })  # fmt: skip
 
 _DICTIONARY_KEYS = frozenset({
@@ -132,6 +132,7 @@ def _phi(t: _Table) -> PhiConfig:
     zip3_file = t.path("zip3_restricted_file", what="ZIP prefix list")
     zip3_restricted = _zip3_restricted(t, zip3_file)
     dictionary = _dictionary(t.table("dictionary", required=False, allowed=_DICTIONARY_KEYS))
+    subjects = _subjects(t.table("subjects", required=False, allowed=None))
     return PhiConfig(
         columns=MappingProxyType(columns),
         pseudonym_key_file=key_file,
@@ -141,7 +142,36 @@ def _phi(t: _Table) -> PhiConfig:
         zip3_restricted=zip3_restricted,
         zip3_restricted_file=zip3_file,
         dictionary=dictionary,
+        subjects=MappingProxyType(subjects),
     )
+
+
+def _subjects(t: _Table) -> dict[tuple[str, str], str]:
+    """`[phi.subjects]`: "schema.table" = "key column" for each relation describing persons."""
+    subjects: dict[tuple[str, str], str] = {}
+    for text in t.data:
+        key = _toml_key(text)
+        try:
+            parts = fold_name(text)
+        except ValueError as exc:
+            t.fail(key, f"{text!r}: {exc}")
+        if len(parts) != 2:
+            t.fail(key, f"{text!r} must name schema.table, e.g. \"public.patients\"")
+        if parts[0] == "pg_catalog" or parts[0].startswith("pg_"):
+            t.fail(key, "system relations do not describe persons")
+        column_text = t.string(text)
+        try:
+            column = fold_name(column_text)
+        except ValueError as exc:
+            t.fail(key, f"{column_text!r}: {exc}")
+        if len(column) != 1:
+            t.fail(key, f"{column_text!r} must name one column of {text} (the person's key), "
+                   "e.g. \"id\" or \"patient_id\"")  # fmt: skip
+        relation = (parts[0], parts[1])
+        if relation in subjects:
+            t.fail(key, "names the same relation as another entry (after folding names)")
+        subjects[relation] = column[0]
+    return subjects
 
 
 def _dictionary(t: _Table) -> DictionaryConfig:

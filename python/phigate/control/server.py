@@ -56,6 +56,9 @@ class EngineLike(Protocol):
     def reconfigure(self, config_json: str) -> int: ...
     def bump_epoch(self) -> int: ...
     def set_masking(self, state_json: str) -> None: ...
+    def set_subjects(
+        self, target: str, relations: list[tuple[int, int, str, dict[int, str]]], names: list[str]
+    ) -> None: ...
     def set_dictionary(self, target: str, builder: Any, extend: bool = False) -> dict[str, int]: ...
     def dictionary_builder(self, target: str) -> Any: ...
     def drop_dictionary(self, target: str) -> bool: ...
@@ -274,6 +277,14 @@ class Gateway:
         identifier dictionaries, and the control plane's policy (with why any is missing)."""
         catalogs = keeper.catalogs()
         engine.set_masking(masking_state_json(config, catalogs))
+        names = sorted(f"{schema}.{table}" for schema, table in config.phi.subjects)
+        for target, snap in catalogs.items():
+            # A target whose catalog is not loaded still knows the names: every row of a
+            # statement reading one of them is then recorded as a possible disclosure.
+            resolved = snap.subjects if snap is not None and names else ()
+            engine.set_subjects(
+                target, [(r.oid, r.key_attnum, r.name, dict(r.columns)) for r in resolved], names
+            )
         self._dictionaries.install(engine, config, catalogs)
         control.catalogs = catalogs
         control.catalog_notes = keeper.notes()

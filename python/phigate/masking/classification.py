@@ -45,6 +45,7 @@ __all__ = [
     "CatalogSnapshot",
     "ColumnInfo",
     "RelationInfo",
+    "SubjectRelation",
     "load_catalog",
     "build_snapshot",
     "connect_args",
@@ -111,6 +112,17 @@ class RelationInfo:
         )
 
 
+@dataclass(frozen=True)
+class SubjectRelation:
+    """A `[phi.subjects]` relation resolved on a target: its OID, the attnum of the column that
+    names the person, and every column's name by attnum (records name columns, never aliases)."""
+
+    oid: int
+    name: str  # "schema.table" as configured (folded)
+    key_attnum: int
+    columns: Mapping[int, str]
+
+
 @dataclass(frozen=True, eq=False)
 class CatalogSnapshot:
     """What is protected on one target, as read at ``loaded_at``. Immutable; replace it whole."""
@@ -131,6 +143,8 @@ class CatalogSnapshot:
     # The identifier dictionary read with this snapshot (same connection and transaction);
     # the gateway hands its builder to the data plane once. None: dictionary off or no read.
     identifiers: IdentifierLoad | None = field(default=None, compare=False, repr=False)
+    # `[phi.subjects]` relations resolved in this database (accounting of disclosures).
+    subjects: tuple[SubjectRelation, ...] = ()
 
     @classmethod
     def empty(cls, target: str) -> CatalogSnapshot:
@@ -246,7 +260,7 @@ def load_catalog(
     read, KeyError for an unknown target name.
     """
     target = config.targets[target_name]
-    if not config.phi.columns:
+    if not config.phi.columns and not config.phi.subjects:
         return CatalogSnapshot.empty(target_name)
     with read_only_transaction(config, target_name, "the catalog") as conn:
         with conn.cursor() as cur:
@@ -257,7 +271,13 @@ def load_catalog(
                 "SELECT pg_catalog.set_config('search_path', %s, true)",
                 (target.params["search_path"],),
             )
-            snap = build_snapshot(cur, config, target_name)
+            if config.phi.columns:
+                snap = build_snapshot(cur, config, target_name)
+            else:
+                snap = CatalogSnapshot.empty(target_name)
+            if config.phi.subjects:
+                subjects = resolve_subjects(cur, config, target_name)
+                snap = dataclasses.replace(snap, subjects=subjects)
         snap = _check_functions(conn, config, target_name, snap)
         if not identifiers:
             return snap
@@ -425,6 +445,37 @@ class _Rel:
     rules: dict[str, tuple[ColumnRule, tuple[int, int] | None]] = field(default_factory=dict)
     derived_from: set[int] = field(default_factory=set)
     refuse_reason: str | None = None
+
+
+def resolve_subjects(cur: Any, config: Config, target_name: str) -> tuple[SubjectRelation, ...]:
+    """Each `[phi.subjects]` relation's OID, key attnum and column names on this target; a
+    relation or key column that does not exist is a ConfigError naming the entry."""
+    subjects = config.phi.subjects
+    wanted = sorted(subjects)
+    cur.execute(_RELATIONS_SQL, ([s for s, _ in wanted], [r for _, r in wanted]))
+    found = {(s, n): (oid, kind) for oid, s, n, kind in cur.fetchall()}
+    out = []
+    for (schema, table), key_column in sorted(subjects.items()):
+        config_key = f'phi.subjects."{schema}.{table}"'
+        hit = found.get((schema, table))
+        if hit is None:
+            database = config.targets[target_name].database
+            raise ConfigError(config_key, config.source, f"relation {schema}.{table} does not "
+                              f"exist in target {target_name!r} (database {database})")  # fmt: skip
+        oid, kind = hit
+        if kind not in _TABLE_KINDS + _VIEW_KINDS:
+            raise ConfigError(config_key, config.source,
+                              f"{schema}.{table} is not a table or view (relkind {kind!r})")
+        rel = _Rel(oid, schema, table, kind, "configured", [])
+        _load_columns(cur, [rel])
+        columns = {c.attnum: c.name for c in rel.columns}
+        key = next((c.attnum for c in rel.columns if c.name == key_column), None)
+        if key is None:
+            raise ConfigError(config_key, config.source, f"column {key_column!r} does not exist "
+                              f"in {schema}.{table} (its columns: {', '.join(columns.values())})")
+        out.append(SubjectRelation(oid=oid, name=f"{schema}.{table}", key_attnum=key,
+                                   columns=MappingProxyType(columns)))  # fmt: skip
+    return tuple(out)
 
 
 def build_snapshot(cur: Any, config: Config, target_name: str) -> CatalogSnapshot:

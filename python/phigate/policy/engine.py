@@ -136,8 +136,10 @@ class PolicyEngine:
             if any(is_show_masking(f) for f in facts):
                 return self._show_masking(facts, roleset, normalized, bool(masked))
             if masked:
-                return self._masked(sql, facts, roleset, normalized, cache, schema)
-        return answer(decision, cache, normalized)
+                return _with_subjects(
+                    self._masked(sql, facts, roleset, normalized, cache, schema), facts,
+                    self.config.phi.subjects)  # fmt: skip
+        return _with_subjects(answer(decision, cache, normalized), facts, self.config.phi.subjects)
 
     def _show_masking(
         self, facts: list[Facts], roleset: RoleSet, normalized: str | None, masked: bool
@@ -258,6 +260,20 @@ class PolicyEngine:
         # The rewrite keeps the client's literals, so it is reused for this exact text only.
         return _with_notices({"action": "allow", "cache": "exact", "normalized": normalized,
                               "rewrite": result.sql, "protected": protected, **told}, comparisons)
+
+
+def _with_subjects(
+    decision: dict[str, Any], facts: list[Facts], subjects: Mapping[tuple[str, str], str]
+) -> dict[str, Any]:
+    """``decision`` with the `[phi.subjects]` relations the statement names (read, written or
+    returned): the data plane counts its rows that show no subject key as possibly any of
+    their subjects. The names come from the parse, not literals, so caching is unaffected."""
+    if decision.get("action") != "allow" or not subjects:
+        return decision
+    named = sorted({f"{s}.{n}" for f in facts for s, n, _ in f.relations if (s, n) in subjects})
+    if named:
+        decision["subject_relations"] = named
+    return decision
 
 
 def _with_notices(decision: dict[str, Any], notices: list[dict[str, Any]]) -> dict[str, Any]:

@@ -125,7 +125,8 @@ fn malformed(what: &str, why: &str) -> GateError {
 pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: WritePart, mut buf: BytesMut) -> &'static str {
     let max_statement = ctx.settings.cfg.max_statement_bytes;
     let max_message = ctx.settings.cfg.max_message_bytes;
-    let masked = ctx.identity.masked;
+    // Masked and accounted sessions need every result's RowDescription (see Ctx::tracked).
+    let masked = ctx.tracked;
     let mut ob = Outbox { masked, ..Outbox::default() };
     let mut cutter = ClientCutter::new(max_statement, max_message);
     let mut ext = Extended::default();

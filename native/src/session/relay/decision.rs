@@ -85,7 +85,15 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
             (!parsed.is_empty()).then_some(parsed)
         }
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices })
+    let subject_relations = match a.get("subject_relations") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => {
+            let list = v.as_array().filter(|l| l.len() <= MAX_NOTICES)?;
+            let names = list.iter().map(|n| n.as_str().filter(|s| !s.is_empty()).map(Arc::from)).collect::<Option<Arc<[Arc<str>]>>>()?;
+            (!names.is_empty()).then_some(names)
+        }
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations })
 }
 
 /// One entry of a decision's `notices`: `{"key", "code", "message", "hint"}`, prebuilt as the

@@ -74,17 +74,21 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
     let mut cycle_bytes = 0u64;
     let mut cycle_error: Option<String> = None;
     let masked = ctx.identity.masked;
-    let mut pipeline = Pipeline::new(masked);
+    let tracked = ctx.tracked;
+    let mut pipeline = Pipeline::new(tracked);
     let mut sent_notices = SentNotices::default();
     let mut published: Vec<Entry> = Vec::new();
     // What the client half was last woken for: it is only woken again for progress.
     let mut told = ((0, 0), false);
-    let mut guard = masked.then(|| {
+    let mut guard = tracked.then(|| {
         let mut g = RowGuard::new(&ctx.identity, &ctx.target_name);
         for p in &ctx.startup_parameters {
             g.parameter_status(&p[5..]);
         }
-        g
+        match &ctx.settings.disclosures {
+            Some((key, cap)) => g.with_disclosures(key.clone(), *cap, ctx.core.subjects.get(&ctx.target_name)),
+            None => g,
+        }
     });
     // Layer-2 rules, detectors and key; read again at every RowDescription so a catalog reload
     // reaches live sessions at their next result (one lock and Arc clone per result).
@@ -106,8 +110,9 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 Ok(None) => break,
                 Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), "upstream_protocol_error").await,
             };
-            // Masked sessions see every message whole: rows are masked, descriptions planned.
-            let inspect = masked || upstream_inspected(h.tag);
+            // Tracked sessions see every message whole: rows are masked or accounted,
+            // descriptions planned.
+            let inspect = tracked || upstream_inspected(h.tag);
             if !inspect {
                 // Rows, descriptions, COPY data: stream through without waiting for the whole
                 // message (the pipeline only needs the tag).
@@ -134,7 +139,7 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             }
             let event = match pipeline.step(frame.tag) {
                 Ok(event) => event,
-                Err(lost) if masked => {
+                Err(lost) if tracked => {
                     let e = crate::masking::rowguard::lost(lost.0);
                     ctx.core.counters.masking_failures.fetch_add(1, Ordering::Relaxed);
                     ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "masking_failure", "session_id": ctx.session_id, "detail": e.message}));
@@ -150,6 +155,9 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             if let Some(g) = guard.as_mut() {
                 if frame.tag == b'T' {
                     rules = ctx.core.masking();
+                    if let Some(a) = g.accounting.as_mut() {
+                        a.subjects = ctx.core.subjects.get(&ctx.target_name);
+                    }
                 }
                 let changed_before = g.values_masked;
                 let step = g.step(frame.tag, &frame.bytes, &event, pipeline.front(), &rules, &mut out);
@@ -173,8 +181,12 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                         Event::Ready(sent) => sent.elapsed().as_secs_f64() * 1000.0,
                         _ => 0.0,
                     };
-                    ctx.core.bridge.emit_line(&crate::events::result(ctx.session_id, cycle_rows, cycle_bytes + out.len() as u64,
-                        duration_ms, cycle_error.take().as_deref()));
+                    let mut record = crate::events::result(ctx.session_id, cycle_rows, cycle_bytes + out.len() as u64,
+                        duration_ms, cycle_error.take().as_deref());
+                    if let Some(g) = guard.as_mut() {
+                        g.take_disclosures(&mut record);
+                    }
+                    ctx.core.bridge.emit_line(&record);
                     cycle_rows = 0;
                     cycle_bytes = 0;
                 }
