@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from phigate.cli import audit_disclosures
 from phigate.cli.common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from phigate.errors import PhigateError
 
@@ -109,6 +110,7 @@ def add_parsers(sub: Any) -> None:
         help="the audit HMAC key file (or credential:NAME)",
     )
     h.set_defaults(run=_hash)
+    audit_disclosures.add_parsers(audit)
 
 
 def _trail_args(ap: argparse.ArgumentParser, *, several: bool) -> None:
