@@ -107,6 +107,10 @@ pub struct NativeConfig {
     #[serde(default = "default_backlog")]
     pub event_backlog_wakeup: usize,
     pub targets: BTreeMap<String, Target>,
+    /// The audit trail (docs/audit.md); absent only for embedding and tests: `phigate serve`
+    /// refuses to start without one.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditSettings>,
 }
 
 impl NativeConfig {
@@ -142,6 +146,9 @@ impl NativeConfig {
             if t.tls == UpstreamTls::VerifyFull && t.ca_file.is_none() {
                 return Err(format!("targets.{name}.ca_file: required when tls is verify-full"));
             }
+        }
+        if let Some(a) = &self.audit {
+            a.validate()?;
         }
         Ok(())
     }
