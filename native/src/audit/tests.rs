@@ -147,7 +147,7 @@ fn segments_rotate_after_checkpoints() {
     assert!(segs.len() > 3, "{} segments", segs.len());
     for (_, p) in &segs[..segs.len() - 1] {
         let data = std::fs::read(p).unwrap();
-        let last = data.split(|&c| c == b'\n').filter(|l| !l.is_empty()).next_back().unwrap();
+        let last = data.split(|&c| c == b'\n').rfind(|l| !l.is_empty()).unwrap();
         assert!(memchr::memmem::find(last, br#""event":"checkpoint""#).is_some(), "a closed segment ends with a checkpoint");
     }
     let recs = verify(d.path());
