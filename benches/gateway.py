@@ -57,7 +57,7 @@ def _q(s: str | Path) -> str:
 
 def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_port: int | None,
                  pool_db: str, upstream_db: str, svc_user: str, svc_password: str,
-                 events_log: str, workers: int,
+                 audit_dir: Path, audit_sync: str, workers: int,
                  extra_groups: dict[str, list[str]] | None = None,
                  reader_see_clear: list[str] | None = None, extra_toml: str = "",
                  tls: tuple[Path, Path] | None = None) -> Path:
@@ -74,6 +74,11 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
                  if reader_see_clear is not None else "")
     tls_lines = (f"tls_cert = {_q(tls[0])}\ntls_key = {_q(tls[1])}\n" if tls is not None
                  else "")
+    from phigate.audit.keys import write_keys
+
+    if not (workdir / "audit.key").exists():
+        write_keys(workdir, "phigate-bench")
+    audit_dir.mkdir(parents=True, exist_ok=True)
     pw = workdir / "svc.password"
     pw.write_text(svc_password + "\n")
     pw.chmod(0o600)
@@ -81,8 +86,13 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
 [server]
 listen = "{LOOPBACK}:{port}"
 require_tls = false
-{tls_lines}events_log = {_q(events_log)}
-workers = {workers}
+{tls_lines}workers = {workers}
+
+[audit]
+dir = {_q(audit_dir)}
+signing_key = {_q(workdir / "audit.key")}
+hmac_key = {_q(workdir / "audit-hmac.key")}
+sync = {_q(audit_sync)}
 
 [identity.oidc]
 issuer = {_q(ISSUER)}

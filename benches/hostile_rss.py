@@ -187,7 +187,7 @@ def run(a: argparse.Namespace, reg: Registry, workdir: Path) -> dict[str, Any]:
     cfg = gateway.write_config(
         gw.dir, port=gw.port, jwks=jwks, pg_port=pg.port, pool_port=None, pool_db="",
         upstream_db=DB, svc_user=SVC_USER, svc_password=svc_pw,
-        events_log=str(gw.dir / "events.jsonl"), workers=a.workers,
+        audit_dir=gw.dir / "audit", audit_sync="batch", workers=a.workers,
         extra_toml=phi_toml(key), tls=(Path(certs.cert), Path(certs.key)))
     probe_out = gw.dir / "heap.jsonl"
     command = [sys.executable, str(HERE / "heapprobe.py"), str(probe_out), str(cfg)]

@@ -170,7 +170,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     bulk_n = f"bulk best of {s['bulk_repeats']}; " if "bulk" in parts else ""
     masked_n = f"masked read best of {s['masking_repeats']}; " if "masking" in parts else ""
     L.append(f"- settings: {pgb}{bulk_n}{masked_n}"
-             f"phigate workers={s['workers']}, events_log={s['events_log']}; TLS off on every leg; "
+             f"phigate workers={s['workers']}, audit sync={s.get('audit_sync', 'batch')}; "
+             f"TLS off on every leg; "
              f"PgBouncer pool_mode=session, auth SCRAM; PostgreSQL auth SCRAM")
     if "parts" in s and len(parts) < 5:
         L.append(f"- parts run: {', '.join(parts)}")

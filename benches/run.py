@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # phigate I/O thread is the like-for-like setting and avoids cross-thread wakeups (measured:
     # ~20 % less proxy CPU per transaction at 8 clients than with 2 workers).
     ap.add_argument("--workers", type=int, default=1, help="phigate [server] workers (default 1)")
-    ap.add_argument("--events-log", choices=("file", "null"), default="file",
-                    help="phigate events sink: a file in the work dir, or /dev/null")
+    ap.add_argument("--audit-sync", choices=("batch", "statement"), default="batch",
+                    help="phigate's audit trail durability (the trail is in the work dir)")
     ap.add_argument("--no-latency-log", action="store_true",
                     help="do not use pgbench --log (no p50/p99; only average latency)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -190,8 +190,7 @@ class Bench:
         if "phigate" in a.systems:
             self.gw = gateway.Gateway(self.reg, self.workdir)
             token, jwks = gateway.mint_token(self.gw.dir / "keys", ttl_seconds=6 * 3600)
-            events = str(self.gw.dir / "events.jsonl") if a.events_log == "file" else os.devnull
-            self.events_path = Path(events) if a.events_log == "file" else None
+            self.events_path = self.gw.dir / "audit"
             phi: dict[str, Any] = {}
             if masking:
                 # [phi] only when the masked read runs: without it the config is the same as
@@ -210,7 +209,8 @@ class Bench:
             cfg = gateway.write_config(
                 self.gw.dir, port=self.gw.port, jwks=jwks, pg_port=pg.port,
                 pool_port=pool_port, pool_db=bouncer.TXN_DB,
-                upstream_db=DB, svc_user=SVC_USER, svc_password=svc_pw, events_log=events,
+                upstream_db=DB, svc_user=SVC_USER, svc_password=svc_pw,
+                audit_dir=self.events_path, audit_sync=a.audit_sync,
                 workers=a.workers, **phi)
             self.gw_config = cfg
             if masking:
@@ -324,24 +324,36 @@ class Bench:
             + (f"  failed {r.failed}" if r.failed else ""))
         return out
 
+    def _segments(self) -> list[Path]:
+        return sorted(self.events_path.glob("segment-*.jsonl")) if self.events_path else []
+
     def _events_size(self) -> int | None:
+        """Bytes in the audit trail's segments so far (an offset for _cache_hit_pct)."""
+        if self.events_path is None:
+            return None
         try:
-            return self.events_path.stat().st_size if self.events_path else None
+            return sum(p.stat().st_size for p in self._segments())
         except OSError:
             return None
 
     def _cache_hit_pct(self, offset: int) -> float | None:
-        """Share of statement events marked cached since `offset` in phigate's events log."""
+        """Share of statement records marked cached since `offset` in phigate's audit trail."""
         assert self.events_path is not None
-        time.sleep(0.5)  # the control plane drains events to the file periodically
+        time.sleep(0.5)  # the trail's writer batches for a few milliseconds
         hits = misses = 0
         try:
-            with open(self.events_path, "rb") as f:
-                f.seek(offset)
-                while chunk := f.read(1 << 22):
-                    # Byte counts, not JSON parsing: a run writes hundreds of thousands of lines.
-                    hits += chunk.count(b'"cached":true')
-                    misses += chunk.count(b'"cached":false')
+            for seg in self._segments():
+                size = seg.stat().st_size
+                if offset >= size:
+                    offset -= size
+                    continue
+                with open(seg, "rb") as f:
+                    f.seek(offset)
+                    offset = 0
+                    while chunk := f.read(1 << 22):
+                        # Byte counts, not JSON parsing: a run writes 100,000s of lines.
+                        hits += chunk.count(b'"cached":true')
+                        misses += chunk.count(b'"cached":false')
         except OSError:
             return None
         return 100.0 * hits / (hits + misses) if hits + misses else None
@@ -553,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 "backend fork. The rows compare whole architectures, not just proxy code.")
         if "phigate" in b.endpoints and "pgbench" not in a.skip:
             b.notes.append("Decision cache: the TPS log lines and the JSON give the share of "
-                           "statement events marked `cached` in phigate's events log per run "
+                           "statement records marked `cached` in phigate's audit trail per run "
                            "(`decision_cache_hit_pct`).")
         if load0 > 1.0:
             b.notes.append(f"The machine was not idle: load average {load0:.2f} when the run "
@@ -568,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                          "bulk_repeats": a.bulk_repeats, "masking_repeats": a.masking_repeats,
                          "repeat": a.repeat,
                          "rss_conns": a.rss_conns,
-                         "workers": a.workers, "events_log": a.events_log, "quick": a.quick,
+                         "workers": a.workers, "audit_sync": a.audit_sync, "quick": a.quick,
                          "systems": a.systems, "nofile_hard": nofile_hard(),
                          "parts": [p for p in PARTS if p not in a.skip]},
             "notes": b.notes, "wall_seconds": round(time.monotonic() - t_start, 1),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import ssl
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from phigate.audit.records import audit_section, read_records
 from phigate.dev.demo import base_config, dump_toml, merge_config
 from phigate.dev.ehr import provision_demo_database
 from phigate.dev.pgembed import EmbeddedPostgres, PgEmbedError, find_psql
@@ -26,6 +29,12 @@ AUDIENCE = "phigate"
 CERT_HOSTNAMES = ["localhost", "127.0.0.1"]
 TEST_PATIENTS = 200
 TEST_SEED = 7
+AUDIT_ORIGIN = "phigate-tests"
+# Records the trail's writer makes itself (docs/audit.md).
+TRAIL_RECORDS = frozenset({
+    "checkpoint", "audit_open", "audit_close", "audit_key_rotated", "audit_failure",
+    "audit_recovered",
+})  # fmt: skip
 
 # Top-level sections of the phigate config; any other override key is a [server] key.
 CONFIG_SECTIONS = frozenset(
@@ -85,6 +94,17 @@ def require_native() -> None:
         )
 
 
+@functools.cache
+def session_audit_keys() -> Path:
+    """The directory with the test session's audit keys (audit.key, audit.pub,
+    audit-hmac.key), generated on first use."""
+    from phigate.audit.keys import write_keys
+
+    key_dir = Path(tempfile.mkdtemp(prefix="phigate-audit-keys-"))
+    write_keys(key_dir, AUDIT_ORIGIN)
+    return key_dir
+
+
 class EhrPostgres(EmbeddedPostgres):
     """EmbeddedPostgres plus the EHR database and the gateway's service role."""
 
@@ -116,7 +136,7 @@ class EhrPostgres(EmbeddedPostgres):
 
 @dataclass
 class RunningGateway:
-    """A started GatewayThread plus what clients need to reach it (CA, config, events file).
+    """A started GatewayThread plus what clients need to reach it (CA, config, audit trail).
 
     Attribute access falls through to the GatewayThread, so `gateway.host`,
     `gateway.port` and anything else the thread offers work as on the thread.
@@ -126,7 +146,7 @@ class RunningGateway:
     config: Any
     config_path: Path
     ca_file: Path
-    events_log: Path
+    audit_dir: Path
     settings: dict[str, Any]
     _stopped: bool = field(default=False, repr=False)
 
@@ -143,15 +163,21 @@ class RunningGateway:
             self._stopped = True
             self.thread.stop()
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every `rec` body of the audit trail so far, in seq order, the writer's own
+        (audit_open, checkpoint, ...) included. Batch mode writes within milliseconds: stop()
+        first, or poll, to see all of them."""
+        return read_records(self.audit_dir)
+
     def events(self) -> list[dict[str, Any]]:
-        """Events written so far (the sink may batch: stop() first to see all of them)."""
-        if not self.events_log.exists():
-            return []
-        out = []
-        for line in self.events_log.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
+        """The records the gateway's parts made (sessions, statements, reloads, ...), in seq
+        order: `records()` without the trail writer's own."""
+        return [r for r in self.records() if r.get("event") not in TRAIL_RECORDS]
+
+    def trail_text(self) -> str:
+        """Every segment's raw text, in order."""
+        segments = sorted(self.audit_dir.glob("segment-*.jsonl"))
+        return "".join(p.read_text(encoding="utf-8") for p in segments)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names not defined here; dataclass fields are always set.
@@ -181,6 +207,8 @@ class GatewayFactory:
         self.password_file = write_private(
             tmp / "secrets" / "ehr.password", pg.service_password + "\n"
         )
+        # One audit key pair for the whole test session; each gateway gets its own trail.
+        self.audit_keys = session_audit_keys()
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
         """The config dict a gateway would get, without starting it."""
@@ -194,7 +222,9 @@ class GatewayFactory:
             listen="127.0.0.1:0",
             tls_cert=Path(self.cert.cert),
             tls_key=Path(self.cert.key),
-            events_log=gdir / "events.jsonl",
+            audit=audit_section(
+                gdir / "audit", self.audit_keys, name=AUDIT_ORIGIN, checkpoint_interval=0.2
+            ),
             issuer=self.issuer.issuer,
             jwks_file=Path(self.issuer.jwks_path),
             pg_host=self.pg.host,
@@ -233,13 +263,13 @@ class GatewayFactory:
             with contextlib.suppress(Exception):
                 thread.stop()  # whatever part of it did start
             raise
-        events = settings.get("server", {}).get("events_log") or gdir / "events.jsonl"
+        assert config.audit is not None
         gw = RunningGateway(
             thread=thread,
             config=config,
             config_path=path,
             ca_file=Path(self.cert.ca_cert),
-            events_log=Path(events),
+            audit_dir=config.audit.dir,
             settings=settings,
         )
         self.started.append(gw)

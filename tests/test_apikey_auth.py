@@ -187,7 +187,7 @@ def test_keys_never_reach_logs_or_events(
     refused(gw, revoked_key, "28P01", "has been revoked")
     refused(gw, f"phk_{record.id}_{'c' * 52}", "28P01", "not recognized")
     gw.stop()
-    raw = gw.events_log.read_text(encoding="utf-8")
+    raw = gw.trail_text()
     logs = "\n".join(r.getMessage() for r in captured_logs.records)
     for k in (key, revoked_key):
         assert_not_echoed(raw, k)

@@ -352,7 +352,7 @@ def test_auth_failures_recorded_without_the_token(gateway_factory, token, captur
     accepted(gw, good, user="agent-audit")
     gw.stop()
 
-    raw = gw.events_log.read_text(encoding="utf-8")
+    raw = gw.trail_text()
     events = gw.events()
     failures = [e for e in events if e.get("event") == "auth_failure"]
     assert len(failures) == len(bad)

@@ -6,7 +6,6 @@ events say what state the catalog is in."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -27,6 +26,7 @@ import pytest
 import phigate
 from harness import EhrPostgres, GatewayFactory, RunningGateway, psycopg_connect
 from layer2ref import partial
+from phigate.audit.records import read_records
 from phigate.config import Config, load_config
 from phigate.control.thread import GatewayThread
 from phigate.dev.demo import dump_toml, merge_config
@@ -94,14 +94,8 @@ def phi(tmp_path: Path) -> dict[str, Any]:
     return {"columns": SSN_ONLY, "pseudonym_key_file": str(key)}
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
+def read_events(trail_dir: Path) -> list[dict[str, Any]]:
+    return read_records(trail_dir)
 
 
 def wait_event(path: Path, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -161,7 +155,7 @@ class ServedGateway:
     proc: subprocess.Popen[bytes]
     port: int
     ca_file: Path
-    events_log: Path
+    audit_dir: Path
     log_path: Path
     host: str = "127.0.0.1"
 
@@ -194,7 +188,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[[dict[str, Any], Path], ServedGat
                 break
             assert time.monotonic() < deadline, "phigate serve did not listen"
             time.sleep(0.05)
-        events = Path(settings["server"]["events_log"])
+        events = Path(settings["audit"]["dir"])
         return ServedGateway(proc, port, ca_file, events, log_path)
 
     yield start
@@ -218,10 +212,10 @@ def test_sighup_during_an_outage_recovers_without_another_reload(
 
     pg_up.stop()  # the database blips just as logrotate sends SIGHUP
     gw.proc.send_signal(signal.SIGHUP)
-    stale = wait_event(gw.events_log, catalog_event("stale", previous_in_force=True))
-    reload = wait_event(gw.events_log, lambda e: e.get("event") == "reload")
+    stale = wait_event(gw.audit_dir, catalog_event("stale", previous_in_force=True))
+    reload = wait_event(gw.audit_dir, lambda e: e.get("event") == "reload")
     assert reload["catalogs"] == {"ehr": "stale"}
-    assert stale["attempt"] == 1 and stale["retry_in_s"] > 0 and "ehr" in stale["error"]
+    assert stale["attempt"] == 1 and float(stale["retry_in_s"]) > 0 and "ehr" in stale["error"]
     assert (
         "the PHI catalog of target ehr could not be refreshed and is being retried; "
         "the previous one stays in force" in gw.log()
@@ -233,7 +227,7 @@ def test_sighup_during_an_outage_recovers_without_another_reload(
     ssns, seen = until_masked_read_works(lambda: masked_ssns(gw, agent), "catalog")
     assert "58000" not in seen  # the previous catalog stayed in force: nobody was refused
     assert_masked(ssns, clear)
-    loaded = wait_event(gw.events_log, catalog_event("loaded", previous_state="stale"))
+    loaded = wait_event(gw.audit_dir, catalog_event("loaded", previous_state="stale"))
     assert loaded["failed_attempts"] >= 1
     assert_masked(masked_ssns(gw, agent), clear)
     with psycopg_connect(gw, token(sub="billing-agent", groups=("billing",))) as conn:
@@ -241,12 +235,12 @@ def test_sighup_during_an_outage_recovers_without_another_reload(
             pid: v[0] for pid, v in clear.items()
         }
     assert "read after" in gw.log() and "now in force" in gw.log()
-    reloads = [e for e in read_events(gw.events_log) if e.get("event") == "reload"]
+    reloads = [e for e in read_events(gw.audit_dir) if e.get("event") == "reload"]
     assert len(reloads) == 1  # recovered by itself
 
     gw.proc.send_signal(signal.SIGTERM)
     assert gw.proc.wait(timeout=30) == 0
-    stats = [e for e in read_events(gw.events_log) if e.get("event") == "stats"][-1]
+    stats = [e for e in read_events(gw.audit_dir) if e.get("event") == "stats"][-1]
     assert stats["catalogs"]["ehr"]["state"] == "loaded"
 
 
@@ -258,11 +252,11 @@ def test_start_with_the_database_down_loads_the_catalog_when_it_comes_up(
     # `phigate db install` needs the database; these masks use no pseudonym anyway.
     gateways.install_pseudonym_functions = False
     gw = gateways(phi=phi, **ROLES)  # starts (and listens) although the catalog cannot be read
-    first = wait_event(gw.events_log, catalog_event("unavailable", attempt=1))
+    first = wait_event(gw.audit_dir, catalog_event("unavailable", attempt=1))
     assert first["previous_in_force"] is False
-    wait_event(gw.events_log, catalog_event("unavailable", attempt=2))  # retried by itself
+    wait_event(gw.audit_dir, catalog_event("unavailable", attempt=2))  # retried by itself
     gw.thread.gateway.write_stats()
-    stats = [e for e in read_events(gw.events_log) if e.get("event") == "stats"][-1]
+    stats = wait_event(gw.audit_dir, lambda e: e.get("event") == "stats")  # the trail's writer
     state = stats["catalogs"]["ehr"]
     assert state["state"] == "unavailable" and state["failures"] >= 2 and state["retry_at"]
     assert state["loaded_at"] is None
@@ -271,7 +265,7 @@ def test_start_with_the_database_down_loads_the_catalog_when_it_comes_up(
     agent = token(sub="late-agent")
     ssns, _ = until_masked_read_works(lambda: masked_ssns(gw, agent), "not loaded yet")
     assert_masked(ssns, clear)
-    wait_event(gw.events_log, catalog_event("loaded", previous_state="unavailable"))
+    wait_event(gw.audit_dir, catalog_event("loaded", previous_state="unavailable"))
 
 
 def test_changed_classification_during_an_outage_is_never_served_with_the_old_catalog(
@@ -295,9 +289,9 @@ def test_changed_classification_during_an_outage_is_never_served_with_the_old_ca
     )
     gw.config_path.write_text(dump_toml(more))
     gw.thread.reload(load_config(gw.config_path))
-    event = wait_event(gw.events_log, catalog_event("unavailable", previous_in_force=False))
+    event = wait_event(gw.audit_dir, catalog_event("unavailable", previous_in_force=False))
     assert event["attempt"] == 1
-    reload = wait_event(gw.events_log, lambda e: e.get("event") == "reload")
+    reload = wait_event(gw.audit_dir, lambda e: e.get("event") == "reload")
     assert reload["catalogs"] == {"ehr": "unavailable"}
 
     pg_up.start()
@@ -305,7 +299,7 @@ def test_changed_classification_during_an_outage_is_never_served_with_the_old_ca
     # the old catalog, which knows nothing of the towns.
     got, _ = until_masked_read_works(cities, "changed with the last config reload")
     assert set(got) == set(clear) and set(got.values()) == {"***"}
-    wait_event(gw.events_log, catalog_event("loaded", previous_state="unavailable"))
+    wait_event(gw.audit_dir, catalog_event("loaded", previous_state="unavailable"))
 
 
 class FlakyLoader:
@@ -336,7 +330,7 @@ def test_masked_statements_are_refused_until_the_catalog_loads_then_work(
     thread = GatewayThread(load_config(path), catalog_loader=loader).start()
     gw = RunningGateway(
         thread=thread, config=thread.config, config_path=path, ca_file=Path(dev_cert.ca_cert),
-        events_log=Path(settings["server"]["events_log"]), settings=settings,
+        audit_dir=Path(settings["audit"]["dir"]), settings=settings,
     )  # fmt: skip
     factory.started.append(gw)
     try:
@@ -363,6 +357,6 @@ def test_masked_statements_are_refused_until_the_catalog_loads_then_work(
                     time.sleep(0.1)
             assert row is not None and row[0].startswith("***-**-")
         assert loader.attempts >= 2
-        wait_event(gw.events_log, catalog_event("loaded", previous_state="unavailable"))
+        wait_event(gw.audit_dir, catalog_event("loaded", previous_state="unavailable"))
     finally:
         factory.stop_all()

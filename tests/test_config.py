@@ -83,7 +83,6 @@ def test_valid_file_loads_with_defaults_and_resolves_relative_paths(confdir: Pat
         30,
     )
     assert s.startup_parameters == DEFAULT_STARTUP_PARAMETERS
-    assert s.events_log == "-"
     oidc = config.identity.oidc
     assert oidc.jwks_file == confdir / "jwks.json"
     assert (oidc.groups_claim, oidc.leeway, oidc.jwks_cache_ttl) == ("groups", 30, 3600)
@@ -185,7 +184,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
         ("server", "max_statement_bytes", 10, "between"),
         ("server", "startup_parameters", ["application_name", "options"], "never forwarded"),
         ("server", "startup_parameters", ["replication"], "never forwarded"),
-        ("server", "events_log", "/nonexistent-dir/events.jsonl", "does not exist"),
+        ("server", "events_log", "events.jsonl", "replaced by the [audit] section"),
         ("oidc", "leeway", 301, "at most 300"),
         ("oidc", "algorithms", ["RS256", "none"], "'none' is never allowed"),
         ("oidc", "algorithms", ["HS256"], "never allowed"),
@@ -540,12 +539,19 @@ def test_statement_cap_not_above_message_cap(base: dict[str, Any], confdir: Path
     assert error(base, confdir).key == "server.max_statement_bytes"
 
 
-def test_float_seconds_and_events_log_path(base: dict[str, Any], confdir: Path) -> None:
+def test_float_seconds(base: dict[str, Any], confdir: Path) -> None:
     base["server"]["auth_timeout"] = 2.5
-    base["server"]["events_log"] = "events.jsonl"
     config = parse(base, confdir)
     assert json.loads(config.native_json())["auth_timeout_ms"] == 2500
-    assert config.server.events_log == str(confdir / "events.jsonl")
+
+
+def test_an_old_events_log_points_at_the_audit_section(
+    base: dict[str, Any], confdir: Path
+) -> None:
+    base["server"]["events_log"] = "/var/log/phigate/events.jsonl"
+    err = error(base, confdir)
+    assert err.key == "server.events_log"
+    assert "[audit]" in err.message and "docs/audit.md" in err.message
 
 
 def test_check_config_command(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,6 +34,6 @@ def test_events_trace_a_session_without_secrets_or_literals(gateway_factory, tok
     assert (
         stats["cache_hits"] >= 1 and stats["sessions_total"] == 1 and stats["sessions_active"] == 0
     )
-    raw = gw.events_log.read_text()
+    raw = gw.trail_text()
     assert tok not in raw and tok.split(".")[2] not in raw
     assert "MRN-7001" not in raw and "MRN-7002" not in raw

@@ -66,7 +66,7 @@ MASKED_PHI = {
 
 
 @pytest.mark.parametrize("view", ["clear", "masked"])
-def test_canaries_reach_neither_the_events_log_nor_the_gateway_log(
+def test_canaries_reach_neither_the_audit_trail_nor_the_gateway_log(
     view, gateway_factory, token, phigate_logs, capfd
 ):
     gw = gateway_factory(phi=MASKED_PHI) if view == "masked" else gateway_factory()
@@ -145,7 +145,7 @@ def test_canaries_reach_neither_the_events_log_nor_the_gateway_log(
     assert len(failures) == len(logins) and all(e["user"].startswith("hmac:") for e in failures)
 
     logged = {
-        "events log": gw.events_log.read_text(encoding="utf-8"),
+        "audit trail": gw.trail_text(),
         # The gateway's loggers only: the test's own client libraries may log what it sends.
         "gateway log records": "\n".join(
             f"{r.getMessage()} {r.exc_text or ''}"
@@ -154,7 +154,7 @@ def test_canaries_reach_neither_the_events_log_nor_the_gateway_log(
         ),
         "stderr": capfd.readouterr().err,
     }
-    assert logged["events log"].count("\n") >= len(ok) + len(failing)
+    assert logged["audit trail"].count("\n") >= len(ok) + len(failing)
     for where, text in logged.items():
         for form in canary_forms():
             assert form not in text, f"a canary form ({len(form)} characters) is in the {where}"

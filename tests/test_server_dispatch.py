@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from phigate.audit.records import audit_section
 from phigate.config import Config, load_config
 from phigate.control import server
 from phigate.control.server import ControlPlane, Gateway, sd_notify
@@ -45,14 +46,16 @@ class FakeRequest:
 
 
 class FakeEngine:
-    """Mimics phigate._native.Engine: a pipe as the wakeup fd, queues for requests and events."""
+    """Mimics phigate._native.Engine: a pipe as the wakeup fd, a queue for requests, and the
+    audit records the control plane appends."""
 
     def __init__(self, config_json: str) -> None:
         self.configs = [json.loads(config_json)]
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         self._requests: list[FakeRequest] = []
-        self._events = b""
+        self.records: list[dict[str, Any]] = []
+        self.trail_closed = False
         self._lock = threading.Lock()
         self.started = False
         self.shutdown_grace: float | None = None
@@ -73,9 +76,6 @@ class FakeEngine:
             self._requests.append(req)
         os.write(self._w, b"x")
 
-    def push_events(self, blob: bytes) -> None:
-        with self._lock:
-            self._events += blob
 
     def take_requests(self) -> list[FakeRequest]:
         with contextlib.suppress(BlockingIOError):
@@ -84,10 +84,15 @@ class FakeEngine:
             reqs, self._requests = self._requests, []
         return reqs
 
-    def take_events(self) -> bytes:
-        with self._lock:
-            blob, self._events = self._events, b""
-        return blob
+    def audit_append(self, body: bytes) -> None:
+        assert not self.trail_closed, "a record after audit_close()"
+        self.records.append(json.loads(body))
+
+    def audit_status(self) -> dict[str, Any] | None:
+        return {"state": "closed" if self.trail_closed else "ok"}
+
+    def audit_close(self) -> None:
+        self.trail_closed = True
 
     def stats(self) -> dict[str, int]:
         return {"sessions_active": 0, "cache_hits": 0, "cache_misses": 0}
@@ -142,13 +147,18 @@ def issuer(tmp_path: Path) -> DevIssuer:
 @pytest.fixture
 def config_path(tmp_path: Path, issuer: DevIssuer) -> Path:
     path = tmp_path / "phigate.toml"
+    audit = audit_section(tmp_path / "trail", tmp_path / "audit-keys", name="dispatch-tests")
     path.write_text(
         f"""
 [server]
 listen = "127.0.0.1:0"
 require_tls = false
-events_log = "events.jsonl"
 drain_timeout = 7
+
+[audit]
+dir = "{audit["dir"]}"
+signing_key = "{audit["signing_key"]}"
+hmac_key = "{audit["hmac_key"]}"
 
 [identity.oidc]
 issuer = "phigate-dev"
@@ -377,7 +387,7 @@ def test_a_rejected_reply_does_not_stop_the_batch(config: Config) -> None:
     assert good.answer["action"] == "allow"
 
 
-def test_gateway_serves_requests_drains_events_reloads_and_stops(
+def test_gateway_serves_requests_writes_its_records_reloads_and_stops(
     config: Config, config_path: Path, issuer: DevIssuer, tmp_path: Path
 ) -> None:
     engines: list[FakeEngine] = []
@@ -387,16 +397,15 @@ def test_gateway_serves_requests_drains_events_reloads_and_stops(
         return engines[0]
 
     token = issuer.mint("agent-7", ["readers"])
-    events_log = tmp_path / "events.jsonl"
 
     async def go() -> None:
         gateway = Gateway(config, engine_factory=factory)
         await gateway.start()
         engine = engines[0]
         assert engine.started and engine.configs[0]["targets"]["ehr"]["database"] == "ehr"
+        assert engine.configs[0]["audit"]["sync"] == "batch"
         assert gateway.addresses == ["127.0.0.1:16432", "[::1]:16432"]
 
-        engine.push_events(b'{"event":"session_start","session_id":1}\n')
         req = auth(token)
         engine.push(req)  # wakes the loop through the fd
         for _ in range(100):
@@ -404,20 +413,27 @@ def test_gateway_serves_requests_drains_events_reloads_and_stops(
                 break
             await asyncio.sleep(0.01)
         assert req.answer["ok"] is True
-        assert events_log.read_text().count("session_start") == 1
-
-        engine.push_events(b'{"event":"session_end","session_id":1}')
-        await asyncio.sleep(server.EVENT_DRAIN_INTERVAL * 2.5)  # the periodic drain
-        assert events_log.read_text().endswith('"session_end","session_id":1}\n')
 
         config_path.write_text(config_path.read_text().replace('user = "svc"', 'user = "svc2"'))
         await gateway.reload(load_config(config_path))
         assert engine.configs[-1]["targets"]["ehr"]["user"] == "svc2"
+        reload = [r for r in engine.records if r["event"] == "reload"]
+        assert len(reload) == 1 and "audit_restart_needed" not in reload[0]
+        assert reload[0]["ts"].endswith("Z") and len(reload[0]["ts"]) == 27
 
-        engine.push_events(b'{"event":"session_end","session_id":2}\n')
+        # Another trail directory takes effect only on restart, and the record says so.
+        other = tmp_path / "other-trail"
+        other.mkdir()
+        config_path.write_text(config_path.read_text().replace(
+            f'dir = "{config.audit.dir if config.audit else ""}"', f'dir = "{other}"'))  # fmt: skip
+        await gateway.reload(load_config(config_path))
+        assert engine.records[-1]["event"] == "reload"
+        assert engine.records[-1]["audit_restart_needed"] is True
+
         await gateway.stop(0.5)
         assert engine.shutdown_grace == 0.5
-        assert 'session_id":2' in events_log.read_text()  # final drain on stop
+        assert engine.records[-1]["event"] == "stats"  # the final counters, then the close
+        assert engine.trail_closed
 
     in_loop(go)
 
@@ -557,31 +573,3 @@ def test_run_handles_sighup_and_sigterm(
 def test_identity_error_requires_auth_sqlstate() -> None:
     with pytest.raises(ValueError):
         IdentityError("42501", "x")  # type: ignore[arg-type]
-
-
-def test_event_sink_appends_lines_and_reopens_after_logrotate(tmp_path: Path) -> None:
-    from phigate.audit.events import EventSink
-
-    path = tmp_path / "events.jsonl"
-    sink = EventSink(path)
-    sink.write(b'{"event":"a"}\n{"event":"b"}\n')
-    sink.write(b'{"event":"c"}')  # a batch without its final newline still ends a line
-    sink.write(b"")
-    assert path.read_text().splitlines() == ['{"event":"a"}', '{"event":"b"}', '{"event":"c"}']
-    path.rename(tmp_path / "events.jsonl.1")  # what logrotate does before sending SIGHUP
-    sink.reopen()
-    sink.write(b'{"event":"d"}\n')
-    sink.close()
-    assert path.read_text() == '{"event":"d"}\n'
-    assert (tmp_path / "events.jsonl.1").read_text().count("\n") == 3
-    assert path.stat().st_mode & 0o007 == 0  # not world-readable
-
-
-def test_event_sink_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:
-    from phigate.audit.events import EventSink
-
-    sink = EventSink("-")
-    sink.write(b'{"event":"x"}\n')
-    sink.reopen()
-    sink.write(b'{"event":"y"}\n')
-    assert capfdbinary.readouterr().out == b'{"event":"x"}\n{"event":"y"}\n'

@@ -1,15 +1,19 @@
 //! The bridge between planes: the data plane asks (authenticate, decide) and awaits an answer the
-//! control plane gives through the request's handle, possibly much later; events are batched as
-//! JSON lines. A socketpair becomes readable when something is pending, so the Python loop sleeps
-//! until then and drains everything with one call.
+//! control plane gives through the request's handle, possibly much later. A socketpair becomes
+//! readable when something is pending, so the Python loop sleeps until then and drains
+//! everything with one call. Events (audit records) go to the audit trail's writer; only an
+//! engine without a trail (embedding, unit tests) queues them as JSON lines for take_events().
 
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
+
+use crate::audit::{Durable, Trail};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -51,6 +55,8 @@ pub struct Bridge {
     next_id: AtomicU64,
     event_backlog_wakeup: usize,
     pub timed_out: AtomicU64,
+    /// Where events go; None only for engines built without an `audit` config.
+    pub trail: Option<Arc<Trail>>,
 }
 
 impl Bridge {
@@ -67,6 +73,7 @@ impl Bridge {
             next_id: AtomicU64::new(1),
             event_backlog_wakeup: event_backlog_wakeup.max(1) * 200,
             timed_out: AtomicU64::new(0),
+            trail: None,
         })
     }
 
@@ -119,7 +126,7 @@ impl Bridge {
         std::mem::take(&mut *self.queue.lock())
     }
 
-    /// Appends one event (already a JSON object) as a line.
+    /// Appends one event (already a JSON object) as a record.
     pub fn emit(&self, event: &Value) {
         // serde_json cannot fail on a Value.
         let line = serde_json::to_vec(event).unwrap_or_default();
@@ -127,8 +134,12 @@ impl Bridge {
     }
 
     /// Appends one pre-serialized JSON object (without newline); the hot path for per-statement
-    /// events, which are formatted without building a Value tree.
+    /// events, which are formatted without building a Value tree. The trail's writer makes it
+    /// canonical on its own thread.
     pub fn emit_line(&self, line: &[u8]) {
+        if let Some(trail) = &self.trail {
+            return trail.append(line.to_vec());
+        }
         let mut ev = self.events.lock();
         ev.extend_from_slice(line);
         ev.push(b'\n');
@@ -139,13 +150,31 @@ impl Bridge {
         }
     }
 
+    /// A statement's record: with `sync = "statement"` what resolves once it is on disk (the
+    /// statement must not go upstream before), else None (appended like any event).
+    pub fn emit_statement(&self, line: &[u8]) -> Option<Durable> {
+        match &self.trail {
+            Some(trail) if trail.statement_sync() => Some(trail.append_durable(line.to_vec(), false)),
+            _ => {
+                self.emit_line(line);
+                None
+            }
+        }
+    }
+
+    /// Why the audit trail cannot write now (new statements are refused meanwhile).
+    pub fn audit_failing(&self) -> Option<String> {
+        self.trail.as_ref().and_then(|t| t.failing())
+    }
+
     pub fn take_events(&self) -> Vec<u8> {
         std::mem::take(&mut *self.events.lock())
     }
 }
 
-pub fn now_ts() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+/// A record's `ts`: RFC 3339 UTC with microseconds.
+pub fn now_ts() -> String {
+    crate::audit::time::now_ts()
 }
 
 #[cfg(test)]

@@ -107,44 +107,10 @@ pub struct NativeConfig {
     #[serde(default = "default_backlog")]
     pub event_backlog_wakeup: usize,
     pub targets: BTreeMap<String, Target>,
-    /// The audit trail's settings; only what the data plane's disclosure accounting reads is
-    /// parsed here, the trail writer reads the rest.
+    /// The audit trail (docs/audit.md); absent only for embedding and tests: `phigate serve`
+    /// refuses to start without one.
     #[serde(default)]
-    pub audit: Option<AuditSettings>,
-}
-
-fn default_disclosures_exact_max() -> usize {
-    1000
-}
-
-#[derive(Clone, Deserialize)]
-pub struct AuditSettings {
-    /// The audit HMAC key (32 raw bytes, base64): subject keys are recorded as keyed hashes.
-    pub hmac_key: String,
-    /// Distinct subject-key hashes recorded per relation and result; past it, a count.
-    #[serde(default = "default_disclosures_exact_max")]
-    pub disclosures_exact_max: usize,
-}
-
-impl std::fmt::Debug for AuditSettings {
-    // The key never appears in debug output.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditSettings").field("disclosures_exact_max", &self.disclosures_exact_max).finish_non_exhaustive()
-    }
-}
-
-impl AuditSettings {
-    /// The raw HMAC key.
-    pub fn hmac_key_bytes(&self) -> Result<Vec<u8>, String> {
-        use base64::Engine as _;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(self.hmac_key.trim())
-            .map_err(|_| "audit.hmac_key: not base64".to_string())?;
-        if raw.len() != 32 {
-            return Err("audit.hmac_key: must be 32 bytes".into());
-        }
-        Ok(raw)
-    }
+    pub audit: Option<crate::audit::AuditSettings>,
 }
 
 impl NativeConfig {
@@ -173,12 +139,6 @@ impl NativeConfig {
         if self.max_message_bytes > 1 << 30 {
             return Err("max_message_bytes: must be at most 1 GiB".into());
         }
-        if let Some(a) = &self.audit {
-            a.hmac_key_bytes()?;
-            if !(1..=1_000_000).contains(&a.disclosures_exact_max) {
-                return Err("audit.disclosures_exact_max: must be between 1 and 1000000".into());
-            }
-        }
         if self.targets.is_empty() {
             return Err("targets: at least one target is required".into());
         }
@@ -186,6 +146,9 @@ impl NativeConfig {
             if t.tls == UpstreamTls::VerifyFull && t.ca_file.is_none() {
                 return Err(format!("targets.{name}.ca_file: required when tls is verify-full"));
             }
+        }
+        if let Some(a) = &self.audit {
+            a.validate()?;
         }
         Ok(())
     }

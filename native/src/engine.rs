@@ -103,10 +103,11 @@ impl EngineCore {
 
 impl EngineCore {
     /// The shared state for a validated data-plane config: no listeners, no threads.
-    pub fn new(cfg: NativeConfig) -> Result<Self, String> {
+    pub fn new(cfg: NativeConfig, trail: Option<Arc<crate::audit::Trail>>) -> Result<Self, String> {
         let backlog = cfg.event_backlog_wakeup;
         let settings = Settings::build(cfg)?;
-        let bridge = Bridge::new(backlog).map_err(|e| format!("cannot create wakeup socket: {e}"))?;
+        let mut bridge = Bridge::new(backlog).map_err(|e| format!("cannot create wakeup socket: {e}"))?;
+        bridge.trail = trail;
         let dictionaries = Arc::new(DictionarySet::default());
         Ok(EngineCore {
             settings: RwLock::new(Arc::new(settings)),

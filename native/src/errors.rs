@@ -58,6 +58,11 @@ impl GateError {
     }
 }
 
+/// The refusal while the audit trail cannot be written (`reason`: disk_full, not_writable, …).
+pub fn audit_refusal(reason: &str) -> GateError {
+    GateError::error(sqlstate::IO_ERROR, format!("phigate cannot write its audit trail ({reason}); statements are refused until it can. Tell the gateway operator."))
+}
+
 impl std::fmt::Display for GateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.sqlstate, self.message)
@@ -76,6 +81,8 @@ pub mod sqlstate {
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const SYSTEM_ERROR: &str = "58000";
+    /// The audit trail cannot be written: statements are refused until it can.
+    pub const IO_ERROR: &str = "58030";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";

@@ -61,7 +61,7 @@ pub fn statement(session_id: u64, allowed: bool, cached: bool, protocol: &str, n
     let mut o = Vec::with_capacity(160 + normalized.map_or(0, str::len));
     let _ = write!(
         o,
-        r#"{{"ts":{:.6},"event":"statement","session_id":{},"decision":"{}","cached":{},"protocol":"{}","normalized":"#,
+        r#"{{"ts":"{}","event":"statement","session_id":{},"decision":"{}","cached":{},"protocol":"{}","normalized":"#,
         crate::bridge::now_ts(),
         session_id,
         if allowed { "allow" } else { "deny" },
@@ -81,7 +81,7 @@ pub fn result(session_id: u64, rows: u64, bytes: u64, duration_ms: f64, error: O
     let mut o = Vec::with_capacity(140);
     let _ = write!(
         o,
-        r#"{{"ts":{:.6},"event":"result","session_id":{},"rows":{},"bytes":{},"duration_ms":{:.3},"error":"#,
+        r#"{{"ts":"{}","event":"result","session_id":{},"rows":{},"bytes":{},"duration_ms":{:.3},"error":"#,
         crate::bridge::now_ts(),
         session_id,
         rows,

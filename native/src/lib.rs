@@ -1,6 +1,7 @@
 //! phigate data plane: sockets, TLS, the PostgreSQL protocol relay, the decision cache and the
 //! bridge to the Python control plane. Core modules are free of PyO3 so `cargo test` needs no Python.
 
+pub mod audit;
 pub mod bridge;
 pub mod cache;
 pub mod config;

@@ -11,7 +11,9 @@ use tokio::sync::oneshot;
 
 use crate::bridge::PendingRequest;
 use crate::masking::dictionary::{DictionaryBuilder as CoreBuilder, Kind};
-use crate::runtime::Engine as CoreEngine;
+use crate::runtime::{Engine as CoreEngine, NewError};
+
+pyo3::create_exception!(_native, AuditError, PyRuntimeError, "The audit trail cannot be opened or written; the message says what to fix.");
 
 fn to_py(py: Python<'_>, v: &Value) -> PyResult<PyObject> {
     Ok(match v {
@@ -177,7 +179,52 @@ struct Engine {
 impl Engine {
     #[new]
     fn new(config_json: &str) -> PyResult<Self> {
-        Ok(Engine { inner: CoreEngine::new(config_json).map_err(PyValueError::new_err)? })
+        match CoreEngine::new(config_json) {
+            Ok(inner) => Ok(Engine { inner }),
+            Err(NewError::Config(e)) => Err(PyValueError::new_err(e)),
+            Err(NewError::Audit(e)) => Err(AuditError::new_err(e)),
+        }
+    }
+
+    /// Appends a record made by the control plane (a JSON object; the writer makes it
+    /// canonical). AuditError if the engine has no trail or it is closed.
+    fn audit_append(&self, body: &[u8]) -> PyResult<()> {
+        let trail = self.inner.trail().ok_or_else(|| AuditError::new_err("this engine has no audit trail (its config has no \"audit\" object)"))?;
+        if trail.status().closed {
+            return Err(AuditError::new_err("the audit trail is closed"));
+        }
+        trail.append(body.to_vec());
+        Ok(())
+    }
+
+    /// The trail's state: {"state": "ok"|"failing"|"closed", "reason", "detail", "seq",
+    /// "checkpoint_size", "checkpoint_time", "pending", "lost", "bytes_written", "float_values",
+    /// "bad_records", "publish_errors", "sync"}; None without a trail.
+    fn audit_status<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(trail) = self.inner.trail() else { return Ok(None) };
+        let s = trail.status();
+        let d = PyDict::new(py);
+        let state = if s.closed { "closed" } else if s.failing.is_some() { "failing" } else { "ok" };
+        d.set_item("state", state)?;
+        d.set_item("reason", s.failing.as_ref().map(|f| f.0.clone()))?;
+        d.set_item("detail", s.failing.as_ref().map(|f| f.1.clone()))?;
+        d.set_item("seq", s.next_seq)?;
+        d.set_item("checkpoint_size", s.checkpoint_size)?;
+        d.set_item("checkpoint_time", (s.checkpoint_us > 0).then(|| crate::audit::time::format_us(s.checkpoint_us)))?;
+        d.set_item("pending", s.pending)?;
+        d.set_item("lost", s.lost)?;
+        d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("float_values", s.float_values)?;
+        d.set_item("bad_records", s.bad_records)?;
+        d.set_item("publish_errors", s.publish_errors)?;
+        d.set_item("sync", if trail.statement_sync() { "statement" } else { "batch" })?;
+        Ok(Some(d))
+    }
+
+    /// Closes the audit trail: audit_close, a final checkpoint, fsync. Call after shutdown()
+    /// and after the last audit_append(); a second call does nothing.
+    fn audit_close(&self, py: Python<'_>) {
+        py.allow_threads(|| self.inner.close_trail());
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
@@ -290,5 +337,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<DictionaryBuilder>()?;
     m.add_class::<Request>()?;
+    m.add("AuditError", m.py().get_type::<AuditError>())?;
     Ok(())
 }

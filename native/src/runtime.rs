@@ -56,6 +56,13 @@ impl Worker {
     }
 }
 
+/// Why an engine could not be made: a bad config, or an audit trail that cannot be opened.
+#[derive(Debug)]
+pub enum NewError {
+    Config(String),
+    Audit(String),
+}
+
 pub struct Engine {
     pub core: Arc<EngineCore>,
     workers: Mutex<Vec<Worker>>,
@@ -63,9 +70,28 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config_json: &str) -> Result<Self, String> {
-        let core = EngineCore::new(NativeConfig::from_json(config_json)?)?;
+    /// Validates the config and opens the audit trail (recovering it, writing audit_open):
+    /// a gateway that cannot record what it does does not start.
+    pub fn new(config_json: &str) -> Result<Self, NewError> {
+        let cfg = NativeConfig::from_json(config_json).map_err(NewError::Config)?;
+        let trail = match &cfg.audit {
+            Some(a) => Some(Arc::new(crate::audit::Trail::open(a).map_err(NewError::Audit)?)),
+            None => None,
+        };
+        let core = EngineCore::new(cfg, trail).map_err(NewError::Config)?;
         Ok(Engine { core: Arc::new(core), workers: Mutex::new(vec![]), addrs: Mutex::new(vec![]) })
+    }
+
+    /// The open audit trail, if the config has one.
+    pub fn trail(&self) -> Option<&Arc<crate::audit::Trail>> {
+        self.core.bridge.trail.as_ref()
+    }
+
+    /// Closes the audit trail (audit_close, final checkpoint, fsync); records after it are lost.
+    pub fn close_trail(&self) {
+        if let Some(t) = self.trail() {
+            t.close();
+        }
     }
 
     /// Binds every listen address and starts the worker threads.
@@ -122,6 +148,8 @@ impl Engine {
     }
 
     /// New settings for new sessions; bumps the decision epoch.
+    /// The audit trail stays the one opened at start: a changed `audit` object takes effect
+    /// only on restart (the control plane says so).
     pub fn reconfigure(&self, config_json: &str) -> Result<u64, String> {
         let cfg = NativeConfig::from_json(config_json)?;
         let settings = Settings::build(cfg)?;
@@ -245,6 +273,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown(Duration::from_secs(0));
+        self.close_trail();
     }
 }
 

@@ -1,15 +1,18 @@
 """Typed stubs for phigate._native, the Rust data plane (see native/src/lib.rs).
 
-The data plane owns every socket. The control plane (Python) builds one Engine,
-starts it, and then serves the Engine's *requests* and drains its *events*:
+The data plane owns every socket and the audit trail's files. The control plane (Python)
+builds one Engine, starts it, serves the Engine's *requests*, and appends its own records:
 
-    engine = Engine(config_json)          # JSON from phigate.config.Config.native_json()
+    engine = Engine(config_json)          # JSON from phigate.config.Config.native_json();
+                                          # opens the audit trail (AuditError if it cannot)
     engine.start()                        # binds listeners, starts tokio worker threads
     loop.add_reader(engine.wakeup_fd(), on_wakeup)
     def on_wakeup():
         for req in engine.take_requests():   # clears the wakeup fd too
             ...; req.reply({...})            # may be called much later, from any thread
-    ...periodically: sink.write(engine.take_events())
+    engine.audit_append(canonical(body))  # reload, catalog, stats, ... (phigate.audit.records)
+    ...
+    engine.shutdown(grace); engine.audit_close()
 
 Requests (data plane asks, control plane answers):
 
@@ -44,8 +47,16 @@ Requests (data plane asks, control plane answers):
   closed (auth: FATAL 08006 and close; decide: ErrorResponse 58000, statement not run)
   and reply() returns False.
 
-Events (JSON lines, one object per line, produced in Rust, batched):
-  {"ts": float, "event": "session_start", "session_id", "subject", "groups", "peer",
+Audit trail (docs/audit.md): every record goes through one writer thread in the data plane,
+which numbers it (seq), chains it (prev), hashes it into an RFC 9162 Merkle tree, writes it
+to `segment-<seq>.jsonl` files in the config's audit.dir with group-commit fsync, and signs
+checkpoints with the audit signing key. Bodies are canonical JSON objects (sorted keys, no
+whitespace, no floats: a float is written as a string and counted in audit_status()). With
+sync = "statement" a statement's record is fsync'd before the statement goes upstream. When
+the trail cannot be written, new statements are refused with SQLSTATE 58030 until it can.
+
+Records the data plane makes (their fields are the record contents' business, see docs):
+  {"ts": "RFC 3339 µs Z", "event": "session_start", "session_id", "subject", "groups", "peer",
    "target", "application_name", "tls": bool}
   {"ts", "event": "session_end", "session_id", "duration_ms", "bytes_in", "bytes_out",
    "statements": int, "reason": str}
@@ -116,11 +127,37 @@ class Request:
         (timeout, client gone). Raises ValueError for a malformed answer, and
         the data plane then fails closed for that request."""
 
+class AuditError(RuntimeError):
+    """The audit trail cannot be opened (missing or unwritable dir, a trail signed by another
+    key, a damaged trail) or is closed; the message says what to fix."""
+
 class Engine:
     def __init__(self, config_json: str) -> None:
-        """Validate the data-plane config (see phigate.config for the schema)
-        and build the engine without binding anything. Raises ValueError naming
-        the bad key."""
+        """Validate the data-plane config (see phigate.config for the schema), open the audit
+        trail if the config has an "audit" object (recover a torn tail, restore the tree from
+        the last checkpoint, write audit_open) and build the engine without binding anything.
+        Raises ValueError naming the bad key, AuditError if the trail cannot be opened."""
+
+    def audit_append(self, body: bytes) -> None:
+        """Append a record made by the control plane: a JSON object (UTF-8) with "event" and
+        "ts" (phigate.audit.records.canonical/now_ts). The writer makes it canonical. Never
+        blocks on the disk: while the trail fails, records are kept in memory (up to
+        max_pending_records, then counted as lost). AuditError if the engine has no trail or
+        it is closed."""
+
+    def audit_status(self) -> dict[str, Any] | None:
+        """The trail's state, None without a trail: {"state": "ok"|"failing"|"closed",
+        "reason": "disk_full"|"not_writable"|"dir_missing"|"io_error"|None, "detail": errno
+        text|None, "seq": next seq, "checkpoint_size": int, "checkpoint_time": RFC 3339|None
+        (of the last checkpoint since start), "pending": records kept while failing, "lost":
+        records dropped beyond max_pending_records, "bytes_written": int, "float_values":
+        floats written as strings, "bad_records": bodies that were not JSON objects,
+        "publish_errors": checkpoint copies that failed, "sync": "batch"|"statement"}."""
+
+    def audit_close(self) -> None:
+        """Close the trail: audit_close record, final checkpoint, fsync; blocks (without the
+        GIL) until done. Call after shutdown() and the last audit_append(); later appends
+        raise AuditError. A second call does nothing; dropping the engine also closes it."""
 
     def start(self) -> None:
         """Bind the listeners and start the worker threads. Raises OSError if a
@@ -137,7 +174,8 @@ class Engine:
         """All pending requests, oldest first. Never blocks."""
 
     def take_events(self) -> bytes:
-        """All pending events as JSON lines (b"" if none). Never blocks."""
+        """Only for an engine built without an "audit" object (embedding, tests): pending
+        events as JSON lines (b"" if none). With a trail, events go to it and this is b""."""
 
     def set_masking(self, state_json: str) -> None:
         """Layer-2 masking state (phigate.masking.layer2); ValueError if it does not validate."""

@@ -276,6 +276,9 @@ impl Ctx {
     async fn decide(&self, sql: &[u8], name: Option<&[u8]>, protocol: &'static str, ob: &mut Outbox, uw: &mut WritePart) -> Result<Verdict, &'static str> {
         self.statements.fetch_add(1, Ordering::Relaxed);
         self.core.counters.statements.fetch_add(1, Ordering::Relaxed);
+        if let Some(reason) = self.core.bridge.audit_failing() {
+            return Ok(Verdict::Deny(crate::errors::audit_refusal(&reason)));
+        }
         let Ok(text) = std::str::from_utf8(sql) else {
             return Ok(Verdict::Deny(GateError::error(sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
                 "statement text is not valid UTF-8").with_hint("Set client_encoding to UTF8.")));
@@ -310,7 +313,14 @@ impl Ctx {
             }
         };
         let allowed = decision.action == Action::Allow;
-        self.core.bridge.emit_line(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
+        let durable = self.core.bridge.emit_statement(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
+        // sync = "statement": the record is on disk before the statement goes upstream.
+        if let Some(durable) = durable {
+            if let Err(reason) = durable.await.unwrap_or_else(|_| Err("closed".into())) {
+                let word = reason.split(':').next().unwrap_or("io_error").to_string();
+                return Ok(Verdict::Deny(crate::errors::audit_refusal(&word)));
+            }
+        }
         Ok(match &decision.action {
             Action::Allow => Verdict::Allow(decision.rewritten.clone(), StmtInfo {
                 protected: decision.protected,

@@ -30,6 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
         serve(args.config, config)
     except ValueError as exc:  # the data plane names the key it refused
         raise PhigateError(f"the data plane refused the config: {exc}") from None
+    except RuntimeError as exc:  # _native.AuditError: the trail cannot be opened
+        if type(exc).__name__ != "AuditError":
+            raise
+        raise PhigateError(f"phigate cannot open its audit trail: {exc}") from None
     return EXIT_OK
 
 

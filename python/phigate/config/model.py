@@ -212,7 +212,6 @@ class ServerConfig:
     max_statement_bytes: int
     max_message_bytes: int
     startup_parameters: tuple[str, ...]
-    events_log: str  # "-" means stdout, otherwise an absolute path
     drain_timeout: float
 
 @dataclass(frozen=True)
@@ -416,14 +415,14 @@ class Config:
             "startup_parameters": list(s.startup_parameters),
             "event_backlog_wakeup": _EVENT_BACKLOG_WAKEUP,
             "targets": {name: _native_target(t) for name, t in self.targets.items()},
-            "audit": _native_audit(self.audit) if self.audit is not None else None,
+            "audit": native_audit(self.audit) if self.audit is not None else None,
         }
         return json.dumps(doc, ensure_ascii=False)
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
-def _native_audit(a: AuditConfig) -> dict[str, Any]:
+def native_audit(a: AuditConfig) -> dict[str, Any]:
     previous = a.previous_signing_key
     return {
         "dir": str(a.dir),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from pathlib import Path
 
 from phigate.config.model import DEFAULT_STARTUP_PARAMETERS, ServerConfig
 from phigate.config.parameters import _GUC_NAME, _NEVER_FORWARDED, _NEVER_FROM_CLIENTS
@@ -59,13 +58,10 @@ def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
         if not _GUC_NAME.fullmatch(name):
             t.fail("startup_parameters", f"{name!r} is not a parameter name")
 
-    events_log = t.string("events_log", "-")
-    if events_log != "-":
-        p = Path(events_log).expanduser()
-        p = p if p.is_absolute() else ctx.base_dir / p
-        if not p.parent.is_dir():
-            t.fail("events_log", f"directory {str(p.parent)!r} does not exist")
-        events_log = str(p)
+    if "events_log" in t.data:
+        # Still accepted as a key so that the message can say what replaced it.
+        t.fail("events_log", "was replaced by the [audit] section, a signed, tamper-evident "
+               "audit trail: remove events_log and add [audit] (see docs/audit.md)")  # fmt: skip
 
     return ServerConfig(
         listen=listen,
@@ -79,7 +75,6 @@ def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
         max_statement_bytes=max_stmt,
         max_message_bytes=max_msg,
         startup_parameters=params,
-        events_log=events_log,
         drain_timeout=t.seconds("drain_timeout", 30, 0, 86400, lo_open=False),
     )
 

@@ -1,9 +1,9 @@
-"""Run the control plane: build the Engine, answer its requests, drain events, handle signals."""
+"""Run the control plane: build the Engine (which opens the audit trail), answer its requests,
+append the control plane's own records to the trail, handle signals."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -14,8 +14,9 @@ from typing import Any, Protocol
 
 import uvloop
 
-from phigate.audit.events import EventSink
+from phigate.audit.records import canonical, now_ts
 from phigate.config import Config, load_config
+from phigate.config.model import native_audit
 from phigate.control.allocator import tune_malloc
 from phigate.control.dictionaries import DictionaryKeeper
 from phigate.control.requests import ControlPlane, PrimableVerifier
@@ -37,10 +38,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EVENT_DRAIN_INTERVAL = 0.2
 # How often the data plane's counters (sessions, decision-cache hits/misses, timeouts, bytes)
-# are written to the events log as a `stats` event, for operators and monitoring.
+# are written to the audit trail as a `stats` record, for operators and monitoring.
 STATS_INTERVAL = 60.0
+NO_AUDIT = (
+    "add an [audit] section; `phigate audit keygen --out /etc/phigate` makes its keys; "
+    "see docs/audit.md"
+)
 
 
 class EngineLike(Protocol):
@@ -50,7 +54,9 @@ class EngineLike(Protocol):
     def listen_addresses(self) -> list[str]: ...
     def wakeup_fd(self) -> int: ...
     def take_requests(self) -> list[Any]: ...
-    def take_events(self) -> bytes: ...
+    def audit_append(self, body: bytes) -> None: ...
+    def audit_status(self) -> dict[str, Any] | None: ...
+    def audit_close(self) -> None: ...
 
     def stats(self) -> dict[str, int]: ...
     def reconfigure(self, config_json: str) -> int: ...
@@ -91,6 +97,14 @@ def _apikey_verifier(config: Config, old: ApiKeyVerifier | None) -> ApiKeyVerifi
     return ApiKeyVerifier(settings.store)
 
 
+def _audit_changed(old: Config, new: Config) -> bool:
+    """Whether a reload asks for another trail (dir, keys, sync, ...): that needs a restart."""
+    def settings(c: Config) -> dict[str, Any] | None:
+        return native_audit(c.audit) if c.audit is not None else None
+
+    return settings(old) != settings(new)
+
+
 def _check_schemas(known: dict[str, str], config: Config) -> None:
     """Refuse a config that changes the schema a target pins: sessions opened before would run
     with the old search_path upstream while their statements were judged with the new one."""
@@ -123,7 +137,8 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._engine: EngineLike | None = None
         self._control: ControlPlane | None = None
-        self._sink: EventSink | None = None
+        # Records made before the engine (and so the trail) exists: appended right after.
+        self._early_records: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -157,7 +172,6 @@ class Gateway:
         self._control = ControlPlane(
             verifier, apikeys=_apikey_verifier(self.config, None), config=self.config
         )
-        self._sink = EventSink(self.config.server.events_log)
         # A target whose catalog cannot be read now is retried in the background; until it
         # loads, its masked identities are refused with a message saying so.
         keeper = self._catalogs = CatalogKeeper(
@@ -173,12 +187,14 @@ class Gateway:
             engine.start()
         except BaseException:
             await keeper.close()
-            self._sink.close()
             raise
         self._engine = engine
+        early, self._early_records = self._early_records, []
+        for body in early:
+            engine.audit_append(body)
         self._control.phi_in_text = getattr(engine, "text_has_phi", None)
         self._loop.add_reader(engine.wakeup_fd(), self._on_wakeup)
-        self._spawn(self._drain_events_periodically())
+        self._spawn(self._stats_periodically())
         self._spawn(self._dictionaries.run(engine, lambda: self.config))
         self._on_wakeup()  # requests may have queued before the reader was registered
         log.info("phigate listening on %s", ", ".join(self.addresses))
@@ -213,8 +229,9 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._control is not None:
             await self._control.close()
-        if self._sink is not None:
-            self._sink.close()
+        if self._engine is not None:
+            # The last records are in: audit_close, a final checkpoint, fsync.
+            await asyncio.to_thread(self._engine.audit_close)
         self._stopped.set()
         log.info("phigate stopped")
 
@@ -249,10 +266,10 @@ class Gateway:
         verifier = _oidc_verifier(new_config)
         self.control.verifier = verifier
         self.control.apikeys = _apikey_verifier(new_config, self.control.apikeys)
-        if new_config.server.events_log != old.server.events_log and self._sink is not None:
-            self._drain_events()
-            self._sink.close()
-            self._sink = EventSink(new_config.server.events_log)
+        audit_changed = _audit_changed(old, new_config)
+        if audit_changed:
+            log.warning("the [audit] section changes only on restart; the trail keeps writing "
+                        "with the settings it started with")  # fmt: skip
         keeper = self._keeper
         keeper.apply(new_config, results)  # reports (and retries) what could not be read
         self._put_in_force(self.engine, self.control, new_config, keeper)
@@ -260,10 +277,13 @@ class Gateway:
         self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         self.config = new_config
         problems = keeper.describe()
-        self.write_event({
-            "ts": time.time(), "event": "reload", "source": new_config.source, "epoch": epoch,
+        reload: dict[str, Any] = {
+            "event": "reload", "source": new_config.source, "epoch": epoch,
             "catalogs": keeper.states(),
-        })  # fmt: skip
+        }  # fmt: skip
+        if audit_changed:
+            reload["audit_restart_needed"] = True
+        self.write_event(reload)
         if problems:
             log.warning("reloaded config from %s (decision cache epoch %d), but %s",
                         new_config.source, epoch, problems)  # fmt: skip
@@ -303,10 +323,6 @@ class Gateway:
         # Decisions cached under the previous catalog are judged again.
         self.engine.bump_epoch()
 
-    def reopen_events(self) -> None:
-        if self._sink is not None:
-            self._sink.reopen()
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -323,50 +339,47 @@ class Gateway:
             log.exception("take_requests failed")
             return
         self.control.dispatch(requests)
-        self._drain_events()  # the wakeup also fires when the event backlog is large
 
-    def _drain_events(self) -> None:
-        try:
-            blob = self.engine.take_events()
-        except Exception:  # noqa: BLE001
-            log.exception("take_events failed")
-            return
-        if blob and self._sink is not None:
-            self._sink.write(blob)
-
-    async def _drain_events_periodically(self) -> None:
-        next_stats = time.monotonic() + STATS_INTERVAL
+    async def _stats_periodically(self) -> None:
         while True:
-            await asyncio.sleep(EVENT_DRAIN_INTERVAL)
-            self._drain_events()
-            if time.monotonic() >= next_stats:
-                next_stats = time.monotonic() + STATS_INTERVAL
-                self.write_stats()
+            await asyncio.sleep(STATS_INTERVAL)
+            self.write_stats()
 
     def write_stats(self) -> None:
-        """Append the data plane's counters to the events log as one `stats` event."""
-        if self._sink is None:
+        """Append the data plane's counters to the audit trail as one `stats` record."""
+        if self._engine is None:
             return
         try:
             counters = dict(self.engine.stats())
         except Exception:  # noqa: BLE001 - statistics must never take the gateway down
             log.exception("engine.stats failed")
             return
-        line: dict[str, Any] = {"ts": time.time(), "event": "stats", **counters}
+        line: dict[str, Any] = {"event": "stats", **counters}
         if self._catalogs is not None and self._catalogs.states():
             line["catalogs"] = self._catalogs.summary()
         self.write_event(line)
 
     def write_event(self, event: dict[str, Any]) -> None:
-        """Append one control-plane event (reload, catalog, stats) to the events log."""
-        if self._sink is not None:
-            self._sink.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        """Append one control-plane record (reload, catalog, dictionary, stats) to the audit
+        trail, stamped with ``ts`` now; before the engine exists it waits for it."""
+        body = canonical({**event, "ts": now_ts()})
+        if self._engine is None:
+            self._early_records.append(body)
+            return
+        try:
+            self.engine.audit_append(body)
+        except Exception:  # noqa: BLE001 - a closed trail (stopping) must not crash a caller
+            log.error("cannot append a %s record to the audit trail: it is closed",
+                      event.get("event", "?"))  # fmt: skip
 
 
 async def run(config_path: str | os.PathLike[str], config: Config | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads ``config_path`` and reopens the events log."""
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads ``config_path`` (the audit trail stays)."""
     path = Path(config_path)
-    gateway = Gateway(config if config is not None else load_config(path))
+    config = config if config is not None else load_config(path)
+    if config.audit is None:
+        raise ConfigError("audit", config.source, NO_AUDIT)
+    gateway = Gateway(config)
     await gateway.start()
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -391,7 +404,6 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
 
     def on_hup() -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        gateway.reopen_events()  # at once: logrotate has already moved the file
         task = loop.create_task(reload())
         pending.add(task)
         task.add_done_callback(pending.discard)

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from phigate.audit.records import audit_section, read_records
 from phigate.files import write_private
 
 __all__ = [
@@ -117,7 +118,7 @@ def base_config(
     listen: str,
     tls_cert: Path,
     tls_key: Path,
-    events_log: Path,
+    audit: dict[str, Any],
     issuer: str,
     jwks_file: Path,
     pg_host: str,
@@ -134,8 +135,8 @@ def base_config(
             "require_tls": True,
             "tls_cert": str(tls_cert),
             "tls_key": str(tls_key),
-            "events_log": str(events_log),
         },
+        "audit": audit,
         "identity": {
             "oidc": {"issuer": issuer, "audience": AUDIENCE, "jwks_file": str(jwks_file)},
         },
@@ -228,8 +229,9 @@ class DemoPaths:
         return self.root / "phigate.toml"
 
     @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
+    def audit(self) -> Path:
+        """The audit trail's directory (segments and the latest signed checkpoint)."""
+        return self.root / "audit"
 
 
 # --- progress output ------------------------------------------------------------------------
@@ -414,7 +416,7 @@ def _run(
         listen=f"127.0.0.1:{port}",
         tls_cert=Path(cert.cert),
         tls_key=Path(cert.key),
-        events_log=paths.events,
+        audit=audit_section(paths.audit, paths.keys, name="phigate-demo"),
         issuer=issuer.issuer,
         jwks_file=Path(issuer.jwks_path),
         pg_host=pg.host,
@@ -518,7 +520,7 @@ phigate demo is running (Ctrl-C to stop).
   gateway     {gateway.host}:{gateway.port}  (TLS required; CA {ca})
   postgres    PostgreSQL {pg.version} on {pg.host}:{pg.port}, database "{TARGET}" (synthetic data)
   config      {paths.config}
-  events      {paths.events}  (JSON lines)
+  audit trail {paths.audit}  (signed; keys in {paths.keys})
   work dir    {paths.root}  ({kept})
 
 Connect as {args.sub} (groups: {",".join(groups)}); the token is the password, valid {args.ttl} s:
@@ -534,7 +536,7 @@ clear. Mint more tokens (another shell):
 
 Watch what the gateway sees:
 
-  tail -f {shlex.quote(str(paths.events))}
+  tail -f {shlex.quote(str(paths.audit))}/segment-*.jsonl
 """,
         file=out,
         flush=True,
@@ -619,16 +621,18 @@ def _check(
         except Exception as exc:  # noqa: BLE001
             problems.append(f"the rewritten read failed: {type(exc).__name__}: {exc}")
 
-    # Stop the gateway now so its event sink has flushed, then look for our session.
-    with progress.step("stopping the gateway and reading its events") as info:
+    # Stop the gateway now so its trail is closed (final checkpoint), then look for our session.
+    with progress.step("stopping the gateway and reading its audit trail") as info:
         stop_gateway()
-        events = _read_events(paths.events)
+        events = read_records(paths.audit)
         kinds: dict[str, int] = {}
         for e in events:
             kinds[str(e.get("event"))] = kinds.get(str(e.get("event")), 0) + 1
         info["detail"] = "— " + (", ".join(f"{k}={n}" for k, n in sorted(kinds.items())) or "none")
     if not kinds.get("session_start"):
-        problems.append(f"no session_start event in {paths.events}")
+        problems.append(f"no session_start record in the audit trail {paths.audit}")
+    if not kinds.get("checkpoint"):
+        problems.append(f"no signed checkpoint in the audit trail {paths.audit}")
 
     if problems:
         for p in problems:
@@ -718,18 +722,6 @@ def _pseudonyms_agree(gateway: Any, token: str, ca: Path) -> tuple[int, int]:
         1 for pid, name in rewritten if name.startswith("psn_") and plain.get(pid) == name
     )
     return same, len(plain)
-
-
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    events: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            obj = json.loads(line)
-            if isinstance(obj, dict):
-                events.append(obj)
-    return events
 
 
 if __name__ == "__main__":

@@ -240,7 +240,10 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                         Ok(b) => (b.portal, b.statement),
                         Err(why) => return ctx.die(malformed("Bind", why)).await,
                     };
+                    // A prepared statement runs again only while the audit trail can record it.
+                    let audit_failing = ctx.core.bridge.audit_failing();
                     let refusal = match ext.statements.get(stmt) {
+                        _ if audit_failing.is_some() => audit_failing.as_deref().map(crate::errors::audit_refusal),
                         None => Some(GateError::error("26000",
                             format!("prepared statement \"{}\" was not prepared through this gateway", String::from_utf8_lossy(stmt)))
                             .with_hint("Prepare statements with the protocol's Parse message in this session.")),

@@ -1,0 +1,61 @@
+"""Record bodies the control plane appends to the audit trail: the `ts` format every record
+carries and the canonical JSON the trail holds (docs/audit.md)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["audit_section", "canonical", "now_ts", "read_records"]
+
+
+def now_ts() -> str:
+    """The current time as a record's ``ts``: RFC 3339 UTC with microseconds, e.g.
+    ``2026-12-06T15:35:34.123456Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    """``body`` as canonical JSON bytes: sorted keys, no whitespace, UTF-8 (the same bytes
+    the data plane's serde_json writes). Records hold no floats: the trail writes any float
+    as a string and logs the producer's mistake."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def read_records(trail_dir: Path) -> list[dict[str, Any]]:
+    """The ``rec`` bodies of every complete line in ``trail_dir``'s segments, in seq order.
+    No checks at all (a torn last line is skipped): `phigate audit verify` checks a trail."""
+    records: list[dict[str, Any]] = []
+    for segment in sorted(trail_dir.glob("segment-*.jsonl")):
+        data = segment.read_bytes()
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("rec"), dict):
+                records.append(obj["rec"])
+    return records
+
+
+def audit_section(
+    trail_dir: Path, key_dir: Path, *, name: str, **settings: Any
+) -> dict[str, Any]:
+    """An [audit] config section for ``trail_dir`` with keys in ``key_dir``, generating the
+    keys (`phigate audit keygen`'s files, key ``name``) if they are not there yet. For the demo
+    and tests; production keys are made once with `phigate audit keygen`."""
+    from phigate.audit.keys import write_keys
+
+    if not (key_dir / "audit.key").exists():
+        write_keys(key_dir, name)
+    trail_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "dir": str(trail_dir),
+        "signing_key": str(key_dir / "audit.key"),
+        "hmac_key": str(key_dir / "audit-hmac.key"),
+        **settings,
+    }
