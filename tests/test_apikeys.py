@@ -620,7 +620,7 @@ def test_config_validation(confdir: Path, identity: dict[str, Any], key: str, me
 class FakeRequest:
     def __init__(self, password: str) -> None:
         self.id, self.kind = 1, "authenticate"
-        self.payload = {"session_id": 1, "user": "u", "database": "ehr", "password": password,
+        self.payload = {"session": "s-1", "user": "u", "database": "ehr", "password": password,
                         "peer": "127.0.0.1:5555", "tls": True, "application_name": "t"}  # fmt: skip
         self.answers: list[dict[str, Any]] = []
 

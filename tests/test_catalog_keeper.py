@@ -117,7 +117,7 @@ def test_reload_during_an_outage_keeps_the_previous_catalog_until_a_retry_reads_
         assert [e["attempt"] for e in events[:3]] == [1, 2, 3]
         assert all(
             e["event"] == "catalog" and e["state"] == STALE and e["previous_in_force"]
-            and "connection refused" in e["error"] and e["retry_in_s"] > 0
+            and "connection refused" in e["error"] and e["retry_in_ms"] > 0
             for e in events[:3]
         )  # fmt: skip
         assert keeper.summary()["ehr"]["failures"] >= 3

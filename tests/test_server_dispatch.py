@@ -178,7 +178,7 @@ def verifier(config: Config) -> OidcVerifier:
 
 
 def auth(token: str, id: int = 1) -> FakeRequest:
-    payload = {"session_id": id, "user": "agent", "database": "ehr", "password": token,
+    payload = {"session": f"s-{id}", "user": "agent", "database": "ehr", "password": token,
                "peer": "127.0.0.1:5555", "tls": True, "application_name": "psql"}  # fmt: skip
     return FakeRequest("authenticate", payload, id=id)
 

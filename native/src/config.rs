@@ -107,6 +107,36 @@ pub struct NativeConfig {
     #[serde(default = "default_backlog")]
     pub event_backlog_wakeup: usize,
     pub targets: BTreeMap<String, Target>,
+    /// The audit trail's settings (docs/native-config.md); None in unit tests.
+    #[serde(default)]
+    pub audit: Option<AuditSection>,
+}
+
+/// The `audit` object. Only what the record producers need is read here; the trail writer
+/// reads its own settings from the same object.
+#[derive(Clone, Deserialize)]
+pub struct AuditSection {
+    /// Base64 of the key of every keyed hash in the trail's records (32 bytes).
+    pub hmac_key: String,
+}
+
+impl std::fmt::Debug for AuditSection {
+    // The key never appears in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSection").finish_non_exhaustive()
+    }
+}
+
+impl AuditSection {
+    pub fn hmac_key_bytes(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.decode(self.hmac_key.trim())
+            .map_err(|_| "audit.hmac_key: not base64".to_string())?;
+        if key.len() < 16 {
+            return Err("audit.hmac_key: shorter than 16 bytes".into());
+        }
+        Ok(key)
+    }
 }
 
 impl NativeConfig {
@@ -137,6 +167,9 @@ impl NativeConfig {
         }
         if self.targets.is_empty() {
             return Err("targets: at least one target is required".into());
+        }
+        if let Some(a) = &self.audit {
+            a.hmac_key_bytes()?;
         }
         for (name, t) in &self.targets {
             if t.tls == UpstreamTls::VerifyFull && t.ca_file.is_none() {

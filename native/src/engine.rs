@@ -3,7 +3,7 @@
 
 use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -25,6 +25,9 @@ pub struct Settings {
     pub cfg: NativeConfig,
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     pub targets: HashMap<String, ResolvedTarget>,
+    /// The key of the keyed hashes in this config's records (the sessions started under it
+    /// keep it to their end).
+    pub hash_key: Arc<crate::events::HashKey>,
 }
 
 impl Settings {
@@ -41,7 +44,11 @@ impl Settings {
             }
             targets.insert(name.clone(), ResolvedTarget { target: Arc::new(t.clone()), tls });
         }
-        Ok(Settings { cfg, server_tls, targets })
+        let hash_key = match &cfg.audit {
+            Some(a) => crate::events::HashKey::new(&a.hmac_key_bytes()?),
+            None => crate::events::HashKey::random(),
+        };
+        Ok(Settings { cfg, server_tls, targets, hash_key: Arc::new(hash_key) })
     }
 }
 
@@ -72,7 +79,6 @@ pub struct EngineCore {
     pub cache: DecisionCache,
     pub cancels: CancelRegistry,
     pub counters: Counters,
-    next_session: AtomicU64,
     /// true = stop accepting new connections.
     pub stop_accepting: watch::Sender<bool>,
     /// true = close every session now (after the drain grace period).
@@ -85,9 +91,6 @@ impl EngineCore {
     }
     pub fn masking(&self) -> Arc<MaskingState> {
         self.masking.read().clone()
-    }
-    pub fn next_session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -106,7 +109,6 @@ impl EngineCore {
             cache: DecisionCache::new(),
             cancels: CancelRegistry::default(),
             counters: Counters::default(),
-            next_session: AtomicU64::new(1),
             stop_accepting: watch::channel(false).0,
             force_close: watch::channel(false).0,
         })

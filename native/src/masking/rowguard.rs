@@ -291,6 +291,8 @@ mod tests {
             expires_at: None,
             masked: true,
             clear_kinds: clear.iter().map(|s| s.to_string()).collect(),
+            roles: vec![],
+            credential: serde_json::Value::Null,
         };
         RowGuard::new(&identity, "ehr")
     }
@@ -344,7 +346,7 @@ mod tests {
     }
 
     fn query(info: StmtInfo) -> Expect {
-        Expect::Query { info, sent: Instant::now() }
+        Expect::Query { info, sent: Instant::now(), stmt: 0 }
     }
 
     fn sync() -> Expect {
@@ -358,7 +360,7 @@ mod tests {
         let mut q = pipeline(vec![
             Expect::Ack(b'2'),
             Expect::DescribePortal { portal: vec![], info: info.clone(), swallow: true },
-            Expect::Execute { portal: vec![], info },
+            Expect::Execute { portal: vec![], info, stmt: 0, sent: Instant::now() },
             sync(),
         ]);
         let z = message(b'Z', b"I");
@@ -375,7 +377,7 @@ mod tests {
         let mut q = pipeline(vec![
             Expect::Ack(b'1'),
             Expect::Ack(b'2'),
-            Expect::Execute { portal: b"p".to_vec(), info: info.clone() },
+            Expect::Execute { portal: b"p".to_vec(), info: info.clone(), stmt: 0, sent: Instant::now() },
             sync(),
             query(info),
         ]);
@@ -419,7 +421,7 @@ mod tests {
     #[test]
     fn rows_nobody_described_end_the_session() {
         let mut g = guard(&[]);
-        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default() }, sync()]);
+        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default(), stmt: 0, sent: Instant::now() }, sync()]);
         let e = feed(&mut g, &mut q, &[row(b"123-45-6789")]).unwrap_err();
         assert!(e.is_fatal());
         let mut q = pipeline(vec![sync()]);
