@@ -17,10 +17,10 @@ import psycopg
 import pytest
 
 from harness import asyncpg_connect, conninfo, psycopg_connect
-from rawpg import RawConn
 from phigate.audit.hashing import keyed_hash
 from phigate.audit.keys import write_keys
 from phigate.identity.apikeys import ApiKeyStore
+from rawpg import RawConn
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,8 @@ def test_session_statement_and_result_records(keyed_gw: tuple[Any, bytes], token
     assert UUID.match(session)
     assert start["subject"] == "records-agent" and start["target"] == "ehr"
     assert start["roles"] == ["gateway-tests"] and start["groups"] == ["clinicians"]
-    assert start["credential"] == {"kind": "token", "jti": "jti-4711", "iss": gw.config.identity.oidc.issuer}
+    issuer = gw.config.identity.oidc.issuer
+    assert start["credential"] == {"kind": "token", "jti": "jti-4711", "iss": issuer}
     assert start["tls"] in ("TLSv1.3", "TLSv1.2")
     assert start["application_name"] == keyed_hash(key, "ward-7-dashboard")
 
@@ -151,10 +152,13 @@ def test_a_pipeline_gives_one_result_per_statement(gateway: Any, token: Any) -> 
 
 def test_a_failed_statement_in_a_pipeline_skips_the_rest(gateway: Any, token: Any) -> None:
     before = len(gateway.events())
-    with psycopg_connect(gateway, token(sub="skip-agent")) as conn:
-        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
-            conn.execute("select 1 / %s::int", (0,))
-            conn.execute("select %s::int", (5,))
+    with (
+        psycopg_connect(gateway, token(sub="skip-agent")) as conn,
+        pytest.raises(psycopg.errors.DivisionByZero),
+        conn.pipeline(),
+    ):
+        conn.execute("select 1 / %s::int", (0,))
+        conn.execute("select %s::int", (5,))
     time.sleep(0.5)
     rs = gateway.events()[before:]
     (start,) = [r for r in of(rs, "session_start") if r["subject"] == "skip-agent"]
@@ -201,7 +205,8 @@ def test_auth_failure_reasons(gateway: Any, token: Any, dev_issuer: Any) -> None
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(conninfo(gateway, "agent"), password=tok).close()
     with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(conninfo(gateway, "agent", dbname="no-such-target"), password=token()).close()
+        info = conninfo(gateway, "agent", dbname="no-such-target")
+        psycopg.connect(info, password=token()).close()
     time.sleep(0.5)
     failures = of(gateway.events()[before:], "auth_failure")
     assert [f["reason"] for f in failures] == [*cases, "unknown_target"]
@@ -287,8 +292,8 @@ def test_reload_records_who_and_what_changed(gateway_factory: Any) -> None:
     from phigate.config import load_config
     from phigate.dev.demo import dump_toml, merge_config
 
-    settings = merge_config(gw.settings, {"roles": {"auditor": {"relations": ["public.encounters"],
-                                                                "operations": ["select"]}}})  # fmt: skip
+    auditor = {"relations": ["public.encounters"], "operations": ["select"]}
+    settings = merge_config(gw.settings, {"roles": {"auditor": auditor}})
     gw.config_path.write_text(dump_toml(settings))
     new = load_config(gw.config_path)
     old_sha = gw.events()[0]["config_sha256"]

@@ -277,6 +277,10 @@ mod tests {
 
     #[test]
     fn hot_records_are_canonical_json() {
+        // serde_json's map sorts keys (no preserve_order feature in the build): the facts it
+        // renders, and the round trip below, are canonical.
+        let m: serde_json::Map<String, serde_json::Value> = [("b".to_string(), 1.into()), ("a".to_string(), 2.into())].into_iter().collect();
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"a":2,"b":1}"#);
         let key = HashKey::new(b"k");
         let facts = AuditFacts::from_answer(&serde_json::json!({
             "kind": "select", "rule": "role:analyst allow select \"x\"\u{1}é",

@@ -399,8 +399,7 @@ impl Ctx {
 /// The decision standing for a refusal the gateway made itself (no policy decision exists),
 /// with the rule that names why.
 fn gateway_refusal(rule: &str) -> Arc<Decision> {
-    let mut facts = AuditFacts::default();
-    facts.rule = serde_json::to_vec(rule).unwrap_or_default().into_boxed_slice();
+    let facts = AuditFacts { rule: serde_json::to_vec(rule).unwrap_or_default().into_boxed_slice(), ..AuditFacts::default() };
     Arc::new(Decision {
         action: Action::Deny { sqlstate: String::new(), message: String::new(), hint: None },
         reuse: Reuse::None, normalized: None, rewritten: None, protected: false, origins: None,

@@ -6,6 +6,7 @@ caches these with the decision and repeats them for every statement the decision
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from phigate.policy.rules import Decision, allow_rule, deny_rule
 __all__ = ["audit_facts"]
 
 _SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+# A name the record may show as written: what an unquoted identifier folds to. A quoted name
+# with spaces or capitals ("Jane Doe") is the shape a patient's name takes.
+_PLAIN = re.compile(r"[a-z_][a-z0-9_$]{0,62}")
 
 
 def audit_facts(
@@ -40,22 +44,23 @@ def audit_facts(
     identity sees some PHI masked (None: nothing is masked for it)."""
     allowed = answer.get("action") == "allow"
 
+    def plain(name: str) -> bool:
+        return name in names and _PLAIN.fullmatch(name) is not None and (
+            phi_in_text is None or not phi_in_text(name)
+        )
+
     def shown(schema: str, name: str) -> bool:
-        if schema in _SYSTEM_SCHEMAS:
+        if schema in _SYSTEM_SCHEMAS and _PLAIN.fullmatch(name) is not None:
             return True
         if catalog is not None and catalog.relation(schema, name) is not None:
             return True
-        if not allowed or schema not in names or name not in names:
-            return False
-        return phi_in_text is None or not (phi_in_text(schema) or phi_in_text(name))
+        return allowed and plain(schema) and plain(name)
 
     def column_shown(schema: str, name: str, column: str) -> bool:
         rel = catalog.relation(schema, name) if catalog is not None else None
         if rel is not None:
             return column == "*" or rel.column(column) is not None
-        return allowed and column in names and shown(schema, name) and (
-            phi_in_text is None or not phi_in_text(column)
-        )
+        return allowed and (column == "*" or plain(column)) and shown(schema, name)
 
     relations: set[str] = set()
     read: set[str] = set()
