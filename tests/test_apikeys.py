@@ -219,6 +219,8 @@ def test_valid_key_gives_an_identity(store: ApiKeyStore, clock: Clock) -> None:
         groups=("readers", "analysts"),
         expires_at=float(record.expires),
         source="apikey",
+        key_id=record.id,
+        key_name="ci-bot",
     )
 
 
@@ -620,7 +622,7 @@ def test_config_validation(confdir: Path, identity: dict[str, Any], key: str, me
 class FakeRequest:
     def __init__(self, password: str) -> None:
         self.id, self.kind = 1, "authenticate"
-        self.payload = {"session_id": 1, "user": "u", "database": "ehr", "password": password,
+        self.payload = {"session": "s-1", "user": "u", "database": "ehr", "password": password,
                         "peer": "127.0.0.1:5555", "tls": True, "application_name": "t"}  # fmt: skip
         self.answers: list[dict[str, Any]] = []
 
@@ -697,6 +699,8 @@ def test_dispatch_api_key_answer(store: ApiKeyStore) -> None:
         "close_on_expiry": True,
         "masked": False,
         "clear_kinds": [],
+        "roles": [],
+        "credential": {"kind": "api_key", "key_id": record.id, "name": "ci-bot"},
     }
 
 
@@ -727,6 +731,7 @@ def test_dispatch_api_keys_not_enabled() -> None:
         "sqlstate": "28P01",
         "message": "API keys are not enabled on this gateway: send an OIDC access token as the "
         "password",
+        "reason": "not_enabled",
     }
 
 
@@ -761,6 +766,7 @@ def test_dispatch_refuses_identity_without_role(store: ApiKeyStore) -> None:
         "sqlstate": "28000",
         "message": 'no role grants access to identity "ci-bot" (groups: "nobody-maps-this", '
         '"we\\"ird"); ask your gateway administrator to map one of your groups to a role',
+        "reason": "no_role",
     }
     answer = run_auth(ControlPlane(StaticOidc(), config=cfg), "token")
     assert answer["sqlstate"] == "28000"
@@ -796,6 +802,7 @@ def test_dispatch_passes_the_target_and_relays_mapping_refusals(store: ApiKeySto
         "ok": False,
         "sqlstate": "28000",
         "message": "your groups map to roles that run as different users",
+        "reason": "other",
     }
 
 

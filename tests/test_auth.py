@@ -359,7 +359,7 @@ def test_auth_failures_recorded_without_the_token(gateway_factory, token, captur
     assert all(e["sqlstate"] == "28P01" for e in failures)
     # The user name a client typed is logged as a keyed hash: one value per name in this run.
     assert {e["user"] for e in failures} == {failures[0]["user"]}
-    assert failures[0]["user"].startswith("hmac:")
+    assert failures[0]["user"].startswith("h:")
     assert all(e.get("peer", "").startswith("127.0.0.1:") for e in failures)
     starts = [e for e in events if e.get("event") == "session_start"]
     assert len(starts) == 1 and starts[0]["subject"] == "agent-audit"

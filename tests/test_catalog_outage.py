@@ -215,7 +215,7 @@ def test_sighup_during_an_outage_recovers_without_another_reload(
     stale = wait_event(gw.audit_dir, catalog_event("stale", previous_in_force=True))
     reload = wait_event(gw.audit_dir, lambda e: e.get("event") == "reload")
     assert reload["catalogs"] == {"ehr": "stale"}
-    assert stale["attempt"] == 1 and float(stale["retry_in_s"]) > 0 and "ehr" in stale["error"]
+    assert stale["attempt"] == 1 and stale["retry_in_ms"] > 0 and "ehr" in stale["error"]
     assert (
         "the PHI catalog of target ehr could not be refreshed and is being retried; "
         "the previous one stays in force" in gw.log()

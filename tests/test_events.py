@@ -20,17 +20,19 @@ def test_events_trace_a_session_without_secrets_or_literals(gateway_factory, tok
     gw.stop()
     events = gw.events()
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "session_start" and "session_end" in kinds and kinds[-1] == "stats"
-    start = events[0]
-    assert start["subject"] == "events-agent" and start["tls"] is True and start["target"] == "ehr"
+    assert kinds[0] == "gateway_start" and "session_end" in kinds
+    assert kinds[-2:] == ["stats", "gateway_stop"]
+    (start,) = [e for e in events if e["event"] == "session_start"]
+    assert start["subject"] == "events-agent" and start["tls"] == "TLSv1.3"
+    assert start["target"] == "ehr"
     stmts = [
         e for e in events if e["event"] == "statement" and "patients" in (e["normalized"] or "")
     ]
     assert [s["cached"] for s in stmts] == [False, True]  # same shape, other literal: cache hit
     assert all(s["decision"] == "allow" and "$1" in s["normalized"] for s in stmts)
     results = [e for e in events if e["event"] == "result"]
-    assert results and all(r["error"] is None and r["bytes"] > 0 for r in results)
-    stats = events[-1]
+    assert results and all(r["sqlstate"] is None and r["bytes"] > 0 for r in results)
+    stats = events[-2]
     assert (
         stats["cache_hits"] >= 1 and stats["sessions_total"] == 1 and stats["sessions_active"] == 0
     )

@@ -101,7 +101,12 @@ def test_valid_token(issuer: DevIssuer, verifier: OidcVerifier) -> None:
     token = issuer.mint("agent-7", ["readers", "analysts"], now=T0)
     identity = asyncio.run(verifier.verify(token))
     # expires_at is when the gateway stops accepting it: exp plus the 30 s clock-skew leeway
-    assert identity == Identity("agent-7", ("readers", "analysts"), T0 + 900 + 30, "oidc")
+    assert identity == Identity(
+        "agent-7", ("readers", "analysts"), T0 + 900 + 30, "oidc",
+        jti=identity.jti, issuer="phigate-dev",
+    )  # fmt: skip
+    # What the session record names: the token's id and issuer, never the token.
+    assert identity.credential() == {"kind": "token", "jti": identity.jti, "iss": "phigate-dev"}
     assert verifier.verify_cached(token) == identity  # no I/O needed once keys are cached
 
 

@@ -139,10 +139,10 @@ def test_canaries_reach_neither_the_audit_trail_nor_the_gateway_log(
     assert any(e["decision"] == "deny" for e in statements)
     assert any((e["normalized"] or "").startswith("<unparsable statement") for e in statements)
     starts = [e for e in events if e["event"] == "session_start"]
-    assert len(starts) == 2 and all(e["application_name"].startswith("hmac:") for e in starts)
-    assert [p[:5] for e in starts for p in e["dropped_parameters"]] == ["hmac:"]
+    assert len(starts) == 2 and all(e["application_name"].startswith("h:") for e in starts)
+    assert [p[:2] for e in starts for p in e["dropped_parameters"]] == ["h:"]
     failures = [e for e in events if e["event"] == "auth_failure"]
-    assert len(failures) == len(logins) and all(e["user"].startswith("hmac:") for e in failures)
+    assert len(failures) == len(logins) and all(e["user"].startswith("h:") for e in failures)
 
     logged = {
         "audit trail": gw.trail_text(),

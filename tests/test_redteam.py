@@ -1347,3 +1347,23 @@ def test_ordinary_queries_through_asyncpg(env: Env, clear: dict[str, Any]) -> No
     by_id = {r[0]: r for r in rows}
     assert all(by_id[r[0]] == r for r in one), "asyncpg prepared rows differ from simple ones"
     assert find_leaks(env.relay.take(), env.forms) == []
+
+
+def test_no_canary_reaches_the_audit_records(env: Env) -> None:
+    """Runs last: every attempt above wrote statement, result and session records (the
+    canary values were literals, parameters, labels and errors of them); none may hold a
+    canary in any form."""
+    # Canary values as literals and bound parameters of a session of its own as well, so the
+    # check does not depend on which attempts ran.
+    session = Session(env)
+    try:
+        for value in env.canary.secrets().values():
+            session.sql("select %s::text", (value,))
+            session.sql("select length('" + value.replace("'", "''") + "')")  # noqa: S608
+    finally:
+        session.close()
+    env.gateway.stop()  # flushes every record
+    records = env.gateway.trail_text().encode()
+    assert b'"event":"statement"' in records and b'"literals":["h:' in records
+    leaked = find_leaks(records, env.forms)
+    assert not leaked, "in the audit records: " + ", ".join(leaked)

@@ -192,7 +192,7 @@ def verifier(config: Config) -> OidcVerifier:
 
 
 def auth(token: str, id: int = 1) -> FakeRequest:
-    payload = {"session_id": id, "user": "agent", "database": "ehr", "password": token,
+    payload = {"session": f"s-{id}", "user": "agent", "database": "ehr", "password": token,
                "peer": "127.0.0.1:5555", "tls": True, "application_name": "psql"}  # fmt: skip
     return FakeRequest("authenticate", payload, id=id)
 
@@ -268,6 +268,7 @@ def test_verifier_bug_fails_closed_without_leaking(
         "ok": False,
         "sqlstate": "28000",
         "message": "internal error while verifying identity, see gateway log",
+        "reason": "internal_error",
     }
     assert "RuntimeError" in caplog.text  # the operator sees that something broke
     assert "secret-token-value" not in caplog.text
@@ -289,11 +290,19 @@ def test_shutdown_answers_pending_slow_authentications() -> None:
 def test_decide_allows_with_normalized_sql(config: Config) -> None:
     req = decide("SELECT name FROM patients WHERE mrn = 'MRN-000123' AND age > 40")
     ControlPlane(FailingVerifier(), config=config).dispatch([req])
+    audit = req.answer.pop("audit")
     assert req.answer == {
         "action": "allow",
         "cache": "normalized",
         "normalized": "SELECT name FROM patients WHERE mrn = $1 AND age > $2",
     }
+    # What the statement record says: the deciding role, what is read, never the literals.
+    assert audit["rule"].startswith("role:") and audit["rule"].endswith("allow select")
+    assert audit["kind"] == "select" and audit["relations"] == ["public.patients"]
+    assert audit["columns_read"] == [
+        "public.patients.age", "public.patients.mrn", "public.patients.name",
+    ]  # fmt: skip
+    assert "MRN-000123" not in str(audit)
 
 
 def test_decide_refuses_by_policy_and_caches_literal_sensitive_exactly(config: Config) -> None:
@@ -308,6 +317,9 @@ def test_decide_refuses_by_policy_and_caches_literal_sensitive_exactly(config: C
     assert "rule: operation" in refused.answer["message"]
     assert "PHI" not in refused.answer["message"] + (refused.answer["hint"] or "")
     assert refused.answer["cache"] == "normalized"
+    assert refused.answer["audit"]["rule"] == "default deny operation"
+    assert refused.answer["audit"]["columns_written"] == []
+    assert literal.answer.pop("audit")["rule"] == "builtin allow set"
     assert literal.answer == {
         "action": "allow", "cache": "exact", "normalized": "SET statement_timeout = $1",
     }  # fmt: skip
@@ -344,6 +356,7 @@ def test_decide_refuses_sessions_of_a_removed_target(config: Config) -> None:
     # has one; what its names mean upstream is no longer known, so nothing runs.
     req = decide("SELECT 1", identity_class='[["reader"],"old"]')
     ControlPlane(FailingVerifier(), config=config).dispatch([req])
+    assert req.answer.pop("audit") == {"rule": "deny target removed"}
     assert req.answer == {
         "action": "deny", "sqlstate": "3D000", "cache": "none", "normalized": None,
         "message": 'database "old" is no longer a target configured on this gateway',
@@ -432,7 +445,8 @@ def test_gateway_serves_requests_writes_its_records_reloads_and_stops(
 
         await gateway.stop(0.5)
         assert engine.shutdown_grace == 0.5
-        assert engine.records[-1]["event"] == "stats"  # the final counters, then the close
+        # The final counters, then the stop record, then the close.
+        assert [r["event"] for r in engine.records[-2:]] == ["stats", "gateway_stop"]
         assert engine.trail_closed
 
     in_loop(go)

@@ -154,11 +154,22 @@ impl Bridge {
     /// statement must not go upstream before), else None (appended like any event).
     pub fn emit_statement(&self, line: &[u8]) -> Option<Durable> {
         match &self.trail {
-            Some(trail) if trail.statement_sync() => Some(trail.append_durable(line.to_vec(), false)),
+            // Statement records are formatted canonically by hand (events.rs tests check it).
+            Some(trail) if trail.statement_sync() => Some(trail.append_durable(line.to_vec(), true)),
             _ => {
-                self.emit_line(line);
+                self.emit_canonical(line);
                 None
             }
+        }
+    }
+
+    /// Appends a record its producer formats canonically (sorted keys, no whitespace, no
+    /// floats: the statement and result records of events.rs, whose tests check it), so the
+    /// trail's writer need not parse and re-serialize it.
+    pub fn emit_canonical(&self, line: &[u8]) {
+        match &self.trail {
+            Some(trail) => trail.append_canonical(line.to_vec()),
+            None => self.emit_line(line),
         }
     }
 

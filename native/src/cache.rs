@@ -54,6 +54,97 @@ pub struct Decision {
     /// `[phi.subjects]` relations the statement reads ("schema.table"): rows of its results
     /// that do not show their key are possibly any of their subjects.
     pub subject_relations: Option<Arc<[Arc<str>]>>,
+    /// What the statement record says of it besides the decision (shared by every statement
+    /// the decision is reused for: none of it depends on literal values).
+    pub facts: Arc<AuditFacts>,
+}
+
+/// The control plane's facts about a statement for its audit record, each already rendered as
+/// canonical JSON (the hot path copies the bytes). Names only, never values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFacts {
+    /// "select", "insert", "ddl", "copy_to", …, or "multiple" (a string or null).
+    pub kind: Box<[u8]>,
+    /// The rule that decided: "role:analyst allow select", "default deny", … (a string or null).
+    pub rule: Box<[u8]>,
+    /// "schema.table" names read or written (an array).
+    pub relations: Box<[u8]>,
+    /// "schema.table.column" names read / written (arrays).
+    pub columns_read: Box<[u8]>,
+    pub columns_written: Box<[u8]>,
+    /// `{"by": "rewrite"|"layer2"|null, "columns": {"schema.table.column": "mask"}}`.
+    pub masking: Box<[u8]>,
+}
+
+/// Names a decision's facts may list at most (a statement naming more is still judged; its
+/// record lists the first ones).
+const MAX_FACT_NAMES: usize = 1024;
+
+impl Default for AuditFacts {
+    fn default() -> Self {
+        let b = |s: &str| Box::from(s.as_bytes());
+        AuditFacts { kind: b("null"), rule: b("null"), relations: b("[]"), columns_read: b("[]"), columns_written: b("[]"),
+            masking: b(r#"{"by":null,"columns":{}}"#) }
+    }
+}
+
+impl AuditFacts {
+    /// The facts of a decision answer's `audit` object; None (the decision is refused) when
+    /// one is malformed. serde_json's map keeps keys sorted, so rendering is canonical.
+    pub fn from_answer(a: &serde_json::Value) -> Option<Self> {
+        use serde_json::Value;
+        let render = |v: &Value| serde_json::to_vec(v).ok().map(Vec::into_boxed_slice);
+        let text_or_null = |k: &str| -> Option<Box<[u8]>> {
+            match a.get(k) {
+                None | Some(Value::Null) => Some(Box::from(&b"null"[..])),
+                Some(v @ Value::String(_)) => render(v),
+                Some(_) => None,
+            }
+        };
+        let names = |k: &str| -> Option<Box<[u8]>> {
+            match a.get(k) {
+                None | Some(Value::Null) => Some(Box::from(&b"[]"[..])),
+                Some(Value::Array(list)) if list.iter().all(Value::is_string) => {
+                    render(&Value::Array(list.iter().take(MAX_FACT_NAMES).cloned().collect()))
+                }
+                Some(_) => None,
+            }
+        };
+        let masking = match a.get("masking") {
+            None | Some(Value::Null) => AuditFacts::default().masking,
+            Some(Value::Object(m)) => {
+                let by = match m.get("by") {
+                    None | Some(Value::Null) => Value::Null,
+                    Some(Value::String(s)) if s == "rewrite" || s == "layer2" => Value::String(s.clone()),
+                    Some(_) => return None,
+                };
+                let columns = match m.get("columns") {
+                    None | Some(Value::Null) => serde_json::Map::new(),
+                    Some(Value::Object(c)) if c.values().all(Value::is_string) => c.iter().take(MAX_FACT_NAMES).map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    Some(_) => return None,
+                };
+                render(&serde_json::json!({"by": by, "columns": columns}))?
+            }
+            Some(_) => return None,
+        };
+        Some(AuditFacts {
+            kind: text_or_null("kind")?,
+            rule: text_or_null("rule")?,
+            relations: names("relations")?,
+            columns_read: names("columns_read")?,
+            columns_written: names("columns_written")?,
+            masking,
+        })
+    }
+
+    /// Bytes of all facts (to size a record's buffer).
+    pub fn len(&self) -> usize {
+        self.kind.len() + self.rule.len() + self.relations.len() + self.columns_read.len() + self.columns_written.len() + self.masking.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Per identity class, then per text: nested so a lookup borrows the class and the statement
@@ -158,7 +249,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default() })
     }
 
     #[test]

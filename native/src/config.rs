@@ -142,6 +142,9 @@ impl NativeConfig {
         if self.targets.is_empty() {
             return Err("targets: at least one target is required".into());
         }
+        if let Some(a) = &self.audit {
+            a.hmac_key_bytes()?;
+        }
         for (name, t) in &self.targets {
             if t.tls == UpstreamTls::VerifyFull && t.ca_file.is_none() {
                 return Err(format!("targets.{name}.ca_file: required when tls is verify-full"));

@@ -325,25 +325,28 @@ impl Tally {
         self.disclosed.is_empty() && self.possible.is_empty()
     }
 
-    /// Appends `"possible":{…},"subjects":{…}` (canonical: keys sorted, integers only) to a
-    /// record that ends with `}`, and starts a new cycle. Nothing when nothing was sent.
-    pub fn append_to(&mut self, record: &mut Vec<u8>) {
+    /// The statement's disclosures as two canonical JSON objects (keys sorted, integers only):
+    /// `possible` ({"rel": rows}) and `subjects` ({"rel": {"clear","h","masked","more"}}), for
+    /// the result record to place at their keys; and starts over for the next statement. None
+    /// when nothing was sent.
+    pub fn take(&mut self) -> Option<Disclosures> {
         // A relation whose result had no rows disclosed nobody.
         self.disclosed.retain(|_, d| !d.hashes.is_empty() || d.more > 0);
-        if self.is_empty() || record.last() != Some(&b'}') {
-            return;
+        if self.is_empty() {
+            return None;
         }
-        record.pop();
-        record.extend_from_slice(b",");
-        self.write_fragment(record);
-        record.push(b'}');
+        let mut possible = Vec::new();
+        let mut subjects = Vec::new();
+        self.write_possible(&mut possible);
+        self.write_subjects(&mut subjects);
         self.disclosed.clear();
         self.possible.clear();
+        Some(Disclosures { possible, subjects })
     }
 
-    /// `"possible":{"rel":rows,…},"subjects":{"rel":{"clear":[…],"h":[…],"masked":[…],"more":n},…}`
-    fn write_fragment(&self, o: &mut Vec<u8>) {
-        o.extend_from_slice(b"\"possible\":{");
+    /// `{"rel":rows,…}`
+    fn write_possible(&self, o: &mut Vec<u8>) {
+        o.push(b'{');
         for (i, (r, n)) in self.possible.iter().enumerate() {
             if i > 0 {
                 o.push(b',');
@@ -351,7 +354,12 @@ impl Tally {
             json_str(o, r);
             let _ = write!(o, ":{n}");
         }
-        o.extend_from_slice(b"},\"subjects\":{");
+        o.push(b'}');
+    }
+
+    /// `{"rel":{"clear":[…],"h":[…],"masked":[…],"more":n},…}`
+    fn write_subjects(&self, o: &mut Vec<u8>) {
+        o.push(b'{');
         for (i, (r, d)) in self.disclosed.iter().enumerate() {
             if i > 0 {
                 o.push(b',');
@@ -374,6 +382,14 @@ impl Tally {
         }
         o.push(b'}');
     }
+}
+
+/// One statement's disclosures, rendered: the values of the result record's `possible` and
+/// `subjects` keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disclosures {
+    pub possible: Vec<u8>,
+    pub subjects: Vec<u8>,
 }
 
 /// `hash_value`, remembered per key position for the next row.
@@ -497,13 +513,16 @@ mod tests {
     }
 
     fn fragment(t: &mut Tally) -> serde_json::Value {
-        let mut rec = b"{\"event\":\"result\"}".to_vec();
-        t.append_to(&mut rec);
-        let text = String::from_utf8(rec).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        // Canonical: re-serializing with sorted keys gives the same bytes.
-        assert_eq!(serde_json::to_string(&v).unwrap(), text);
-        v
+        let d = t.take().expect("something was disclosed");
+        let mut v = serde_json::Map::new();
+        for (k, bytes) in [("possible", d.possible), ("subjects", d.subjects)] {
+            let text = String::from_utf8(bytes).unwrap();
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            // Canonical: re-serializing with sorted keys gives the same bytes.
+            assert_eq!(serde_json::to_string(&value).unwrap(), text);
+            v.insert(k.into(), value);
+        }
+        serde_json::Value::Object(v)
     }
 
     #[test]
@@ -598,9 +617,7 @@ mod tests {
         // Nothing about subjects: nothing appended.
         let plan = ResultPlan::from_row_description(&rd(&[(700, 1, 25, 0)]), &map(), |_, _| false, None).unwrap();
         assert!(plan.is_empty());
-        let mut rec = b"{}".to_vec();
-        Tally::default().append_to(&mut rec);
-        assert_eq!(rec, b"{}");
+        assert_eq!(Tally::default().take(), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -29,6 +29,9 @@ pub struct Settings {
     /// The audit HMAC key subject keys are hashed with, and how many hashes a result keeps
     /// per relation; None without an `[audit]` section (no accounting of disclosures).
     pub disclosures: Option<(Arc<SubjectKey>, usize)>,
+    /// The key of the keyed hashes in this config's records (the sessions started under it
+    /// keep it to their end).
+    pub hash_key: Arc<crate::events::HashKey>,
 }
 
 impl Settings {
@@ -49,7 +52,11 @@ impl Settings {
             Some(a) => Some((Arc::new(SubjectKey::new(&a.hmac_key_bytes()?)), a.disclosures_exact_max)),
             None => None,
         };
-        Ok(Settings { cfg, server_tls, targets, disclosures })
+        let hash_key = match &cfg.audit {
+            Some(a) => crate::events::HashKey::new(&a.hmac_key_bytes()?),
+            None => crate::events::HashKey::random(),
+        };
+        Ok(Settings { cfg, server_tls, targets, disclosures, hash_key: Arc::new(hash_key) })
     }
 }
 
@@ -82,7 +89,6 @@ pub struct EngineCore {
     pub cache: DecisionCache,
     pub cancels: CancelRegistry,
     pub counters: Counters,
-    next_session: AtomicU64,
     /// true = stop accepting new connections.
     pub stop_accepting: watch::Sender<bool>,
     /// true = close every session now (after the drain grace period).
@@ -95,9 +101,6 @@ impl EngineCore {
     }
     pub fn masking(&self) -> Arc<MaskingState> {
         self.masking.read().clone()
-    }
-    pub fn next_session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -118,7 +121,6 @@ impl EngineCore {
             cache: DecisionCache::new(),
             cancels: CancelRegistry::default(),
             counters: Counters::default(),
-            next_session: AtomicU64::new(1),
             stop_accepting: watch::channel(false).0,
             force_close: watch::channel(false).0,
         })

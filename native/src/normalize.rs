@@ -130,6 +130,123 @@ pub fn normalize(sql: &[u8]) -> Option<String> {
     Some(out)
 }
 
+/// Calls `f` with the value of each literal of `sql`, in order: a quoted string's text between
+/// its quotes with `''` read as one quote (E'...' strings keep their backslash escapes as
+/// written), a dollar-quoted string's body, a number as written (a sign is an operator, not part
+/// of it). False when the text uses a construct `normalize` does not tokenize with certainty;
+/// `f` may have been called for some literals then.
+pub fn for_each_literal(sql: &[u8], mut f: impl FnMut(&[u8])) -> bool {
+    let b = sql;
+    let n = b.len();
+    let mut i = 0;
+    let mut scratch: Vec<u8> = Vec::new();
+    let mut string = |b: &[u8], start: usize, end: usize, f: &mut dyn FnMut(&[u8])| {
+        // `start..end` is the body between the quotes.
+        let body = &b[start..end];
+        if memchr::memmem::find(body, b"''").is_none() {
+            f(body);
+        } else {
+            scratch.clear();
+            let mut k = 0;
+            while k < body.len() {
+                scratch.push(body[k]);
+                k += if body[k] == b'\'' && body.get(k + 1) == Some(&b'\'') { 2 } else { 1 };
+            }
+            f(&scratch);
+        }
+    };
+    while i < n {
+        let c = b[i];
+        match c {
+            b'\'' => {
+                let Some(end) = skip_quoted(b, i + 1, false) else { return false };
+                string(b, i + 1, end - 1, &mut f);
+                i = end;
+            }
+            b'"' => {
+                i += 1;
+                loop {
+                    if i >= n {
+                        return false;
+                    }
+                    if b[i] == b'"' {
+                        if i + 1 < n && b[i + 1] == b'"' {
+                            i += 2;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'-' if i + 1 < n && b[i + 1] == b'-' => {
+                while i < n && b[i] != b'\n' && b[i] != b'\r' {
+                    i += 1;
+                }
+            }
+            b'/' if i + 1 < n && b[i + 1] == b'*' => {
+                let mut depth = 1;
+                i += 2;
+                while depth > 0 {
+                    if i + 1 >= n {
+                        return false;
+                    }
+                    if b[i] == b'/' && b[i + 1] == b'*' {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b[i + 1] == b'/' {
+                        depth -= 1;
+                        i += 2;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'$' => {
+                if i + 1 < n && b[i + 1].is_ascii_digit() {
+                    i += 1;
+                    while i < n && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                } else {
+                    let Some(tag_end) = dollar_tag_end(b, i) else { return false };
+                    let tag = &b[i..tag_end];
+                    let Some(close) = find(b, tag_end, tag) else { return false };
+                    f(&b[tag_end..close]);
+                    i = close + tag.len();
+                }
+            }
+            b'0'..=b'9' => {
+                let Some(end) = skip_number(b, i) else { return false };
+                f(&b[i..end]);
+                i = end;
+            }
+            b'.' if i + 1 < n && b[i + 1].is_ascii_digit() => {
+                let Some(end) = skip_number(b, i) else { return false };
+                f(&b[i..end]);
+                i = end;
+            }
+            _ if is_ident_start(c) => {
+                let start = i;
+                while i < n && is_ident_cont(b[i]) {
+                    i += 1;
+                }
+                let one = i - start == 1;
+                if i < n && b[i] == b'\'' && one && matches!(c | 0x20, b'e' | b'b' | b'x' | b'n') {
+                    let Some(end) = skip_quoted(b, i + 1, c | 0x20 == b'e') else { return false };
+                    string(b, i + 1, end - 1, &mut f);
+                    i = end;
+                } else if one && (c | 0x20) == b'u' && i + 1 < n && b[i] == b'&' && (b[i + 1] == b'\'' || b[i + 1] == b'"') {
+                    return false;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    true
+}
+
 fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
 }

@@ -35,13 +35,24 @@ class IdentityError(PhigateError):
     """An identity could not be established; the message is safe to show the client.
 
     Messages never contain the token, claim values taken from the token, or local paths.
+    ``reason`` is the class the audit record names (expired, wrong_audience, bad_signature,
+    revoked_key, no_role, ...: see docs/audit-records.md); ``credential`` what is known of the
+    credential that failed without revealing it (an API key's id), for the same record.
     """
 
-    def __init__(self, sqlstate: IdentitySqlstate, message: str) -> None:
+    def __init__(
+        self,
+        sqlstate: IdentitySqlstate,
+        message: str,
+        reason: str = "other",
+        credential: dict[str, str | None] | None = None,
+    ) -> None:
         if sqlstate not in ("28P01", "28000"):
             raise ValueError(f"identity errors use SQLSTATE 28P01 or 28000, not {sqlstate!r}")
         self.sqlstate: IdentitySqlstate = sqlstate
         self.message = message
+        self.reason = reason
+        self.credential = credential
         super().__init__(message)
 
     def __str__(self) -> str:

@@ -32,6 +32,7 @@ fn settings(dir: &Path, seed: u8) -> AuditSettings {
         segment_max_bytes: 64 << 20,
         segment_max_age_ms: 86_400_000,
         max_pending_records: 100,
+        disclosures_exact_max: 1000,
     }
 }
 

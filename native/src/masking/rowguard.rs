@@ -127,11 +127,10 @@ impl RowGuard {
         self
     }
 
-    /// Appends the cycle's disclosures to its result record and starts the next cycle.
-    pub fn take_disclosures(&mut self, record: &mut Vec<u8>) {
-        if let Some(a) = self.accounting.as_mut() {
-            a.tally.append_to(record);
-        }
+    /// The disclosures of the statement that just finished, for its result record; the
+    /// tally starts over for the next one.
+    pub fn take_disclosures(&mut self) -> Option<crate::disclosures::Disclosures> {
+        self.accounting.as_mut().and_then(|a| a.tally.take())
     }
 
     fn describe(&self, state: &MaskingState, body: &[u8], info: &StmtInfo) -> Result<Described, GateError> {
@@ -377,6 +376,8 @@ mod tests {
             expires_at: None,
             masked: true,
             clear_kinds: clear.iter().map(|s| s.to_string()).collect(),
+            roles: vec![],
+            credential: serde_json::Value::Null,
         };
         RowGuard::new(&identity, "ehr")
     }
@@ -430,7 +431,7 @@ mod tests {
     }
 
     fn query(info: StmtInfo) -> Expect {
-        Expect::Query { info, sent: Instant::now() }
+        Expect::Query { info, sent: Instant::now(), stmt: 0 }
     }
 
     fn sync() -> Expect {
@@ -444,7 +445,7 @@ mod tests {
         let mut q = pipeline(vec![
             Expect::Ack(b'2'),
             Expect::DescribePortal { portal: vec![], info: info.clone(), swallow: true },
-            Expect::Execute { portal: vec![], info },
+            Expect::Execute { portal: vec![], info, stmt: 0, sent: Instant::now() },
             sync(),
         ]);
         let z = message(b'Z', b"I");
@@ -461,7 +462,7 @@ mod tests {
         let mut q = pipeline(vec![
             Expect::Ack(b'1'),
             Expect::Ack(b'2'),
-            Expect::Execute { portal: b"p".to_vec(), info: info.clone() },
+            Expect::Execute { portal: b"p".to_vec(), info: info.clone(), stmt: 0, sent: Instant::now() },
             sync(),
             query(info),
         ]);
@@ -505,7 +506,7 @@ mod tests {
     #[test]
     fn rows_nobody_described_end_the_session() {
         let mut g = guard(&[]);
-        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default() }, sync()]);
+        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default(), stmt: 0, sent: Instant::now() }, sync()]);
         let e = feed(&mut g, &mut q, &[row(b"123-45-6789")]).unwrap_err();
         assert!(e.is_fatal());
         let mut q = pipeline(vec![sync()]);

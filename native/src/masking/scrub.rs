@@ -8,7 +8,7 @@
 //! The rewrite already keeps clear values out of what the server evaluates; this is the check.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use crate::events::keyed_hash;
+use crate::events::HashKey;
 
 use crate::masking::detectors::Detectors;
 use crate::protocol::framing::read_cstr;
@@ -23,7 +23,7 @@ pub const GENERIC_DETAIL: &str = "The conflicting values are withheld by phigate
 pub struct ScrubReport {
     /// The message differs from the original in some field.
     pub changed: bool,
-    /// Keyed hash (`crate::events::keyed_hash`) of the original DETAIL when it was replaced by
+    /// Keyed hash (`crate::events::HashKey::hash`, the audit HMAC key) of the original DETAIL when it was replaced by
     /// `GENERIC_DETAIL`.
     pub detail_hmac: Option<String>,
     /// Keyed hash of the original MESSAGE when values were cut out of it.
@@ -91,6 +91,7 @@ pub fn scrub_error_or_notice(
     tag: u8,
     body: &[u8],
     detectors: &Detectors,
+    key: &HashKey,
     out: &mut BytesMut,
 ) -> Result<ScrubReport, ScrubError> {
     if tag != b'E' && tag != b'N' {
@@ -126,12 +127,12 @@ pub fn scrub_error_or_notice(
         }
         let text = String::from_utf8_lossy(v);
         let mut new: String = if code == b'D' && echoes_values(&text) {
-            report.detail_hmac = Some(keyed_hash(v));
+            report.detail_hmac = Some(key.hash(v));
             GENERIC_DETAIL.to_owned()
         } else if code == b'M' && sqlstate.starts_with(b"22") {
             match redact_quoted(&text) {
                 Some(r) => {
-                    report.message_hmac = Some(keyed_hash(v));
+                    report.message_hmac = Some(key.hash(v));
                     r
                 }
                 None => text.into_owned(),
@@ -141,7 +142,7 @@ pub fn scrub_error_or_notice(
         };
         if let std::borrow::Cow::Owned(s) = detectors.scrub(&new) {
             if code == b'M' && report.message_hmac.is_none() {
-                report.message_hmac = Some(keyed_hash(v));
+                report.message_hmac = Some(key.hash(v));
             }
             new = s;
         }
@@ -162,9 +163,9 @@ pub fn scrub_error_or_notice(
 }
 
 /// Convenience: the scrubbed message as its own buffer.
-pub fn scrubbed(tag: u8, body: &[u8], detectors: &Detectors) -> Result<(Bytes, ScrubReport), ScrubError> {
+pub fn scrubbed(tag: u8, body: &[u8], detectors: &Detectors, key: &HashKey) -> Result<(Bytes, ScrubReport), ScrubError> {
     let mut out = BytesMut::with_capacity(body.len() + 5);
-    let r = scrub_error_or_notice(tag, body, detectors, &mut out)?;
+    let r = scrub_error_or_notice(tag, body, detectors, key, &mut out)?;
     Ok((out.freeze(), r))
 }
 
@@ -180,6 +181,11 @@ mod tests {
         D.get_or_init(Detectors::standard)
     }
 
+    fn key() -> &'static HashKey {
+        static K: std::sync::OnceLock<HashKey> = std::sync::OnceLock::new();
+        K.get_or_init(|| HashKey::new(b"test key"))
+    }
+
     fn body(fields: &[(u8, &str)]) -> Vec<u8> {
         let mut b = vec![];
         for (c, v) in fields {
@@ -192,7 +198,7 @@ mod tests {
     }
 
     fn run(tag: u8, fields: &[(u8, &str)]) -> (Bytes, ScrubReport) {
-        let (m, r) = scrubbed(tag, &body(fields), det()).unwrap();
+        let (m, r) = scrubbed(tag, &body(fields), det(), key()).unwrap();
         assert_eq!(m[0], tag);
         assert_eq!(u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize + 1, m.len());
         (m, r)
@@ -211,7 +217,7 @@ mod tests {
             (b'D', detail), (b's', "public"), (b't', "patients"), (b'n', "patients_ssn_key"),
         ]);
         assert_eq!(f(&m, b'D').as_deref(), Some(GENERIC_DETAIL));
-        assert_eq!(r.detail_hmac, Some(keyed_hash(detail.as_bytes())));
+        assert_eq!(r.detail_hmac, Some(key().hash(detail.as_bytes())));
         assert!(r.changed);
         assert_eq!(f(&m, b'M').unwrap(), "duplicate key value violates unique constraint \"patients_ssn_key\"");
         assert_eq!(f(&m, b'n').as_deref(), Some("patients_ssn_key"));
@@ -237,7 +243,7 @@ mod tests {
         let msg = "invalid input syntax for type integer: \"Jane Doe\"";
         let (m, r) = run(b'E', &[(b'C', "22P02"), (b'M', msg)]);
         assert_eq!(f(&m, b'M').unwrap(), "invalid input syntax for type integer: \"***\"");
-        assert_eq!(r.message_hmac, Some(keyed_hash(msg.as_bytes())));
+        assert_eq!(r.message_hmac, Some(key().hash(msg.as_bytes())));
     }
 
     #[test]
@@ -269,10 +275,10 @@ mod tests {
 
     #[test]
     fn malformed_is_an_error_and_fields_are_clipped() {
-        assert!(scrubbed(b'E', b"Mabc", det()).is_err());
-        assert!(scrubbed(b'E', b"Mabc\0", det()).is_err());
-        assert!(scrubbed(b'E', b"Mabc\0\0x", det()).is_err());
-        assert!(scrubbed(b'D', b"\0", det()).is_err());
+        assert!(scrubbed(b'E', b"Mabc", det(), key()).is_err());
+        assert!(scrubbed(b'E', b"Mabc\0", det(), key()).is_err());
+        assert!(scrubbed(b'E', b"Mabc\0\0x", det(), key()).is_err());
+        assert!(scrubbed(b'D', b"\0", det(), key()).is_err());
         let long = "é".repeat(10_000);
         let (m, r) = run(b'N', &[(b'M', &long)]);
         assert!(m.len() < 4100);
@@ -291,13 +297,13 @@ mod tests {
             (b'H', "ask harris"),
             (b't', "patients"),
         ]);
-        let (m, r) = scrubbed(b'E', &body, &d).unwrap();
+        let (m, r) = scrubbed(b'E', &body, &d, key()).unwrap();
         assert_eq!(f(&m, b'M').unwrap(), "patient [NAME] of [CITY] has no chart");
         assert_eq!(f(&m, b'H').unwrap(), "ask [NAME]");
         assert_eq!(f(&m, b't').as_deref(), Some("patients"));
         assert!(r.changed && r.message_hmac.is_some());
         // Scrubbing the scrubbed message changes nothing.
-        let (again, _) = scrubbed(b'E', &m[5..], &d).unwrap();
+        let (again, _) = scrubbed(b'E', &m[5..], &d, key()).unwrap();
         assert_eq!(again, m);
     }
 
@@ -308,7 +314,7 @@ mod tests {
             let d = format!("Key (x)=({ssn})");
             let (a, _) = run(b'E', &[(b'C', state), (b'M', &m1), (b'D', &d)]);
             prop_assert!(!String::from_utf8_lossy(&a).contains(&ssn));
-            let (b, _) = scrubbed(b'E', &a[5..], det()).unwrap();
+            let (b, _) = scrubbed(b'E', &a[5..], det(), key()).unwrap();
             prop_assert_eq!(a, b);
         }
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-use crate::bridge::{now_ts, AskError, RequestKind};
+use crate::bridge::{AskError, RequestKind};
 use crate::engine::{EngineCore, Settings};
 use crate::errors::{sqlstate, GateError};
 use crate::protocol::framing::{next_frame, next_startup_packet};
@@ -42,12 +42,17 @@ impl Failure {
 /// Runs a connection from its first byte to an authenticated client with an upstream session:
 /// None when it ended before (a timeout, a cancel request, a refused login — the client has been
 /// told why where it can be).
-pub async fn establish(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStream, peer: SocketAddr, session_id: u64) -> Option<Established> {
+pub async fn establish(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStream, peer: SocketAddr, session: &Arc<str>) -> Option<Established> {
     let timeout = settings.cfg.startup_timeout();
+    let login = Login { core, settings, session, peer };
     // Boxed so the (large) startup state is freed once the session is established.
-    let result = match tokio::time::timeout(timeout, Box::pin(startup(core, settings, tcp, peer, session_id))).await {
+    let result = match tokio::time::timeout(timeout, Box::pin(startup(&login, tcp))).await {
         Ok(r) => r,
-        Err(_) => return None, // the half-open socket is dropped; nothing useful to say to it
+        Err(_) => {
+            // The half-open socket is dropped; nothing useful to say to it.
+            login.refused(None, "startup_timeout", None, None);
+            return None;
+        }
     };
     match result {
         Ok(est) => Some(est),
@@ -57,7 +62,7 @@ pub async fn establish(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: Tc
                 if let Some(e) = f.error {
                     if e.sqlstate == sqlstate::PROTOCOL_VIOLATION {
                         core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
-                        core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": session_id,
+                        core.bridge.emit(&json!({"ts": crate::events::now(), "event": "protocol_violation", "session": &**session,
                             "peer": peer.to_string(), "detail": e.message}));
                     }
                     let _ = s.write_all(&e.to_error_response()).await;
@@ -102,7 +107,50 @@ fn check_nothing_buffered(stream: &Stream, buf: &BytesMut) -> Result<(), GateErr
     Ok(())
 }
 
-async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStream, peer: SocketAddr, session_id: u64) -> Result<Established, Failure> {
+/// One login attempt: what its records name.
+struct Login<'a> {
+    core: &'a Arc<EngineCore>,
+    settings: &'a Arc<Settings>,
+    session: &'a Arc<str>,
+    peer: SocketAddr,
+}
+
+/// Reason classes the control plane may give for a refused login (anything else: "other").
+const AUTH_REASONS: &[&str] = &[
+    "expired", "not_yet_valid", "wrong_audience", "wrong_issuer", "bad_signature", "unknown_key",
+    "revoked_key", "malformed", "no_role", "missing_claim", "unsupported_algorithm", "not_enabled",
+    "jwks_unavailable", "internal_error", "shutting_down",
+];
+
+impl Login<'_> {
+    /// Writes an auth_failure record: why the login was refused (a reason class, never the
+    /// token), the user name the client sent as a keyed hash.
+    fn refused(&self, user: Option<&str>, reason: &str, sqlstate: Option<&str>, credential: Option<&serde_json::Value>) {
+        self.core.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        self.core.bridge.emit(&json!({"ts": crate::events::now(), "event": "auth_failure", "session": &**self.session,
+            "peer": self.peer.to_string(), "reason": reason, "sqlstate": sqlstate,
+            "user": user.map(|u| self.settings.hash_key.client_label(u)), "credential": credential}));
+    }
+
+    /// A refusal before authentication, recorded and told to the client.
+    fn refuse(&self, stream: Stream, user: Option<&str>, reason: &str, err: GateError) -> Failure {
+        self.refused(user, reason, Some(err.sqlstate), None);
+        Failure::to(stream, err)
+    }
+}
+
+/// The TLS version a client connection negotiated, as records name it.
+fn tls_version(stream: &Stream) -> Option<&'static str> {
+    let Stream::ServerTls(conn) = stream else { return None };
+    Some(match conn.get_ref().1.protocol_version()? {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "other",
+    })
+}
+
+async fn startup(login: &Login<'_>, tcp: TcpStream) -> Result<Established, Failure> {
+    let (core, settings, peer) = (login.core, login.settings, login.peer);
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
         Ok(1) => {}
@@ -211,15 +259,15 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
         }
     }
     if settings.cfg.require_tls && !tls {
-        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_AUTHORIZATION,
+        return Err(login.refuse(stream, msg.get("user"), "tls_required", GateError::fatal(sqlstate::INVALID_AUTHORIZATION,
             "phigate requires an encrypted connection").with_hint("Connect with sslmode=require or sslmode=verify-full.")));
     }
     let Some(user) = msg.get("user").filter(|u| !u.is_empty()).map(str::to_string) else {
-        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_AUTHORIZATION, "no user name specified in the startup packet")));
+        return Err(login.refuse(stream, None, "no_user", GateError::fatal(sqlstate::INVALID_AUTHORIZATION, "no user name specified in the startup packet")));
     };
     let database = msg.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
     let Some(target) = settings.targets.get(&database) else {
-        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_CATALOG_NAME,
+        return Err(login.refuse(stream, Some(&user), "unknown_target", GateError::fatal(sqlstate::INVALID_CATALOG_NAME,
             format!("database \"{database}\" is not a target configured on this gateway"))
             .with_hint("Use the target name your gateway administrator gave you as the database name.")));
     };
@@ -254,36 +302,35 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
         }
     };
     let Ok(password) = String::from_utf8(password) else {
-        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_PASSWORD, "the password must be an access token or API key (UTF-8 text)")));
+        return Err(login.refuse(stream, Some(&user), "malformed", GateError::fatal(sqlstate::INVALID_PASSWORD, "the password must be an access token or API key (UTF-8 text)")));
     };
     if password.is_empty() {
-        return Err(Failure::to(stream, GateError::fatal(sqlstate::INVALID_PASSWORD, "empty password: present an access token as the password")));
+        return Err(login.refuse(stream, Some(&user), "no_credential", GateError::fatal(sqlstate::INVALID_PASSWORD, "empty password: present an access token as the password")));
     }
 
-    let payload = json!({"session_id": session_id, "user": user, "database": database, "password": password,
+    let payload = json!({"session": &**login.session, "user": user, "database": database, "password": password,
         "peer": peer.to_string(), "tls": tls, "application_name": application_name});
-    let auth_fail = |sqlstate: &'static str, message: String| {
-        core.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-        core.bridge.emit(&json!({"ts": now_ts(), "event": "auth_failure", "session_id": session_id,
-            "peer": peer.to_string(), "sqlstate": sqlstate, "user": crate::events::client_label(&user)}));
-        GateError::fatal(sqlstate, message)
-    };
     let answer = match core.bridge.ask(RequestKind::Authenticate, payload, settings.cfg.auth_timeout()).await {
         Ok(a) => a,
         Err(AskError::TimedOut) | Err(AskError::Dropped) => {
-            return Err(Failure::to(stream, auth_fail(sqlstate::CONNECTION_FAILURE,
-                "phigate could not verify your identity in time; try again, and if it persists tell the gateway operator".into())));
+            return Err(login.refuse(stream, Some(&user), "auth_timeout", GateError::fatal(sqlstate::CONNECTION_FAILURE,
+                "phigate could not verify your identity in time; try again, and if it persists tell the gateway operator")));
         }
     };
     let identity = match parse_auth_answer(&answer) {
         Ok(i) => i,
-        Err((code, msg)) => return Err(Failure::to(stream, auth_fail(code, msg))),
+        Err((code, msg)) => {
+            let reason = answer.get("reason").and_then(|r| r.as_str()).and_then(|r| AUTH_REASONS.iter().find(|k| **k == r)).copied().unwrap_or("other");
+            let credential = answer.get("credential").filter(|c| c.is_object());
+            login.refused(Some(&user), reason, Some(code), credential);
+            return Err(Failure::to(stream, GateError::fatal(code, msg)));
+        }
     };
 
     let upstream = match crate::session::backend::connect(&target.target, target.tls.clone(), &forwarded, identity.db_role.as_deref()).await {
         Ok(u) => u,
         Err(e) => {
-            eprintln!("phigate: session {session_id}: upstream for target {database:?} failed: {}", e.log);
+            eprintln!("phigate: session {}: upstream for target {database:?} failed: {}", login.session, e.log);
             return Err(Failure::to(stream, GateError::fatal(sqlstate::CONNECTION_FAILURE,
                 format!("the upstream database for target \"{database}\" is unavailable: {}", e.public))
                 .with_hint("The gateway operator can find details in the gateway log.")));
@@ -309,13 +356,13 @@ async fn startup(core: &Arc<EngineCore>, settings: &Arc<Settings>, tcp: TcpStrea
         return Err(Failure::silent());
     }
     Ok(Established {
+        tls: tls_version(&stream),
         client: stream,
         client_buf: buf,
         upstream,
         identity,
         target_name: database,
         application_name,
-        tls,
         dropped_parameters: dropped,
         our_pid,
     })
@@ -351,7 +398,14 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
     // Absent or malformed: no kind in clear (fail closed).
     let clear_kinds = a.get("clear_kinds").and_then(|v| v.as_array())
         .map(|ks| ks.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()).unwrap_or_default();
-    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked, clear_kinds })
+    let roles = a.get("roles").and_then(|v| v.as_array())
+        .map(|rs| rs.iter().filter_map(|r| r.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    // Only an object of strings (and nulls) is recorded: it names the credential, nothing else.
+    let credential = match a.get("credential") {
+        Some(serde_json::Value::Object(m)) if m.values().all(|v| v.is_string() || v.is_null()) => serde_json::Value::Object(m.clone()),
+        _ => serde_json::Value::Null,
+    };
+    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked, clear_kinds, roles, credential })
 }
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {

@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-use crate::bridge::now_ts;
 use crate::engine::EngineCore;
 use crate::protocol::stream::Stream;
 
@@ -35,6 +34,11 @@ pub struct Identity {
     pub masked: bool,
     /// PHI kinds it sees in clear (layer 2 passes those columns untouched).
     pub clear_kinds: Vec<String>,
+    /// The gateway roles it holds on this target (for the session's audit record).
+    pub roles: Vec<String>,
+    /// What it presented: `{"kind": "token", "jti", "iss"}` or `{"kind": "api_key", "key_id",
+    /// "name"}` (for the session's audit record; never the token or key itself).
+    pub credential: serde_json::Value,
 }
 
 /// What a successful startup hands to the relay.
@@ -45,7 +49,8 @@ pub struct Established {
     pub identity: Identity,
     pub target_name: String,
     pub application_name: String,
-    pub tls: bool,
+    /// The negotiated TLS version ("TLSv1.3"), None for a plaintext connection.
+    pub tls: Option<&'static str>,
     pub dropped_parameters: Vec<String>,
     pub our_pid: i32,
 }
@@ -63,18 +68,21 @@ pub async fn run(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr) {
     core.counters.sessions_active.fetch_add(1, Ordering::AcqRel);
     let _guard = ActiveGuard(core.clone());
     let settings = core.settings();
-    let session_id = core.next_session_id();
+    // Names this session in every record about it, from its first authentication attempt on.
+    let session = crate::events::session_uuid();
     let started = std::time::Instant::now();
-    let Some(est) = frontend::establish(&core, &settings, tcp, peer, session_id).await else { return };
+    let Some(est) = frontend::establish(&core, &settings, tcp, peer, &session).await else { return };
     core.counters.sessions_total.fetch_add(1, Ordering::Relaxed);
+    let key = &settings.hash_key;
     core.bridge.emit(&json!({
-        "ts": now_ts(), "event": "session_start", "session_id": session_id,
-        "subject": est.identity.subject, "groups": est.identity.groups, "peer": peer.to_string(),
-        "target": est.target_name, "application_name": crate::events::client_label(&est.application_name), "tls": est.tls,
-        "dropped_parameters": est.dropped_parameters.iter().map(|p| crate::events::parameter_label(p)).collect::<Vec<_>>(),
+        "ts": crate::events::now(), "event": "session_start", "session": &*session,
+        "subject": est.identity.subject, "groups": est.identity.groups, "roles": est.identity.roles,
+        "credential": est.identity.credential, "peer": peer.to_string(),
+        "target": est.target_name, "application_name": key.client_label(&est.application_name), "tls": est.tls,
+        "dropped_parameters": est.dropped_parameters.iter().map(|p| key.parameter_label(p)).collect::<Vec<_>>(),
     }));
     let our_pid = est.our_pid;
-    let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session_id)).await;
+    let end = Box::pin(crate::session::relay::run(core.clone(), settings.clone(), est, session.clone())).await;
     if let Some(key) = core.cancels.unregister(our_pid) {
         if end.cancel_upstream {
             // The client is gone (or the gateway closed the session) while the server still
@@ -84,8 +92,8 @@ pub async fn run(core: Arc<EngineCore>, tcp: TcpStream, peer: SocketAddr) {
         }
     }
     core.bridge.emit(&json!({
-        "ts": now_ts(), "event": "session_end", "session_id": session_id,
-        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        "ts": crate::events::now(), "event": "session_end", "session": &*session,
+        "duration_us": u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "bytes_in": end.bytes_in, "bytes_out": end.bytes_out, "statements": end.statements, "reason": end.reason,
     }));
 }

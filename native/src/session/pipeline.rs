@@ -55,12 +55,13 @@ pub enum Expect {
     DescribeStatement,
     /// RowDescription or NoData for a portal; `swallow` when the gateway injected the Describe.
     DescribePortal { portal: Vec<u8>, info: StmtInfo, swallow: bool },
-    /// DataRows or COPY, then CommandComplete, EmptyQueryResponse or PortalSuspended.
-    Execute { portal: Vec<u8>, info: StmtInfo },
+    /// DataRows or COPY, then CommandComplete, EmptyQueryResponse or PortalSuspended. `stmt`:
+    /// the number of its statement record (0: none, e.g. a portal the gateway does not know).
+    Execute { portal: Vec<u8>, info: StmtInfo, stmt: u64, sent: Instant },
     /// ReadyForQuery.
     Sync { sent: Instant },
     /// A simple Query: any number of results, then ReadyForQuery.
-    Query { info: StmtInfo, sent: Instant },
+    Query { info: StmtInfo, sent: Instant, stmt: u64 },
 }
 
 /// A refusal standing in for the client's message upstream: a marker statement that fails to
@@ -70,6 +71,8 @@ pub struct Refusal {
     pub marker: u64,
     /// The ErrorResponse the client gets instead of the marker's.
     pub response: Bytes,
+    /// The statement record the refusal answers (0: none).
+    pub stmt: u64,
 }
 
 /// One message sent upstream.
@@ -79,6 +82,16 @@ pub struct Entry {
     pub refusal: Option<Box<Refusal>>,
     /// CopyDone/CopyFail messages the client had sent before this message.
     pub copy_ends: u32,
+}
+
+impl Entry {
+    /// The statement record whose result this message's answer is (0: none).
+    pub fn stmt(&self) -> u64 {
+        match &self.expect {
+            Expect::Execute { stmt, .. } | Expect::Query { stmt, .. } if *stmt > 0 => *stmt,
+            _ => self.refusal.as_ref().map_or(0, |r| r.stmt),
+        }
+    }
 }
 
 /// What one upstream message means for the pipeline.
@@ -92,8 +105,9 @@ pub enum Event {
     /// extended-protocol message that failed (None for a Query's or Sync's error, whose entry
     /// stays until ReadyForQuery, and for an unsolicited error such as a FATAL shutdown).
     Error { refusal: Option<Box<Refusal>>, failed: Option<Expect> },
-    /// ReadyForQuery ended the cycle that started when its Sync or Query was sent.
-    Ready(Instant),
+    /// ReadyForQuery ended the cycle that started when its Sync or Query was sent; the
+    /// Query's statement record (0 for a Sync).
+    Ready(Instant, u64),
 }
 
 /// A response the pipeline cannot place: PostgreSQL and the gateway disagree.
@@ -120,11 +134,23 @@ pub struct Pipeline {
     /// Entries that left (answered, skipped, or read by a COPY), and refusals among them.
     released: u64,
     released_refusals: u64,
+    /// Statement records whose messages the server skipped or never answered: their results
+    /// say so. The upstream half takes them after every step.
+    pub skipped: Vec<u64>,
 }
 
 impl Pipeline {
     pub fn new(strict: bool) -> Self {
-        Pipeline { queue: VecDeque::new(), mode: Mode::Normal, strict, released: 0, released_refusals: 0 }
+        Pipeline { queue: VecDeque::new(), mode: Mode::Normal, strict, released: 0, released_refusals: 0, skipped: Vec::new() }
+    }
+
+    /// Releases an entry that gets no answer of its own.
+    fn drop_unanswered(&mut self, e: Entry) {
+        let stmt = e.stmt();
+        if stmt > 0 {
+            self.skipped.push(stmt);
+        }
+        self.release(e);
     }
 
     /// Takes the entries the client half published (in order) and drops what is already known
@@ -176,7 +202,8 @@ impl Pipeline {
             return;
         }
         while self.queue.front().is_some_and(|e| !matches!(e.expect, Expect::Sync { .. })) {
-            self.pop();
+            let e = self.queue.pop_front().expect("front checked");
+            self.drop_unanswered(e);
         }
     }
 
@@ -206,7 +233,7 @@ impl Pipeline {
                     Some(Expect::Sync { .. }) => {
                         self.mode = Mode::Normal;
                         let Expect::Sync { sent } = self.pop().expect else { unreachable!() };
-                        Ok(Event::Ready(sent))
+                        Ok(Event::Ready(sent, 0))
                     }
                     _ => Err(Lost("a ReadyForQuery with no Sync to answer")),
                 },
@@ -279,7 +306,8 @@ impl Pipeline {
             },
             b'Z' => match front {
                 Some(Expect::Sync { .. } | Expect::Query { .. }) => match self.pop().expect {
-                    Expect::Sync { sent } | Expect::Query { sent, .. } => Ok(Event::Ready(sent)),
+                    Expect::Sync { sent } => Ok(Event::Ready(sent, 0)),
+                    Expect::Query { sent, stmt, .. } => Ok(Event::Ready(sent, stmt)),
                     _ => unreachable!(),
                 },
                 _ => Err(Lost("an unexpected ReadyForQuery")),
@@ -324,7 +352,8 @@ impl Pipeline {
                         self.pop();
                     }
                     if self.queue.front().is_some_and(in_zone) {
-                        self.pop();
+                        let e = self.queue.pop_front().expect("front checked");
+                        self.drop_unanswered(e);
                     }
                 }
                 let Mode::CopyIn(owner) = std::mem::replace(&mut self.mode, Mode::Normal) else { unreachable!() };
@@ -348,17 +377,24 @@ impl Pipeline {
     /// After a `Lost` in a session that may go on (unmasked: nothing depends on attribution but
     /// refusal markers, which are checked by number, and result timings): a ReadyForQuery ends
     /// the oldest cycle; anything else is passed over.
-    pub fn recover(&mut self, tag: u8) -> Option<Instant> {
+    pub fn recover(&mut self, tag: u8) -> Option<(Instant, u64)> {
         if tag != b'Z' {
             return None;
         }
         if let Mode::CopyIn(owner) = std::mem::replace(&mut self.mode, Mode::Normal) {
-            self.release(owner);
+            self.drop_unanswered(owner);
         }
         while let Some(e) = self.queue.pop_front() {
-            match self.release(e).expect {
-                Expect::Sync { sent } | Expect::Query { sent, .. } => return Some(sent),
-                _ => {}
+            match e.expect {
+                Expect::Sync { sent } => {
+                    self.release(e);
+                    return Some((sent, 0));
+                }
+                Expect::Query { sent, stmt, .. } => {
+                    self.release(e);
+                    return Some((sent, stmt));
+                }
+                _ => self.drop_unanswered(e),
             }
         }
         None
@@ -376,13 +412,13 @@ mod tests {
         Expect::Sync { sent: Instant::now() }
     }
     fn query() -> Expect {
-        Expect::Query { info: StmtInfo::default(), sent: Instant::now() }
+        Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt: 0 }
     }
     fn execute() -> Expect {
-        Expect::Execute { portal: vec![], info: StmtInfo::default() }
+        Expect::Execute { portal: vec![], info: StmtInfo::default(), stmt: 0, sent: Instant::now() }
     }
     fn refused(expect: Expect, marker: u64) -> Entry {
-        Entry { expect, refusal: Some(Box::new(Refusal { marker, response: Bytes::new() })), copy_ends: 0 }
+        Entry { expect, refusal: Some(Box::new(Refusal { marker, response: Bytes::new(), stmt: 0 })), copy_ends: 0 }
     }
     fn tags(p: &mut Pipeline, tags: &[u8]) -> Vec<Event> {
         tags.iter().map(|t| p.step(*t).unwrap_or_else(|l| panic!("{} at {:?}", l.0, *t as char))).collect()
@@ -399,9 +435,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         p.absorb(&mut vec![e(query()), e(sync()), e(Expect::Ack(b'3')), e(sync())]);
-        assert!(matches!(p.step(b'Z').unwrap(), Event::Ready(_)));
+        assert!(matches!(p.step(b'Z').unwrap(), Event::Ready(..)));
         assert!(matches!(p.step(b'3').unwrap(), Event::Done(_)));
-        assert!(matches!(p.step(b'Z').unwrap(), Event::Ready(_)));
+        assert!(matches!(p.step(b'Z').unwrap(), Event::Ready(..)));
         assert!(p.front().is_none());
         assert_eq!(p.released(), (5, 1));
     }
@@ -417,7 +453,7 @@ mod tests {
         tags(&mut p, b"Z1");
         // A commit failing at Sync: ErrorResponse, then ReadyForQuery for the same Sync.
         assert!(matches!(p.step(b'E').unwrap(), Event::Error { failed: None, .. }));
-        assert!(matches!(p.step(b'Z').unwrap(), Event::Ready(_)));
+        assert!(matches!(p.step(b'Z').unwrap(), Event::Ready(..)));
         assert_eq!(p.released(), (3, 1));
     }
 
@@ -480,13 +516,13 @@ mod tests {
     fn noted(expect: Expect, key: &str) -> Entry {
         let notices: Arc<[Notice]> = Arc::from(vec![Notice { key: Some(key.into()), message: Bytes::from_static(b"N") }]);
         let expect = match expect {
-            Expect::Execute { portal, mut info } => {
+            Expect::Execute { portal, mut info, stmt, sent } => {
                 info.notices = Some(notices);
-                Expect::Execute { portal, info }
+                Expect::Execute { portal, info, stmt, sent }
             }
-            Expect::Query { mut info, sent } => {
+            Expect::Query { mut info, sent, stmt } => {
                 info.notices = Some(notices);
-                Expect::Query { info, sent }
+                Expect::Query { info, sent, stmt }
             }
             other => other,
         };
@@ -548,7 +584,7 @@ mod tests {
                 6 => sync(),
                 _ => query(),
             };
-            let refusal = refused.then(|| Box::new(Refusal { marker: 1, response: Bytes::new() }));
+            let refusal = refused.then(|| Box::new(Refusal { marker: 1, response: Bytes::new(), stmt: 0 }));
             Entry { expect, refusal, copy_ends }
         })
     }

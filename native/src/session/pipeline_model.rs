@@ -303,7 +303,7 @@ impl Client {
         let refused = |expect, c: &mut Client| {
             c.next_marker += 1;
             let n = c.next_marker;
-            (n, Some(Entry { expect, refusal: Some(Box::new(Refusal { marker: n, response: refusal_response(n) })), copy_ends: 0 }))
+            (n, Some(Entry { expect, refusal: Some(Box::new(Refusal { marker: n, response: refusal_response(n), stmt: 0 })), copy_ends: 0 }))
         };
         let info = StmtInfo::default;
         // Every Execute and Query the gateway lets through carries a notice of its own.
@@ -345,7 +345,7 @@ impl Client {
                     units.push((Up::DescribePortal { portal: name(portal), injected: true }, e));
                 }
                 let (notice, info) = noted(self);
-                let e = entry(Expect::Execute { portal: name(portal), info });
+                let e = entry(Expect::Execute { portal: name(portal), info, stmt: 0, sent: Instant::now() });
                 units.push((Up::Execute { portal: name(portal), max_rows, fail, notice }, e));
             }
             Op::CloseStatement(i) => {
@@ -363,12 +363,12 @@ impl Client {
             Op::Query { statements, fail_at, refused: r } => {
                 self.described.clear();
                 if r {
-                    let expect = Expect::Query { info: info(), sent: Instant::now() };
+                    let expect = Expect::Query { info: info(), sent: Instant::now(), stmt: 0 };
                     let (n, e) = refused(expect, self);
                     units.push((Up::QueryMarker(n), e));
                 } else {
                     let (notice, info) = noted(self);
-                    let expect = Expect::Query { info, sent: Instant::now() };
+                    let expect = Expect::Query { info, sent: Instant::now(), stmt: 0 };
                     units.push((Up::Query { statements, fail_at, notice }, entry(expect)));
                 }
             }
@@ -404,6 +404,8 @@ fn masked_identity() -> Identity {
         expires_at: None,
         masked: true,
         clear_kinds: vec![],
+        roles: vec![],
+        credential: serde_json::Value::Null,
     }
 }
 

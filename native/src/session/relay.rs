@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-use crate::bridge::{now_ts, RequestKind};
-use crate::cache::Action;
+use crate::bridge::RequestKind;
+use crate::cache::{Action, AuditFacts, Decision, Reuse};
 use crate::engine::{EngineCore, Settings};
 use crate::errors::{sqlstate, GateError};
 use crate::session::{Established, Identity};
@@ -51,6 +51,7 @@ pub struct SessionEnd {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub statements: u64,
+    /// Why it ended (see `end_reason`).
     pub reason: &'static str,
     /// The client side ended (or the gateway closed the session) while the server was still
     /// working for it: the statement must be cancelled upstream.
@@ -61,6 +62,8 @@ pub struct SessionEnd {
 struct Shared {
     /// A fatal error the client→upstream half hit; the other half writes it and ends the session.
     fatal: Option<Bytes>,
+    /// Why the session ends when `fatal` is set.
+    fatal_reason: &'static str,
     /// Entries published by the client half, in order, not yet taken by the upstream half.
     published: Vec<Entry>,
 }
@@ -86,7 +89,8 @@ struct Flow {
 struct Ctx {
     core: Arc<EngineCore>,
     settings: Arc<Settings>,
-    session_id: u64,
+    /// The session's UUID in every record about it.
+    session: Arc<str>,
     identity: Identity,
     /// Results are attributed to statements and their rows read whole: the identity sees some
     /// PHI masked, or the target has subject relations whose disclosures are recorded.
@@ -101,7 +105,11 @@ struct Ctx {
     kill: Notify,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Statement records written so far (the last one's `stmt`).
     statements: AtomicU64,
+    /// sync = "statement": the durability of the latest statement record, awaited before the
+    /// next bytes go upstream.
+    durable: parking_lot::Mutex<Option<crate::audit::Durable>>,
 }
 
 /// What the client half will send upstream next, and the entries recording it.
@@ -146,7 +154,50 @@ enum Verdict {
     Deny(GateError),
 }
 
-pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Established, session_id: u64) -> SessionEnd {
+/// A judged statement: the verdict and what its statement record says.
+struct Judged {
+    verdict: Verdict,
+    audit: StmtAudit,
+}
+
+/// What a statement record needs of a judgement; kept with a prepared statement so each of its
+/// executions is recorded with it.
+#[derive(Clone)]
+struct StmtAudit {
+    decision: Arc<Decision>,
+    cached: bool,
+    /// Keyed hashes of the statement's literals (JSON).
+    literals: Arc<[u8]>,
+}
+
+/// Session end reasons as the session_end record names them.
+pub mod end_reason {
+    /// The client sent Terminate.
+    pub const CLIENT_QUIT: &str = "client_quit";
+    /// The client's connection closed (or broke) without Terminate.
+    pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
+    /// The session's token expired and the identity source closes sessions on expiry.
+    pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// The gateway shut down and the drain grace period ended.
+    pub const DRAIN: &str = "drain";
+    /// The client broke the protocol.
+    pub const PROTOCOL_VIOLATION: &str = "protocol_violation";
+    /// The client exceeded a gateway limit that ends sessions.
+    pub const RESOURCE_LIMIT: &str = "resource_limit";
+    /// The upstream connection closed or failed.
+    pub const UPSTREAM_FAILURE: &str = "upstream_failure";
+    /// The upstream database sent something invalid.
+    pub const UPSTREAM_PROTOCOL_ERROR: &str = "upstream_protocol_error";
+    /// Layer 2 could not attribute or mask a result: closed so no unmasked row leaves.
+    pub const MASKING_FAILURE: &str = "masking_failure";
+    /// Another fatal gateway error.
+    pub const GATEWAY_ERROR: &str = "gateway_error";
+    /// sync = "statement" and a statement record could not be made durable: the statement
+    /// was not sent, and the session closed.
+    pub const AUDIT_FAILURE: &str = "audit_failure";
+}
+
+pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Established, session: Arc<str>) -> SessionEnd {
     let (cr, cw) = est.client.split();
     let mut up = est.upstream;
     let startup_parameters = std::mem::take(&mut up.parameter_status);
@@ -156,7 +207,7 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         tracked: est.identity.masked || accounted,
         core,
         settings,
-        session_id,
+        session,
         identity: est.identity,
         target_name: est.target_name,
         startup_parameters,
@@ -168,6 +219,7 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
         statements: AtomicU64::new(0),
+        durable: parking_lot::Mutex::new(None),
     };
     let reason = tokio::select! {
         r = client_to_upstream(&ctx, cr, uw, est.client_buf) => r,
@@ -181,19 +233,28 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
     // which PostgreSQL itself honours only after the running statement): nothing to cancel.
     let f = &ctx.flow;
     let busy = f.published.load(Ordering::Acquire) > f.released.load(Ordering::Acquire) || f.copy_in.load(Ordering::Acquire);
-    let cancel_upstream = busy && !matches!(reason, "upstream_closed" | "upstream_write_failed" | "upstream_protocol_error" | "client_terminated");
+    let cancel_upstream = busy && !matches!(reason, end_reason::UPSTREAM_FAILURE | end_reason::UPSTREAM_PROTOCOL_ERROR | end_reason::CLIENT_QUIT);
     SessionEnd { bytes_in: bi, bytes_out: bo, statements: ctx.statements.load(Ordering::Relaxed), reason, cancel_upstream }
 }
 
 impl Ctx {
     /// Hands a fatal error to the upstream→client half, which sends it and ends the session.
     async fn die(&self, err: GateError) -> &'static str {
-        let reason = if err.sqlstate == sqlstate::PROTOCOL_VIOLATION { "protocol_violation" } else { "credential_expired" };
+        let reason = match err.sqlstate {
+            sqlstate::PROTOCOL_VIOLATION => end_reason::PROTOCOL_VIOLATION,
+            sqlstate::INVALID_PASSWORD => end_reason::TOKEN_EXPIRED,
+            sqlstate::PROGRAM_LIMIT_EXCEEDED => end_reason::RESOURCE_LIMIT,
+            _ => end_reason::GATEWAY_ERROR,
+        };
         if err.sqlstate == sqlstate::PROTOCOL_VIOLATION {
             self.core.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
-            self.core.bridge.emit(&json!({"ts": now_ts(), "event": "protocol_violation", "session_id": self.session_id, "detail": err.message}));
+            self.core.bridge.emit(&json!({"ts": crate::events::now(), "event": "protocol_violation", "session": &*self.session, "detail": err.message}));
         }
-        self.shared.lock().fatal = Some(err.to_error_response());
+        {
+            let mut shared = self.shared.lock();
+            shared.fatal = Some(err.to_error_response());
+            shared.fatal_reason = reason;
+        }
         self.kill.notify_one();
         std::future::pending::<()>().await;
         reason
@@ -207,12 +268,20 @@ impl Ctx {
     /// Publishes the outbox's entries, then writes its bytes upstream (in that order: an answer
     /// can only be read after its entry is there).
     async fn flush(&self, ob: &mut Outbox, uw: &mut WritePart) -> Result<(), &'static str> {
+        let durable = self.durable.lock().take();
+        if let Some(durable) = durable {
+            // sync = "statement": a statement whose record could not be made durable never
+            // goes upstream; the session ends (new sessions are refused with 58030 meanwhile).
+            if !matches!(durable.await, Ok(Ok(()))) {
+                return Err(end_reason::AUDIT_FAILURE);
+            }
+        }
         if !ob.entries.is_empty() {
             self.shared.lock().published.append(&mut ob.entries);
             self.flow.published.store(ob.total, Ordering::Release);
         }
         if !ob.bytes.is_empty() {
-            uw.write_all(&ob.bytes).await.map_err(|_| "upstream_write_failed")?;
+            uw.write_all(&ob.bytes).await.map_err(|_| end_reason::UPSTREAM_FAILURE)?;
             ob.bytes.clear();
         }
         Ok(())
@@ -258,9 +327,30 @@ impl Ctx {
 
     /// A refusal: the marker statement text that stands in for it upstream, and what the
     /// client gets when the server answers the marker.
-    fn marker(&self, err: &GateError) -> (String, Refusal) {
+    fn marker(&self, err: &GateError, stmt: u64) -> (String, Refusal) {
         let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
-        (format!("{}{n}", self.marker_prefix), Refusal { marker: n, response: err.to_error_response() })
+        (format!("{}{n}", self.marker_prefix), Refusal { marker: n, response: err.to_error_response(), stmt })
+    }
+
+    /// Writes a statement record; returns its number in the session.
+    /// With `sync = "statement"` the record's durability is awaited before the next bytes go
+    /// upstream (`flush`): no statement reaches the database before its record is on disk.
+    fn record_statement(&self, audit: &StmtAudit, protocol: &str, parameters: Option<&[u8]>) -> u64 {
+        let stmt = self.statements.fetch_add(1, Ordering::Relaxed) + 1;
+        let durable = self.core.bridge.emit_statement(&crate::events::statement(&crate::events::StatementRecord {
+            session: &self.session,
+            stmt,
+            decision: &audit.decision,
+            cached: audit.cached,
+            protocol,
+            literals: &audit.literals,
+            parameters,
+        }));
+        if durable.is_some() {
+            // The writer fsyncs in order: the latest record durable means every earlier one is.
+            *self.durable.lock() = durable;
+        }
+        stmt
     }
 
     /// Whether an upstream ErrorResponse is the answer to marker `n` (and not some other error
@@ -273,14 +363,19 @@ impl Ctx {
         std::str::from_utf8(&digits).ok().and_then(|d| d.parse::<u64>().ok()) == Some(n)
     }
 
-    async fn decide(&self, sql: &[u8], name: Option<&[u8]>, protocol: &'static str, ob: &mut Outbox, uw: &mut WritePart) -> Result<Verdict, &'static str> {
-        self.statements.fetch_add(1, Ordering::Relaxed);
+    /// Judges a statement text: the cached decision, else the control plane's.
+    async fn decide(&self, sql: &[u8], name: Option<&[u8]>, protocol: &'static str, ob: &mut Outbox, uw: &mut WritePart) -> Result<Judged, &'static str> {
         self.core.counters.statements.fetch_add(1, Ordering::Relaxed);
+        let literals: Arc<[u8]> = Arc::from(self.settings.hash_key.literals_json(sql));
+        let refused = |rule: &str, err: GateError| Judged {
+            verdict: Verdict::Deny(err),
+            audit: StmtAudit { decision: gateway_refusal(rule), cached: false, literals: literals.clone() },
+        };
         if let Some(reason) = self.core.bridge.audit_failing() {
-            return Ok(Verdict::Deny(crate::errors::audit_refusal(&reason)));
+            return Ok(refused("gateway: audit trail cannot be written", crate::errors::audit_refusal(&reason)));
         }
         let Ok(text) = std::str::from_utf8(sql) else {
-            return Ok(Verdict::Deny(GateError::error(sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+            return Ok(refused("gateway: statement text is not UTF-8", GateError::error(sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
                 "statement text is not valid UTF-8").with_hint("Set client_encoding to UTF8.")));
         };
         let cache = &self.core.cache;
@@ -291,7 +386,7 @@ impl Ctx {
                 // Earlier pipelined messages go upstream now; the answer may take a while.
                 self.flush(ob, uw).await?;
                 let epoch = cache.epoch();
-                let payload = json!({"session_id": self.session_id, "identity_class": &*self.identity.class,
+                let payload = json!({"session": &*self.session, "identity_class": &*self.identity.class,
                     "subject": self.identity.subject, "sql": text,
                     "statement_name": name.map(|n| String::from_utf8_lossy(n).into_owned()), "protocol": protocol});
                 let timeout = self.settings.cfg.decision_timeout();
@@ -302,26 +397,17 @@ impl Ctx {
                             cache.insert(epoch, &self.identity.class, sql, norm, d.clone());
                             (d, false)
                         }
-                        None => return Ok(Verdict::Deny(GateError::error(sqlstate::SYSTEM_ERROR,
+                        None => return Ok(refused("gateway: invalid decision from the control plane", GateError::error(sqlstate::SYSTEM_ERROR,
                             "phigate's control plane gave an invalid decision; the statement was not run")
                             .with_hint("Tell the gateway operator; details are in the gateway log."))),
                     },
-                    Err(_) => return Ok(Verdict::Deny(GateError::error(sqlstate::SYSTEM_ERROR,
+                    Err(_) => return Ok(refused("gateway: control plane decision timeout", GateError::error(sqlstate::SYSTEM_ERROR,
                         format!("phigate's control plane did not decide within {} ms; the statement was not run", timeout.as_millis()))
                         .with_hint("Retry; if this persists, tell the gateway operator."))),
                 }
             }
         };
-        let allowed = decision.action == Action::Allow;
-        let durable = self.core.bridge.emit_statement(&crate::events::statement(self.session_id, allowed, cached, protocol, decision.normalized.as_deref()));
-        // sync = "statement": the record is on disk before the statement goes upstream.
-        if let Some(durable) = durable {
-            if let Err(reason) = durable.await.unwrap_or_else(|_| Err("closed".into())) {
-                let word = reason.split(':').next().unwrap_or("io_error").to_string();
-                return Ok(Verdict::Deny(crate::errors::audit_refusal(&word)));
-            }
-        }
-        Ok(match &decision.action {
+        let verdict = match &decision.action {
             Action::Allow => Verdict::Allow(decision.rewritten.clone(), StmtInfo {
                 protected: decision.protected,
                 rewritten: decision.rewritten.is_some(),
@@ -335,8 +421,20 @@ impl Ctx {
                 e.hint = hint.clone();
                 Verdict::Deny(e)
             }
-        })
+        };
+        Ok(Judged { verdict, audit: StmtAudit { decision, cached, literals } })
     }
+}
+
+/// The decision standing for a refusal the gateway made itself (no policy decision exists),
+/// with the rule that names why.
+fn gateway_refusal(rule: &str) -> Arc<Decision> {
+    let facts = AuditFacts { rule: serde_json::to_vec(rule).unwrap_or_default().into_boxed_slice(), ..AuditFacts::default() };
+    Arc::new(Decision {
+        action: Action::Deny { sqlstate: String::new(), message: String::new(), hint: None },
+        reuse: Reuse::None, normalized: None, rewritten: None, protected: false, origins: None,
+        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts),
+    })
 }
 
 /// Moves up to `remaining` bytes of a message being streamed from `buf` to `out`; false when

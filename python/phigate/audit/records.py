@@ -1,20 +1,42 @@
 """Record bodies the control plane appends to the audit trail: the `ts` format every record
-carries and the canonical JSON the trail holds (docs/audit.md)."""
+carries (RFC 3339 UTC with microseconds, a string: the trail's canonical JSON has no floats),
+durations as integer microseconds, file hashes, and the canonical JSON the trail holds
+(docs/audit.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["audit_section", "canonical", "now_ts", "read_records"]
+__all__ = [
+    "audit_section", "canonical", "duration_us", "file_sha256", "now_ts", "read_records", "ts",
+]
+
+
+def ts(unix_seconds: float) -> str:
+    """``unix_seconds`` as a record timestamp: "2026-12-06T15:35:34.123456Z"."""
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def now_ts() -> str:
     """The current time as a record's ``ts``: RFC 3339 UTC with microseconds, e.g.
     ``2026-12-06T15:35:34.123456Z``."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def duration_us(seconds: float) -> int:
+    return max(0, round(seconds * 1_000_000))
+
+
+def file_sha256(path: Path) -> str | None:
+    """Hex SHA-256 of a file's bytes; None when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def canonical(body: dict[str, Any]) -> bytes:

@@ -393,6 +393,7 @@ class Config:
                 "your groups map to roles that run as different database users ("
                 + ", ".join(f"{r.name}: {r.db_role or 'the gateway user'}" for r in roles)
                 + "); ask your gateway administrator to give these roles the same db_role",
+                "no_role",
             )
         return RoleSet(roles=roles, target=target, db_role=roles[0].db_role)
 

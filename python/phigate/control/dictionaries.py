@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from phigate.audit.records import now_ts
 from phigate.config import Config
 from phigate.errors import PhigateError
 from phigate.masking.classification import CatalogSnapshot
@@ -106,7 +106,7 @@ class DictionaryKeeper:
                 except PhigateError as exc:
                     log.warning("target %s: %s; the dictionary in force stays and the next "
                                 "refresh tries again", name, exc)  # fmt: skip
-                    self._emit({"ts": time.time(), "event": "dictionary", "target": name,
+                    self._emit({"ts": now_ts(), "event": "dictionary", "target": name,
                                 "mode": "refresh", "state": "failed"})  # fmt: skip
                     continue
                 if load is None or name not in self._signatures:
@@ -135,6 +135,6 @@ class DictionaryKeeper:
                  "%.1f MB", name, "loaded" if mode == "full" else "refreshed", load.columns,
                  load.values, entries, size / 1e6)  # fmt: skip
         self._emit({
-            "ts": time.time(), "event": "dictionary", "target": name, "mode": mode,
+            "ts": now_ts(), "event": "dictionary", "target": name, "mode": mode,
             "state": "loaded", "entries": entries, "bytes": size, **load.summary(),
         })  # fmt: skip

@@ -151,6 +151,7 @@ class ControlPlane:
                     "28P01",
                     "API keys are not enabled on this gateway: send an OIDC access token as the "
                     "password",
+                    "not_enabled",
                 )
             answer = _auth_ok(apikeys.verify(key), config, _target(req))
         except IdentityError as exc:
@@ -170,7 +171,15 @@ class ControlPlane:
         except IdentityError as exc:
             answer = _auth_refused(req, exc)
         except asyncio.CancelledError:
-            _reply(req, {"ok": False, "sqlstate": "28000", "message": "gateway is shutting down"})
+            _reply(
+                req,
+                {
+                    "ok": False,
+                    "sqlstate": "28000",
+                    "message": "gateway is shutting down",
+                    "reason": "shutting_down",
+                },
+            )
             raise
         except Exception:  # noqa: BLE001
             _log_internal("verifying identity", req)
@@ -198,12 +207,14 @@ def _auth_ok(
     db_role: str | None = None
     masked = False
     clear_kinds: list[str] = []
+    roles: list[str] = []
     roles_for = getattr(config, "roles_for", None)
     if roles_for is not None:
         roleset = roles_for(identity.groups, target=target)
         if roleset is None:
-            raise IdentityError("28000", _no_role_message(identity))
+            raise IdentityError("28000", _no_role_message(identity), "no_role")
         identity_class = roleset.identity_class
+        roles = list(getattr(roleset, "names", ()))  # stand-in configs in tests lack it
         db_role = roleset.db_role or None
         # Sees some classified PHI kind masked: the data plane scrubs errors and notices.
         phi = getattr(config, "phi", None)  # absent from the dispatch tests' stand-in configs
@@ -221,6 +232,9 @@ def _auth_ok(
         "close_on_expiry": close_on_expiry,
         "masked": masked,
         "clear_kinds": clear_kinds,
+        # For the session_start record: the roles it holds and what it presented.
+        "roles": roles,
+        "credential": identity.credential(),
     }
 
 
@@ -250,13 +264,22 @@ def _log_flush_failure(future: asyncio.Future[bool]) -> None:
 def _auth_refused(req: RequestLike, exc: IdentityError) -> dict[str, Any]:
     # The message is client-safe by construction (no token, no paths), so it may be logged too.
     log.info(
-        "session %s from %s refused (%s): %s",
-        req.payload.get("session_id"),
+        "session %s from %s refused (%s, %s): %s",
+        req.payload.get("session"),
         req.payload.get("peer"),
         exc.sqlstate,
+        exc.reason,
         exc.message,
     )
-    return {"ok": False, "sqlstate": exc.sqlstate, "message": exc.message}
+    answer: dict[str, Any] = {
+        "ok": False,
+        "sqlstate": exc.sqlstate,
+        "message": exc.message,
+        "reason": exc.reason,
+    }
+    if exc.credential is not None:
+        answer["credential"] = exc.credential
+    return answer
 
 
 def _decide(payload: dict[str, Any], policy: PolicyEngine | None) -> dict[str, Any]:
@@ -276,6 +299,7 @@ def _decide(payload: dict[str, Any], policy: PolicyEngine | None) -> dict[str, A
             "hint": None,
             "cache": "none",
             "normalized": None,
+            "audit": {"rule": "deny no-policy"},
         }
     return policy.decide(identity_class, sql)
 
@@ -288,12 +312,18 @@ def _deny_internal() -> dict[str, Any]:
         "hint": None,
         "cache": "none",
         "normalized": None,
+        "audit": {"rule": "deny internal error"},
     }
 
 
 def _internal_answer(req: RequestLike) -> dict[str, Any]:
     if getattr(req, "kind", None) == "authenticate":
-        return {"ok": False, "sqlstate": "28000", "message": AUTH_INTERNAL_ERROR}
+        return {
+            "ok": False,
+            "sqlstate": "28000",
+            "message": AUTH_INTERNAL_ERROR,
+            "reason": "internal_error",
+        }
     return _deny_internal()
 
 

@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 import uvloop
 
-from phigate.audit.records import canonical, now_ts
+from phigate import __version__
+from phigate.audit.config_diff import config_diff
+from phigate.audit.records import canonical, file_sha256, now_ts
 from phigate.config import Config, load_config
 from phigate.config.model import native_audit
 from phigate.control.allocator import tune_malloc
@@ -38,6 +40,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# How often the API key store is re-read for created, revoked and expired keys to record.
+APIKEY_POLL_INTERVAL = 1.0
+# Who asked for a reload, when the gateway cannot tell: SIGHUP reaches asyncio's signal
+# handler without the sender's siginfo (pid, uid), so the record says only "signal".
+_SIGNAL_SENDER: dict[str, Any] = {"via": "signal", "pid": None, "uid": None}
 # How often the data plane's counters (sessions, decision-cache hits/misses, timeouts, bytes)
 # are written to the audit trail as a `stats` record, for operators and monitoring.
 STATS_INTERVAL = 60.0
@@ -147,6 +154,8 @@ class Gateway:
         # upstream connection started with, so no reload may change it (even after removing
         # the target: its sessions may still be open).
         self._schemas = {name: t.schema for name, t in config.targets.items()}
+        # SHA-256 of the config file in force, for reload and start records.
+        self._config_sha256 = file_sha256(Path(config.source))
 
     @property
     def engine(self) -> EngineLike:
@@ -194,20 +203,29 @@ class Gateway:
             engine.audit_append(body)
         self._control.phi_in_text = getattr(engine, "text_has_phi", None)
         self._loop.add_reader(engine.wakeup_fd(), self._on_wakeup)
-        self._spawn(self._stats_periodically())
+        self._spawn(self._periodic_records())
         self._spawn(self._dictionaries.run(engine, lambda: self.config))
         self._on_wakeup()  # requests may have queued before the reader was registered
+        self.write_event({
+            "ts": now_ts(), "event": "gateway_start", "version": __version__,
+            "config": self.config.source, "config_sha256": self._config_sha256,
+            "listen": self.addresses, "pid": os.getpid(),
+        })  # fmt: skip
+        # The key store as it is now: later polls record what changes from here.
+        self._record_apikey_changes()
         log.info("phigate listening on %s", ", ".join(self.addresses))
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: stop accepting, let sessions finish for up to ``grace`` seconds, then close."""
+    async def stop(self, grace: float | None = None, reason: str = "shutdown") -> None:
+        """Drain: stop accepting, let sessions finish for up to ``grace`` seconds, then close.
+        ``reason`` is what the gateway_stop record says (e.g. "signal SIGTERM")."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
+        self._stop_reason = reason
         grace = self.config.server.drain_timeout if grace is None else grace
         try:
             if self._engine is not None:
@@ -222,6 +240,10 @@ class Gateway:
             self._loop.remove_reader(self._engine.wakeup_fd())
             self._on_wakeup()
             self.write_stats()  # the final counters, so a short run still reports them
+            self.write_event({
+                "ts": now_ts(), "event": "gateway_stop",
+                "reason": getattr(self, "_stop_reason", "shutdown"),
+            })  # fmt: skip
         if self._catalogs is not None:
             await self._catalogs.close()
         for task in self._tasks:
@@ -235,7 +257,7 @@ class Gateway:
         self._stopped.set()
         log.info("phigate stopped")
 
-    async def reload(self, new_config: Config) -> None:
+    async def reload(self, new_config: Config, sender: dict[str, Any] | None = None) -> None:
         """Apply a new config to new sessions; must run on the gateway's loop.
 
         The catalogs are read first, in a thread: the loop keeps serving with the old config
@@ -251,12 +273,24 @@ class Gateway:
             if self._stopping:
                 log.info("not reloading: the gateway is stopping")
                 return
-            self._apply_reload(new_config, results)
+            self._apply_reload(new_config, results, sender)
+
+    def reload_failed(self, error: str, sender: dict[str, Any] | None = None) -> None:
+        """Record a reload that was refused (the previous config stays in force)."""
+        self.write_event({
+            "ts": now_ts(), "event": "reload", "outcome": "failed", "error": error,
+            "sender": sender or _SIGNAL_SENDER, "old_sha256": self._config_sha256,
+            "new_sha256": file_sha256(Path(self.config.source)),
+        })  # fmt: skip
 
     def _apply_reload(
-        self, new_config: Config, results: dict[str, CatalogSnapshot | Exception]
+        self,
+        new_config: Config,
+        results: dict[str, CatalogSnapshot | Exception],
+        sender: dict[str, Any] | None = None,
     ) -> None:
         old = self.config
+        old_sha256 = self._config_sha256
         if new_config.server.listen != old.server.listen:
             log.warning("listen addresses change only on restart; keeping %s", old.server.listen)
         _check_schemas(self._schemas, new_config)
@@ -276,10 +310,13 @@ class Gateway:
         self.control.config = new_config
         self._spawn(verifier.prime())  # also re-reads a rotated JWKS even if config is unchanged
         self.config = new_config
+        self._config_sha256 = file_sha256(Path(new_config.source))
         problems = keeper.describe()
         reload: dict[str, Any] = {
-            "event": "reload", "source": new_config.source, "epoch": epoch,
-            "catalogs": keeper.states(),
+            "ts": now_ts(), "event": "reload", "outcome": "applied", "source": new_config.source,
+            "epoch": epoch, "catalogs": keeper.states(), "sender": sender or _SIGNAL_SENDER,
+            "old_sha256": old_sha256, "new_sha256": self._config_sha256,
+            **config_diff(old, new_config),
         }  # fmt: skip
         if audit_changed:
             reload["audit_restart_needed"] = True
@@ -340,10 +377,28 @@ class Gateway:
             return
         self.control.dispatch(requests)
 
-    async def _stats_periodically(self) -> None:
+    async def _periodic_records(self) -> None:
+        """API key changes about every second, the data plane's counters every minute."""
+        next_stats = time.monotonic() + STATS_INTERVAL
         while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            self.write_stats()
+            await asyncio.sleep(APIKEY_POLL_INTERVAL)
+            self._record_apikey_changes()
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_INTERVAL
+                self.write_stats()
+
+    def _record_apikey_changes(self) -> None:
+        """Records of API keys created, revoked, removed or expired in the store."""
+        apikeys = self._control.apikeys if self._control is not None else None
+        if apikeys is None:
+            return
+        try:
+            changes = apikeys.changes()
+        except Exception:  # noqa: BLE001 - records must never take the gateway down
+            log.exception("reading API key changes failed")
+            return
+        for change in changes:
+            self.write_event({"ts": now_ts(), **change})
 
     def write_stats(self) -> None:
         """Append the data plane's counters to the audit trail as one `stats` record."""
@@ -354,7 +409,7 @@ class Gateway:
         except Exception:  # noqa: BLE001 - statistics must never take the gateway down
             log.exception("engine.stats failed")
             return
-        line: dict[str, Any] = {"event": "stats", **counters}
+        line: dict[str, Any] = {"ts": now_ts(), "event": "stats", **counters}
         if self._catalogs is not None and self._catalogs.states():
             line["catalogs"] = self._catalogs.summary()
         self.write_event(line)
@@ -391,7 +446,7 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
         grace = gateway.config.server.drain_timeout
         log.info("%s: draining connections for up to %gs", signame, grace)
         sd_notify("STOPPING=1")
-        task = loop.create_task(gateway.stop(grace))
+        task = loop.create_task(gateway.stop(grace, reason=f"signal {signame}"))
         pending.add(task)
         task.add_done_callback(pending.discard)
 
@@ -400,6 +455,7 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
             await gateway.reload(load_config(path))
         except (PhigateError, ValueError, OSError) as exc:
             log.error("reload failed, keeping the previous config: %s", exc)
+            gateway.reload_failed(str(exc))
         sd_notify("READY=1")
 
     def on_hup() -> None:

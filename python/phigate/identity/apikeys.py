@@ -413,7 +413,41 @@ class ApiKeyVerifier:
         self._flushing = False
         self._next_flush_at = -float("inf")
         self._warned_mode = False
+        # What the audit records last said of each key: (revoked, expired); None until the
+        # first look (keys already there at start are not news).
+        self._seen: dict[str, tuple[bool, bool]] | None = None
         self.reload(force=True)
+
+    def changes(self) -> list[dict[str, Any]]:
+        """Audit records of what changed in the store since the last call (it is re-read at
+        most once per reload interval): keys created, revoked, removed or past their expiry.
+        Ids and names only, never secrets."""
+        self._maybe_reload()
+        now = self._clock()
+        with self._lock:
+            keys = dict(self._keys)
+        seen = self._seen
+        self._seen = {k.id: (k.revoked, now >= k.expires) for k in keys.values()}
+        if seen is None:
+            return []
+        out: list[dict[str, Any]] = []
+
+        def record(action: str, key_id: str, name: str | None) -> None:
+            out.append({"event": "apikey", "action": action, "key_id": key_id, "name": name})
+
+        for k in keys.values():
+            revoked, expired = self._seen[k.id]
+            before = seen.get(k.id)
+            if before is None:
+                record("created", k.id, k.name)
+                before = (False, False)
+            if revoked and not before[0]:
+                record("revoked", k.id, k.name)
+            if expired and not before[1] and not revoked:
+                record("expired", k.id, k.name)
+        for key_id in sorted(seen.keys() - keys.keys()):
+            record("removed", key_id, None)
+        return out
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -470,13 +504,20 @@ class ApiKeyVerifier:
         m = _KEY_RE.fullmatch(password)
         if m is None:
             raise IdentityError(
-                "28P01", "malformed API key: expected phk_<12 hex digits>_<52 base32 characters>"
+                "28P01",
+                "malformed API key: expected phk_<12 hex digits>_<52 base32 characters>",
+                "malformed",
             )
         key_id, secret = m.group(1), m.group(2)
+        # The id is the public half of the key: the audit record may name it.
+        presented: dict[str, str | None] = {"kind": "api_key", "key_id": key_id}
         self._maybe_reload()
         if self._broken is not None:
             raise IdentityError(
-                "28000", "the gateway cannot read its API key store; tell the gateway operator"
+                "28000",
+                "the gateway cannot read its API key store; tell the gateway operator",
+                "internal_error",
+                presented,
             )
         key = self._keys.get(key_id)
         # Unknown ids cost the same MAC + comparison as known ones, so timing does not tell
@@ -485,7 +526,10 @@ class ApiKeyVerifier:
         ok = hmac.compare_digest(hash_secret(salt, key_id, secret), digest)
         if key is None or not ok:
             raise IdentityError(
-                "28P01", "API key is not recognized (unknown key, or its secret is wrong)"
+                "28P01",
+                "API key is not recognized (unknown key, or its secret is wrong)",
+                "unknown_key" if key is None else "bad_signature",
+                presented,
             )
         # Only a caller holding the real secret learns a key's state.
         now = self._clock()
@@ -494,17 +538,26 @@ class ApiKeyVerifier:
                 "28P01",
                 f'API key {key.id} ("{key.name}") has been revoked; ask your gateway '
                 "administrator for a new key",
+                "revoked_key",
+                {**presented, "name": key.name},
             )
         if now >= key.expires:
             raise IdentityError(
                 "28P01",
                 f'API key {key.id} ("{key.name}") expired {_duration(now - key.expires)} ago; '
                 "ask your gateway administrator for a new key",
+                "expired",
+                {**presented, "name": key.name},
             )
         with self._lock:
             self._used[key.id] = int(now)
         return Identity(
-            subject=key.name, groups=key.groups, expires_at=float(key.expires), source="apikey"
+            subject=key.name,
+            groups=key.groups,
+            expires_at=float(key.expires),
+            source="apikey",
+            key_id=key.id,
+            key_name=key.name,
         )
 
     # -- recording last use -------------------------------------------------------------------

@@ -43,6 +43,18 @@ class Identity:
     groups: tuple[str, ...]
     expires_at: float | None  # unix seconds after which the credential is refused (None: never)
     source: str = "oidc"  # "oidc" or "apikey"
+    # What the audit record names of the credential: a token's jti and issuer, an API key's id
+    # and name (never the token or key).
+    jti: str | None = None
+    issuer: str | None = None
+    key_id: str | None = None
+    key_name: str | None = None
+
+    def credential(self) -> dict[str, str | None]:
+        """The credential as the session_start record names it."""
+        if self.source == "apikey":
+            return {"kind": "api_key", "key_id": self.key_id, "name": self.key_name}
+        return {"kind": "token", "jti": self.jti, "iss": self.issuer}
 
     @property
     def identity_class(self) -> str:
@@ -173,7 +185,9 @@ class OidcVerifier:
             await self.jwks.refresh()
         if not self.jwks.loaded:
             raise IdentityError(
-                "28000", "the gateway cannot load the identity provider's signing keys; try later"
+                "28000",
+                "the gateway cannot load the identity provider's signing keys; try later",
+                "jwks_unavailable",
             )
         keys = self.jwks.candidates(kid, alg)
         if not keys:
@@ -186,7 +200,9 @@ class OidcVerifier:
         """Structural checks and the algorithm allow-list, before any key is looked at."""
         if not token:
             raise IdentityError(
-                "28000", "no token presented: send an OIDC access token as the password"
+                "28000",
+                "no token presented: send an OIDC access token as the password",
+                "malformed",
             )
         if len(token) > _MAX_TOKEN_BYTES or token.count(".") != 2:
             raise _malformed()
@@ -202,7 +218,9 @@ class OidcVerifier:
             shown = f" {alg!r}" if _SAFE_ALG.fullmatch(alg) else ""
             allowed = ", ".join(self.config.algorithms)
             raise IdentityError(
-                "28P01", f"token algorithm{shown} is not allowed (allowed: {allowed})"
+                "28P01",
+                f"token algorithm{shown} is not allowed (allowed: {allowed})",
+                "unsupported_algorithm",
             )
         return kid, alg
 
@@ -222,7 +240,7 @@ class OidcVerifier:
                 raise _malformed() from None
             break
         if claims is None:
-            raise IdentityError("28P01", "token signature is invalid")
+            raise IdentityError("28P01", "token signature is invalid", "bad_signature")
         if not isinstance(claims, dict):
             raise _malformed()
         return self._claims(claims)
@@ -231,37 +249,50 @@ class OidcVerifier:
         oidc, now, leeway = self.config, self._clock(), self.config.leeway
         if claims.get("iss") != oidc.issuer:
             raise IdentityError(
-                "28P01", f"token issuer is wrong: this gateway accepts tokens from {oidc.issuer}"
+                "28P01",
+                f"token issuer is wrong: this gateway accepts tokens from {oidc.issuer}",
+                "wrong_issuer",
             )
         aud = claims.get("aud")
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if oidc.audience not in auds:
             raise IdentityError(
-                "28P01", f"token audience is wrong: it must include {oidc.audience!r}"
+                "28P01",
+                f"token audience is wrong: it must include {oidc.audience!r}",
+                "wrong_audience",
             )
         exp = _number(claims, "exp", required=True)
         if exp is not None and now > exp + leeway:
-            raise IdentityError("28P01", f"token expired {_duration(now - exp)} ago")
+            raise IdentityError("28P01", f"token expired {_duration(now - exp)} ago", "expired")
         nbf = _number(claims, "nbf", required=False)
         if nbf is not None and now + leeway < nbf:
             raise IdentityError(
                 "28P01",
                 f"token is not valid yet (valid in {_duration(nbf - now)}); check the clocks",
+                "not_yet_valid",
             )
         iat = _number(claims, "iat", required=False)
         if iat is not None and now + leeway < iat:
             raise IdentityError(
                 "28P01",
                 f"token was issued {_duration(iat - now)} in the future; check the clocks",
+                "not_yet_valid",
             )
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 255:
-            raise IdentityError("28000", "token has no usable subject (sub claim)")
+            raise IdentityError("28000", "token has no usable subject (sub claim)", "missing_claim")
         # The moment this gateway stops accepting the token: exp plus the clock-skew leeway, so
         # a session is never closed for expiry while a new login with the same token would
         # still succeed (a token accepted within the leeway must survive its first statement).
         expires_at = exp + leeway if exp is not None else None
-        return Identity(subject=sub, groups=self._groups(claims), expires_at=expires_at)
+        jti = claims.get("jti")
+        return Identity(
+            subject=sub,
+            groups=self._groups(claims),
+            expires_at=expires_at,
+            jti=jti if isinstance(jti, str) and len(jti) <= 255 else None,
+            issuer=oidc.issuer,
+        )
 
     def _groups(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
         name = self.config.groups_claim
@@ -278,7 +309,9 @@ class OidcVerifier:
             return (value,)
         if isinstance(value, list) and all(isinstance(g, str) for g in value):
             return tuple(value)
-        raise IdentityError("28000", f"token claim {name!r} must be a list of group names")
+        raise IdentityError(
+            "28000", f"token claim {name!r} must be a list of group names", "malformed"
+        )
 
 
 class NoOidcVerifier:
@@ -296,7 +329,9 @@ class NoOidcVerifier:
 
 def _no_oidc() -> IdentityError:
     return IdentityError(
-        "28P01", "this gateway accepts API keys only: send your phk_... key as the password"
+        "28P01",
+        "this gateway accepts API keys only: send your phk_... key as the password",
+        "not_enabled",
     )
 
 
@@ -304,10 +339,12 @@ def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | 
     value = claims.get(name)
     if value is None:
         if required:
-            raise IdentityError("28P01", f"token has no {name} claim; tokens must expire")
+            raise IdentityError(
+                "28P01", f"token has no {name} claim; tokens must expire", "missing_claim"
+            )
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise IdentityError("28P01", f"token claim {name} is not a number")
+        raise IdentityError("28P01", f"token claim {name} is not a number", "malformed")
     return float(value)
 
 
@@ -323,12 +360,16 @@ def _duration(seconds: float) -> str:
 
 
 def _malformed() -> IdentityError:
-    return IdentityError("28P01", "malformed token: the password must be a JWT access token")
+    return IdentityError(
+        "28P01", "malformed token: the password must be a JWT access token", "malformed"
+    )
 
 
 def _unknown_key() -> IdentityError:
     return IdentityError(
-        "28P01", "token is signed with a key the identity provider does not publish (unknown kid)"
+        "28P01",
+        "token is signed with a key the identity provider does not publish (unknown kid)",
+        "unknown_key",
     )
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from phigate.audit.records import now_ts, ts
 from phigate.config import Config
 from phigate.errors import ConfigError, PhigateError
 from phigate.masking.classification import CatalogError, CatalogSnapshot, load_catalog
@@ -146,10 +147,11 @@ class CatalogKeeper:
         for name, t in self._targets.items():
             item: dict[str, Any] = {
                 "state": t.state,
-                "loaded_at": t.snapshot.loaded_at if t.snapshot is not None else None,
+                "loaded_at": ts(t.snapshot.loaded_at) if t.snapshot is not None else None,
             }
             if t.state != LOADED:
-                item.update(failures=t.failures, since=t.since, retry_at=t.retry_at,
+                item.update(failures=t.failures, since=ts(t.since) if t.since else None,
+                            retry_at=ts(t.retry_at) if t.retry_at else None,
                             error=t.error)  # fmt: skip
             out[name] = item
         return out
@@ -167,6 +169,10 @@ class CatalogKeeper:
                 log.info("PHI catalog of target %s: %d protected relations", name,
                          len(result.protected_relations()))  # fmt: skip
                 self._loaded(config, name, result)
+                self._emit({
+                    "ts": now_ts(), "event": "catalog", "target": name, "state": LOADED,
+                    "outcome": "loaded", "relations": len(result.protected_relations()),
+                })  # fmt: skip
             else:
                 self._targets[name] = self._fallback(config, name, result)
                 self._failed(config, name)
@@ -215,9 +221,9 @@ class CatalogKeeper:
         log.log(level, "PHI catalog of target %s could not be read (attempt %d): %s; %s; "
                 "retrying in %.1fs", name, t.failures, t.error, effect, delay)  # fmt: skip
         self._emit({
-            "ts": now, "event": "catalog", "target": name, "state": t.state,
-            "previous_in_force": t.snapshot is not None, "attempt": t.failures,
-            "retry_in_s": round(delay, 3), "error": t.error,
+            "ts": ts(now), "event": "catalog", "target": name, "state": t.state,
+            "outcome": "failed", "previous_in_force": t.snapshot is not None,
+            "attempt": t.failures, "retry_in_ms": round(delay * 1000), "error": t.error,
         })  # fmt: skip
         self._retries[name] = asyncio.get_running_loop().create_task(
             self._retry(config, name, delay), name=f"phigate-catalog-{name}"
@@ -249,8 +255,8 @@ class CatalogKeeper:
                     "" if t.failures == 1 else "s", t.state, took,
                     len(snapshot.protected_relations()))  # fmt: skip
         self._emit({
-            "ts": time.time(), "event": "catalog", "target": name, "state": LOADED,
-            "previous_state": t.state, "failed_attempts": t.failures,
+            "ts": now_ts(), "event": "catalog", "target": name, "state": LOADED,
+            "outcome": "loaded", "previous_state": t.state, "failed_attempts": t.failures,
             "relations": len(snapshot.protected_relations()),
         })  # fmt: skip
         self._loaded(config, name, snapshot)

@@ -71,7 +71,8 @@ class IdentifierLoad:
 
     def summary(self) -> dict[str, Any]:
         """What events and logs say about the read (counts only, never a value)."""
-        return {"columns": self.columns, "values": self.values, "seconds": round(self.seconds, 3)}
+        return {"columns": self.columns, "values": self.values,
+                "duration_us": round(self.seconds * 1_000_000)}  # fmt: skip
 
 
 def new_builder(config: Config) -> BuilderLike:

@@ -27,6 +27,7 @@ from phigate.masking.free_text_uses import free_text_use, refusal
 from phigate.masking.passthrough import copy_columns, passthrough_oids
 from phigate.masking.rewrite import MaskSQL, mask_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
+from phigate.policy.audit_facts import audit_facts
 from phigate.policy.notices import MaskingNotices
 from phigate.policy.rules import Decision, decide
 from phigate.policy.show_masking import is_show_masking, masking_rows, show_answer
@@ -132,14 +133,24 @@ class PolicyEngine:
             names = frozenset(n for n in names if not check(n))
         normalized: str | None = redact_sql(sql, names)
         masked = roleset is not None and self.config.phi.masked_kinds(roleset.clear_kinds)
-        if decision.action == "allow" and roleset is not None:
-            if any(is_show_masking(f) for f in facts):
-                return self._show_masking(facts, roleset, normalized, bool(masked))
-            if masked:
-                return _with_subjects(
-                    self._masked(sql, facts, roleset, normalized, cache, schema), facts,
-                    self.config.phi.subjects)  # fmt: skip
-        return _with_subjects(answer(decision, cache, normalized), facts, self.config.phi.subjects)
+        if decision.action == "allow" and roleset is not None and any(
+            is_show_masking(f) for f in facts
+        ):
+            result = self._show_masking(facts, roleset, normalized, bool(masked))
+        elif decision.action == "allow" and roleset is not None and masked:
+            result = self._masked(sql, facts, roleset, normalized, cache, schema)
+        else:
+            result = answer(decision, cache, normalized)
+        result = _with_subjects(result, facts, self.config.phi.subjects)
+        # What the statement record says of it (the data plane caches it with the decision).
+        catalog = self.catalogs.get(roleset.target or "") if roleset is not None else None
+        clear = roleset.clear_kinds if roleset is not None else frozenset[str]()
+        result["audit"] = audit_facts(
+            facts, decision, result, roleset, catalog, clear, names, self.phi_in_text,
+            masking_catalog=catalog if masked else None,
+        )  # fmt: skip
+        result.pop("audit_rule", None)
+        return result
 
     def _show_masking(
         self, facts: list[Facts], roleset: RoleSet, normalized: str | None, masked: bool
@@ -149,7 +160,7 @@ class PolicyEngine:
             return {
                 "action": "deny", "sqlstate": "0A000", "cache": "exact", "normalized": normalized,
                 "message": "SHOW phigate.masking must be sent as a statement of its own "
-                "(rule: masking)",
+                "(rule: masking)", "audit_rule": "masking show alone",
                 "hint": "Send SHOW phigate.masking alone, then the other statements.",
             }
         if not masked:
@@ -165,7 +176,7 @@ class PolicyEngine:
         return {
             "action": "deny", "sqlstate": "58000", "cache": "none", "normalized": normalized,
             "message": f"{why}, so statements of identities that see PHI masked are refused "
-            "(rule: masking)",
+            "(rule: masking)", "audit_rule": "masking no catalog",
             "hint": "The gateway retries reading it in the background: try again shortly. "
             "The gateway operator can see why in the gateway log.",
         }
@@ -190,7 +201,7 @@ class PolicyEngine:
             return {
                 "action": "deny", "sqlstate": "42501", "cache": cache, "normalized": normalized,
                 "message": "creating, changing or dropping database objects is refused for "
-                "identities that see PHI masked (rule: masking)",
+                "identities that see PHI masked (rule: masking)", "audit_rule": "masking ddl",
                 "hint": "Use a role that sees the data it works on in clear, or ask the "
                 "database owner to create the object.",
             }
@@ -199,7 +210,7 @@ class PolicyEngine:
             return {
                 "action": "deny", "sqlstate": "42501", "cache": "exact", "normalized": normalized,
                 "message": f"writing {written} is refused for identities that see it masked "
-                "(rule: masking)",
+                "(rule: masking)", "audit_rule": "masking write",
                 "hint": "Whether a write succeeds (a unique key, a constraint) would reveal values "
                 "you may not read; ask for the clear kind if you need to write it.",
             }
@@ -214,7 +225,8 @@ class PolicyEngine:
                 # Exact: ORDER BY 1 (allowed) and ORDER BY 2 (refused) normalize alike.
                 message, hint = refusal(use, roleset.names)
                 return {"action": "deny", "sqlstate": "42501", "cache": "exact",
-                        "normalized": normalized, "message": message, "hint": hint}
+                        "normalized": normalized, "message": message, "hint": hint,
+                        "audit_rule": "free_text use"}
         # 01M02: a masked column compared with a constant no masked value can meet. The notice
         # depends on the constant, so a decision carrying one is reused for this text only.
         # A role with masking_notices = "off" has clients that want no notices at all.
@@ -246,6 +258,7 @@ class PolicyEngine:
             return {
                 "action": "deny", "sqlstate": result.sqlstate, "cache": "exact",
                 "normalized": normalized, "message": f"{result.refuse} (rule: masking)",
+                "audit_rule": "masking rewrite refused",
                 "hint": result.hint
                 or "Masked PHI cannot be read this way; ask for the clear kinds you need.",
             }
@@ -349,6 +362,7 @@ def _target_gone(target: str | None) -> dict[str, Any]:
         "message": f"database {json.dumps(target)} is no longer a target configured on this "
         "gateway",
         "hint": "Reconnect with a target name your gateway administrator gave you.",
+        "audit": {"rule": "deny target removed"},
     }
 
 

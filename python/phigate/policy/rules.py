@@ -40,7 +40,9 @@ __all__ = [
     "SAFE_CATALOG_RELATIONS",
     "SETTABLE",
     "Decision",
+    "allow_rule",
     "decide",
+    "deny_rule",
 ]
 
 Action = Literal["allow", "deny", "approval"]
@@ -53,6 +55,8 @@ class Decision:
     message: str | None = None
     hint: str | None = None
     rule: str | None = None
+    #: What the audit record names as the rule when more precise than ``rule``.
+    audit_rule: str | None = None
 
 
 ALLOW = Decision("allow")
@@ -174,6 +178,12 @@ def _deny(rule: str, message: str, hint: str | None = None, sqlstate: str = "425
     return Decision("deny", sqlstate, f"{message} (rule: {rule})", hint, rule)
 
 
+def _never_relation(text: str, message: str) -> Decision:
+    # A fixed list of catalog relations: the audit record may name the one refused.
+    d = _deny("catalog", message)
+    return Decision(d.action, d.sqlstate, d.message, d.hint, d.rule, f"never relation {text}")
+
+
 def _reserved(what: str) -> Decision:
     # Whatever the role: the schema holds the pseudonym key (readable by its owner only) and
     # the functions the masking rewrite calls; an agent calling them directly would have an
@@ -283,8 +293,9 @@ class _Judge:
         if schema == RESERVED_SCHEMA:
             return _reserved(f"relation {text}")
         if name in NEVER_RELATION_NAMES:
-            return _deny(
-                "catalog",
+            # Outside the catalog schemas, the schema is one the client typed: name only.
+            return _never_relation(
+                text if schema in _CATALOG_SCHEMAS else _q(name),
                 f"{text} is never readable through the gateway (it holds other sessions' "
                 "statements)",
             )
@@ -292,8 +303,8 @@ class _Judge:
             if op not in ("select", "copy_to"):
                 return _deny("catalog", f"{_OP_TEXT[op]} on {text} is never allowed")
             if rel in NEVER_RELATIONS:
-                return _deny(
-                    "catalog",
+                return _never_relation(
+                    text,
                     f"{text} is never readable through the gateway (it holds statements, "
                     "sampled values or credentials)",
                 )
@@ -581,3 +592,65 @@ class _Judge:
                 "qualify the column with its table name or alias",
             )
         return ALLOW
+
+
+def allow_rule(facts_list: list[Facts], roleset: RoleSet, target: str | None = None) -> str:
+    """The rule that allowed a message, as its audit record names it: the role (or roles)
+    whose grants let each access through, e.g. "role:analyst allow select", or "builtin allow
+    transaction" for statements every role may run (SELECT 1, SET, BEGIN). The first granting
+    role is named, the one the judge's decision rests on."""
+    judge = _judge(roleset, target)
+    grants: dict[str, set[str]] = {}
+    builtin: set[str] = set()
+
+    def grant(cls: str, role: RoleConfig | None) -> None:
+        if role is None:
+            builtin.add(cls)
+        else:
+            grants.setdefault(role.name, set()).add(cls)
+
+    for f in facts_list:
+        for kind in {f.kind, f.inner_kind} - {None}:
+            assert kind is not None
+            cls = "ddl" if kind == "ddl" else _CLASS_OF_KIND.get(kind)
+            if cls is not None:
+                granting = (r for r in judge.roles if cls in r.allow or cls in r.operations)
+                grant(cls, next(granting, None))
+        for schema, name, op in f.relations:
+            if schema in _CATALOG_SCHEMAS:
+                covering = next((r for r in judge.roles if r.covers(schema, name)), None)
+                if covering is None and (schema, name) in SAFE_CATALOG_RELATIONS:
+                    builtin.add("catalog read")
+                else:
+                    grant("catalog", covering or next(
+                        (r for r in judge.roles if "catalog" in r.allow), None))
+                continue
+            role = next(
+                (r for r in judge.roles if r.covers(schema, name) and op in r.operations), None
+            )
+            grant(op, role)
+        for _, name, resolved in f.functions:
+            if resolved != "pg_catalog" and resolved != RESERVED_SCHEMA:
+                role = next((r for r in judge.roles if (resolved, name) in r.functions), None)
+                grant("function", role)
+    parts = [f"role:{name} allow {' '.join(sorted(ops))}" for name, ops in sorted(grants.items())]
+    if builtin or not parts:
+        kinds = sorted({f.kind for f in facts_list} | builtin) if not parts else sorted(builtin)
+        parts.append("builtin allow " + " ".join(kinds))
+    return "; ".join(parts)
+
+
+def deny_rule(decision: Decision) -> str:
+    """The rule that refused a message, as its audit record names it: "default deny
+    relation" when no role grants the access, "never ..." for what no role can be granted."""
+    if decision.audit_rule is not None:
+        return decision.audit_rule
+    rule = decision.rule or "policy"
+    message = decision.message or ""
+    if rule in ("relation", "operation", "column", "function", "catalog", "setting") and (
+        "never" not in message
+    ):
+        return f"default deny {rule}"
+    if "never" in message:
+        return f"never {rule}"
+    return f"deny {rule}"

@@ -14,6 +14,27 @@ pub struct Parse<'a> {
 pub struct Bind<'a> {
     pub portal: &'a [u8],
     pub statement: &'a [u8],
+    /// The parameter values (each a 4-byte length, -1 for NULL, then the bytes), validated.
+    values: &'a [u8],
+    params: usize,
+}
+
+impl<'a> Bind<'a> {
+    /// Each parameter's value as sent (None: SQL NULL).
+    pub fn values(&self) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+        let (mut rest, n) = (self.values, self.params);
+        (0..n).map(move |_| {
+            // Lengths were checked by `bind`.
+            let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            rest = &rest[4..];
+            if len < 0 {
+                return None;
+            }
+            let (v, tail) = rest.split_at(len as usize);
+            rest = tail;
+            Some(v)
+        })
+    }
 }
 
 /// The body must end exactly at `pos`.
@@ -52,6 +73,7 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, &'static str> {
     if formats > 1 && formats != params {
         return Err("parameter format count matches neither 0, 1 nor the parameter count");
     }
+    let values_at = pos;
     for _ in 0..params {
         match read_i32(body, &mut pos) {
             Some(-1) => {}
@@ -63,7 +85,7 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, &'static str> {
     }
     let results = count(body, &mut pos, "invalid result format count")?;
     end(body, pos + 2 * results, "result format list does not match its count")?;
-    Ok(Bind { portal, statement })
+    Ok(Bind { portal, statement, values: &body[values_at..], params })
 }
 
 /// Describe and Close: the kind ('S' statement, 'P' portal) and the name.
@@ -123,6 +145,7 @@ mod tests {
         let ok = bind_body(&[1], &[Some(b"42"), None], &[0, 1]);
         let b = bind(&ok).unwrap();
         assert_eq!((b.portal, b.statement), (&b"p"[..], &b"s"[..]));
+        assert_eq!(b.values().collect::<Vec<_>>(), vec![Some(&b"42"[..]), None]);
         let mut junk = ok.clone();
         junk.push(0);
         assert!(bind(&junk).is_err(), "trailing byte");

@@ -24,12 +24,20 @@ struct Prepared {
     /// The text actually prepared upstream, if the gateway rewrote it.
     rewritten: Option<Bytes>,
     info: StmtInfo,
+    /// How it was judged, for the record of each execution.
+    audit: StmtAudit,
+}
+
+/// A bound portal: its prepared statement and the keyed hashes of its parameters (JSON).
+struct Portal {
+    statement: Vec<u8>,
+    parameters: Box<[u8]>,
 }
 
 #[derive(Default)]
 struct Extended {
     statements: HashMap<Vec<u8>, Prepared>,
-    portals: HashMap<Vec<u8>, Vec<u8>>,
+    portals: HashMap<Vec<u8>, Portal>,
     /// Masked sessions: portals described since their Bind in the current cycle (their rows'
     /// RowDescription reaches layer 2). Per cycle because a Describe skipped after an error
     /// never answers: the skip ends at Sync, and an Execute after it describes again.
@@ -53,7 +61,7 @@ impl Extended {
     /// What layer 2 needs to know of the statement behind a portal (unknown: a SQL-level cursor,
     /// whose DECLARE was judged and rewritten).
     fn portal_info(&self, portal: &[u8]) -> StmtInfo {
-        self.portals.get(portal).and_then(|s| self.statements.get(s)).map(|p| p.info.clone()).unwrap_or_default()
+        self.portals.get(portal).and_then(|p| self.statements.get(&p.statement)).map(|p| p.info.clone()).unwrap_or_default()
     }
 
     /// What an unmasked session's Execute carries: only the notices of the portal's statement.
@@ -61,7 +69,7 @@ impl Extended {
         if !self.any_notices {
             return StmtInfo::default();
         }
-        let notices = self.portals.get(portal).and_then(|s| self.statements.get(s)).and_then(|p| p.info.notices.clone());
+        let notices = self.portals.get(portal).and_then(|p| self.statements.get(&p.statement)).and_then(|p| p.info.notices.clone());
         StmtInfo { notices, ..StmtInfo::default() }
     }
 
@@ -90,9 +98,15 @@ fn rules_changed() -> GateError {
         .with_hint("Prepare the statement again.")
 }
 
+/// A refusal the gateway makes itself, with what its statement record says.
+fn gateway_refused(rule: &str) -> StmtAudit {
+    StmtAudit { decision: super::gateway_refusal(rule), cached: false, literals: Arc::from(&b"null"[..]) }
+}
+
 /// Judges a prepared statement again after a reload (at its next Bind or Execute): the refusal,
-/// if any. The statement keeps running only if its rewrite is unchanged (the text prepared
-/// upstream is the old rewrite); its layer-2 facts and epoch are brought up to date.
+/// if any, with what its statement record says. The statement keeps running only if its
+/// rewrite is unchanged (the text prepared upstream is the old rewrite); its layer-2 facts,
+/// judgement and epoch are brought up to date.
 async fn rejudge(
     ctx: &Ctx,
     ext: &mut Extended,
@@ -100,19 +114,21 @@ async fn rejudge(
     sql: &[u8],
     ob: &mut Outbox,
     uw: &mut WritePart,
-) -> Result<Option<GateError>, &'static str> {
+) -> Result<Option<(GateError, StmtAudit)>, &'static str> {
     let epoch = ctx.core.cache.epoch();
-    Ok(match ctx.decide(sql, Some(stmt), "extended", ob, uw).await? {
+    let judged = ctx.decide(sql, Some(stmt), "extended", ob, uw).await?;
+    Ok(match judged.verdict {
         Verdict::Allow(rewritten, info) => match ext.statements.get_mut(stmt) {
             Some(p) if p.rewritten == rewritten => {
                 p.epoch = epoch;
                 ext.any_notices |= info.notices.is_some();
                 p.info = info;
+                p.audit = judged.audit;
                 None
             }
-            _ => Some(rules_changed()),
+            _ => Some((rules_changed(), gateway_refused("gateway: masking rules of a prepared statement changed"))),
         },
-        Verdict::Deny(e) => Some(e),
+        Verdict::Deny(e) => Some((e, judged.audit)),
     })
 }
 
@@ -147,10 +163,12 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
                         format!("statement is larger than this gateway's limit of {max_statement} bytes"))
                         .with_hint("Send smaller statements (use parameters or COPY for bulk data), or ask the operator to raise max_statement_bytes.");
-                    let (marker, refusal) = ctx.marker(&err);
+                    let stmt = ctx.record_statement(&gateway_refused("gateway: statement larger than max_statement_bytes"),
+                        if tag == tag_f::QUERY { "simple" } else { "extended" }, None);
+                    let (marker, refusal) = ctx.marker(&err, stmt);
                     if tag == tag_f::QUERY {
                         ext.described.clear();
-                        ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now() }, refusal);
+                        ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt }, refusal);
                         ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
                     } else {
                         ob.refuse(Expect::Ack(b'1'), refusal);
@@ -176,25 +194,26 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     let Some(sql) = query::query_text(frame.body()) else {
                         return ctx.die(malformed("Query", "the statement text is not one NUL-terminated string")).await;
                     };
-                    let verdict = match ctx.decide(sql, None, "simple", &mut ob, &mut uw).await {
+                    let judged = match ctx.decide(sql, None, "simple", &mut ob, &mut uw).await {
                         Ok(v) => v,
                         Err(r) => return r,
                     };
+                    let stmt = ctx.record_statement(&judged.audit, "simple", None);
                     // A Query ends the implicit transaction its portals lived in.
                     ext.described.clear();
                     let sent = Instant::now();
-                    match verdict {
+                    match judged.verdict {
                         Verdict::Allow(None, info) => {
-                            ob.expect(Expect::Query { info, sent });
+                            ob.expect(Expect::Query { info, sent, stmt });
                             ob.bytes.extend_from_slice(&frame.bytes);
                         }
                         Verdict::Allow(Some(rewritten), info) => {
-                            ob.expect(Expect::Query { info, sent });
+                            ob.expect(Expect::Query { info, sent, stmt });
                             ob.bytes.extend_from_slice(&session::query(&rewritten));
                         }
                         Verdict::Deny(err) => {
-                            let (marker, refusal) = ctx.marker(&err);
-                            ob.refuse(Expect::Query { info: StmtInfo::default(), sent }, refusal);
+                            let (marker, refusal) = ctx.marker(&err, stmt);
+                            ob.refuse(Expect::Query { info: StmtInfo::default(), sent, stmt }, refusal);
                             ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
                         }
                     }
@@ -206,16 +225,19 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     };
                     let (name, sql) = (p.name, p.sql);
                     let epoch = cache.epoch();
-                    let verdict = match ctx.decide(sql, Some(name), "extended", &mut ob, &mut uw).await {
+                    let judged = match ctx.decide(sql, Some(name), "extended", &mut ob, &mut uw).await {
                         Ok(v) => v,
                         Err(r) => return r,
                     };
-                    match verdict {
+                    match judged.verdict {
                         Verdict::Allow(..) if ext.statements.len() >= MAX_PREPARED && !ext.statements.contains_key(name) => {
                             let err = GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
                                 format!("this session already has {MAX_PREPARED} prepared statements"))
                                 .with_hint("Close (deallocate) prepared statements you no longer need.");
-                            let (marker, refusal) = ctx.marker(&err);
+                            let mut audit = gateway_refused("gateway: too many prepared statements");
+                            audit.literals = judged.audit.literals;
+                            let stmt = ctx.record_statement(&audit, "extended", None);
+                            let (marker, refusal) = ctx.marker(&err, stmt);
                             ob.refuse(Expect::Ack(b'1'), refusal);
                             ob.bytes.extend_from_slice(&session::parse(name, marker.as_bytes()));
                         }
@@ -225,38 +247,45 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                 None => ob.bytes.extend_from_slice(&frame.bytes),
                                 Some(r) => ob.bytes.extend_from_slice(&session::parse_with_types(name, r, p.param_types)),
                             }
-                            ext.insert_statement(name, Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten, info });
+                            ext.insert_statement(name, Prepared { sql: Bytes::copy_from_slice(sql), epoch, rewritten, info, audit: judged.audit });
                         }
                         Verdict::Deny(err) => {
                             ext.statements.remove(name);
-                            let (marker, refusal) = ctx.marker(&err);
+                            // Recorded now: it never runs, so no Execute will record it.
+                            let stmt = ctx.record_statement(&judged.audit, "extended", None);
+                            let (marker, refusal) = ctx.marker(&err, stmt);
                             ob.refuse(Expect::Ack(b'1'), refusal);
                             ob.bytes.extend_from_slice(&session::parse(name, marker.as_bytes()));
                         }
                     }
                 }
                 tag_f::BIND => {
-                    let (portal, stmt) = match extended::bind(frame.body()) {
-                        Ok(b) => (b.portal, b.statement),
+                    let bind = match extended::bind(frame.body()) {
+                        Ok(b) => b,
                         Err(why) => return ctx.die(malformed("Bind", why)).await,
                     };
+                    let (portal, stmt) = (bind.portal, bind.statement);
+                    let parameters = ctx.settings.hash_key.parameters_json(bind.values());
                     // A prepared statement runs again only while the audit trail can record it.
                     let audit_failing = ctx.core.bridge.audit_failing();
-                    let refusal = match ext.statements.get(stmt) {
-                        _ if audit_failing.is_some() => audit_failing.as_deref().map(crate::errors::audit_refusal),
-                        None => Some(GateError::error("26000",
+                    // A refusal and, for a statement judged again, its statement record.
+                    let refusal: Option<(GateError, Option<StmtAudit>)> = match ext.statements.get(stmt) {
+                        _ if audit_failing.is_some() => audit_failing.as_deref().map(|reason| {
+                            (crate::errors::audit_refusal(reason), Some(gateway_refused("gateway: audit trail cannot be written")))
+                        }),
+                        None => Some((GateError::error("26000",
                             format!("prepared statement \"{}\" was not prepared through this gateway", String::from_utf8_lossy(stmt)))
-                            .with_hint("Prepare statements with the protocol's Parse message in this session.")),
+                            .with_hint("Prepare statements with the protocol's Parse message in this session."), None)),
                         Some(p) if p.epoch != cache.epoch() => {
                             let sql = p.sql.clone();
                             match rejudge(ctx, &mut ext, stmt, &sql, &mut ob, &mut uw).await {
-                                Ok(refusal) => refusal,
+                                Ok(refusal) => refusal.map(|(e, a)| (e, Some(a))),
                                 Err(r) => return r,
                             }
                         }
                         Some(_) if ext.portals.len() >= MAX_PREPARED && !ext.portals.contains_key(portal) => {
-                            Some(GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this session already has {MAX_PREPARED} open portals"))
-                                .with_hint("Close portals you no longer need."))
+                            Some((GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this session already has {MAX_PREPARED} open portals"))
+                                .with_hint("Close portals you no longer need."), None))
                         }
                         Some(_) => None,
                     };
@@ -267,15 +296,19 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                         None => {
                             ob.expect(Expect::Ack(b'2'));
                             // Drivers rebind the same portal to the same statement on every
-                            // execution: only a change costs allocations.
-                            if ext.portals.get(portal).map(Vec::as_slice) != Some(stmt) {
-                                ext.portals.insert(portal.to_vec(), stmt.to_vec());
+                            // execution: only a change of statement costs allocations.
+                            match ext.portals.get_mut(portal) {
+                                Some(p) if p.statement == stmt => p.parameters = parameters,
+                                _ => {
+                                    ext.portals.insert(portal.to_vec(), Portal { statement: stmt.to_vec(), parameters });
+                                }
                             }
                             ob.bytes.extend_from_slice(&frame.bytes);
                         }
-                        Some(err) => {
+                        Some((err, audit)) => {
                             ext.portals.remove(portal);
-                            let (marker, refusal) = ctx.marker(&err);
+                            let stmt = audit.map_or(0, |a| ctx.record_statement(&a, "extended", Some(&parameters)));
+                            let (marker, refusal) = ctx.marker(&err, stmt);
                             ob.refuse(Expect::Ack(b'2'), refusal);
                             ob.bytes.extend_from_slice(&marker_bind(portal, &marker));
                         }
@@ -288,8 +321,8 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     };
                     // A portal bound before a reload is judged again before it runs (portals from
                     // SQL-level DECLARE are not in the map: their DECLARE was judged).
-                    let stale = ext.portals.get(portal).and_then(|stmt| {
-                        ext.statements.get(stmt).filter(|p| p.epoch != cache.epoch()).map(|p| (stmt.clone(), p.sql.clone()))
+                    let stale = ext.portals.get(portal).and_then(|p| {
+                        ext.statements.get(&p.statement).filter(|s| s.epoch != cache.epoch()).map(|s| (p.statement.clone(), s.sql.clone()))
                     });
                     let refusal = match stale {
                         None => None,
@@ -303,8 +336,12 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                             Err(r) => return r,
                         },
                     };
+                    let bound = ext.portals.get(portal).and_then(|p| Some((ext.statements.get(&p.statement)?, &p.parameters)));
                     match refusal {
                         None => {
+                            // Every execution of a prepared statement is a statement record.
+                            let stmt = bound.map_or(0, |(p, params)| ctx.record_statement(&p.audit, "extended", Some(params)));
+                            let sent = Instant::now();
                             if masked {
                                 let info = ext.portal_info(portal);
                                 if !ext.described.contains(portal) {
@@ -314,14 +351,15 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                     ob.bytes.extend_from_slice(&session::describe_portal(portal));
                                     ext.mark_described(portal);
                                 }
-                                ob.expect(Expect::Execute { portal: portal.to_vec(), info });
+                                ob.expect(Expect::Execute { portal: portal.to_vec(), info, stmt, sent });
                             } else {
-                                ob.expect(Expect::Execute { portal: Vec::new(), info: ext.portal_notices(portal) });
+                                ob.expect(Expect::Execute { portal: Vec::new(), info: ext.portal_notices(portal), stmt, sent });
                             }
                             ob.bytes.extend_from_slice(&frame.bytes);
                         }
-                        Some(err) => {
-                            let (marker, refusal) = ctx.marker(&err);
+                        Some((err, audit)) => {
+                            let stmt = ctx.record_statement(&audit, "extended", bound.map(|(_, params)| &params[..]));
+                            let (marker, refusal) = ctx.marker(&err, stmt);
                             ob.refuse(Expect::Ack(b'2'), refusal);
                             ob.bytes.extend_from_slice(&marker_bind(b"", &marker));
                         }
@@ -390,14 +428,15 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                         "FunctionCall (fast-path) messages are refused by phigate: they carry no SQL the gateway can judge")
                         .with_hint("Call the function from a SQL statement instead.");
                     ext.described.clear();
-                    let (marker, refusal) = ctx.marker(&err);
-                    ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now() }, refusal);
+                    let stmt = ctx.record_statement(&gateway_refused("gateway: fast-path function call"), "function_call", None);
+                    let (marker, refusal) = ctx.marker(&err, stmt);
+                    ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt }, refusal);
                     ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
                 }
                 tag_f::TERMINATE => {
                     ob.bytes.extend_from_slice(&frame.bytes);
                     let _ = ctx.flush(&mut ob, &mut uw).await;
-                    return "client_terminated";
+                    return end_reason::CLIENT_QUIT;
                 }
                 t => {
                     return ctx.die(GateError::protocol(format!("unexpected message type 0x{t:02x} from client"))).await;
@@ -412,7 +451,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
         match cr.read_into(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = uw.write_all(&session::terminate()).await;
-                return "client_closed";
+                return end_reason::CLIENT_DISCONNECTED;
             }
             Ok(n) => {
                 ctx.bytes_in.fetch_add(n as u64, Ordering::Relaxed);

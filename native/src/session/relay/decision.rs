@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
-use crate::cache::{Action, Decision, Notice, Reuse};
+use crate::cache::{Action, AuditFacts, Decision, Notice, Reuse};
 use crate::errors::sqlstate;
 use crate::protocol::messages::error_response;
 
@@ -93,7 +93,13 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
             (!names.is_empty()).then_some(names)
         }
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations })
+    // The statement record's facts; a decision without them (an internal refusal) records
+    // none, a malformed one is refused like any malformed answer.
+    let facts = match a.get("audit") {
+        None | Some(serde_json::Value::Null) => AuditFacts::default(),
+        Some(f) => AuditFacts::from_answer(f)?,
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts) })
 }
 
 /// One entry of a decision's `notices`: `{"key", "code", "message", "hint"}`, prebuilt as the
@@ -167,6 +173,25 @@ mod tests {
             json!((0..=MAX_NOTICES).map(|_| json!({"code": "01M01", "message": "m"})).collect::<Vec<_>>()),
         ] {
             assert!(allow(bad.clone()).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn audit_facts_are_rendered_or_refused() {
+        let d = parse_decision(&json!({"action": "allow", "audit": {"kind": "select", "rule": "role:a allow select",
+            "relations": ["public.t"], "columns_read": ["public.t.b", "public.t.a"], "columns_written": [],
+            "masking": {"by": "layer2", "columns": {"public.t.b": "redact", "public.t.a": "year"}}}})).unwrap();
+        let f = &d.facts;
+        assert_eq!(&*f.kind, br#""select""#);
+        assert_eq!(&*f.columns_read, br#"["public.t.b","public.t.a"]"#);
+        // Keys sorted: the record is canonical as it is.
+        assert_eq!(&*f.masking, br#"{"by":"layer2","columns":{"public.t.a":"year","public.t.b":"redact"}}"#);
+        assert_eq!(parse_decision(&json!({"action": "deny"})).unwrap().facts.rule.as_ref(), b"null");
+        for bad in [
+            json!({"kind": 3}), json!({"rule": ["x"]}), json!({"relations": [1]}), json!({"columns_read": "a"}),
+            json!({"masking": {"by": "other"}}), json!({"masking": {"columns": {"a": 1}}}), json!({"masking": []}),
+        ] {
+            assert!(parse_decision(&json!({"action": "allow", "audit": bad.clone()})).is_none(), "{bad}");
         }
     }
 

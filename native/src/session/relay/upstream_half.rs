@@ -6,7 +6,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 
-use crate::bridge::now_ts;
 use crate::errors::{sqlstate, GateError};
 use crate::protocol::framing::{next_frame, peek_header};
 use crate::protocol::messages::{error_response, query, tag_b};
@@ -26,11 +25,11 @@ fn upstream_inspected(tag: u8) -> bool {
 /// contains", "Key (...)=(...)") by a generic detail. If the message cannot be parsed, a generic
 /// error replaces it: fail closed.
 fn scrub_for_masked(ctx: &Ctx, tag: u8, body: &[u8], detectors: &crate::masking::detectors::Detectors) -> Bytes {
-    match crate::masking::scrub::scrubbed(tag, body, detectors) {
+    match crate::masking::scrub::scrubbed(tag, body, detectors, &ctx.settings.hash_key) {
         Ok((bytes, report)) => {
             if report.changed {
                 // The audit trail keeps hashes of what was withheld, never the text itself.
-                ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "message_scrubbed", "session_id": ctx.session_id,
+                ctx.core.bridge.emit(&json!({"ts": crate::events::now(), "event": "message_scrubbed", "session": &*ctx.session,
                     "kind": if tag == tag_b::NOTICE_RESPONSE { "notice" } else { "error" },
                     "detail_hmac": report.detail_hmac, "message_hmac": report.message_hmac}));
             }
@@ -58,6 +57,75 @@ fn unknown_type(body: &[u8]) -> Option<Bytes> {
         .to_error_response())
 }
 
+/// The answer to the statement being read so far, until its result record is written.
+#[derive(Default)]
+struct Answer {
+    /// Rows CommandComplete reported (summed over a Query's statements).
+    rows: u64,
+    /// DataRows seen (a suspended portal reports no CommandComplete).
+    data_rows: u64,
+    /// Bytes for the client counted so far: flushed ones, and `out` from `mark` on.
+    flushed: u64,
+    mark: usize,
+    sqlstate: Option<String>,
+    /// The guard's masked-row counter when the answer started.
+    masked_at: u64,
+}
+
+/// A statement whose answer is complete: its result record goes out once the message that
+/// completed it is counted.
+struct Finished {
+    stmt: u64,
+    sent: Option<std::time::Instant>,
+    sqlstate: Option<String>,
+}
+
+/// What a pipeline event completes: an Execute, a Query (at its ReadyForQuery); a Sync's
+/// ReadyForQuery completes nothing but clears an error that was the Sync's own.
+fn finished_by(event: &Event, answer: &mut Answer) -> Option<Finished> {
+    match event {
+        Event::Done(Entry { expect: Expect::Execute { stmt, sent, .. }, .. }) if *stmt > 0 => {
+            Some(Finished { stmt: *stmt, sent: Some(*sent), sqlstate: answer.sqlstate.take() })
+        }
+        Event::Ready(sent, stmt) if *stmt > 0 => Some(Finished { stmt: *stmt, sent: Some(*sent), sqlstate: answer.sqlstate.take() }),
+        Event::Ready(..) => {
+            answer.sqlstate = None;
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Writes the result record of a finished statement and starts counting the next answer.
+fn write_result(ctx: &Ctx, f: Finished, answer: &mut Answer, out_len: usize, guard: Option<&mut RowGuard>) {
+    let masked_now = guard.as_ref().map_or(0, |g| g.values_masked);
+    let disclosures = guard.and_then(RowGuard::take_disclosures);
+    let record = crate::events::ResultRecord {
+        rows: if answer.rows > 0 { answer.rows } else { answer.data_rows },
+        bytes: answer.flushed + (out_len.saturating_sub(answer.mark)) as u64,
+        duration_us: f.sent.map_or(0, |s| u64::try_from(s.elapsed().as_micros()).unwrap_or(u64::MAX)),
+        sqlstate: f.sqlstate,
+        rows_masked: masked_now - answer.masked_at,
+        skipped: false,
+    };
+    ctx.core.bridge.emit_canonical(&crate::events::result(&ctx.session, f.stmt, &record, disclosures.as_ref()));
+    *answer = Answer { mark: out_len, masked_at: masked_now, ..Answer::default() };
+}
+
+/// Result records of statements the server skipped after an error. The first one after an
+/// error in a Parse, Bind or Describe is the statement that message belonged to (drivers send
+/// each statement's messages together): it failed with that error (`cause`). The others were
+/// skipped: an earlier message of their pipeline failed.
+fn write_skipped(ctx: &Ctx, pipeline: &mut Pipeline, cause: &mut Option<String>) {
+    for stmt in pipeline.skipped.drain(..) {
+        let record = match cause.take() {
+            Some(code) => crate::events::ResultRecord { sqlstate: Some(code), ..Default::default() },
+            None => crate::events::ResultRecord { skipped: true, ..Default::default() },
+        };
+        ctx.core.bridge.emit_canonical(&crate::events::result(&ctx.session, stmt, &record, None));
+    }
+}
+
 pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: WritePart, mut buf: BytesMut) -> &'static str {
     let max_message = ctx.settings.cfg.max_message_bytes;
     let mut shutdown = ctx.core.force_close.subscribe();
@@ -70,9 +138,10 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
     tokio::pin!(pressure);
     let mut out = BytesMut::new();
     let mut pass_remaining = 0usize;
-    let mut cycle_rows = 0u64;
-    let mut cycle_bytes = 0u64;
-    let mut cycle_error: Option<String> = None;
+    let mut answer = Answer::default();
+    let mut finished: Option<Finished> = None;
+    // The error of a failed Parse, Bind or Describe, until the Execute it skipped is recorded.
+    let mut skip_cause: Option<String> = None;
     let masked = ctx.identity.masked;
     let tracked = ctx.tracked;
     let mut pipeline = Pipeline::new(tracked);
@@ -105,10 +174,16 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 }
                 continue;
             }
+            if let Some(f) = finished.take() {
+                write_result(ctx, f, &mut answer, out.len(), guard.as_mut());
+            }
+            if !pipeline.skipped.is_empty() {
+                write_skipped(ctx, &mut pipeline, &mut skip_cause);
+            }
             let h = match peek_header(&buf) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
-                Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), "upstream_protocol_error").await,
+                Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), end_reason::UPSTREAM_PROTOCOL_ERROR).await,
             };
             // Tracked sessions see every message whole: rows are masked or accounted,
             // descriptions planned.
@@ -119,9 +194,14 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 if let Some(due) = pipeline.take_notices(h.tag) {
                     sent_notices.write(&due, &mut out);
                 }
-                if pipeline.step(h.tag).is_err() {
-                    pipeline.recover(h.tag);
+                let event = match pipeline.step(h.tag) {
+                    Ok(event) => event,
+                    Err(_) => pipeline.recover(h.tag).map_or(Event::Ongoing, |(sent, stmt)| Event::Ready(sent, stmt)),
+                };
+                if h.tag == b'D' {
+                    answer.data_rows += 1;
                 }
+                finished = finished_by(&event, &mut answer).or(finished);
                 let take = h.wire_len().min(buf.len());
                 out.extend_from_slice(&buf[..take]);
                 buf.advance(take);
@@ -131,7 +211,7 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             let frame = match next_frame(&mut buf, |_| max_message) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an oversized message; closing the session"), "upstream_protocol_error").await,
+                Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an oversized message; closing the session"), end_reason::UPSTREAM_PROTOCOL_ERROR).await,
             };
             // The control plane's notices precede the result they are about.
             if let Some(due) = pipeline.take_notices(frame.tag) {
@@ -142,16 +222,23 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 Err(lost) if tracked => {
                     let e = crate::masking::rowguard::lost(lost.0);
                     ctx.core.counters.masking_failures.fetch_add(1, Ordering::Relaxed);
-                    ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "masking_failure", "session_id": ctx.session_id, "detail": e.message}));
-                    return end_with(&mut cw, &mut out, e, "masking_failure").await;
+                    ctx.core.bridge.emit(&json!({"ts": crate::events::now(), "event": "masking_failure", "session": &*ctx.session, "detail": e.message}));
+                    return end_with(&mut cw, &mut out, e, end_reason::MASKING_FAILURE).await;
                 }
-                // Unmasked: only refusal markers (checked by number) and result timings depend
-                // on placing answers; carry on.
+                // Unmasked: only refusal markers (checked by number) and result records
+                // depend on placing answers; carry on.
                 Err(_) => match pipeline.recover(frame.tag) {
-                    Some(sent) => Event::Ready(sent),
+                    Some((sent, stmt)) => Event::Ready(sent, stmt),
                     None => Event::Ongoing,
                 },
             };
+            if frame.tag == b'D' {
+                answer.data_rows += 1;
+            }
+            // An error's SQLSTATE is known only below; other completions are placed now.
+            if frame.tag != tag_b::ERROR_RESPONSE {
+                finished = finished_by(&event, &mut answer).or(finished);
+            }
             if let Some(g) = guard.as_mut() {
                 if frame.tag == b'T' {
                     rules = ctx.core.masking();
@@ -169,29 +256,19 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                     Ok(Step::Default) => {}
                     Err(e) => {
                         ctx.core.counters.masking_failures.fetch_add(1, Ordering::Relaxed);
-                        ctx.core.bridge.emit(&json!({"ts": now_ts(), "event": "masking_failure", "session_id": ctx.session_id, "detail": e.message}));
-                        return end_with(&mut cw, &mut out, e, "masking_failure").await;
+                        ctx.core.bridge.emit(&json!({"ts": crate::events::now(), "event": "masking_failure", "session": &*ctx.session, "detail": e.message}));
+                        return end_with(&mut cw, &mut out, e, end_reason::MASKING_FAILURE).await;
                     }
                 }
             }
             match frame.tag {
                 tag_b::READY_FOR_QUERY => {
+                    // The skip ended; a failed step that skipped no Execute explains nothing more.
+                    skip_cause = None;
                     out.extend_from_slice(&frame.bytes);
-                    let duration_ms = match event {
-                        Event::Ready(sent) => sent.elapsed().as_secs_f64() * 1000.0,
-                        _ => 0.0,
-                    };
-                    let mut record = crate::events::result(ctx.session_id, cycle_rows, cycle_bytes + out.len() as u64,
-                        duration_ms, cycle_error.take().as_deref());
-                    if let Some(g) = guard.as_mut() {
-                        g.take_disclosures(&mut record);
-                    }
-                    ctx.core.bridge.emit_line(&record);
-                    cycle_rows = 0;
-                    cycle_bytes = 0;
                 }
                 tag_b::COMMAND_COMPLETE => {
-                    cycle_rows += query::command_rows(frame.body());
+                    answer.rows += query::command_rows(frame.body());
                     out.extend_from_slice(&frame.bytes);
                 }
                 tag_b::NOTICE_RESPONSE if masked => out.extend_from_slice(&scrub_for_masked(ctx, frame.tag, frame.body(), &rules.ctx.detectors)),
@@ -200,6 +277,14 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                         Event::Error { refusal, failed } => (refusal, failed),
                         _ => (None, None),
                     };
+                    // The statement this error ends: a failed Execute, a refused Parse, Bind or
+                    // Execute (a Query's error ends it at its ReadyForQuery).
+                    let ends = match (&failed, &refusal) {
+                        (Some(Expect::Execute { stmt, sent, .. }), _) if *stmt > 0 => Some((*stmt, Some(*sent))),
+                        (Some(_), Some(r)) if r.stmt > 0 => Some((r.stmt, None)),
+                        _ => None,
+                    };
+                    let fails_a_step = ends.is_none() && matches!(failed, Some(Expect::Ack(b'1' | b'2') | Expect::DescribeStatement | Expect::DescribePortal { .. }));
                     let replacement = match refusal {
                         Some(r) if ctx.answers_marker(frame.body(), r.marker) => Some(r.response),
                         // Parameter types are resolved at Parse, Bind and Describe.
@@ -211,14 +296,19 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                         None if masked => scrub_for_masked(ctx, frame.tag, frame.body(), &rules.ctx.detectors),
                         None => frame.bytes,
                     };
-                    cycle_error = error_response::field(&bytes[5..], b'C').map(|c| String::from_utf8_lossy(c).into_owned());
+                    let code = error_response::field(&bytes[5..], b'C').map(|c| String::from_utf8_lossy(c).into_owned());
+                    match ends {
+                        Some((stmt, sent)) => finished = Some(Finished { stmt, sent, sqlstate: code }),
+                        None if fails_a_step => skip_cause = code,
+                        None => answer.sqlstate = code,
+                    }
                     out.extend_from_slice(&bytes);
                 }
                 t if !upstream_inspected(t) => out.extend_from_slice(&frame.bytes),
                 _ => {
                     // Authentication, BackendKeyData, CopyBoth or protocol negotiation mid-session:
                     // never legitimate after startup (CopyBoth is replication, which is refused).
-                    return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an unexpected message; closing the session"), "upstream_protocol_error").await;
+                    return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an unexpected message; closing the session"), end_reason::UPSTREAM_PROTOCOL_ERROR).await;
                 }
             }
         }
@@ -232,11 +322,18 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             told = progress;
             f.room.notify_one();
         }
+        if let Some(f) = finished.take() {
+            write_result(ctx, f, &mut answer, out.len(), guard.as_mut());
+        }
+        if !pipeline.skipped.is_empty() {
+            write_skipped(ctx, &mut pipeline, &mut skip_cause);
+        }
         if !out.is_empty() {
-            cycle_bytes += out.len() as u64;
+            answer.flushed += (out.len().saturating_sub(answer.mark)) as u64;
+            answer.mark = 0;
             ctx.bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
             if cw.write_all(&out).await.is_err() {
-                return "client_write_failed";
+                return end_reason::CLIENT_DISCONNECTED;
             }
             out.clear();
         }
@@ -245,25 +342,28 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
         tokio::select! {
             biased;
             _ = &mut kill => {
-                let fatal = ctx.shared.lock().fatal.take();
+                let (fatal, reason) = {
+                    let mut shared = ctx.shared.lock();
+                    (shared.fatal.take(), shared.fatal_reason)
+                };
                 if let Some(f) = fatal {
                     let _ = cw.write_all(&f).await;
                 }
                 cw.shutdown().await;
-                return "protocol_violation";
+                return reason;
             }
             _ = &mut gateway_stop => {
                 let e = GateError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because the gateway is shutting down");
                 let _ = cw.write_all(&e.to_error_response()).await;
                 cw.shutdown().await;
-                return "gateway_shutdown";
+                return end_reason::DRAIN;
             }
             // The client half waits for room: take what it published (skipped work is released).
             _ = &mut pressure => {
                 pressure.set(ctx.flow.pressure.notified());
             }
             r = ur.read_into(&mut buf) => match r {
-                Ok(0) | Err(_) => return "upstream_closed",
+                Ok(0) | Err(_) => return end_reason::UPSTREAM_FAILURE,
                 Ok(_) => {}
             }
         }
