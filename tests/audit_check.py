@@ -89,4 +89,9 @@ def check_trail(trail_dir: Path, pubkeys: list[str | Path], origin: str) -> Chec
             prev = leaf.hex()
             leaves.append(leaf)
             out.records.append(rec)
+    # The product's verifier must agree with this independent check on every trail a test
+    # wrote (chain, tree, signatures, tail, the `checkpoint` file).
+    from phigate.audit.verify import verify_trail
+
+    verify_trail(trail_dir, origin, keys, checkpoint_interval=3600)
     return out

@@ -30,13 +30,14 @@ import string
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 import rawpg
-from harness import GatewayFactory, RunningGateway, token_subject
+from harness import GatewayFactory, RunningGateway, session_audit_keys, token_subject
 from layer2ref import partial
 from redteam_oracle import Relay, canary_forms, find_leaks
 
@@ -1367,3 +1368,11 @@ def test_no_canary_reaches_the_audit_records(env: Env) -> None:
     assert b'"event":"statement"' in records and b'"literals":["h:' in records
     leaked = find_leaks(records, env.forms)
     assert not leaked, "in the audit records: " + ", ".join(leaked)
+    # And the trail the whole red-team suite wrote is intact: chain, tree and signatures.
+    from phigate.audit.keys import parse_verifier
+    from phigate.audit.verify import trail_origin, verify_trail
+
+    key = parse_verifier((session_audit_keys() / "audit.pub").read_text())
+    trail = Path(env.gateway.audit_dir)
+    report = verify_trail(trail, trail_origin(trail) or key.name, [key])
+    assert report.records > 100 and report.checkpoints >= 1

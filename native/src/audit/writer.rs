@@ -267,6 +267,9 @@ impl Writer {
                 self.status.set_failing(None);
                 self.status.pending.store(0, Ordering::Relaxed);
                 self.status.lost.store(0, Ordering::Relaxed);
+                // The kept records carry the times they were made: sign them now, so the
+                // trail never shows an unsigned tail older than the checkpoint interval.
+                self.checkpoint();
             }
             Err((_, mut items)) => {
                 items.pop();

@@ -633,6 +633,14 @@ def _check(
         problems.append(f"no session_start record in the audit trail {paths.audit}")
     if not kinds.get("checkpoint"):
         problems.append(f"no signed checkpoint in the audit trail {paths.audit}")
+    try:
+        with progress.step("verifying the audit trail (chain, Merkle tree, signatures)") as info:
+            report = _verify_demo_trail(paths)
+            info["detail"] = (
+                f"— {report.records} records, {report.checkpoints} signed checkpoints intact"
+            )
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"the audit trail does not verify: {exc}")
 
     if problems:
         for p in problems:
@@ -640,6 +648,16 @@ def _check(
         return 1
     print("check passed.", file=out)
     return 0
+
+
+def _verify_demo_trail(paths: DemoPaths) -> Any:
+    """`phigate audit verify` on the demo's trail with its public key (raises on any fault)."""
+    from phigate.audit.keys import parse_verifier
+    from phigate.audit.verify import trail_origin, verify_trail
+
+    key = parse_verifier((paths.keys / "audit.pub").read_text())
+    origin = trail_origin(paths.audit) or key.name
+    return verify_trail(paths.audit, origin, [key])
 
 
 _MASKED_SSN = re.compile(r"\*\*\*-\*\*-[0-9]{4}")
