@@ -634,6 +634,14 @@ def _check(
     if not kinds.get("checkpoint"):
         problems.append(f"no signed checkpoint in the audit trail {paths.audit}")
     try:
+        with progress.step("looking for patient identifiers in the audit trail") as info:
+            found, identifiers = _identifiers_in_trail(paths, pg)
+            info["detail"] = f"— {found} of {identifiers} identifiers found"
+        if identifiers == 0 or found:
+            problems.append(f"{found} patient identifiers appear in clear in the audit trail")
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"the audit trail scan failed: {type(exc).__name__}: {exc}")
+    try:
         with progress.step("verifying the audit trail (chain, Merkle tree, signatures)") as info:
             report = _verify_demo_trail(paths)
             info["detail"] = (
@@ -648,6 +656,24 @@ def _check(
         return 1
     print("check passed.", file=out)
     return 0
+
+
+def _identifiers_in_trail(paths: DemoPaths, pg: Any) -> tuple[int, int]:
+    """(patient identifiers found in the trail's bytes, identifiers looked for): each patient's
+    MRN, SSN (with and without dashes), phone, e-mail and "first last" name, compared
+    case-insensitively; the values stay in memory, only counts leave."""
+    trail = b"".join(p.read_bytes() for p in sorted(paths.audit.glob("segment-*.jsonl")))
+    haystack = trail.decode("utf-8", "replace").lower()
+    sql = "SELECT mrn, ssn, phone, email, first_name || ' ' || last_name FROM patients;"
+    needles: set[str] = set()
+    for line in pg.psql(sql, dbname=TARGET).splitlines():
+        for value in line.split("|"):
+            value = value.strip().lower()
+            if len(value) >= 6:
+                needles.add(value)
+                if re.fullmatch(r"[0-9-]+", value):
+                    needles.add(value.replace("-", ""))
+    return sum(1 for n in needles if n in haystack), len(needles)
 
 
 def _verify_demo_trail(paths: DemoPaths) -> Any:
