@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -215,6 +216,11 @@ def test_sighup_during_an_outage_recovers_without_another_reload(
     stale = wait_event(gw.audit_dir, catalog_event("stale", previous_in_force=True))
     reload = wait_event(gw.audit_dir, lambda e: e.get("event") == "reload")
     assert reload["catalogs"] == {"ehr": "stale"}
+    # The record names who sent SIGHUP: this test process.
+    assert reload["sender"] == {
+        "via": "signal", "pid": os.getpid(), "uid": os.getuid(),
+        "user": pwd.getpwuid(os.getuid()).pw_name,
+    }  # fmt: skip
     assert stale["attempt"] == 1 and stale["retry_in_ms"] > 0 and "ehr" in stale["error"]
     assert (
         "the PHI catalog of target ehr could not be refreshed and is being retried; "

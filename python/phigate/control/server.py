@@ -21,6 +21,7 @@ from phigate.config import Config, load_config
 from phigate.config.model import native_audit
 from phigate.control.allocator import tune_malloc
 from phigate.control.dictionaries import DictionaryKeeper
+from phigate.control.hangup import block_hangup, watch_hangup
 from phigate.control.requests import ControlPlane, PrimableVerifier
 from phigate.control.systemd import sd_notify
 from phigate.errors import ConfigError, PhigateError
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 
 # How often the API key store is re-read for created, revoked and expired keys to record.
 APIKEY_POLL_INTERVAL = 1.0
-# Who asked for a reload, when the gateway cannot tell: SIGHUP reaches asyncio's signal
-# handler without the sender's siginfo (pid, uid), so the record says only "signal".
+# Who asked for a reload, when the gateway cannot tell (a SIGHUP that reached asyncio's signal
+# handler, which gets no siginfo, instead of the sigwaitinfo watcher; or an in-process reload).
 _SIGNAL_SENDER: dict[str, Any] = {"via": "signal", "pid": None, "uid": None}
 # How often the data plane's counters (sessions, decision-cache hits/misses, timeouts, bytes)
 # are written to the audit trail as a `stats` record, for operators and monitoring.
@@ -434,6 +435,7 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
     config = config if config is not None else load_config(path)
     if config.audit is None:
         raise ConfigError("audit", config.source, NO_AUDIT)
+    block_hangup()  # before any thread starts: the watcher below learns who sent SIGHUP
     gateway = Gateway(config)
     await gateway.start()
     loop = asyncio.get_running_loop()
@@ -450,23 +452,29 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    async def reload() -> None:
+    async def reload(sender: dict[str, Any] | None) -> None:
         try:
-            await gateway.reload(load_config(path))
+            await gateway.reload(load_config(path), sender)
         except (PhigateError, ValueError, OSError) as exc:
             log.error("reload failed, keeping the previous config: %s", exc)
-            gateway.reload_failed(str(exc))
+            gateway.reload_failed(str(exc), sender)
         sd_notify("READY=1")
 
-    def on_hup() -> None:
+    def on_hup(sender: dict[str, Any] | None = None) -> None:
+        if sender is not None:
+            log.info("SIGHUP from pid %s (uid %s): reloading %s",
+                     sender["pid"], sender["uid"], path)  # fmt: skip
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        task = loop.create_task(reload())
+        task = loop.create_task(reload(sender))
         pending.add(task)
         task.add_done_callback(pending.discard)
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    # A SIGHUP that still reaches a thread (one started before block_hangup) comes here,
+    # without its sender; the watcher gets the rest with theirs.
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watch_hangup(loop, on_hup)
     sd_notify(f"READY=1\nSTATUS=listening on {', '.join(gateway.addresses)}")
     try:
         await gateway.serve_forever()
