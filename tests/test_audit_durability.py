@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,21 @@ pytestmark = pytest.mark.integration
 REFUSAL = "phigate cannot write its audit trail ({}); statements are refused until it can."
 
 
+def ensure_tools() -> None:
+    """mount/umount (util-linux) and chattr (e2fsprogs), installed from Debian if missing."""
+    missing = [pkg for tool, pkg in (("mount", "mount"), ("chattr", "e2fsprogs"))
+               if shutil.which(tool) is None]  # fmt: skip
+    if missing:
+        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True,
+                       capture_output=True, env=env)  # fmt: skip
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs of the test's own (tests run as root), unmounted afterwards."""
+    ensure_tools()
     mnt = tmp_path / "small-fs"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
