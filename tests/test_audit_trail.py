@@ -144,6 +144,7 @@ def test_awaiting_sync_modes_write_the_record_before_the_database_runs_it(
     trail = Path(tempfile.mkdtemp(prefix="phigate-sync-trail-"))
     os.chmod(trail, 0o755)  # noqa: S103 - PostgreSQL runs as another user
     gw = gateway_factory(audit={"dir": str(trail), "sync": sync})
+    assert gw.thread.gateway.engine.audit_status()["sync"] == sync
     segment = trail / "segment-000000000000.jsonl"
     os.chmod(segment, 0o644)  # noqa: S103
     with psycopg.connect(pg.dsn(pg.ehr_database), autocommit=True) as admin:
