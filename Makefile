@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking bench-rss clean
+.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking bench-audit bench-rss clean
 
 help:
 	@echo "make demo        build everything, then run 'phigate demo' (embedded PostgreSQL + gateway)"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint        ruff, mypy and cargo clippy"
 	@echo "make bench       pgbench direct vs PgBouncer vs phigate; report in benches/results/"
 	@echo "make bench-masking  only the masked vs unmasked bulk read through phigate"
+	@echo "make bench-audit    only pgbench -S through phigate with the audit trail off/batch/write/statement"
 	@echo "make bench-rss   gateway RSS and heap over rounds of hostile connections (leak or retention?)"
 	@echo "make clean       remove build products and the virtualenv"
 
@@ -58,6 +59,9 @@ bench: build
 
 bench-masking: build
 	$(BIN)/python benches/run.py --only masking $(BENCH_ARGS)
+
+bench-audit: build
+	$(BIN)/python benches/run.py --only audit $(BENCH_ARGS)
 
 # RSS_ARGS e.g. "--malloc-arena-max 2" or "--trim-each-round"; see benches/hostile_rss.py --help.
 bench-rss: build

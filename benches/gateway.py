@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def _q(s: str | Path) -> str:
 
 def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_port: int | None,
                  pool_db: str, upstream_db: str, svc_user: str, svc_password: str,
-                 audit_dir: Path, audit_sync: str, workers: int,
+                 audit_dir: Path | None, audit_sync: str, workers: int,
                  extra_groups: dict[str, list[str]] | None = None,
                  reader_see_clear: list[str] | None = None, extra_toml: str = "",
                  tls: tuple[Path, Path] | None = None) -> Path:
@@ -67,6 +68,7 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
     classified, `reader_see_clear` lets the benchmark agent see every classified kind in clear,
     so pgbench and the plain bulk read measure exactly what they measure without `[phi]`.
     `tls` (certificate, key) lets clients negotiate TLS; plaintext is still accepted.
+    `audit_dir` None: no [audit] section (only for gateway_noaudit.py, the audit part's baseline).
     """
     group_lines = "".join(f"{_q(g)} = {json.dumps(r)}\n"
                           for g, r in (extra_groups or {}).items())
@@ -74,11 +76,20 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
                  if reader_see_clear is not None else "")
     tls_lines = (f"tls_cert = {_q(tls[0])}\ntls_key = {_q(tls[1])}\n" if tls is not None
                  else "")
-    from phigate.audit.keys import write_keys
+    audit_lines = ""
+    if audit_dir is not None:
+        from phigate.audit.keys import write_keys
 
-    if not (workdir / "audit.key").exists():
-        write_keys(workdir, "phigate-bench")
-    audit_dir.mkdir(parents=True, exist_ok=True)
+        if not (workdir / "audit.key").exists():
+            write_keys(workdir, "phigate-bench")
+        audit_dir.mkdir(parents=True, exist_ok=True)
+        audit_lines = f"""
+[audit]
+dir = {_q(audit_dir)}
+signing_key = {_q(workdir / "audit.key")}
+hmac_key = {_q(workdir / "audit-hmac.key")}
+sync = {_q(audit_sync)}
+"""
     pw = workdir / "svc.password"
     pw.write_text(svc_password + "\n")
     pw.chmod(0o600)
@@ -87,13 +98,7 @@ def write_config(workdir: Path, *, port: int, jwks: Path, pg_port: int, pool_por
 listen = "{LOOPBACK}:{port}"
 require_tls = false
 {tls_lines}workers = {workers}
-
-[audit]
-dir = {_q(audit_dir)}
-signing_key = {_q(workdir / "audit.key")}
-hmac_key = {_q(workdir / "audit-hmac.key")}
-sync = {_q(audit_sync)}
-
+{audit_lines}
 [identity.oidc]
 issuer = {_q(ISSUER)}
 audience = {_q(AUDIENCE)}
@@ -136,9 +141,10 @@ tls = "disable"
 class Gateway:
     """`python -m phigate.cli serve --config FILE` as its own process (CPU apart from pgbench)."""
 
-    def __init__(self, reg: Registry, workdir: Path):
+    def __init__(self, reg: Registry, workdir: Path, name: str = "phigate"):
         self.reg = reg
-        self.dir = workdir / "phigate"
+        self.name = name
+        self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -149,14 +155,14 @@ class Gateway:
         """Run `phigate serve` (or ``command``, which must serve ``config``) with the checkout's
         Python path and ``env`` added to the environment."""
         argv = command or [sys.executable, "-m", "phigate.cli", "serve", "--config", str(config)]
-        self.proc = self.reg.spawn("phigate", argv, log_path=self.log_path,
+        self.proc = self.reg.spawn(self.name, argv, log_path=self.log_path,
                                    env={**_env(), **(env or {})}, cwd=REPO)
         try:
             wait_port(self.port, 60, self.proc)
         except Exception:
             log("phigate did not come up; last log lines:\n" + self.log_tail())
             raise
-        log(f"phigate on {LOOPBACK}:{self.port} (pid {self.proc.pid})")
+        log(f"{self.name} on {LOOPBACK}:{self.port} (pid {self.proc.pid})")
 
     @property
     def pid(self) -> int:
@@ -165,6 +171,14 @@ class Gateway:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait: a gateway with a trail closes it (audit_close, final checkpoint).
+        Returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
 
     def log_tail(self, n: int = 30) -> str:
         try:

@@ -15,6 +15,9 @@ TPS_RATIO_TARGET = 0.9
 BULK_RATIO_TARGET = 0.9
 MASKED_RATIO_TARGET = 0.8  # masked bulk read throughput / the same read unmasked
 RSS_TARGET_KB = 16.0
+AUDIT_SYNCS = ("off", "batch", "write", "statement")
+AUDIT_BATCH_TARGET = 0.95  # audit part: sync = batch TPS / trail off TPS, every cell
+ALL_PARTS = 6
 
 
 def _cmd(cmd: list[str], cwd: Path | None = None) -> str:
@@ -132,6 +135,15 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                                       f"{MASKED_RATIO_TARGET}x unmasked",
                             "value": r, "unit": "x", "mask_set": key,
                             "met": None if r is None else r >= MASKED_RATIO_TARGET})
+    if "audit" in ran:
+        rows = (data.get("audit") or {}).get("rows") or [{"mode": "all", "clients": "all",
+                                                           "results": {}}]
+        for row in rows:
+            r = _ratio(_cell(row["results"], "batch", "tps"), _cell(row["results"], "off", "tps"))
+            out.append({"target": f"audit -S {row['mode']} c={row['clients']}: sync=batch TPS >= "
+                                  f"{AUDIT_BATCH_TARGET}x trail off",
+                        "value": r, "unit": "x",
+                        "met": None if r is None else r >= AUDIT_BATCH_TARGET})
     rss_rows = [x for x in data.get("rss", []) if x.get("system") == "phigate"]
     for x in rss_rows:
         v = x.get("per_conn_kb")
@@ -169,11 +181,16 @@ def render_markdown(data: dict[str, Any]) -> str:
            "(median-TPS run shown); " if "pgbench" in parts else "")
     bulk_n = f"bulk best of {s['bulk_repeats']}; " if "bulk" in parts else ""
     masked_n = f"masked read best of {s['masking_repeats']}; " if "masking" in parts else ""
-    L.append(f"- settings: {pgb}{bulk_n}{masked_n}"
-             f"phigate workers={s['workers']}, audit sync={s.get('audit_sync', 'batch')}; "
+    audit_n = (f"audit part: pgbench -S {s['duration_s']} s per run, warm-up {s['warmup_s']} s "
+               f"per mode and gateway, run {s.get('repeat', 1)}x (median-TPS run shown); "
+               if "audit" in parts else "")
+    main_sync = (f", audit sync={s.get('audit_sync', 'batch')}"
+                 if set(parts) - {"audit"} else "")
+    L.append(f"- settings: {pgb}{bulk_n}{masked_n}{audit_n}"
+             f"phigate workers={s['workers']}{main_sync}; "
              f"TLS off on every leg; "
              f"PgBouncer pool_mode=session, auth SCRAM; PostgreSQL auth SCRAM")
-    if "parts" in s and len(parts) < 5:
+    if "parts" in s and len(parts) < ALL_PARTS:
         L.append(f"- parts run: {', '.join(parts)}")
     if "pgbench" in parts:
         L.append("- latency: p50/p99 from pgbench per-transaction logs (`--log`), i.e. what the "
@@ -266,6 +283,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                      f"{_f(x.get('per_conn_kb'), 2)} |")
         L.append("")
 
+    if data.get("audit"):
+        L.extend(_audit_section(data["audit"]))
+
     L.append("## Targets")
     L.append("")
     L.append("| target | measured | result |")
@@ -287,6 +307,73 @@ def render_markdown(data: dict[str, Any]) -> str:
         L.extend(f"- {e}" for e in errs)
         L.append("")
     return "\n".join(L)
+
+
+def _audit_section(au: dict[str, Any]) -> list[str]:
+    """The audit part: TPS, latency and proxy CPU per sync mode, ratios, and the trails."""
+    L = ["## Audit trail: pgbench -S through phigate, trail off / batch / write / statement", "",
+         "One gateway process per mode (workers=1), each with its own trail directory; the "
+         "modes take turns within each cell. \"off\" = records formatted, then dropped (see "
+         "Notes).", ""]
+    rows = au.get("rows", [])
+    L.append("| mode | clients | off | batch | write | statement | batch/off | write/off | "
+             "statement/off | write/batch |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        res = row["results"]
+        t = {k: _cell(res, k, "tps") for k in AUDIT_SYNCS}
+        cells = [_f(t[k]) if t[k] is not None else (_errnote(res, k) or "–")
+                 for k in AUDIT_SYNCS]
+        L.append(f"| {row['mode']} | {row['clients']} | " + " | ".join(cells) + " | "
+                 + " | ".join(_f(_ratio(t[k], t["off"]), 3) for k in AUDIT_SYNCS[1:])
+                 + f" | {_f(_ratio(t['write'], t['batch']), 3)} |")
+    wb = au.get("write_vs_batch", {})
+    if wb.get("geomean") is not None:
+        L.append("")
+        L.append(f"write/batch over all cells (geometric mean): **{wb['geomean']:.3f}**")
+    if any(len(v) > 1 for row in rows for v in row.get("runs", {}).values()):
+        L.append("")
+        L.append("Every run's TPS (in run order):")
+        L.append("")
+        L.append("| mode | clients | " + " | ".join(AUDIT_SYNCS) + " |")
+        L.append("|---|---:|" + "---|" * len(AUDIT_SYNCS))
+        for row in rows:
+            L.append(f"| {row['mode']} | {row['clients']} | " + " | ".join(
+                ", ".join(_f(x) for x in row["runs"].get(k, [])) for k in AUDIT_SYNCS) + " |")
+    L.append("")
+    L.append("Latency p50 / p99 (ms) and proxy CPU per transaction (µs, the gateway's process):")
+    L.append("")
+    L.append("| mode | clients | " + " | ".join(AUDIT_SYNCS) + " |")
+    L.append("|---|---:|" + "---:|" * len(AUDIT_SYNCS))
+    for row in rows:
+        res = row["results"]
+        cells = [f"{_f(_cell(res, k, 'p50_ms'), 3)} / {_f(_cell(res, k, 'p99_ms'), 3)}; "
+                 f"{_f(_cell(res, k, 'proxy_cpu_us_per_txn'), 1)} µs" for k in AUDIT_SYNCS]
+        L.append(f"| {row['mode']} | {row['clients']} | " + " | ".join(cells) + " |")
+    L.append("")
+    trails = au.get("trails", {})
+    if trails:
+        L.append("Trails after the run (the gateways stopped cleanly first), each checked with "
+                 "`python -m phigate.cli audit verify --log DIR --pubkey FILE`:")
+        L.append("")
+        L.append("| sync | trail bytes | records | statement records | bytes/statement | "
+                 "records/statement | verify | verify records/s |")
+        L.append("|---|---:|---:|---:|---:|---:|---|---:|")
+        for k in AUDIT_SYNCS:
+            t = trails.get(k)
+            if t is None:
+                continue
+            if "verify" not in t:
+                L.append(f"| {k} | – | – | – | {_f(t.get('bytes_per_statement'))} (formatted, "
+                         f"dropped) | – | no trail | – |")
+                continue
+            v = t["verify"]
+            L.append(f"| {k} | {_f(t['trail_bytes'])} | {_f(t['records'])} | "
+                     f"{_f(t['statement_records'])} | {_f(t.get('bytes_per_statement'))} | "
+                     f"{_f(t.get('records_per_statement'), 2)} | "
+                     f"{'OK' if v['ok'] else '**FAILED**'} | {_f(v.get('records_per_s'))} |")
+        L.append("")
+    return L
 
 
 def _masking_section(mk: dict[str, Any]) -> list[str]:

@@ -1,5 +1,5 @@
 """One-command benchmark: pgbench, bulk read, connect rate, masked bulk read, idle RSS:
-direct/PgBouncer/phigate."""
+direct/PgBouncer/phigate; and phigate's audit trail off/batch/write/statement."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # phigate from this checkout (pgembed, tokens) even when the package is not pip-installed.
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "python"))
 
+import audit_bench  # noqa: E402
 import bouncer  # noqa: E402
 import bulk  # noqa: E402
 import gateway  # noqa: E402
@@ -43,7 +44,9 @@ from procs import (  # noqa: E402
 
 MODES = ("simple", "extended", "prepared")
 # Measurements, in the order they run; --skip and --only name them.
-PARTS = ("pgbench", "connect", "bulk", "masking", "rss")
+PARTS = ("pgbench", "connect", "bulk", "masking", "rss", "audit")
+# Parts that measure the main phigate gateway (the audit part starts its own, one per mode).
+MAIN_GATEWAY_PARTS = {"pgbench", "connect", "bulk", "masking", "rss"}
 CLIENT_SETS = ((1, 1), (8, 2))
 SVC_USER = "bench_svc"
 DB = "bench"
@@ -79,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # phigate I/O thread is the like-for-like setting and avoids cross-thread wakeups (measured:
     # ~20 % less proxy CPU per transaction at 8 clients than with 2 workers).
     ap.add_argument("--workers", type=int, default=1, help="phigate [server] workers (default 1)")
-    ap.add_argument("--audit-sync", choices=("batch", "statement"), default="batch",
+    ap.add_argument("--audit-sync", choices=("batch", "write", "statement"), default="batch",
                     help="phigate's audit trail durability (the trail is in the work dir)")
     ap.add_argument("--no-latency-log", action="store_true",
                     help="do not use pgbench --log (no p50/p99; only average latency)")
@@ -118,7 +121,9 @@ class Bench:
         self.bouncer: bouncer.PgBouncer | None = None
         self.gw: gateway.Gateway | None = None
         self.data: dict[str, Any] = {"pgbench": [], "connect": [], "bulk": {}, "masking": {},
-                                     "rss": []}
+                                     "rss": [], "audit": {}}
+        self.pg_port = 0
+        self.svc_pw = ""
         self.masking_eps: dict[str, Endpoint] = {}
         self.phi_payload_bytes = 0
         self.gw_config: Path | None = None
@@ -154,7 +159,8 @@ class Bench:
         pg.create_role(SVC_USER, svc_pw)
         pg.create_database(DB, SVC_USER)
         direct = Endpoint("direct", pg.port, DB, SVC_USER, svc_pw)
-        if {"pgbench", "connect"} - a.skip:
+        self.pg_port, self.svc_pw = pg.port, svc_pw
+        if {"pgbench", "connect", "audit"} - a.skip:
             log(f"pgbench -i -s {a.scale} ...")
             pgbenchrun.init_db(self.pgbench, direct, a.scale, timeout=900)
         bulk.create_table(pg.dsn(DB, SVC_USER, svc_pw))
@@ -187,7 +193,7 @@ class Bench:
             up.start()
             pool_port = up.port
 
-        if "phigate" in a.systems:
+        if "phigate" in a.systems and MAIN_GATEWAY_PARTS - a.skip:
             self.gw = gateway.Gateway(self.reg, self.workdir)
             token, jwks = gateway.mint_token(self.gw.dir / "keys", ttl_seconds=6 * 3600)
             self.events_path = self.gw.dir / "audit"
@@ -357,6 +363,29 @@ class Bench:
         except OSError:
             return None
         return 100.0 * hits / (hits + misses) if hits + misses else None
+
+    def audit(self) -> None:
+        """pgbench -S through one gateway per audit mode (off, batch, write, statement)."""
+        if "phigate" not in self.a.systems:
+            self.notes.append("The audit part needs phigate; it was not measured.")
+            return
+        a = self.a
+        try:
+            self.data["audit"] = audit_bench.run_part(
+                self.reg, self.workdir, self.pgbench, pg_port=self.pg_port, db=DB,
+                svc_user=SVC_USER, svc_pw=self.svc_pw, workers=a.workers, warmup_s=a.warmup,
+                repeat=a.repeat, duration=a.duration, latency_log=not a.no_latency_log,
+                errors=self.errors)
+        except Exception as e:  # noqa: BLE001 - the other parts' results still get reported
+            self.errors.append(f"audit part: {str(e).splitlines()[0]}")
+            log(f"audit part FAILED: {traceback.format_exc()}")
+            return
+        self.notes.append(
+            "Audit part: \"off\" is `benches/gateway_noaudit.py`, the same Gateway without an "
+            "[audit] section: the data plane formats every record as with a trail, queues it for "
+            "`take_events()`, and the launcher takes the queue every 20 ms and drops the bytes "
+            "(no writer thread, chaining, hashing, write(), fsync or checkpoints). Its bytes per "
+            "statement are the formatted record bytes dropped / pgbench transactions sent.")
 
     def connect_rate(self) -> None:
         for clients, threads in CLIENT_SETS:
@@ -547,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             b.masked_read()
         if "rss" not in a.skip:
             b.idle_rss()
+        if "audit" not in a.skip:
+            b.audit()
         if "rss" not in a.skip:
             b.notes.append("Idle-RSS upstream: up to "
                            f"{REAL_PG_IDLE_MAX:,} connections phigate's upstream is real "

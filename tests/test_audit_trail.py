@@ -1,8 +1,8 @@
 """The audit trail as an operator and an auditor see it, through real drivers: every record
 canonical, numbered and chained; signed checkpoints in the log, in `checkpoint`, in the copy
 directory and on the checkpoint command's stdin; segment rotation; a restart (also after a
-torn write) continuing the chain and the tree; key rotation; sync = "statement" putting a
-statement's record on disk before the database sees the statement."""
+torn write) continuing the chain and the tree; key rotation; sync = "statement" and "write"
+putting a statement's record in the file before the database sees the statement."""
 
 from __future__ import annotations
 
@@ -135,14 +135,16 @@ def test_key_rotation_dual_signs_and_an_unknown_key_refuses_to_start(
     assert type(refused.value).__name__ == "AuditError"
 
 
-def test_statement_sync_puts_the_record_on_disk_before_the_database_runs_it(
-    gateway_factory, token, pg
+@pytest.mark.parametrize("sync", ["statement", "write"])
+def test_awaiting_sync_modes_write_the_record_before_the_database_runs_it(
+    gateway_factory, token, pg, sync
 ):
     # The trail where PostgreSQL's own user can read it, so a trigger can look at it while
     # the statement runs inside the database.
     trail = Path(tempfile.mkdtemp(prefix="phigate-sync-trail-"))
     os.chmod(trail, 0o755)  # noqa: S103 - PostgreSQL runs as another user
-    gw = gateway_factory(audit={"dir": str(trail), "sync": "statement"})
+    gw = gateway_factory(audit={"dir": str(trail), "sync": sync})
+    assert gw.thread.gateway.engine.audit_status()["sync"] == sync
     segment = trail / "segment-000000000000.jsonl"
     os.chmod(segment, 0o644)  # noqa: S103
     with psycopg.connect(pg.dsn(pg.ehr_database), autocommit=True) as admin:

@@ -150,12 +150,13 @@ impl Bridge {
         }
     }
 
-    /// A statement's record: with `sync = "statement"` what resolves once it is on disk (the
-    /// statement must not go upstream before), else None (appended like any event).
+    /// A statement's record: with `sync = "write"` or `"statement"` what resolves once it is
+    /// written or on disk (the statement must not go upstream before), else None (appended
+    /// like any event).
     pub fn emit_statement(&self, line: &[u8]) -> Option<Durable> {
         match &self.trail {
             // Statement records are formatted canonically by hand (events.rs tests check it).
-            Some(trail) if trail.statement_sync() => Some(trail.append_durable(line.to_vec(), true)),
+            Some(trail) if trail.sync_mode().statements_wait() => Some(trail.append_durable(line.to_vec(), true)),
             _ => {
                 self.emit_canonical(line);
                 None

@@ -217,7 +217,7 @@ impl Engine {
         d.set_item("float_values", s.float_values)?;
         d.set_item("bad_records", s.bad_records)?;
         d.set_item("publish_errors", s.publish_errors)?;
-        d.set_item("sync", if trail.statement_sync() { "statement" } else { "batch" })?;
+        d.set_item("sync", trail.sync_mode().as_str())?;
         Ok(Some(d))
     }
 

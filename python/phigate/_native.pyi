@@ -52,7 +52,8 @@ which numbers it (seq), chains it (prev), hashes it into an RFC 9162 Merkle tree
 to `segment-<seq>.jsonl` files in the config's audit.dir with group-commit fsync, and signs
 checkpoints with the audit signing key. Bodies are canonical JSON objects (sorted keys, no
 whitespace, no floats: a float is written as a string and counted in audit_status()). With
-sync = "statement" a statement's record is fsync'd before the statement goes upstream. When
+sync = "write" a statement's record is written (handed to the kernel), with sync = "statement"
+fsync'd, before the statement goes upstream. When
 the trail cannot be written, new statements are refused with SQLSTATE 58030 until it can.
 
 Records the data plane makes (their fields are the record contents' business, see docs):
@@ -152,7 +153,7 @@ class Engine:
         (of the last checkpoint since start), "pending": records kept while failing, "lost":
         records dropped beyond max_pending_records, "bytes_written": int, "float_values":
         floats written as strings, "bad_records": bodies that were not JSON objects,
-        "publish_errors": checkpoint copies that failed, "sync": "batch"|"statement"}."""
+        "publish_errors": checkpoint copies that failed, "sync": "batch"|"write"|"statement"}."""
 
     def audit_close(self) -> None:
         """Close the trail: audit_close record, final checkpoint, fsync; blocks (without the

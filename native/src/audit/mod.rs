@@ -29,8 +29,28 @@ use writer::{Msg, Writer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
+    /// Records reach the kernel within milliseconds; fsync every sync_window.
     Batch,
+    /// A statement goes upstream once its record reached the kernel (survives kill -9);
+    /// fsync on the batch schedule.
+    Write,
+    /// A statement goes upstream once its record is fsync'd (survives a power loss).
     Statement,
+}
+
+impl SyncMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Batch => "batch",
+            SyncMode::Write => "write",
+            SyncMode::Statement => "statement",
+        }
+    }
+
+    /// Whether a session awaits its statement record before the statement goes upstream.
+    pub fn statements_wait(self) -> bool {
+        self != SyncMode::Batch
+    }
 }
 
 fn default_sync() -> SyncMode {
@@ -143,7 +163,8 @@ impl AuditSettings {
     }
 }
 
-/// A receiver that resolves when the record is fsync'd (Err: why it is not).
+/// A receiver that resolves when the record is as durable as the sync mode promises: written
+/// (handed to the kernel) in write mode, fsync'd in statement mode (Err: why it is not).
 pub type Durable = tokio::sync::oneshot::Receiver<Result<(), String>>;
 
 /// The open trail: sends records to the writer thread and reads its status.
@@ -151,7 +172,6 @@ pub struct Trail {
     tx: mpsc::Sender<Msg>,
     status: Arc<Status>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
-    statement_sync: bool,
     pub settings: AuditSettings,
 }
 
@@ -197,7 +217,7 @@ impl Trail {
             origin: settings.origin.clone(),
             signer,
             previous,
-            statement_sync: settings.sync == SyncMode::Statement,
+            sync: settings.sync,
             sync_window: Duration::from_millis(settings.sync_window_ms),
             checkpoint_interval: Duration::from_millis(settings.checkpoint_interval_ms),
             checkpoint_every: settings.checkpoint_every,
@@ -220,7 +240,7 @@ impl Trail {
         }
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new().name("phigate-audit".into()).spawn(move || w.run(rx)).map_err(|e| at(&dir, e))?;
-        Ok(Trail { tx, status, thread: parking_lot::Mutex::new(Some(thread)), statement_sync: settings.sync == SyncMode::Statement, settings: settings.clone() })
+        Ok(Trail { tx, status, thread: parking_lot::Mutex::new(Some(thread)), settings: settings.clone() })
     }
 
     fn send(&self, body: Vec<u8>, canonical: bool, done: Option<writer::Done>) {
@@ -241,15 +261,15 @@ impl Trail {
         self.send(body, true, None);
     }
 
-    /// Appends a body and returns what resolves once it is fsync'd.
+    /// Appends a body and returns what resolves once it is durable as the sync mode promises.
     pub fn append_durable(&self, body: Vec<u8>, canonical: bool) -> Durable {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(body, canonical, Some(tx));
         rx
     }
 
-    pub fn statement_sync(&self) -> bool {
-        self.statement_sync
+    pub fn sync_mode(&self) -> SyncMode {
+        self.settings.sync
     }
 
     /// The reason word while the trail cannot write (statements are refused then).

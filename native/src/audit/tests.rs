@@ -190,3 +190,21 @@ async fn statement_sync_resolves_after_fsync() {
     assert!(data.contains(r#""event":"statement""#));
     t.close();
 }
+
+#[tokio::test]
+async fn write_sync_resolves_once_the_record_is_in_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let mut s = settings(d.path(), 1);
+    s.sync = serde_json::from_str(r#""write""#).unwrap();
+    assert_eq!(s.sync, SyncMode::Write);
+    // The batch-schedule fsync comes a second after audit_open's: an answer sooner did not wait for it.
+    s.sync_window_ms = 1000;
+    let t = Trail::open(&s).unwrap();
+    let asked = std::time::Instant::now();
+    let done = t.append_durable(br#"{"event":"statement"}"#.to_vec(), false);
+    assert_eq!(done.await.unwrap(), Ok(()));
+    assert!(asked.elapsed() < std::time::Duration::from_millis(500));
+    let data = std::fs::read_to_string(d.path().join(segment::segment_name(0))).unwrap();
+    assert!(data.contains(r#""event":"statement""#));
+    t.close();
+}

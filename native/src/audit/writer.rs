@@ -1,7 +1,7 @@
 //! The writer thread: the only code that touches the trail's files. It numbers and chains each
 //! record, hashes it into the tree, writes each batch with one write(), fsyncs (group commit:
-//! at most every sync_window in batch mode, at once for records a session awaits in statement
-//! mode), signs checkpoints, rotates segments, and when the disk fails keeps records in memory
+//! at most every sync_window in batch and write mode, at once for records a session awaits in
+//! statement mode; in write mode those are answered as soon as write() returned), signs checkpoints, rotates segments, and when the disk fails keeps records in memory
 //! and retries every second until it can write them after an `audit_failure` record.
 
 use serde_json::json;
@@ -20,6 +20,7 @@ use super::publish::{replace_checkpoint_file, CommandRunner};
 use super::segment::Segment;
 use super::status::Status;
 use super::time::{now_ts, now_us};
+use super::SyncMode;
 
 /// The answer a session awaiting its record's durability gets: Err names why it is not durable.
 pub type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -64,7 +65,7 @@ pub struct Settings {
     pub origin: String,
     pub signer: SignerKey,
     pub previous: Option<SignerKey>,
-    pub statement_sync: bool,
+    pub sync: SyncMode,
     pub sync_window: Duration,
     pub checkpoint_interval: Duration,
     pub checkpoint_every: u64,
@@ -85,7 +86,7 @@ pub struct Writer {
     last_checkpoint: Instant,
     unsynced: bool,
     last_sync: Instant,
-    /// Records written but not yet fsync'd whose sessions await them.
+    /// Records written but not yet fsync'd whose sessions await them (statement mode).
     waiters: Vec<Done>,
     pending: VecDeque<Item>,
     failure: Option<Failure>,
@@ -174,7 +175,13 @@ impl Writer {
         self.unsynced = true;
         self.status.next_seq.store(seq, Ordering::Relaxed);
         self.status.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.waiters.extend(items.into_iter().filter_map(|i| i.done));
+        let awaited = items.into_iter().filter_map(|i| i.done);
+        if self.s.sync == SyncMode::Write {
+            // Handed to the kernel: a kill -9 of the gateway can no longer lose it.
+            awaited.for_each(|d| drop(d.send(Ok(()))));
+        } else {
+            self.waiters.extend(awaited);
+        }
         Ok(())
     }
 
@@ -344,7 +351,7 @@ impl Writer {
         if self.failure.is_some() {
             return RETRY.saturating_sub(self.last_retry.elapsed());
         }
-        if self.unsynced && !self.s.statement_sync {
+        if self.unsynced && self.s.sync != SyncMode::Statement {
             d = d.min(self.s.sync_window.saturating_sub(self.last_sync.elapsed()));
         }
         if self.since_checkpoint > 0 {
@@ -379,7 +386,8 @@ impl Writer {
                     return;
                 }
             }
-            if !msgs.is_empty() && !self.s.statement_sync {
+            // Sessions awaiting a record are not kept waiting for others to arrive.
+            if !msgs.is_empty() && !self.s.sync.statements_wait() {
                 std::thread::sleep(GATHER);
             }
             while msgs.len() < MAX_BATCH {
@@ -412,7 +420,7 @@ impl Writer {
                 }
             }
             if self.failure.is_none() {
-                if self.s.statement_sync || self.last_sync.elapsed() >= self.s.sync_window {
+                if self.s.sync == SyncMode::Statement || self.last_sync.elapsed() >= self.s.sync_window {
                     self.sync();
                 }
                 if self.failure.is_none() && self.checkpoint_due() {

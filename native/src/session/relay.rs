@@ -107,7 +107,7 @@ struct Ctx {
     bytes_out: AtomicU64,
     /// Statement records written so far (the last one's `stmt`).
     statements: AtomicU64,
-    /// sync = "statement": the durability of the latest statement record, awaited before the
+    /// sync = "write" or "statement": the latest statement record's durability, awaited before the
     /// next bytes go upstream.
     durable: parking_lot::Mutex<Option<crate::audit::Durable>>,
 }
@@ -192,7 +192,7 @@ pub mod end_reason {
     pub const MASKING_FAILURE: &str = "masking_failure";
     /// Another fatal gateway error.
     pub const GATEWAY_ERROR: &str = "gateway_error";
-    /// sync = "statement" and a statement record could not be made durable: the statement
+    /// sync = "write" or "statement" and a statement record could not be made durable: the statement
     /// was not sent, and the session closed.
     pub const AUDIT_FAILURE: &str = "audit_failure";
 }
@@ -270,7 +270,7 @@ impl Ctx {
     async fn flush(&self, ob: &mut Outbox, uw: &mut WritePart) -> Result<(), &'static str> {
         let durable = self.durable.lock().take();
         if let Some(durable) = durable {
-            // sync = "statement": a statement whose record could not be made durable never
+            // sync = "write" or "statement": a statement whose record could not be made durable never
             // goes upstream; the session ends (new sessions are refused with 58030 meanwhile).
             if !matches!(durable.await, Ok(Ok(()))) {
                 return Err(end_reason::AUDIT_FAILURE);
@@ -333,8 +333,9 @@ impl Ctx {
     }
 
     /// Writes a statement record; returns its number in the session.
-    /// With `sync = "statement"` the record's durability is awaited before the next bytes go
-    /// upstream (`flush`): no statement reaches the database before its record is on disk.
+    /// With `sync = "write"` or `"statement"` the record is awaited before the next bytes go
+    /// upstream (`flush`): no statement reaches the database before its record is written
+    /// (write) or on disk (statement).
     fn record_statement(&self, audit: &StmtAudit, protocol: &str, parameters: Option<&[u8]>) -> u64 {
         let stmt = self.statements.fetch_add(1, Ordering::Relaxed) + 1;
         let durable = self.core.bridge.emit_statement(&crate::events::statement(&crate::events::StatementRecord {
@@ -347,7 +348,8 @@ impl Ctx {
             parameters,
         }));
         if durable.is_some() {
-            // The writer fsyncs in order: the latest record durable means every earlier one is.
+            // The writer writes and fsyncs in order: the latest record durable means every
+            // earlier one is.
             *self.durable.lock() = durable;
         }
         stmt

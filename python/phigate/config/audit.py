@@ -16,7 +16,9 @@ _AUDIT_KEYS = frozenset({
     "segment_max_bytes", "segment_max_age", "max_pending_records", "disclosures_exact_max",
 })  # fmt: skip
 
-SYNC_MODES = ("batch", "statement")
+# batch: fsync every sync_window; write: a statement goes upstream once its record is written
+# (handed to the kernel); statement: once it is fsync'd.
+SYNC_MODES = ("batch", "write", "statement")
 _MAX_KEY_FILE_BYTES = 4096
 _KEYGEN_HINT = "create keys with `phigate audit keygen --out DIR`"
 

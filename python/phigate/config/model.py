@@ -224,7 +224,7 @@ class AuditConfig:
     signing_key_file: Path
     previous_signing_key: SecretBytes | None  # set while rotating: the key that signed before
     hmac_key: SecretBytes  # 32 raw bytes: keys every hash a record holds in place of a value
-    sync: str  # "batch" | "statement"
+    sync: str  # "batch" | "write" | "statement"
     sync_window: float
     checkpoint_interval: float
     checkpoint_every: int
