@@ -153,10 +153,10 @@ impl Bridge {
     /// A statement's record: with `sync = "write"` or `"statement"` what resolves once it is
     /// written or on disk (the statement must not go upstream before), else None (appended
     /// like any event).
-    pub fn emit_statement(&self, line: &[u8]) -> Option<Durable> {
+    pub fn emit_statement(&self, line: Vec<u8>) -> Option<Durable> {
         match &self.trail {
             // Statement records are formatted canonically by hand (events.rs tests check it).
-            Some(trail) if trail.sync_mode().statements_wait() => Some(trail.append_durable(line.to_vec(), true)),
+            Some(trail) if trail.sync_mode().statements_wait() => Some(trail.append_durable(line, true)),
             _ => {
                 self.emit_canonical(line);
                 None
@@ -167,10 +167,10 @@ impl Bridge {
     /// Appends a record its producer formats canonically (sorted keys, no whitespace, no
     /// floats: the statement and result records of events.rs, whose tests check it), so the
     /// trail's writer need not parse and re-serialize it.
-    pub fn emit_canonical(&self, line: &[u8]) {
+    pub fn emit_canonical(&self, line: Vec<u8>) {
         match &self.trail {
-            Some(trail) => trail.append_canonical(line.to_vec()),
-            None => self.emit_line(line),
+            Some(trail) => trail.append_canonical(line),
+            None => self.emit_line(&line),
         }
     }
 

@@ -26,11 +26,18 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
 }
 
 pub fn to_hex(h: &Hash) -> String {
-    let mut s = String::with_capacity(64);
+    let mut out = Vec::with_capacity(64);
+    push_hex(&mut out, h);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends the lowercase hex of `h` (per record on the writer's path: no formatter).
+pub fn push_hex(out: &mut Vec<u8>, h: &Hash) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in h {
-        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
     }
-    s
 }
 
 pub fn from_hex(s: &str) -> Option<Hash> {

@@ -6,14 +6,14 @@
 
 use serde_json::json;
 use std::collections::{HashSet, VecDeque};
-use std::io;
+use std::io::{self, Write as _};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::canonical::{canonicalize, event_name, Problem};
-use super::merkle::{leaf_hash, to_hex, CompactRange, Hash};
+use super::merkle::{leaf_hash, push_hex, to_hex, CompactRange, Hash};
 use super::note::{b64, sign_checkpoint, SignerKey};
 use super::recovery::Position;
 use super::publish::{replace_checkpoint_file, CommandRunner};
@@ -156,11 +156,11 @@ impl Writer {
         for it in &items {
             let start = buf.len();
             buf.extend_from_slice(b"{\"prev\":\"");
-            buf.extend_from_slice(to_hex(&prev).as_bytes());
+            push_hex(&mut buf, &prev);
             buf.extend_from_slice(b"\",\"rec\":");
             buf.extend_from_slice(&it.body);
             buf.extend_from_slice(b",\"seq\":");
-            buf.extend_from_slice(seq.to_string().as_bytes());
+            let _ = write!(buf, "{seq}");
             buf.push(b'}');
             prev = leaf_hash(&buf[start..]);
             tree.append(prev);

@@ -338,7 +338,7 @@ impl Ctx {
     /// (write) or on disk (statement).
     fn record_statement(&self, audit: &StmtAudit, protocol: &str, parameters: Option<&[u8]>) -> u64 {
         let stmt = self.statements.fetch_add(1, Ordering::Relaxed) + 1;
-        let durable = self.core.bridge.emit_statement(&crate::events::statement(&crate::events::StatementRecord {
+        let durable = self.core.bridge.emit_statement(crate::events::statement(&crate::events::StatementRecord {
             session: &self.session,
             stmt,
             decision: &audit.decision,

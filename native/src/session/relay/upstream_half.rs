@@ -108,7 +108,7 @@ fn write_result(ctx: &Ctx, f: Finished, answer: &mut Answer, out_len: usize, gua
         rows_masked: masked_now - answer.masked_at,
         skipped: false,
     };
-    ctx.core.bridge.emit_canonical(&crate::events::result(&ctx.session, f.stmt, &record, disclosures.as_ref()));
+    ctx.core.bridge.emit_canonical(crate::events::result(&ctx.session, f.stmt, &record, disclosures.as_ref()));
     *answer = Answer { mark: out_len, masked_at: masked_now, ..Answer::default() };
 }
 
@@ -122,7 +122,7 @@ fn write_skipped(ctx: &Ctx, pipeline: &mut Pipeline, cause: &mut Option<String>)
             Some(code) => crate::events::ResultRecord { sqlstate: Some(code), ..Default::default() },
             None => crate::events::ResultRecord { skipped: true, ..Default::default() },
         };
-        ctx.core.bridge.emit_canonical(&crate::events::result(&ctx.session, stmt, &record, None));
+        ctx.core.bridge.emit_canonical(crate::events::result(&ctx.session, stmt, &record, None));
     }
 }
 
