@@ -26,46 +26,15 @@ pub fn normalize(sql: &[u8]) -> Option<String> {
                 // Quoted identifier: kept verbatim (it names things the decision depends on).
                 let start = i;
                 i += 1;
-                loop {
-                    if i >= n {
-                        return None;
-                    }
-                    if b[i] == b'"' {
-                        if i + 1 < n && b[i + 1] == b'"' {
-                            i += 2;
-                            continue;
-                        }
-                        i += 1;
-                        break;
-                    }
-                    i += 1;
-                }
+                i = quoted_ident_end(b, i)?;
                 out.push_str(&s[start..i]);
             }
             b'-' if i + 1 < n && b[i + 1] == b'-' => {
-                while i < n && b[i] != b'\n' && b[i] != b'\r' {
-                    i += 1;
-                }
+                i = line_comment_end(b, i);
                 out.push(' ');
             }
             b'/' if i + 1 < n && b[i + 1] == b'*' => {
-                // Nested block comments, as PostgreSQL allows.
-                let mut depth = 1;
-                i += 2;
-                while depth > 0 {
-                    if i + 1 >= n {
-                        return None;
-                    }
-                    if b[i] == b'/' && b[i + 1] == b'*' {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b[i + 1] == b'/' {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
+                i = block_comment_end(b, i)?;
                 out.push(' ');
             }
             b'$' => {
@@ -165,43 +134,13 @@ pub fn for_each_literal(sql: &[u8], mut f: impl FnMut(&[u8])) -> bool {
             }
             b'"' => {
                 i += 1;
-                loop {
-                    if i >= n {
-                        return false;
-                    }
-                    if b[i] == b'"' {
-                        if i + 1 < n && b[i + 1] == b'"' {
-                            i += 2;
-                            continue;
-                        }
-                        i += 1;
-                        break;
-                    }
-                    i += 1;
-                }
+                let Some(end) = quoted_ident_end(b, i) else { return false };
+                i = end;
             }
-            b'-' if i + 1 < n && b[i + 1] == b'-' => {
-                while i < n && b[i] != b'\n' && b[i] != b'\r' {
-                    i += 1;
-                }
-            }
+            b'-' if i + 1 < n && b[i + 1] == b'-' => i = line_comment_end(b, i),
             b'/' if i + 1 < n && b[i + 1] == b'*' => {
-                let mut depth = 1;
-                i += 2;
-                while depth > 0 {
-                    if i + 1 >= n {
-                        return false;
-                    }
-                    if b[i] == b'/' && b[i + 1] == b'*' {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b[i + 1] == b'/' {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
+                let Some(end) = block_comment_end(b, i) else { return false };
+                i = end;
             }
             b'$' => {
                 if i + 1 < n && b[i + 1].is_ascii_digit() {
@@ -245,6 +184,54 @@ pub fn for_each_literal(sql: &[u8], mut f: impl FnMut(&[u8])) -> bool {
         }
     }
     true
+}
+
+/// The index after a quoted identifier whose body starts at `i` (after the opening `"`;
+/// `""` inside is a quote); None when it is not closed.
+fn quoted_ident_end(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        if i >= b.len() {
+            return None;
+        }
+        if b[i] == b'"' {
+            if b.get(i + 1) == Some(&b'"') {
+                i += 2;
+                continue;
+            }
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+}
+
+/// The index of the line end after a `--` comment starting at `i` (or the text's end).
+fn line_comment_end(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
+        i += 1;
+    }
+    i
+}
+
+/// The index after a block comment starting at `i` (`/*`); they nest, as PostgreSQL allows.
+/// None when it is not closed.
+fn block_comment_end(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 1;
+    i += 2;
+    while depth > 0 {
+        if i + 1 >= b.len() {
+            return None;
+        }
+        if b[i] == b'/' && b[i + 1] == b'*' {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b[i + 1] == b'/' {
+            depth -= 1;
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    Some(i)
 }
 
 fn is_ident_start(c: u8) -> bool {

@@ -13,12 +13,21 @@ pub fn now_ts() -> String {
 }
 
 pub fn format_us(us: i64) -> String {
+    let mut out = Vec::with_capacity(27);
+    write_us(&mut out, us);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends the timestamp of `us` (microseconds since the epoch) to `out`, without quotes: the
+/// hot path of every statement and result record, so no String in between.
+pub fn write_us(out: &mut Vec<u8>, us: i64) {
+    use std::io::Write as _;
     let secs = us.div_euclid(1_000_000);
     let micros = us.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod / 60 % 60, sod % 60)
+    let _ = write!(out, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod / 60 % 60, sod % 60);
 }
 
 /// Microseconds since the epoch of a timestamp in exactly the form `format_us` writes.
