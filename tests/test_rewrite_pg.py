@@ -87,11 +87,13 @@ def _texts(rows: list[tuple[Any, ...]]) -> Iterator[str]:
 
 
 def assert_no_canary(rows: list[tuple[Any, ...]], canaries: set[str]) -> None:
-    leaked = 0
-    for text in _texts(rows):
-        for c in canaries:
-            if c in text:
-                leaked += 1
+    """No canary as a whole token: an MRN's seven digits inside a pseudonym's random hex
+    (`psn_…`) are a coincidence (about one run in ten with a random key), not a leak."""
+    pattern = re.compile(
+        r"(?<![0-9A-Za-z])(?:" + "|".join(map(re.escape, sorted(canaries, key=len, reverse=True)))
+        + r")(?![0-9A-Za-z])"
+    )
+    leaked = sum(len(pattern.findall(text)) for text in _texts(rows))
     assert leaked == 0, f"{leaked} classified values came back in clear"  # no values in output
 
 
