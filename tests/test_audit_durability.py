@@ -148,8 +148,10 @@ def test_a_directory_that_refuses_writes_refuses_statements_until_it_is_writable
 # --- kill -9 ---------------------------------------------------------------------------------
 
 
-def serve(settings: dict[str, Any], tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """`phigate serve` as its own process, listening."""
+def serve(
+    settings: dict[str, Any], tmp: Path, poll: float = 0.05
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`phigate serve` as its own process, listening (checked every ``poll`` seconds)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -169,7 +171,7 @@ def serve(settings: dict[str, Any], tmp: Path) -> tuple[subprocess.Popen[bytes],
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return proc, port
         assert time.monotonic() < deadline, "phigate serve did not listen"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 class Served:
@@ -225,3 +227,20 @@ def test_kill_9_during_a_statement_loop(gateway_factory, token, pg, tmp_path, sy
     assert in_db > 50, "the loop did not get going before the kill"
     if sync in ("statement", "write"):
         assert recorded >= in_db, f"{in_db - recorded} statements ran without a record"
+
+
+def test_sigterm_as_soon_as_it_listens_stops_cleanly(gateway_factory, tmp_path):
+    """The listener is up a moment before start-up ends: a SIGTERM in that moment (systemd
+    stopping a unit it just started, or a test) drains and closes the trail, not a hard kill."""
+    trail = tmp_path / "trail"
+    trail.mkdir()
+    settings = gateway_factory.settings(audit={"dir": str(trail)})
+    rounds = 5
+    for _ in range(rounds):
+        proc, _port = serve(settings, tmp_path, poll=0.0)  # SIGTERM the instant it listens
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    checked = check_trail(trail, [session_audit_keys() / "audit.pub"], AUDIT_ORIGIN)
+    events = [r["event"] for r in checked.records]
+    assert events.count("audit_close") == rounds
+    assert events[-2:] == ["audit_close", "checkpoint"]

@@ -437,8 +437,13 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
         raise ConfigError("audit", config.source, NO_AUDIT)
     block_hangup()  # before any thread starts: the watcher below learns who sent SIGHUP
     gateway = Gateway(config)
-    await gateway.start()
     loop = asyncio.get_running_loop()
+    # SIGTERM/SIGINT while starting (the listener is already up before start returns) must not
+    # kill the process with the trail open: remember it, and drain as soon as start is done.
+    early: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, early.append, sig.name)
+    await gateway.start()
     pending: set[asyncio.Task[None]] = set()
 
     def on_stop(signame: str) -> None:
@@ -476,6 +481,8 @@ async def run(config_path: str | os.PathLike[str], config: Config | None = None)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watch_hangup(loop, on_hup)
     sd_notify(f"READY=1\nSTATUS=listening on {', '.join(gateway.addresses)}")
+    if early:
+        on_stop(early[0])
     try:
         await gateway.serve_forever()
     finally:
