@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from phigate.audit.trail import LineError, list_segments, read_bodies
 from phigate.errors import PhigateError
 
 __all__ = [
@@ -74,23 +74,12 @@ def trail_records(dirs: Iterable[Path]) -> Iterator[tuple[int, dict[str, Any]]]:
     for d in dirs:
         if not d.is_dir():
             raise DisclosureError(f"{d}: not a directory (give the audit trail directory)")
-        segments = sorted(d.glob("segment-*.jsonl"))
-        if not segments:
+        if not list_segments(d):
             raise DisclosureError(f"{d}: no segment-*.jsonl files (is this an audit trail?)")
-        for seg in segments:
-            with seg.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.endswith("\n"):
-                        break  # a torn tail: the writer sets it aside on its next start
-                    try:
-                        doc = json.loads(line)
-                        seq, rec = int(doc["seq"]), doc["rec"]
-                    except (ValueError, KeyError, TypeError):
-                        raise DisclosureError(
-                            f"{seg.name} line {n}: not an audit record (run phigate audit verify)"
-                        ) from None
-                    if isinstance(rec, dict):
-                        yield seq, rec
+        try:
+            yield from read_bodies(d)
+        except LineError as exc:
+            raise DisclosureError(str(exc)) from None
 
 
 def _when(ts: Any) -> datetime | None:

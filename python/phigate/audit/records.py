@@ -6,10 +6,11 @@ durations as integer microseconds, file hashes, and the canonical JSON the trail
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from phigate.audit.trail import canonical, read_bodies
 
 __all__ = [
     "audit_section", "canonical", "duration_us", "file_sha256", "now_ts", "read_records", "ts",
@@ -39,30 +40,10 @@ def file_sha256(path: Path) -> str | None:
         return None
 
 
-def canonical(body: dict[str, Any]) -> bytes:
-    """``body`` as canonical JSON bytes: sorted keys, no whitespace, UTF-8 (the same bytes
-    the data plane's serde_json writes). Records hold no floats: the trail writes any float
-    as a string and logs the producer's mistake."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def read_records(trail_dir: Path) -> list[dict[str, Any]]:
     """The ``rec`` bodies of every complete line in ``trail_dir``'s segments, in seq order.
     No checks at all (a torn last line is skipped): `phigate audit verify` checks a trail."""
-    records: list[dict[str, Any]] = []
-    for segment in sorted(trail_dir.glob("segment-*.jsonl")):
-        data = segment.read_bytes()
-        for line in data.split(b"\n"):
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("rec"), dict):
-                records.append(obj["rec"])
-    return records
-
+    return [rec for _, rec in read_bodies(trail_dir, lenient=True)]
 
 def audit_section(
     trail_dir: Path, key_dir: Path, *, name: str, **settings: Any

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "read_bodies",
     "CHECKPOINT_FILE",
     "ZERO_HASH",
     "Line",
@@ -87,6 +88,28 @@ def iter_lines(segment: Segment, start_offset: int = 0, start_number: int = 1) -
             pending = buf[start:]
     if pending:
         yield Line(segment, number, offset, pending, False)
+
+
+def read_bodies(trail_dir: Path, *, lenient: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(seq, record body) of every complete line of a trail, in order, without verifying
+    anything (`verify` does that). A line that is not a record raises LineError naming it, or
+    with ``lenient`` is skipped; an unfinished last line (a write cut short) is left out."""
+    for segment in list_segments(trail_dir):
+        for line in iter_lines(segment):
+            if not line.complete:
+                break
+            try:
+                obj = orjson.loads(line.data)
+                seq, rec = int(obj["seq"]), obj["rec"]
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                if lenient:
+                    continue
+                raise LineError(
+                    f"{segment.name} line {line.number}: not an audit record "
+                    "(run phigate audit verify)"
+                ) from None
+            if isinstance(rec, dict):
+                yield seq, rec
 
 
 def canonical(obj: Any) -> bytes:
