@@ -61,19 +61,24 @@ def _toml_key(text: str) -> str:
         return text
     return json.dumps(text, ensure_ascii=False)
 
+def _dotted_name(t: _Table, text: str, count: int, what: str) -> tuple[str, ...]:
+    """A key of `[phi.columns]` or `[phi.subjects]` folded into its ``count`` parts; fails
+    naming the key and ``what`` it must name."""
+    key = _toml_key(text)
+    try:
+        parts = fold_name(text)
+    except ValueError as exc:
+        t.fail(key, f"{text!r}: {exc}")
+    if len(parts) != count:
+        t.fail(key, f"{text!r} must name {what}")
+    return tuple(parts)
+
 def _phi(t: _Table) -> PhiConfig:
     cols_tbl = t.table("columns", required=False, allowed=None)
     columns: dict[tuple[str, str, str], ColumnRule] = {}
     for text, value in cols_tbl.data.items():
         key = _toml_key(text)
-        try:
-            parts = fold_name(text)
-        except ValueError as exc:
-            cols_tbl.fail(key, f"{text!r}: {exc}")
-        if len(parts) != 3:
-            cols_tbl.fail(
-                key, f"{text!r} must name schema.table.column, e.g. \"public.patients.ssn\""
-            )
+        parts = _dotted_name(cols_tbl, text, 3, 'schema.table.column, e.g. "public.patients.ssn"')
         schema, table, column = parts
         if schema == "pg_catalog" or schema.startswith("pg_"):
             cols_tbl.fail(key, "system schemas cannot be classified")
@@ -151,12 +156,7 @@ def _subjects(t: _Table) -> dict[tuple[str, str], str]:
     subjects: dict[tuple[str, str], str] = {}
     for text in t.data:
         key = _toml_key(text)
-        try:
-            parts = fold_name(text)
-        except ValueError as exc:
-            t.fail(key, f"{text!r}: {exc}")
-        if len(parts) != 2:
-            t.fail(key, f"{text!r} must name schema.table, e.g. \"public.patients\"")
+        parts = _dotted_name(t, text, 2, 'schema.table, e.g. "public.patients"')
         if parts[0] == "pg_catalog" or parts[0].startswith("pg_"):
             t.fail(key, "system relations do not describe persons")
         column_text = t.string(text)
