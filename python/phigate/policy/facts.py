@@ -49,7 +49,8 @@ class Facts:
     """The fact sheet of one statement."""
 
     __slots__ = (
-        "cascade", "columns", "copy_direction", "copy_query", "copy_target", "ctes",
+        "bulk_reads", "cascade", "columns", "copy_direction", "copy_query", "copy_target", "ctes",
+        "cursor", "cursor_op",
         "data_modifying_ctes", "discard", "explain_analyze", "explain_verbose", "fail",
         "functions", "has_limit",
         "has_where", "index", "inner_kind", "kind", "literal_sensitive", "locking", "node",
@@ -67,6 +68,10 @@ class Facts:
         #: truncate or ddl; LOCK and maintenance statements record "select".
         self.relations: list[tuple[str, str, str]] = []
         self.columns: list[ColumnUse] = []
+        #: (schema, name, op) reads (op select or copy_to) whose every row may reach the client
+        #: or another table: read at a query level that no WHERE, LIMIT or one-row aggregate
+        #: narrows, nor an enclosing level does (walk_queries.py says exactly which count).
+        self.bulk_reads: list[tuple[str, str, str]] = []
         #: (schema as written or None, name, schema it resolves to)
         self.functions: list[tuple[str | None, str, str]] = []
         self.operators: list[str] = []  # schemas of explicitly qualified operators
@@ -89,6 +94,10 @@ class Facts:
         self.explain_analyze = False
         self.explain_verbose = False
         self.discard: str | None = None
+        #: DECLARE / FETCH / MOVE / CLOSE: the cursor's name as the server folds it (None for
+        #: CLOSE ALL) and "declare" | "fetch" | "move" | "close" | "close_all".
+        self.cursor: str | None = None
+        self.cursor_op: str | None = None
         self.cascade = False
         self.reg_casts = 0
         self.params = False

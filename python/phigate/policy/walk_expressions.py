@@ -196,11 +196,22 @@ class _ExpressionWalker(_WalkerBase):
             self.expr(op, scope, clause)
         if len(b.get("operName", ())) > 1 and _sval(b["operName"][0]) != "pg_catalog":
             self.f.operators.append(_sval(b["operName"][0]))
-        self.select(b["subselect"]["SelectStmt"], scope)
+        self._sub_level(b["subselect"]["SelectStmt"], scope, clause)
 
     def subselect(self, b: dict[str, Any], scope: _Scope, clause: str) -> None:
         self.f.subqueries += 1
+        self._sub_level(b, scope, clause)
+
+    def _sub_level(self, b: dict[str, Any], scope: _Scope, clause: str) -> None:
+        """A subquery in an expression. In a filter (WHERE, HAVING, JOIN ON) its rows only
+        decide which rows pass, so none reach the client; anywhere else (select list, SET,
+        ORDER BY, ...) it is a query level of its own, narrowed only by itself: an outer WHERE
+        does not narrow `(SELECT string_agg(ssn, ',') FROM patients)`. A view's query (DDL)
+        reads nothing when the view is created."""
+        outer = self.narrowed
+        self.narrowed = clause in _FILTER_CLAUSES
         self.select(b, scope)
+        self.narrowed = outer
 
     def param(self, b: dict[str, Any], scope: _Scope, clause: str) -> None:
         self.f.params = True
@@ -218,6 +229,9 @@ class _ExpressionWalker(_WalkerBase):
         use = b.get("useOp")
         if use and len(use) > 1 and _sval(use[0]) != "pg_catalog":
             self.f.operators.append(_sval(use[0]))
+
+
+_FILTER_CLAUSES = frozenset({"where", "having", "join", "ddl"})
 
 
 def _ignore(w: _ExpressionWalker, b: Any, scope: _Scope, clause: str) -> None:

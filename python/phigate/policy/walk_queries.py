@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from phigate.policy.facts import ColumnUse, Rel
+from phigate.policy.narrowing import has_limit, narrows
 from phigate.policy.parse_nodes import _cannot, _one, _sval, _Unsupported
 from phigate.policy.pg_names import unqualified_relation
 from phigate.policy.scope import _Scope
@@ -22,13 +23,19 @@ class _QueryWalker(_WalkerBase):
     def select(self, body: dict[str, Any], parent: _Scope | None, *, top: bool = False) -> None:
         f = self.f
         scope = _Scope(parent)
+        # Bulk reads: a CTE is narrowed only by what encloses this query (it may be read from
+        # anywhere in it); the arms of a set operation by its LIMIT too; the FROM items of a
+        # plain level by its own WHERE, LIMIT or one-row aggregates (narrowing.py).
+        outer = self.narrowed
         wc = body.get("withClause")
         if wc is not None:
             self.with_clause(wc, scope)
         if body.get("op", "SETOP_NONE") != "SETOP_NONE":
             f.set_operations = True
+            self.narrowed = outer or has_limit(body)
             for side in (body["larg"], body["rarg"]):
                 self.select(side.get("SelectStmt", side), scope)
+            self.narrowed = outer
             # ORDER BY / LIMIT of a set operation name output columns, not relations.
             out = _Scope(scope, opaque=True)
             for sb in body.get("sortClause", ()):
@@ -36,8 +43,10 @@ class _QueryWalker(_WalkerBase):
             self._limit(body, out, top)
             self._locking(body, scope)
             return
+        self.narrowed = narrows(body, self.schema, inherited=outer)
         for item in body.get("fromClause", ()):
             self.from_item(item, scope)
+        self.narrowed = outer
         outputs: set[str] = set()
         for rt in body.get("targetList", ()):
             r = rt["ResTarget"]
@@ -163,6 +172,8 @@ class _QueryWalker(_WalkerBase):
                 scope.items.append((refname, ()))
             else:
                 f.relations.append((rel[0], rel[1], self.read_op))
+                if not self.narrowed and self.read_op in ("select", "copy_to"):
+                    f.bulk_reads.append((rel[0], rel[1], self.read_op))
                 scope.items.append((refname, (rel,)))
         elif ntype == "JoinExpr":
             start = len(scope.items)
@@ -290,8 +301,7 @@ class _QueryWalker(_WalkerBase):
         rel = self._target(b, scope, "update")
         alias = b["relation"].get("alias")
         scope.items.append((alias["aliasname"] if alias else rel[1], (rel,)))
-        for item in b.get("fromClause", ()):
-            self.from_item(item, scope)
+        self._from_items(b, "fromClause", scope)
         for rt in b.get("targetList", ()):
             r = rt["ResTarget"]
             f.columns.append(ColumnUse((rel,), r["name"], "set", True, "update"))
@@ -301,6 +311,14 @@ class _QueryWalker(_WalkerBase):
         self._where(b, scope, top)
         self._returning(b, scope, rel)
         return "update"
+
+    def _from_items(self, b: dict[str, Any], key: str, scope: _Scope) -> None:
+        """UPDATE ... FROM / DELETE ... USING: read rows the statement's WHERE narrows."""
+        outer = self.narrowed
+        self.narrowed = outer or b.get("whereClause") is not None
+        for item in b.get(key, ()):
+            self.from_item(item, scope)
+        self.narrowed = outer
 
     def _where(self, b: dict[str, Any], scope: _Scope, top: bool) -> None:
         w = b.get("whereClause")
@@ -317,8 +335,7 @@ class _QueryWalker(_WalkerBase):
         rel = self._target(b, scope, "delete")
         alias = b["relation"].get("alias")
         scope.items.append((alias["aliasname"] if alias else rel[1], (rel,)))
-        for item in b.get("usingClause", ()):
-            self.from_item(item, scope)
+        self._from_items(b, "usingClause", scope)
         self._where(b, scope, top)
         self._returning(b, scope, rel)
         return "delete"

@@ -46,6 +46,8 @@ class _UtilityWalker(_WalkerBase):
             rel = self.resolve(rv, None, cte=False)
             assert rel is not None
             f.relations.append((rel[0], rel[1], op))
+            if not is_from:
+                f.bulk_reads.append((rel[0], rel[1], op))  # COPY table TO has no WHERE
             attlist = b.get("attlist")
             cols = [_sval(a) for a in attlist] if attlist else ["*"]
             for c in cols:
@@ -114,7 +116,10 @@ class _UtilityWalker(_WalkerBase):
                 f.explain_verbose = f.explain_verbose or _explain_flag_on(d.get("arg"))
             if d.get("defname") == "analyze":
                 f.explain_analyze = f.explain_analyze or _explain_flag_on(d.get("arg"))
+        # Not even EXPLAIN ANALYZE sends the rows it reads to the client.
+        outer, self.narrowed = self.narrowed, True
         self.inner(b["query"])
+        self.narrowed = outer
         return "explain"
 
     def prepare(self, b: dict[str, Any], top: bool, _t: str) -> str:
@@ -127,8 +132,19 @@ class _UtilityWalker(_WalkerBase):
         return "execute"
 
     def declare(self, b: dict[str, Any], top: bool, _t: str) -> str:
+        self.f.cursor, self.f.cursor_op = b.get("portalname"), "declare"
         self.inner(b["query"])
         return "declare_cursor"
+
+    def fetch(self, b: dict[str, Any], top: bool, _t: str) -> str:
+        self.f.cursor = b.get("portalname")
+        self.f.cursor_op = "move" if b.get("ismove") else "fetch"
+        return "fetch"
+
+    def close(self, b: dict[str, Any], top: bool, _t: str) -> str:
+        name = b.get("portalname")
+        self.f.cursor, self.f.cursor_op = name, "close" if name is not None else "close_all"
+        return "close_cursor"
 
     def create_table_as(self, b: dict[str, Any], top: bool, _t: str) -> str:
         f = self.f
@@ -186,6 +202,9 @@ class _UtilityWalker(_WalkerBase):
         f = self.f
         f.writes = True
         saved, self.generic_op = self.generic_op, "ddl"
+        # A view's query reads nothing when the view is created (CREATE TABLE AS does: it is
+        # create_table_as, not this).
+        outer, self.narrowed = self.narrowed, True
         try:
             if ntype == "DropStmt" and b.get("removeType") in _RELATION_OBJECTS:
                 for obj in b.get("objects", ()):
@@ -204,6 +223,7 @@ class _UtilityWalker(_WalkerBase):
             f.reserved_schema = _names_reserved_schema(b)
         finally:
             self.generic_op = saved
+            self.narrowed = outer
         return "ddl"
 
     def admin(self, b: dict[str, Any], top: bool, ntype: str) -> str:
@@ -252,8 +272,6 @@ _SIMPLE: dict[str, str] = {
     "UnlistenStmt": "unlisten",
     "NotifyStmt": "notify",
     "DiscardStmt": "discard",
-    "FetchStmt": "fetch",
-    "ClosePortalStmt": "close_cursor",
     "ConstraintsSetStmt": "transaction",
 }
 
@@ -309,6 +327,8 @@ _UTILITY_STATEMENTS: dict[str, Any] = {
     "PrepareStmt": _UtilityWalker.prepare,
     "ExecuteStmt": _UtilityWalker.execute,
     "DeclareCursorStmt": _UtilityWalker.declare,
+    "FetchStmt": _UtilityWalker.fetch,
+    "ClosePortalStmt": _UtilityWalker.close,
     "CreateTableAsStmt": _UtilityWalker.create_table_as,
     "LockStmt": _UtilityWalker.lock,
     "TruncateStmt": _UtilityWalker.truncate,

@@ -10,13 +10,16 @@ from phigate.policy.scope import _Scope
 
 
 class _WalkerBase:
-    __slots__ = ("f", "generic_op", "read_op", "schema")
+    __slots__ = ("f", "generic_op", "narrowed", "read_op", "schema")
 
     def __init__(self, facts: Facts, schema: str) -> None:
         self.f = facts
         self.schema = schema  # the one schema of the upstream session's search_path
         self.read_op = "select"
         self.generic_op = "ddl"
+        # Rows read at the current query level cannot all reach the client: an enclosing level
+        # narrows them (narrowing.py), or they only feed a filter or a plan (EXPLAIN).
+        self.narrowed = False
 
     if TYPE_CHECKING:
         # For mypy only: the real methods are the mixins' (walk_queries.py,
