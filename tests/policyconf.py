@@ -20,6 +20,8 @@ BASE: dict[str, Any] = {
         }
     },
     "targets": {"ehr": {"host": "127.0.0.1", "database": "ehr", "user": "svc", "tls": "disable"}},
+    # Roles with approval rules need the section; nothing here opens its store.
+    "approvals": {"store": "approvals.db"},
 }
 
 

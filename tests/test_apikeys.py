@@ -699,6 +699,8 @@ def test_dispatch_api_key_answer(store: ApiKeyStore) -> None:
         "close_on_expiry": True,
         "masked": False,
         "clear_kinds": [],
+        "max_rows": None,
+        "approval_mode": "hold",
         "roles": [],
         "credential": {"kind": "api_key", "key_id": record.id, "name": "ci-bot"},
     }

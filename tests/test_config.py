@@ -595,7 +595,9 @@ def test_roles_fold_names_and_union_by_groups(base: dict[str, Any], confdir: Pat
             "targets": ["ehr"], "relations": ["public.diagnoses"], "db_role": "phigate_clinician"
         },  # fmt: skip
     }
-    config = parse(with_roles(base, roles, {"clin": ["clinician"], "ana": ["analyst"]}), confdir)
+    data = with_roles(base, roles, {"clin": ["clinician"], "ana": ["analyst"]})
+    data["approvals"] = {"store": "approvals.db"}  # `approval` needs approvers
+    config = parse(data, confdir)
     c = config.roles["clinician"]
     assert c.relations == {("public", "Patients"), ("public", "encounters")}
     assert c.schemas == {"lab"} and c.targets is None

@@ -32,9 +32,8 @@ def _cases() -> list[Any]:
 
 def outcome(d: Decision) -> str:
     if d.action == "allow":
-        return "allow"
-    if d.action == "approval":
-        return str(d.rule)  # "approval:<rule>"
+        # Allowed once a person approves: the data plane asks before it runs.
+        return "allow" if d.ask is None else f"approval:{d.ask.rule}"
     return f"deny:{d.rule}"
 
 
@@ -96,5 +95,6 @@ def test_refusals_never_quote_literals() -> None:
     for role in ROLES:
         for sql in statements:
             d = decide(analyze(sql, schema="public"), roleset(CONFIG, role))
-            assert d.action != "allow", (sql, role)
-            assert secret not in (d.message or "") + (d.hint or ""), (sql, role, d)
+            assert d.action != "allow" or d.ask is not None, (sql, role)
+            reason = d.ask.reason if d.ask is not None else ""
+            assert secret not in (d.message or "") + (d.hint or "") + reason, (sql, role, d)

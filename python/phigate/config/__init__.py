@@ -18,6 +18,8 @@ from phigate.config.identity import _IDENTITY_KEYS, _identity, apikeys_store_fro
 from phigate.config.model import (
     ALLOW_CLASSES,
     APPROVAL_CLASSES,
+    APPROVAL_MODES,
+    DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_SCHEMA,
     DEFAULT_STARTUP_PARAMETERS,
     DICTIONARY_KINDS,
@@ -29,6 +31,7 @@ from phigate.config.model import (
     PHI_KINDS,
     RESERVED_SCHEMA,
     ApiKeysConfig,
+    ApprovalPattern,
     AuditConfig,
     ColumnRule,
     Config,
@@ -69,6 +72,9 @@ __all__ = [
     "OPERATIONS",
     "ALLOW_CLASSES",
     "APPROVAL_CLASSES",
+    "APPROVAL_MODES",
+    "DEFAULT_APPROVAL_TIMEOUT",
+    "ApprovalPattern",
     "RoleConfig",
     "RoleSet",
     "Secret",
@@ -113,7 +119,8 @@ def parse_config(
     if base_dir is None:
         base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
     ctx = _Ctx(source, Path(base_dir).absolute())
-    sections = {"server", "identity", "targets", "groups", "roles", "phi", "audit"}
+    # "approvals" is parsed by config/approvals.py; here only its presence matters (below).
+    sections = {"server", "identity", "targets", "groups", "roles", "phi", "audit", "approvals"}
     root = _Table(data, "", ctx, sections)
     server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
     identity = root.table("identity", required=True, allowed=_IDENTITY_KEYS)
@@ -128,7 +135,18 @@ def parse_config(
                 name, "target names are what clients send as dbname: use 1-63 of A-Z a-z 0-9 _ . -"
             )
         targets[name] = _target(name, targets_tbl.table(name, required=True, allowed=_TARGET_KEYS))
-    roles = _roles(root.table("roles", required=False, allowed=None), targets)
+    roles_tbl = root.table("roles", required=False, allowed=None)
+    roles = _roles(roles_tbl, targets)
+    # A rule that asks a person needs somewhere to send the request: without [approvals]
+    # the statement would be refused or waved through, neither of which the rule means.
+    # (Once config/approvals.py parses the section: `approvals is None`.)
+    if "approvals" not in data:
+        for name, role in roles.items():
+            key = role.asks_approval
+            if key is not None:
+                roles_tbl.fail(f"{name}.{key}", "needs approvers: add an [approvals] section "
+                               "(where requests are kept and approvers reach them), see "
+                               "docs/approvals.md")  # fmt: skip
     groups = _groups(root.table("groups", required=False, allowed=None), roles)
     phi = _phi(root.table("phi", required=False, allowed=_PHI_KEYS))
     audit = None

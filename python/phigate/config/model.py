@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,26 @@ class TargetConfig:
     #: unqualified relation and function names resolve to it, after pg_catalog.
     schema: str = DEFAULT_SCHEMA
 
+#: A role's `approval_mode`: hold the statement on the session until a person decides
+#: ("hold"), or refuse it at once with the request id so the agent retries it once approved.
+APPROVAL_MODES: tuple[str, ...] = ("hold", "return")
+
+#: Seconds a held statement waits for a decision unless the role sets `approval_timeout`.
+DEFAULT_APPROVAL_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class ApprovalPattern:
+    """One `approval_patterns` entry: SQL compared whole after normalizing (``normalized``),
+    or with ``re:`` a regular expression searched in the normalized text (``regex``).
+    ``number`` is its 1-based position in the list, what messages name instead of its text
+    (a pattern may hold values)."""
+
+    number: int
+    normalized: str | None
+    regex: re.Pattern[str] | None
+
+
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: rules cache per object
 class RoleConfig:
     """One `[roles.NAME]` table. Names are folded like PostgreSQL folds identifiers."""
@@ -292,9 +313,44 @@ class RoleConfig:
     db_role: str | None
     see_clear: frozenset[str] = frozenset()  # PHI kinds this role sees in clear
     masking_notices: str = "first"  # one of MASKING_NOTICES
+    # Risk rules (docs/approval-rules.md): statements naming these relations ("schema.*":
+    # the whole schema), matching these patterns, reading every row of a PHI relation or of
+    # bulk_read_relations, or estimated to read more rows than approval_row_estimate.
+    approval_relations: frozenset[tuple[str, str]] = frozenset()
+    approval_schemas: frozenset[str] = frozenset()
+    approval_patterns: tuple[ApprovalPattern, ...] = ()
+    approval_bulk_reads: bool = False
+    bulk_read_relations: frozenset[tuple[str, str]] = frozenset()
+    bulk_read_schemas: frozenset[str] = frozenset()
+    approval_row_estimate: int | None = None
+    approval_mode: str = "hold"  # one of APPROVAL_MODES
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT  # seconds
+    max_rows: int | None = None  # rows per result before the data plane cuts it
 
     def covers(self, schema: str, name: str) -> bool:
         return schema in self.schemas or (schema, name) in self.relations
+
+    def approval_names(self, schema: str, name: str) -> bool:
+        """Whether `approval_relations` lists this relation (or its schema)."""
+        return schema in self.approval_schemas or (schema, name) in self.approval_relations
+
+    def bulk_read_names(self, schema: str, name: str) -> bool:
+        """Whether `bulk_read_relations` lists this relation (or its schema)."""
+        return schema in self.bulk_read_schemas or (schema, name) in self.bulk_read_relations
+
+    @property
+    def asks_approval(self) -> str | None:
+        """The first approval key this role sets (None: it never asks a person)."""
+        for key, used in (
+            ("approval", bool(self.approval)),
+            ("approval_relations", bool(self.approval_relations or self.approval_schemas)),
+            ("approval_patterns", bool(self.approval_patterns)),
+            ("approval_bulk_reads", self.approval_bulk_reads),
+            ("approval_row_estimate", self.approval_row_estimate is not None),
+        ):
+            if used:
+                return key
+        return None
 
     def applies_to(self, target: str | None) -> bool:
         return self.targets is None or (target is not None and target in self.targets)
@@ -330,6 +386,20 @@ class RoleSet:
         if modes == {"off"}:
             return "off"
         return "first"
+
+    @property
+    def max_rows(self) -> int | None:
+        """Rows per result before the data plane cuts it: the smallest cap among the roles
+        that set one (None: no cap). A role without a cap does not lift another's: the cap
+        is a hard limit, unlike grants, which any one role gives."""
+        caps = [r.max_rows for r in self.roles if r.max_rows is not None]
+        return min(caps) if caps else None
+
+    @property
+    def approval_mode(self) -> str:
+        """How the identity waits for approvals: "return" if a role says so (its agents
+        cannot wait on a held statement), else "hold"."""
+        return "return" if any(r.approval_mode == "return" for r in self.roles) else "hold"
 
     @property
     def identity_class(self) -> str:

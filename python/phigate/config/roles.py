@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from phigate.config.durations import parse_duration
 from phigate.config.model import (
     _APPROVAL_GROUPS,
     _RESERVED_WHY,
     ALLOW_CLASSES,
     APPROVAL_CLASSES,
+    APPROVAL_MODES,
     MASKING_NOTICES,
     NEVER_RELATIONS,
     OPERATIONS,
@@ -24,8 +27,14 @@ from phigate.config.table import _kind, _Table
 
 _ROLE_KEYS = frozenset({
     "targets", "relations", "columns", "operations", "functions", "allow", "approval", "db_role",
-    "see_clear", "masking_notices",
+    "see_clear", "masking_notices", "approval_relations", "approval_patterns",
+    "approval_bulk_reads", "bulk_read_relations", "approval_row_estimate", "approval_mode",
+    "approval_timeout", "max_rows",
 })  # fmt: skip
+
+#: Bounds of the numeric risk keys: a row count PostgreSQL can hold, a wait of at most a week.
+_MAX_ROWS = 2**62
+_MAX_APPROVAL_TIMEOUT = 7 * 86400.0
 
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 
@@ -217,7 +226,7 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
         t.fail("masking_notices", f"must be one of {', '.join(map(repr, MASKING_NOTICES))}, "
                f"not {masking_notices!r}")
 
-    return RoleConfig(
+    role = RoleConfig(
         name=name,
         targets=role_targets,
         relations=frozenset(relations),
@@ -230,6 +239,60 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
         db_role=db_role,
         see_clear=see_clear,
         masking_notices=masking_notices,
+    )
+    return _with_risk_rules(t, role)
+
+def _with_risk_rules(t: _Table, role: RoleConfig) -> RoleConfig:
+    """``role`` with the approval keys besides `approval`, and `max_rows`
+    (docs/approval-rules.md)."""
+    from phigate.policy.patterns import compile_pattern  # late: policy imports this module
+
+    def listed(key: str) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+        exact: set[tuple[str, str]] = set()
+        whole: set[str] = set()
+        for text in t.string_list(key, ()):
+            schema, rel = _qualified(t, key, text, allow_star=True)
+            if rel == "*":
+                if schema not in role.schemas and not any(s == schema for s, _ in role.relations):
+                    t.fail(key, f"{text!r}: the role lists no relation in schema {schema!r}")
+                whole.add(schema)
+            elif not role.covers(schema, rel):
+                t.fail(key, f"{text!r} is not one of this role's relations")
+            else:
+                exact.add((schema, rel))
+        return frozenset(exact), frozenset(whole)
+
+    approval_relations, approval_schemas = listed("approval_relations")
+    patterns = []
+    for number, text in enumerate(t.string_list("approval_patterns", ()), 1):
+        try:
+            patterns.append(compile_pattern(text, number))
+        except ValueError as exc:
+            t.fail("approval_patterns", f"entry {number} {exc}")
+    bulk_reads = t.boolean("approval_bulk_reads", False)
+    bulk_relations, bulk_schemas = listed("bulk_read_relations")
+    if (bulk_relations or bulk_schemas) and not bulk_reads:
+        t.fail("bulk_read_relations", "has no effect without approval_bulk_reads = true")
+    estimate = None
+    if "approval_row_estimate" in t.data:
+        estimate = t.integer("approval_row_estimate", 0, 1, _MAX_ROWS)
+    mode = t.string("approval_mode", "hold")
+    if mode not in APPROVAL_MODES:
+        t.fail("approval_mode", f"must be one of {', '.join(map(repr, APPROVAL_MODES))}, "
+               f"not {mode!r}")  # fmt: skip
+    max_rows = t.integer("max_rows", 0, 1, _MAX_ROWS) if "max_rows" in t.data else None
+    return dataclasses.replace(
+        role,
+        approval_relations=approval_relations,
+        approval_schemas=approval_schemas,
+        approval_patterns=tuple(patterns),
+        approval_bulk_reads=bulk_reads,
+        bulk_read_relations=bulk_relations,
+        bulk_read_schemas=bulk_schemas,
+        approval_row_estimate=estimate,
+        approval_mode=mode,
+        approval_timeout=parse_duration(t, "approval_timeout", "15m", 1.0, _MAX_APPROVAL_TIMEOUT),
+        max_rows=max_rows,
     )
 
 def _groups(t: _Table, roles: Mapping[str, RoleConfig]) -> dict[str, tuple[str, ...]]:

@@ -208,6 +208,8 @@ def _auth_ok(
     masked = False
     clear_kinds: list[str] = []
     roles: list[str] = []
+    max_rows: int | None = None
+    approval_mode = "hold"
     roles_for = getattr(config, "roles_for", None)
     if roles_for is not None:
         roleset = roles_for(identity.groups, target=target)
@@ -216,6 +218,10 @@ def _auth_ok(
         identity_class = roleset.identity_class
         roles = list(getattr(roleset, "names", ()))  # stand-in configs in tests lack it
         db_role = roleset.db_role or None
+        # The data plane cuts results beyond max_rows; approval_mode "return" refuses a
+        # statement needing approval at once instead of holding it (stand-ins lack both).
+        max_rows = getattr(roleset, "max_rows", None)
+        approval_mode = getattr(roleset, "approval_mode", "hold")
         # Sees some classified PHI kind masked: the data plane scrubs errors and notices.
         phi = getattr(config, "phi", None)  # absent from the dispatch tests' stand-in configs
         if phi is not None:
@@ -232,6 +238,8 @@ def _auth_ok(
         "close_on_expiry": close_on_expiry,
         "masked": masked,
         "clear_kinds": clear_kinds,
+        "max_rows": max_rows,
+        "approval_mode": approval_mode,
         # For the session_start record: the roles it holds and what it presented.
         "roles": roles,
         "credential": identity.credential(),

@@ -29,6 +29,7 @@ from phigate.masking.rewrite import MaskSQL, mask_sql, rewrite
 from phigate.policy.analyze import Facts, analyze
 from phigate.policy.audit_facts import audit_facts
 from phigate.policy.notices import MaskingNotices
+from phigate.policy.risk import approval_answer
 from phigate.policy.rules import Decision, decide
 from phigate.policy.show_masking import is_show_masking, masking_rows, show_answer
 
@@ -56,11 +57,24 @@ class PolicyEngine:
         # Per target: the masks with pseudonyms on when its catalog found phigate's functions
         # ready with our key. Catalogs do not change under an engine (a reload makes a new one).
         self._target_masks: dict[str, MaskSQL] = {}
+        self._protected_by_target: dict[str | None, frozenset[tuple[str, str]]] = {}
         self._notices = MaskingNotices(names_tagged=config.phi.dictionary.enabled)
         # Says whether a name holds an identifier (detectors or dictionary): such a name is
         # not logged as written even when the analyzer resolved it (a made-up column named
         # like a patient). None: only the analyzer's resolution decides.
         self.phi_in_text: Callable[[str], bool] | None = None
+
+    def _protected(self, target: str | None) -> frozenset[tuple[str, str]]:
+        """Relations holding classified PHI on ``target`` (for `approval_bulk_reads`): the
+        [phi.columns] tables, and the partitions, children and views the catalog found."""
+        found = self._protected_by_target.get(target)
+        if found is None:
+            catalog = self.catalogs.get(target or "")
+            found = self.config.phi.relations() | (
+                catalog.protected_relations() if catalog is not None else frozenset()
+            )
+            self._protected_by_target[target] = found
+        return found
 
     def masks(self, target: str, catalog: CatalogSnapshot) -> MaskSQL:
         masks = self._target_masks.get(target)
@@ -116,7 +130,8 @@ class PolicyEngine:
                 return _target_gone(roleset.target)
             schema = target.schema
         facts = analyze(sql, schema=schema)
-        decision = decide(facts, roleset)
+        protected = self._protected(roleset.target) if roleset is not None else frozenset()
+        decision = decide(facts, roleset, protected=protected)
         literal = any(f.literal_sensitive for f in facts)
         # analyze() already parsed the text; an unparsable one is refused with 42601 anyway.
         parses = not any(f.kind == "invalid" for f in facts)
@@ -142,6 +157,12 @@ class PolicyEngine:
         else:
             result = answer(decision, cache, normalized)
         result = _with_subjects(result, facts, self.config.phi.subjects)
+        if result.get("action") == "allow" and roleset is not None:
+            # Last: only a statement policy and masking allow may ask a person.
+            approval = approval_answer(facts, roleset, decision, sql, protected)
+            if approval is not None:
+                result["approval"] = approval
+            result.update(_cursor(facts))
         # What the statement record says of it (the data plane caches it with the decision).
         catalog = self.catalogs.get(roleset.target or "") if roleset is not None else None
         clear = roleset.clear_kinds if roleset is not None else frozenset[str]()
@@ -289,6 +310,15 @@ def _with_subjects(
     return decision
 
 
+def _cursor(facts: list[Facts]) -> dict[str, Any]:
+    """DECLARE / FETCH / MOVE / CLOSE: the cursor the data plane counts max_rows across (the
+    first such statement of the message)."""
+    for f in facts:
+        if f.cursor_op is not None:
+            return {"cursor": f.cursor, "cursor_op": f.cursor_op}
+    return {}
+
+
 def _with_notices(decision: dict[str, Any], notices: list[dict[str, Any]]) -> dict[str, Any]:
     """``decision`` with ``notices`` added to its list (the data plane sends each with the
     result); one that carries a notice about the statement's constants is cached exactly."""
@@ -369,7 +399,6 @@ def _target_gone(target: str | None) -> dict[str, Any]:
 def answer(decision: Decision, cache: str, normalized: str | None) -> dict[str, Any]:
     if decision.action == "allow":
         return {"action": "allow", "cache": cache, "normalized": normalized}
-    # "approval" is refused until approvals land; its message names the rule that would ask.
     return {
         "action": "deny",
         "sqlstate": decision.sqlstate or "42501",

@@ -1,7 +1,10 @@
 """Judge fact sheets against a RoleSet: default deny, every refusal names its rule.
 
 ``decide(facts_list, roleset, target)`` returns the first refusal among the statements (one
-refusal refuses the whole message), else "approval" if a statement needs a person, else allow.
+refusal refuses the whole message), else allow -- carrying ``ask`` when a statement needs a
+person's approval by a rule judged per access (operations and classes in `approval`, relations
+in `approval_relations`, bulk reads): an access needs approval when *every* role granting it
+would ask. The statement-wide rules (patterns, row estimate) are risk.py's.
 
 A RoleSet is the union of roles, judged role by role: an access (operation x relation) is
 allowed if *one* role grants both the operation and the relation; a column if a role that
@@ -39,13 +42,32 @@ from phigate.policy.sql_names import sql_relation as _rel
 __all__ = [
     "SAFE_CATALOG_RELATIONS",
     "SETTABLE",
+    "Ask",
     "Decision",
     "allow_rule",
     "decide",
     "deny_rule",
+    "judge_roles",
 ]
 
-Action = Literal["allow", "deny", "approval"]
+Action = Literal["allow", "deny"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Why an allowed statement needs a person's approval: the rule (an `approval` entry,
+    "relation", "bulk_read", "pattern" or "row_estimate"), the role whose rule it is, and one
+    PHI-free line saying so (names of relations, never values)."""
+
+    rule: str
+    role: RoleConfig
+    reason: str
+    row_estimate_over: int | None = None
+
+
+def ask(rule: str, role: RoleConfig, what: str, row_estimate_over: int | None = None) -> Ask:
+    return Ask(rule, role, f'{what} needs approval (rule: {rule} of role "{role.name}")',
+               row_estimate_over)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +79,8 @@ class Decision:
     rule: str | None = None
     #: What the audit record names as the rule when more precise than ``rule``.
     audit_rule: str | None = None
+    #: An allowed statement that needs approval first (the first rule that asks).
+    ask: Ask | None = None
 
 
 ALLOW = Decision("allow")
@@ -155,21 +179,31 @@ _OP_TEXT: dict[str, str] = {
 }
 
 
-def decide(facts_list: list[Facts], roleset: RoleSet | None, target: str | None = None) -> Decision:
-    """The decision for one message (all of its statements)."""
+def decide(
+    facts_list: list[Facts],
+    roleset: RoleSet | None,
+    target: str | None = None,
+    *,
+    protected: frozenset[tuple[str, str]] = frozenset(),
+) -> Decision:
+    """The decision for one message (all of its statements). ``protected``: the relations
+    holding classified PHI (for `approval_bulk_reads`)."""
     if roleset is None or not roleset.roles:
         return _deny(
             "no-role",
             "your identity has no role on this gateway",
             "ask your gateway administrator to map one of your groups to a role",
         )
-    judge = _judge(roleset, target)
+    return judge_roles(_judge(roleset, target, protected), facts_list)
+
+
+def judge_roles(judge: _Judge, facts_list: list[Facts]) -> Decision:
     approval: Decision | None = None
     for facts in facts_list:
         d = judge.statement(facts)
         if d.action == "deny":
             return d
-        if d.action == "approval" and approval is None:
+        if d.ask is not None and approval is None:
             approval = d
     return approval or ALLOW
 
@@ -195,19 +229,22 @@ def _reserved(what: str) -> Decision:
     )
 
 
-_judges: weakref.WeakKeyDictionary[RoleSet, dict[str | None, _Judge]] = weakref.WeakKeyDictionary()
+_JudgeKey = tuple[str | None, frozenset[tuple[str, str]]]
+_judges: weakref.WeakKeyDictionary[RoleSet, dict[_JudgeKey, _Judge]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _judge(roleset: RoleSet, target: str | None) -> _Judge:
+def _judge(roleset: RoleSet, target: str | None, protected: frozenset[tuple[str, str]]) -> _Judge:
     per_target = _judges.get(roleset)
     if per_target is None:
         per_target = {}
         _judges[roleset] = per_target
     key = roleset.target if target is None else target
-    judge = per_target.get(key)
+    judge = per_target.get((key, protected))
     if judge is None:
         roles = tuple(r for r in roleset.roles if r.applies_to(key))
-        judge = per_target[key] = _Judge(roles)
+        judge = per_target[(key, protected)] = _Judge(roles, protected)
     return judge
 
 
@@ -219,15 +256,22 @@ class _Judge:
         "_classes",
         "_columns",
         "_functions",
+        "bulk_rules",
         "limits_columns",
         "names",
+        "protected",
         "roles",
     )
 
-    def __init__(self, roles: tuple[RoleConfig, ...]) -> None:
+    def __init__(
+        self, roles: tuple[RoleConfig, ...], protected: frozenset[tuple[str, str]] = frozenset()
+    ) -> None:
         self.roles = roles
         self.names = ", ".join(f'"{r.name}"' for r in roles)
-        self._access: dict[tuple[str, str, str], Decision] = {}
+        self.protected = protected  # relations holding classified PHI
+        # No role asks for bulk reads: which reads are bulk does not matter (the common case).
+        self.bulk_rules = any(r.approval_bulk_reads for r in roles)
+        self._access: dict[tuple[str, str, str, bool], Decision] = {}
         self._columns: dict[tuple[str, str, str | None], frozenset[str] | None] = {}
         self._functions: dict[tuple[str, str], Decision] = {}
         self._classes: dict[str, Decision] = {}
@@ -248,20 +292,35 @@ class _Judge:
             f"({self.names})"
         )
 
-    def _granted(self, roles: list[RoleConfig], cls: str, what: str, rule: str) -> Decision:
-        """Allowed if a granting role needs no approval for ``cls``, else needs approval."""
+    def _granted(self, roles: list[RoleConfig], cls: str, what: str) -> Decision:
+        """Allowed; needing approval if every granting role asks for ``cls``."""
         for r in roles:
             if cls not in r.approval:
                 return ALLOW
-        r = roles[0]
-        return Decision(
-            "approval",
-            "42501",
-            f'{what} needs approval (rule: {r.approval[cls]} of role "{r.name}") — approvals '
-            "are not available yet on this gateway",
-            "ask your gateway administrator, or a person who may run it, to run it for you",
-            f"approval:{r.approval[cls]}",
-        )
+        return Decision("allow", ask=ask(roles[0].approval[cls], roles[0], what))
+
+    def _granted_access(
+        self, roles: list[RoleConfig], rel: tuple[str, str], op: str, bulk: bool
+    ) -> Decision:
+        """An access granted by ``roles``: it needs approval if each of them asks, for the
+        operation, for the relation, or for reading every row of it (``bulk``)."""
+        first: Ask | None = None
+        for r in roles:
+            a = self._role_asks(r, rel, op, bulk)
+            if a is None:
+                return ALLOW
+            first = first or a
+        return Decision("allow", ask=first)
+
+    def _role_asks(self, r: RoleConfig, rel: tuple[str, str], op: str, bulk: bool) -> Ask | None:
+        what = f"{_OP_TEXT[op]} on {_rel(rel)}"
+        if op in r.approval:
+            return ask(r.approval[op], r, what)
+        if r.approval_names(*rel):
+            return ask("relation", r, what)
+        if bulk and r.approval_bulk_reads and (rel in self.protected or r.bulk_read_names(*rel)):
+            return ask("bulk_read", r, f"{what} reading every row (no WHERE or LIMIT)")
+        return None
 
     def klass(self, cls: str) -> Decision:
         d = self._classes.get(cls)
@@ -276,18 +335,19 @@ class _Judge:
                     self._ask(f'"{cls}"', field),
                 )
             else:
-                d = self._granted(roles, cls, text, cls)
+                d = self._granted(roles, cls, text)
             self._classes[cls] = d
         return d
 
-    def access(self, schema: str, name: str, op: str) -> Decision:
-        key = (schema, name, op)
+    def access(self, schema: str, name: str, op: str, bulk: bool = False) -> Decision:
+        """``bulk``: the statement may return every row it reads of the relation."""
+        key = (schema, name, op, bulk)
         d = self._access.get(key)
         if d is None:
-            d = self._access[key] = self._compute_access(schema, name, op)
+            d = self._access[key] = self._compute_access(schema, name, op, bulk)
         return d
 
-    def _compute_access(self, schema: str, name: str, op: str) -> Decision:
+    def _compute_access(self, schema: str, name: str, op: str, bulk: bool) -> Decision:
         rel = (schema, name)
         text = _rel(rel)
         if schema == RESERVED_SCHEMA:
@@ -339,7 +399,7 @@ class _Judge:
                 f"{_OP_TEXT[op]} on {text} is not allowed for {self._whose()}",
                 self._ask(f'"{op}"', "operations list"),
             )
-        return self._granted(granting, op, f"{_OP_TEXT[op]} on {text}", op)
+        return self._granted_access(granting, rel, op, bulk)
 
     def allowed_columns(
         self, rel: tuple[str, str], write: str | None, ops: frozenset[str]
@@ -441,20 +501,21 @@ class _Judge:
         d = self.kind(f, kind)
         if d.action == "deny":
             return d
-        if d.action == "approval":
+        if d.ask is not None:
             approval = d
         if f.inner_kind is not None and f.inner_kind != kind:
             d = self.kind(f, f.inner_kind)
             if d.action == "deny":
                 return d
-            if d.action == "approval" and approval is None:
+            if d.ask is not None and approval is None:
                 approval = d
         ops_by_rel: dict[tuple[str, str], set[str]] = {}
+        bulk = frozenset(f.bulk_reads) if self.bulk_rules else frozenset()
         for schema, name, op in f.relations:
-            d = self.access(schema, name, op)
+            d = self.access(schema, name, op, (schema, name, op) in bulk)
             if d.action == "deny":
                 return d
-            if d.action == "approval" and approval is None:
+            if d.ask is not None and approval is None:
                 approval = d
             ops_by_rel.setdefault((schema, name), set()).add(op)
         if f.columns and self.limits_columns:
@@ -465,7 +526,7 @@ class _Judge:
             d = self.function(written, name, resolved)
             if d.action == "deny":
                 return d
-            if d.action == "approval" and approval is None:
+            if d.ask is not None and approval is None:
                 approval = d
         for setting in f.set_configs:
             if setting is None:
@@ -599,7 +660,7 @@ def allow_rule(facts_list: list[Facts], roleset: RoleSet, target: str | None = N
     whose grants let each access through, e.g. "role:analyst allow select", or "builtin allow
     transaction" for statements every role may run (SELECT 1, SET, BEGIN). The first granting
     role is named, the one the judge's decision rests on."""
-    judge = _judge(roleset, target)
+    judge = _judge(roleset, target, frozenset())
     grants: dict[str, set[str]] = {}
     builtin: set[str] = set()
 

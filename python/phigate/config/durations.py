@@ -1,0 +1,36 @@
+"""Durations in the config: "90s", "15m", "2h", "7d" or a number of seconds."""
+
+from __future__ import annotations
+
+import re
+
+from phigate.config.table import _kind, _Table
+
+__all__ = ["parse_duration"]
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(t: _Table, key: str, default: str, lo: float, hi: float) -> float:
+    """``t[key]`` in seconds, between ``lo`` and ``hi``; a ConfigError names the key."""
+    value = t.data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        t.fail(key, f'must be a duration like "15m" or "7d", not {_kind(value)}')
+    if isinstance(value, str):
+        m = _DURATION.fullmatch(value.strip())
+        if m is None:
+            t.fail(key, f'{value!r} is not a duration; write e.g. "90s", "15m", "2h" or "7d"')
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        seconds = float(value)
+    if not lo <= seconds <= hi:
+        t.fail(key, f"must be between {_fmt(lo)} and {_fmt(hi)}, got {value!r}")
+    return seconds
+
+
+def _fmt(seconds: float) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
