@@ -13,6 +13,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from phigate.config.approvals import (
+    _APPROVALS_KEYS,
+    ApprovalsConfig,
+    ApproverRule,
+    _approvals,
+    _approvers,
+)
 from phigate.config.audit import _AUDIT_KEYS, _audit
 from phigate.config.identity import _IDENTITY_KEYS, _identity, apikeys_store_from_file
 from phigate.config.model import (
@@ -55,6 +62,8 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "DEFAULT_STARTUP_PARAMETERS",
     "ApiKeysConfig",
+    "ApprovalsConfig",
+    "ApproverRule",
     "AuditConfig",
     "ColumnRule",
     "Config",
@@ -113,7 +122,10 @@ def parse_config(
     if base_dir is None:
         base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
     ctx = _Ctx(source, Path(base_dir).absolute())
-    sections = {"server", "identity", "targets", "groups", "roles", "phi", "audit"}
+    sections = {
+        "server", "identity", "targets", "groups", "roles", "phi", "audit",
+        "approvals", "approvers",
+    }  # fmt: skip
     root = _Table(data, "", ctx, sections)
     server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
     identity = root.table("identity", required=True, allowed=_IDENTITY_KEYS)
@@ -140,6 +152,16 @@ def parse_config(
             "subjects", required=True, allowed=None
         ).fail("", "needs an [audit] section: disclosures are recorded in the audit trail as "
                "hashes keyed with its hmac_key")  # fmt: skip
+    approvals = None
+    if "approvals" in data:
+        approvals = _approvals(
+            root.table("approvals", required=True, allowed=_APPROVALS_KEYS), ctx, targets
+        )
+    approvers = _approvers(root.table("approvers", required=False, allowed=None), roles, targets)
+    if approvers and approvals is None:
+        root.table("approvers", required=True, allowed=None).fail(
+            "", "needs an [approvals] section (its store keeps the requests approvers decide on)"
+        )
     return Config(
         server=server,
         identity=identity_config,
@@ -149,5 +171,7 @@ def parse_config(
         roles=MappingProxyType(roles),
         phi=phi,
         audit=audit,
+        approvals=approvals,
+        approvers=approvers,
     )
 
