@@ -13,6 +13,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from phigate.config.approvals import (
+    _APPROVALS_KEYS,
+    ApprovalsConfig,
+    ApproverRule,
+    _approvals,
+    _approvers,
+)
 from phigate.config.audit import _AUDIT_KEYS, _audit
 from phigate.config.identity import _IDENTITY_KEYS, _identity, apikeys_store_from_file
 from phigate.config.model import (
@@ -58,6 +65,8 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "DEFAULT_STARTUP_PARAMETERS",
     "ApiKeysConfig",
+    "ApprovalsConfig",
+    "ApproverRule",
     "AuditConfig",
     "ColumnRule",
     "Config",
@@ -119,8 +128,10 @@ def parse_config(
     if base_dir is None:
         base_dir = Path(source).parent if not source.startswith("<") else Path.cwd()
     ctx = _Ctx(source, Path(base_dir).absolute())
-    # "approvals" is parsed by config/approvals.py; here only its presence matters (below).
-    sections = {"server", "identity", "targets", "groups", "roles", "phi", "audit", "approvals"}
+    sections = {
+        "server", "identity", "targets", "groups", "roles", "phi", "audit",
+        "approvals", "approvers",
+    }  # fmt: skip
     root = _Table(data, "", ctx, sections)
     server = _server(root.table("server", required=False, allowed=_SERVER_KEYS), ctx)
     identity = root.table("identity", required=True, allowed=_IDENTITY_KEYS)
@@ -137,10 +148,14 @@ def parse_config(
         targets[name] = _target(name, targets_tbl.table(name, required=True, allowed=_TARGET_KEYS))
     roles_tbl = root.table("roles", required=False, allowed=None)
     roles = _roles(roles_tbl, targets)
+    approvals = None
+    if "approvals" in data:
+        approvals = _approvals(
+            root.table("approvals", required=True, allowed=_APPROVALS_KEYS), ctx, targets
+        )
     # A rule that asks a person needs somewhere to send the request: without [approvals]
     # the statement would be refused or waved through, neither of which the rule means.
-    # (Once config/approvals.py parses the section: `approvals is None`.)
-    if "approvals" not in data:
+    if approvals is None:
         for name, role in roles.items():
             key = role.asks_approval
             if key is not None:
@@ -158,6 +173,11 @@ def parse_config(
             "subjects", required=True, allowed=None
         ).fail("", "needs an [audit] section: disclosures are recorded in the audit trail as "
                "hashes keyed with its hmac_key")  # fmt: skip
+    approvers = _approvers(root.table("approvers", required=False, allowed=None), roles, targets)
+    if approvers and approvals is None:
+        root.table("approvers", required=True, allowed=None).fail(
+            "", "needs an [approvals] section (its store keeps the requests approvers decide on)"
+        )
     return Config(
         server=server,
         identity=identity_config,
@@ -167,5 +187,7 @@ def parse_config(
         roles=MappingProxyType(roles),
         phi=phi,
         audit=audit,
+        approvals=approvals,
+        approvers=approvers,
     )
 

@@ -9,10 +9,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from phigate.errors import IdentityError
 from phigate.masking.zip3 import restricted_prefixes
+
+if TYPE_CHECKING:  # config.approvals imports this module
+    from phigate.config.approvals import ApprovalsConfig, ApproverRule
 
 _EVENT_BACKLOG_WAKEUP = 512
 
@@ -436,6 +439,9 @@ class Config:
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: MappingProxyType({}))
     phi: PhiConfig = field(default_factory=PhiConfig)
     audit: AuditConfig | None = None  # None: the gateway refuses to serve (no trail, no service)
+    #: `[approvals]` (None: no statement can be held for approval) and `[approvers.*]`.
+    approvals: ApprovalsConfig | None = None
+    approvers: tuple[ApproverRule, ...] = ()
 
     def roles_for(self, groups: Iterable[str], target: str | None = None) -> RoleSet | None:
         """The RoleSet of an identity with these token groups, or None if it has no role.

@@ -9,7 +9,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from phigate.config import Config
 from phigate.errors import IdentityError
@@ -17,6 +17,9 @@ from phigate.identity.apikeys import ApiKeyVerifier, looks_like_api_key
 from phigate.identity.oidc import Identity
 from phigate.masking.classification import CatalogSnapshot
 from phigate.policy.engine import PolicyEngine
+
+if TYPE_CHECKING:
+    from phigate.approvals.service import ApprovalService
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,9 @@ class ControlPlane:
         # as written are replaced when it says so.
         self.phi_in_text: Callable[[str], bool] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Just-in-time approvals (None: no [approvals] section; statements needing one are
+        # refused). The Gateway sets it once the service has started.
+        self.approvals: ApprovalService | None = None
 
     @property
     def policy(self) -> PolicyEngine | None:
@@ -102,12 +108,28 @@ class ControlPlane:
                 self._authenticate(req)
             elif kind == "decide":
                 _reply(req, _decide(req.payload, self.policy))
+            elif kind in _APPROVAL_KINDS:
+                self._approval_request(kind, req)
             else:
                 log.error("request %s: unknown kind %r, refusing it", req.id, kind)
                 _reply(req, _deny_internal())
         except Exception:  # noqa: BLE001  # fail closed, never leave a request hanging
             _log_internal("answering a request", req)
             _reply(req, _internal_answer(req))
+
+    def _approval_request(self, kind: str, req: RequestLike) -> None:
+        """The approval service answers these (asynchronously); without one, fail closed."""
+        service = self.approvals
+        if service is None:
+            _reply(req, _no_approvals(kind))
+        elif kind == "approval":
+            service.on_approval(req)
+        elif kind == "await_approval":
+            service.on_await(req)
+        elif kind == "withdraw":
+            service.on_withdraw(req)
+        else:
+            service.on_max_rows(req)
 
     async def wait_idle(self) -> None:
         """Wait until every slow-path answer has been sent (tests, shutdown)."""
@@ -185,6 +207,22 @@ class ControlPlane:
             _log_internal("verifying identity", req)
             answer = _internal_answer(req)
         _reply(req, answer)
+
+
+_APPROVAL_KINDS = frozenset({"approval", "await_approval", "withdraw", "max_rows_exceeded"})
+
+
+def _no_approvals(kind: str) -> dict[str, Any]:
+    if kind in ("withdraw", "max_rows_exceeded"):
+        return {"ok": False}  # fire and forget: nothing was held
+    return {
+        "action": "deny",
+        "sqlstate": "42501",
+        "message": "this statement needs approval, but approvals are not enabled on this "
+        "gateway, so it is refused",
+        "hint": "Ask the gateway administrator to add an [approvals] section and restart the "
+        "gateway (see docs/approvals.md).",
+    }
 
 
 def _target(req: RequestLike) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import uvloop
 
 from phigate import __version__
+from phigate.approvals.service import ApprovalService, make_store
 from phigate.audit.config_diff import config_diff
 from phigate.audit.records import canonical, file_sha256, now_ts
 from phigate.config import Config, load_config
@@ -145,6 +146,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._engine: EngineLike | None = None
         self._control: ControlPlane | None = None
+        self._approvals: ApprovalService | None = None
         # Records made before the engine (and so the trail) exists: appended right after.
         self._early_records: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,12 +192,17 @@ class Gateway:
         results = await asyncio.to_thread(keeper.load_all, self.config)
         keeper.apply(self.config, results)
         try:
+            # Before the engine: no statement can ask for approval before the service is up.
+            if self.config.approvals is not None:
+                await self._start_approvals(self.config)
             engine = self._engine_factory(self.config.native_json())
             # Before the first session: a masked identity never sees text scanned without the
             # catalog's rules and dictionary.
             self._put_in_force(engine, self._control, self.config, keeper)
             engine.start()
         except BaseException:
+            if self._approvals is not None:
+                await self._approvals.close()
             await keeper.close()
             raise
         self._engine = engine
@@ -229,6 +236,10 @@ class Gateway:
         self._stop_reason = reason
         grace = self.config.server.drain_timeout if grace is None else grace
         try:
+            if self._approvals is not None:
+                # Held statements are answered 57P01 now (their sessions end), so the drain
+                # does not wait for approvers; statements asking later are refused the same.
+                await self._approvals.close()
             if self._engine is not None:
                 # shutdown() blocks without the GIL; the loop keeps answering the requests of
                 # sessions that are still finishing meanwhile.
@@ -250,6 +261,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._approvals is not None:
+            await self._approvals.close()
         if self._control is not None:
             await self._control.close()
         if self._engine is not None:
@@ -275,6 +288,51 @@ class Gateway:
                 log.info("not reloading: the gateway is stopping")
                 return
             self._apply_reload(new_config, results, sender)
+            await self._reload_approvals(new_config)
+
+    async def _start_approvals(self, config: Config) -> None:
+        """The approval service on the configured store; a store that cannot be opened stops
+        the start (statements needing approval could be neither held nor refused rightly)."""
+        assert config.approvals is not None
+        service = ApprovalService(
+            config, make_store(config), write_event=self.write_event, decide=self._decide
+        )
+        try:
+            await service.start()
+        except Exception as exc:  # noqa: BLE001 - psycopg, sqlite3, OS errors alike
+            raise ConfigError(
+                "approvals.store", config.source,
+                f"cannot open the approval store {config.approvals.store_where}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            ) from None  # fmt: skip
+        self._approvals = service
+        self.control.approvals = service
+
+    async def _reload_approvals(self, new_config: Config) -> None:
+        service = self._approvals
+        if service is None:
+            if new_config.approvals is not None:
+                await self._start_approvals(new_config)
+            return
+        old, new = service.config.approvals, new_config.approvals
+        if new is None or (old is not None and (old.store_kind, old.store_where)
+                           != (new.store_kind, new.store_where)):  # fmt: skip
+            log.warning("the [approvals] store changes only on restart; approvals keep using "
+                        "%s", service.store.where)  # fmt: skip
+        if new is not None:
+            service.config = new_config
+
+    def _decide(self, identity_class: str, sql: str) -> dict[str, Any]:
+        """The policy's decision, for the approval service (normalized text, masking)."""
+        policy = self.control.policy
+        if policy is None:
+            raise RuntimeError("no statement policy is loaded")
+        return policy.decide(identity_class, sql)
+
+    @property
+    def approvals(self) -> ApprovalService | None:
+        """The approval service (None without [approvals]): the admin API and CLI use it."""
+        return self._approvals
 
     def reload_failed(self, error: str, sender: dict[str, Any] | None = None) -> None:
         """Record a reload that was refused (the previous config stays in force)."""
