@@ -1,4 +1,5 @@
-"""The `phigate` command: serve, check-config, token, apikey, cert, catalog, db, audit and demo.
+"""The `phigate` command: serve, check-config, token, apikey, cert, catalog, db, audit, approvals
+and demo.
 Each command group lives in its own module and registers its parsers here."""
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from phigate import __version__
-from phigate.cli import apikey, audit, catalog, cert, db, serve, token
+from phigate.cli import apikey, approvals, audit, catalog, cert, db, serve, token
 from phigate.cli.common import EXIT_ERROR, parse_duration
 from phigate.errors import PhigateError
 
 __all__ = ["main", "parse_duration"]
 
-_GROUPS = (serve, token, apikey, cert, catalog, db, audit)
+_GROUPS = (serve, token, apikey, cert, catalog, db, audit, approvals)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,54 @@
+"""What the admin API needs of the approvals service: the service's interface as a Protocol, the
+approval scope an approver chooses, and how the service's refusals are recognised."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+__all__ = ["ApprovalServiceLike", "Scope", "STATUSES", "error_status"]
+
+# Request statuses an approver may list.
+STATUSES = ("pending", "approved", "denied", "timed_out", "withdrawn", "failed", "used")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an approval binds beyond the identity and the statement: this session or any of the
+    identity's sessions, the exact values or only the statement's shape, how many executions and
+    for how long (None: the service's default expiry)."""
+
+    session: Literal["this", "any"] = "this"
+    shape_only: bool = False
+    executions: int | None = 1  # None: unlimited within valid_for_s
+    valid_for_s: float | None = None
+
+
+class ApprovalServiceLike(Protocol):
+    """The approvals service as the admin API, the CLI's server side and webhooks use it.
+
+    Refusals are exceptions with an ``http_status`` (int) and a user-facing message; the
+    ``approver`` values are opaque tokens from ``approver_for``.
+    """
+
+    def approver_for(self, subject: str, groups: Sequence[str]) -> Any | None: ...
+
+    async def list(self, approver: Any, status: str = "pending") -> list[dict[str, Any]]: ...
+
+    async def show(self, approver: Any, request_id: str) -> dict[str, Any]: ...
+
+    async def vote(
+        self, approver: Any, request_id: str, verdict: str, reason: str, scope: Scope
+    ) -> dict[str, Any]: ...
+
+    def subscribe(self) -> AsyncIterator[dict[str, Any]]: ...
+
+
+def error_status(exc: BaseException) -> int | None:
+    """The HTTP status of an approvals refusal (the service's ApprovalError), None for anything
+    else. Duck-typed so this module does not depend on the service's package."""
+    status = getattr(exc, "http_status", None)
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
+        return status
+    return None
