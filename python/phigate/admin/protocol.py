@@ -4,25 +4,14 @@ approval scope an approver chooses, and how the service's refusals are recognise
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from phigate.approvals.model import Scope  # one definition: what the service binds
 
 __all__ = ["ApprovalServiceLike", "Scope", "STATUSES", "error_status"]
 
 # Request statuses an approver may list.
 STATUSES = ("pending", "approved", "denied", "timed_out", "withdrawn", "failed", "used")
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What an approval binds beyond the identity and the statement: this session or any of the
-    identity's sessions, the exact values or only the statement's shape, how many executions and
-    for how long (None: the service's default expiry)."""
-
-    session: Literal["this", "any"] = "this"
-    shape_only: bool = False
-    executions: int | None = 1  # None: unlimited within valid_for_s
-    valid_for_s: float | None = None
 
 
 class ApprovalServiceLike(Protocol):
@@ -39,7 +28,8 @@ class ApprovalServiceLike(Protocol):
     async def show(self, approver: Any, request_id: str) -> dict[str, Any]: ...
 
     async def vote(
-        self, approver: Any, request_id: str, verdict: str, reason: str, scope: Scope
+        self, approver: Any, request_id: str, verdict: Literal["approve", "deny"],
+        reason: str | None, scope: Scope,
     ) -> dict[str, Any]: ...
 
     def subscribe(self) -> AsyncIterator[dict[str, Any]]: ...

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import uvloop
 
 from phigate import __version__
+from phigate.admin import AdminServer, make_verify
 from phigate.approvals.service import ApprovalService, make_store
 from phigate.audit.config_diff import config_diff
 from phigate.audit.records import canonical, file_sha256, now_ts
@@ -27,7 +28,7 @@ from phigate.control.requests import ControlPlane, PrimableVerifier
 from phigate.control.systemd import sd_notify
 from phigate.errors import ConfigError, PhigateError
 from phigate.identity.apikeys import ApiKeyVerifier
-from phigate.identity.oidc import NoOidcVerifier, OidcVerifier
+from phigate.identity.oidc import Identity, NoOidcVerifier, OidcVerifier
 from phigate.masking.catalog_keeper import CatalogKeeper, Loader
 from phigate.masking.classification import CatalogSnapshot, load_catalog
 from phigate.masking.layer2 import masking_state_json
@@ -147,6 +148,7 @@ class Gateway:
         self._engine: EngineLike | None = None
         self._control: ControlPlane | None = None
         self._approvals: ApprovalService | None = None
+        self._admin: AdminServer | None = None
         # Records made before the engine (and so the trail) exists: appended right after.
         self._early_records: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -201,6 +203,8 @@ class Gateway:
             self._put_in_force(engine, self._control, self.config, keeper)
             engine.start()
         except BaseException:
+            if self._admin is not None:
+                await self._admin.stop()
             if self._approvals is not None:
                 await self._approvals.close()
             await keeper.close()
@@ -236,6 +240,8 @@ class Gateway:
         self._stop_reason = reason
         grace = self.config.server.drain_timeout if grace is None else grace
         try:
+            if self._admin is not None:
+                await self._admin.stop()
             if self._approvals is not None:
                 # Held statements are answered 57P01 now (their sessions end), so the drain
                 # does not wait for approvers; statements asking later are refused the same.
@@ -261,6 +267,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.stop()
         if self._approvals is not None:
             await self._approvals.close()
         if self._control is not None:
@@ -307,6 +315,21 @@ class Gateway:
             ) from None  # fmt: skip
         self._approvals = service
         self.control.approvals = service
+        settings = config.approvals
+        if settings.api is not None or settings.admin_socket is not None or settings.webhooks:
+            admin = AdminServer(
+                service, self._verify_approver, api=settings.api,
+                admin_socket=settings.admin_socket, webhooks=settings.webhooks,
+                public_url=settings.public_url,
+            )  # fmt: skip
+            await admin.start()
+            self._admin = admin
+
+    async def _verify_approver(self, token: str) -> Identity:
+        """An approver's bearer token, verified by the identity sources in force now (a reload
+        may swap them): API keys by the key store, anything else as an OIDC access token."""
+        control = self.control
+        return await make_verify(control.verifier, control.apikeys)(token)
 
     async def _reload_approvals(self, new_config: Config) -> None:
         service = self._approvals
