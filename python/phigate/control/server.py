@@ -353,6 +353,11 @@ class Gateway:
         return policy.decide(identity_class, sql)
 
     @property
+    def admin(self) -> AdminServer | None:
+        """The admin API / socket / webhooks (None when [approvals] configures none)."""
+        return self._admin
+
+    @property
     def approvals(self) -> ApprovalService | None:
         """The approval service (None without [approvals]): the admin API and CLI use it."""
         return self._approvals
