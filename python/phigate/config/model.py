@@ -292,6 +292,7 @@ class RoleConfig:
     db_role: str | None
     see_clear: frozenset[str] = frozenset()  # PHI kinds this role sees in clear
     masking_notices: str = "first"  # one of MASKING_NOTICES
+    max_rows: int | None = None  # rows one result may send at most; None: no cap
 
     def covers(self, schema: str, name: str) -> bool:
         return schema in self.schemas or (schema, name) in self.relations
@@ -330,6 +331,12 @@ class RoleSet:
         if modes == {"off"}:
             return "off"
         return "first"
+
+    @property
+    def max_rows(self) -> int | None:
+        """The smallest cap among the roles that set one (None: no role caps results)."""
+        caps = [r.max_rows for r in self.roles if r.max_rows is not None]
+        return min(caps) if caps else None
 
     @property
     def identity_class(self) -> str:

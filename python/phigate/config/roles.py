@@ -24,7 +24,7 @@ from phigate.config.table import _kind, _Table
 
 _ROLE_KEYS = frozenset({
     "targets", "relations", "columns", "operations", "functions", "allow", "approval", "db_role",
-    "see_clear", "masking_notices",
+    "see_clear", "masking_notices", "max_rows",
 })  # fmt: skip
 
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
@@ -217,6 +217,9 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
         t.fail("masking_notices", f"must be one of {', '.join(map(repr, MASKING_NOTICES))}, "
                f"not {masking_notices!r}")
 
+    # Rows one result may send at most (the data plane cuts the rest); absent: no cap.
+    max_rows = t.integer("max_rows", 0, 1, 2**63 - 1) if "max_rows" in t.data else None
+
     return RoleConfig(
         name=name,
         targets=role_targets,
@@ -230,6 +233,7 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
         db_role=db_role,
         see_clear=see_clear,
         masking_notices=masking_notices,
+        max_rows=max_rows,
     )
 
 def _groups(t: _Table, roles: Mapping[str, RoleConfig]) -> dict[str, tuple[str, ...]]:

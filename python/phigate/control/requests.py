@@ -71,6 +71,8 @@ class ControlPlane:
         # as written are replaced when it says so.
         self.phi_in_text: Callable[[str], bool] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A result was cut at max_rows: the approvals service records it as a request.
+        self.on_max_rows_exceeded: Callable[[dict[str, Any]], None] = _ignore
 
     @property
     def policy(self) -> PolicyEngine | None:
@@ -102,6 +104,9 @@ class ControlPlane:
                 self._authenticate(req)
             elif kind == "decide":
                 _reply(req, _decide(req.payload, self.policy))
+            elif kind == "max_rows_exceeded":
+                # Fire and forget: the data plane wants no answer.
+                self.on_max_rows_exceeded(req.payload)
             else:
                 log.error("request %s: unknown kind %r, refusing it", req.id, kind)
                 _reply(req, _deny_internal())
@@ -187,6 +192,10 @@ class ControlPlane:
         _reply(req, answer)
 
 
+def _ignore(_payload: dict[str, Any]) -> None:
+    """Without an approvals service nobody can approve a cut result: nothing to record."""
+
+
 def _target(req: RequestLike) -> str | None:
     database = req.payload.get("database")
     return database if isinstance(database, str) else None
@@ -208,6 +217,7 @@ def _auth_ok(
     masked = False
     clear_kinds: list[str] = []
     roles: list[str] = []
+    max_rows: int | None = None
     roles_for = getattr(config, "roles_for", None)
     if roles_for is not None:
         roleset = roles_for(identity.groups, target=target)
@@ -216,6 +226,7 @@ def _auth_ok(
         identity_class = roleset.identity_class
         roles = list(getattr(roleset, "names", ()))  # stand-in configs in tests lack it
         db_role = roleset.db_role or None
+        max_rows = getattr(roleset, "max_rows", None)  # stand-in role sets in tests lack it
         # Sees some classified PHI kind masked: the data plane scrubs errors and notices.
         phi = getattr(config, "phi", None)  # absent from the dispatch tests' stand-in configs
         if phi is not None:
@@ -235,6 +246,8 @@ def _auth_ok(
         # For the session_start record: the roles it holds and what it presented.
         "roles": roles,
         "credential": identity.credential(),
+        # Rows one result may send at most (the data plane cuts the rest); None: no cap.
+        "max_rows": max_rows,
     }
 
 

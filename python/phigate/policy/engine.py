@@ -142,6 +142,7 @@ class PolicyEngine:
         else:
             result = answer(decision, cache, normalized)
         result = _with_subjects(result, facts, self.config.phi.subjects)
+        result = _with_cursor(result, facts, sql)
         # What the statement record says of it (the data plane caches it with the decision).
         catalog = self.catalogs.get(roleset.target or "") if roleset is not None else None
         clear = roleset.clear_kinds if roleset is not None else frozenset[str]()
@@ -286,6 +287,32 @@ def _with_subjects(
     named = sorted({f"{s}.{n}" for f in facts for s, n, _ in f.relations if (s, n) in subjects})
     if named:
         decision["subject_relations"] = named
+    return decision
+
+
+_CURSOR_NODES = {
+    "DeclareCursorStmt": "declare", "FetchStmt": "fetch", "ClosePortalStmt": "close",
+}  # fmt: skip
+
+
+def _with_cursor(decision: dict[str, Any], facts: list[Facts], sql: str) -> dict[str, Any]:
+    """``decision`` with the SQL-level cursor a lone DECLARE, FETCH, MOVE or CLOSE works on
+    (``cursor``, folded as PostgreSQL folds it, and ``cursor_op``): the data plane counts a
+    cursor's FETCH rows against max_rows across its life. CLOSE ALL names none."""
+    if decision.get("action") != "allow" or len(facts) != 1:
+        return decision
+    op = _CURSOR_NODES.get(facts[0].node)
+    if op is None:
+        return decision
+    try:
+        stmt = orjson.loads(_pg_parser.parse_sql_json(sql))["stmts"][0]["stmt"]
+    except (_pg_parser.ParseError, KeyError, IndexError):
+        return decision
+    body = stmt.get(facts[0].node, {})
+    name = body.get("portalname")
+    if isinstance(name, str) and name:
+        decision["cursor"] = name
+        decision["cursor_op"] = "move" if body.get("ismove") else op
     return decision
 
 
