@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from approvers import (
     APPROVER_GROUP,
     HELD_GROUP,
@@ -45,19 +46,18 @@ def agent(token: Any) -> str:
 
 @pytest.fixture
 def scratch(pg: Any) -> Iterator[str]:
-    """A fresh table the held role may write to."""
-    name = f"approval_scratch_{int(time.monotonic_ns())}"
+    """A fresh, empty table the held role may write to."""
     with psycopg.connect(pg.service_dsn(), autocommit=True) as c:
-        c.execute(f"CREATE TABLE public.{name} (id int PRIMARY KEY, note text)")
-        c.execute(f"GRANT ALL ON public.{name} TO PUBLIC")
-    yield name
+        c.execute("DROP TABLE IF EXISTS public.approval_scratch")
+        c.execute("CREATE TABLE public.approval_scratch (id int PRIMARY KEY, note text)")
+    yield "approval_scratch"
     with psycopg.connect(pg.service_dsn(), autocommit=True) as c:
-        c.execute(f"DROP TABLE IF EXISTS public.{name}")
+        c.execute("DROP TABLE IF EXISTS public.approval_scratch")
 
 
-def rows_in(pg: Any, table: str) -> list[tuple[Any, ...]]:
+def rows_in(pg: Any, table: str = "approval_scratch") -> list[tuple[Any, ...]]:
     with psycopg.connect(pg.service_dsn(), autocommit=True) as c:
-        return list(c.execute(f"SELECT * FROM public.{table} ORDER BY id").fetchall())
+        return list(c.execute("SELECT * FROM public.approval_scratch ORDER BY id").fetchall())
 
 
 class Notices:
@@ -92,7 +92,7 @@ def test_held_insert_runs_on_the_same_session_once_approved(
         conn.add_notice_handler(notices)
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()
         future = in_thread(lambda: conn.execute(
-            f"INSERT INTO {scratch} VALUES (1, 'first') RETURNING id").fetchone())
+            "INSERT INTO approval_scratch VALUES (1, 'first') RETURNING id").fetchone())
         # The agent is told at once, before anyone decides.
         assert notices.event.wait(10), "no notice that the statement is held"
         [note] = notices.held()
@@ -118,7 +118,7 @@ def test_denied_statement_fails_with_the_approvers_reason(
     held: Any, approver: Approver, agent: str, scratch: str, pg: Any
 ) -> None:
     with psycopg_connect(held, agent) as conn:
-        future = in_thread(lambda: conn.execute(f"DELETE FROM {scratch}"))
+        future = in_thread(lambda: conn.execute("DELETE FROM approval_scratch"))
         [request] = approver.wait_pending()
         status, _ = approver.deny(request["id"], "not before the audit closes")
         assert status == 200
@@ -140,7 +140,7 @@ def test_a_request_nobody_decides_times_out_with_57014(
     agent = token(sub="agent-held", groups=(HELD_GROUP,))
     with psycopg_connect(gw, agent) as conn:
         with pytest.raises(psycopg.errors.QueryCanceled) as info:
-            conn.execute(f"INSERT INTO {scratch} VALUES (2, 'late')")
+            conn.execute("INSERT INTO approval_scratch VALUES (2, 'late')")
         assert "timed out" in (info.value.diag.message_primary or "")
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
@@ -152,7 +152,7 @@ def test_cancel_withdraws_the_request(
     held: Any, approver: Approver, agent: str, scratch: str, pg: Any
 ) -> None:
     with psycopg_connect(held, agent) as conn:
-        future = in_thread(lambda: conn.execute(f"INSERT INTO {scratch} VALUES (3, 'c')"))
+        future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (3, 'c')"))
         [request] = approver.wait_pending()
         conn.cancel_safe()
         with pytest.raises(psycopg.errors.QueryCanceled):
@@ -167,7 +167,7 @@ def test_disconnect_withdraws_the_request(
     held: Any, approver: Approver, agent: str, scratch: str
 ) -> None:
     conn = psycopg_connect(held, agent)
-    future = in_thread(lambda: conn.execute(f"INSERT INTO {scratch} VALUES (4, 'd')"))
+    future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (4, 'd')"))
     [request] = approver.wait_pending()
     conn.pgconn.finish()  # the client goes away without a word
     view = approver.wait_status(request["id"], "withdrawn")
@@ -186,9 +186,9 @@ def test_pipeline_messages_wait_behind_the_held_one_in_order(
         def run() -> list[Any]:
             with conn.pipeline():
                 a = conn.execute("SELECT 1")
-                b = conn.execute(f"INSERT INTO {scratch} VALUES (%s, %s) RETURNING id",
+                b = conn.execute("INSERT INTO approval_scratch VALUES (%s, %s) RETURNING id",
                                  (5, "pipelined"))  # fmt: skip
-                c = conn.execute(f"SELECT count(*) FROM {scratch}")
+                c = conn.execute("SELECT count(*) FROM approval_scratch")
             return [a.fetchone(), b.fetchone(), c.fetchone()]
 
         future = in_thread(run)
@@ -203,7 +203,7 @@ def test_held_inside_an_explicit_transaction(
 ) -> None:
     with psycopg_connect(held, agent, autocommit=False) as conn:
         conn.execute("SELECT 1")  # BEGIN
-        future = in_thread(lambda: conn.execute(f"INSERT INTO {scratch} VALUES (6, 'tx')"))
+        future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (6, 'tx')"))
         [request] = approver.wait_pending()
         approver.approve(request["id"])
         future.result(10)
@@ -215,7 +215,7 @@ def test_held_inside_an_explicit_transaction(
 def test_psql_waits_and_prints_the_result(
     held: Any, approver: Approver, agent: str, scratch: str, pg: Any
 ) -> None:
-    future = in_thread(lambda: psql(held, agent, f"INSERT INTO {scratch} VALUES (7, 'psql')"))
+    future = in_thread(lambda: psql(held, agent, "INSERT INTO approval_scratch VALUES (7, 'psql')"))
     [request] = approver.wait_pending()
     approver.approve(request["id"])
     out = future.result(20)
@@ -230,7 +230,7 @@ def test_asyncpg_prepared_statement_single_use_approval(
     async def scenario() -> None:
         conn = await asyncpg_connect(held, agent)
         try:
-            stmt = await conn.prepare(f"INSERT INTO {scratch} VALUES ($1, $2) RETURNING id")
+            stmt = await conn.prepare("INSERT INTO approval_scratch VALUES ($1, $2) RETURNING id")
             first = asyncio.ensure_future(stmt.fetchval(8, "a"))
             [request] = await asyncio.to_thread(approver.wait_pending)
             await asyncio.to_thread(approver.approve, request["id"])
@@ -304,7 +304,7 @@ def test_return_mode_identical_retry_passes_once_approved(
     held: Any, approver: Approver, agent: str, scratch: str, pg: Any
 ) -> None:
     with psycopg_connect(held, agent, application_name="nightly-agent+return") as conn:
-        sql = f"INSERT INTO {scratch} VALUES (%s, %s)"
+        sql = "INSERT INTO approval_scratch VALUES (%s, %s)"
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:
             conn.execute(sql, (10, "r"))
         [request] = approver.pending()
@@ -331,7 +331,7 @@ def test_requester_cannot_approve_its_own_request_and_agents_are_not_approvers(
     both = token(sub="agent-both", groups=(HELD_GROUP, APPROVER_GROUP))
     plain_agent = token(sub="agent-held", groups=(HELD_GROUP,))
     with psycopg_connect(gw, both) as conn:
-        future = in_thread(lambda: conn.execute(f"INSERT INTO {scratch} VALUES (12, 's')"))
+        future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (12, 's')"))
         self_approver = Approver(gw, both)
         [request] = self_approver.wait_pending()
         status, body = self_approver.approve(request["id"])
@@ -355,7 +355,7 @@ def test_quorum_needs_one_approval_from_each_group(
     dba2 = Approver(gw, token(sub="approver-cid", groups=(APPROVER_GROUP,)))
     privacy = Approver(gw, token(sub="approver-pat", groups=(SECOND_APPROVER_GROUP,)))
     with psycopg_connect(gw, agent) as conn:
-        future = in_thread(lambda: conn.execute(f"INSERT INTO {scratch} VALUES (13, 'q')"))
+        future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (13, 'q')"))
         [request] = dba.wait_pending()
         assert dba.approve(request["id"])[0] == 200
         assert dba2.approve(request["id"])[0] == 200  # two from one group are not enough
@@ -378,7 +378,7 @@ def test_every_step_is_in_the_audit_trail_with_the_approver(
     approver = Approver(gw, token(sub="approver-ann", groups=(APPROVER_GROUP,)))
     with psycopg_connect(gw, agent) as conn:
         future = in_thread(lambda: conn.execute(
-            f"INSERT INTO {scratch} VALUES (14, 'canary-note-7731')"))
+            "INSERT INTO approval_scratch VALUES (14, 'canary-note-7731')"))
         [request] = approver.wait_pending()
         approver.approve(request["id"], "ok for the ward round")
         future.result(10)

@@ -19,6 +19,9 @@ use crate::audit::{Durable, Trail};
 pub enum RequestKind {
     Authenticate,
     Decide,
+    /// A result was cut at max_rows (fire and forget): the control plane records it as a
+    /// request an approver may approve.
+    MaxRowsExceeded,
 }
 
 impl RequestKind {
@@ -26,6 +29,7 @@ impl RequestKind {
         match self {
             RequestKind::Authenticate => "authenticate",
             RequestKind::Decide => "decide",
+            RequestKind::MaxRowsExceeded => "max_rows_exceeded",
         }
     }
 }
@@ -103,6 +107,14 @@ impl Bridge {
                 Err(AskError::TimedOut)
             }
         }
+    }
+
+    /// Tells the control plane something without waiting for (or wanting) an answer.
+    pub fn tell(&self, kind: RequestKind, payload: Value) {
+        let (tx, _) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.queue.lock().push(PendingRequest { id, kind, payload, reply: tx });
+        self.signal();
     }
 
     pub fn pending(&self) -> usize {

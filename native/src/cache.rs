@@ -57,6 +57,10 @@ pub struct Decision {
     /// What the statement record says of it besides the decision (shared by every statement
     /// the decision is reused for: none of it depends on literal values).
     pub facts: Arc<AuditFacts>,
+    /// The SQL-level cursor a DECLARE, FETCH, MOVE or CLOSE works on (name as PostgreSQL
+    /// folds it) and the operation ("declare", "fetch", "move", "close"): max_rows counts
+    /// FETCH rows across the cursor's life.
+    pub cursor: Option<(Arc<str>, Arc<str>)>,
 }
 
 /// The control plane's facts about a statement for its audit record, each already rendered as
@@ -249,7 +253,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default() })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default(), cursor: None })
     }
 
     #[test]

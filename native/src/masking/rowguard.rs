@@ -378,6 +378,7 @@ mod tests {
             clear_kinds: clear.iter().map(|s| s.to_string()).collect(),
             roles: vec![],
             credential: serde_json::Value::Null,
+            max_rows: None,
         };
         RowGuard::new(&identity, "ehr")
     }
@@ -431,7 +432,7 @@ mod tests {
     }
 
     fn query(info: StmtInfo) -> Expect {
-        Expect::Query { info, sent: Instant::now(), stmt: 0 }
+        Expect::Query { info, sent: Instant::now(), stmt: 0, cap: None }
     }
 
     fn sync() -> Expect {
@@ -445,7 +446,7 @@ mod tests {
         let mut q = pipeline(vec![
             Expect::Ack(b'2'),
             Expect::DescribePortal { portal: vec![], info: info.clone(), swallow: true },
-            Expect::Execute { portal: vec![], info, stmt: 0, sent: Instant::now() },
+            Expect::Execute { portal: vec![], info, stmt: 0, sent: Instant::now(), cap: None },
             sync(),
         ]);
         let z = message(b'Z', b"I");
@@ -462,7 +463,7 @@ mod tests {
         let mut q = pipeline(vec![
             Expect::Ack(b'1'),
             Expect::Ack(b'2'),
-            Expect::Execute { portal: b"p".to_vec(), info: info.clone(), stmt: 0, sent: Instant::now() },
+            Expect::Execute { portal: b"p".to_vec(), info: info.clone(), stmt: 0, sent: Instant::now(), cap: None },
             sync(),
             query(info),
         ]);
@@ -506,7 +507,7 @@ mod tests {
     #[test]
     fn rows_nobody_described_end_the_session() {
         let mut g = guard(&[]);
-        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default(), stmt: 0, sent: Instant::now() }, sync()]);
+        let mut q = pipeline(vec![Expect::Execute { portal: b"never".to_vec(), info: StmtInfo::default(), stmt: 0, sent: Instant::now(), cap: None }, sync()]);
         let e = feed(&mut g, &mut q, &[row(b"123-45-6789")]).unwrap_err();
         assert!(e.is_fatal());
         let mut q = pipeline(vec![sync()]);

@@ -51,6 +51,12 @@ impl CancelRegistry {
         bool::from(s.to_be_bytes().ct_eq(&secret.to_be_bytes())).then(|| key.clone())
     }
 
+    /// The upstream key behind one of our own sessions (the gateway cancels its statements
+    /// itself, e.g. a result cut at max_rows).
+    pub fn upstream_of(&self, pid: i32) -> Option<UpstreamKey> {
+        self.map.lock().get(&pid).map(|(_, key)| key.clone())
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().len()
     }

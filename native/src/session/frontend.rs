@@ -405,7 +405,12 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
         Some(serde_json::Value::Object(m)) if m.values().all(|v| v.is_string() || v.is_null()) => serde_json::Value::Object(m.clone()),
         _ => serde_json::Value::Null,
     };
-    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked, clear_kinds, roles, credential })
+    // null or absent: no cap; anything but a positive integer fails the login (fail closed).
+    let max_rows = match a.get("max_rows") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(internal)?),
+    };
+    Ok(Identity { subject, groups, class: class.into(), db_role, expires_at, masked, clear_kinds, roles, credential, max_rows })
 }
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {

@@ -9,6 +9,7 @@ pub mod pipeline;
 #[cfg(test)]
 mod pipeline_model;
 pub mod relay;
+pub mod rowcap;
 
 use bytes::BytesMut;
 use serde_json::json;
@@ -39,6 +40,8 @@ pub struct Identity {
     /// What it presented: `{"kind": "token", "jti", "iss"}` or `{"kind": "api_key", "key_id",
     /// "name"}` (for the session's audit record; never the token or key itself).
     pub credential: serde_json::Value,
+    /// max_rows: rows one result may send at most (None: no cap).
+    pub max_rows: Option<u64>,
 }
 
 /// What a successful startup hands to the relay.

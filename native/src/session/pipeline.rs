@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cache::Notice;
+pub use crate::session::rowcap::RowCap;
 
 /// What the control plane said of a statement, as far as layer 2 cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,11 +58,12 @@ pub enum Expect {
     DescribePortal { portal: Vec<u8>, info: StmtInfo, swallow: bool },
     /// DataRows or COPY, then CommandComplete, EmptyQueryResponse or PortalSuspended. `stmt`:
     /// the number of its statement record (0: none, e.g. a portal the gateway does not know).
-    Execute { portal: Vec<u8>, info: StmtInfo, stmt: u64, sent: Instant },
+    /// `cap`: the max_rows cap of this execution (None: no cap, nothing is counted).
+    Execute { portal: Vec<u8>, info: StmtInfo, stmt: u64, sent: Instant, cap: Option<Box<RowCap>> },
     /// ReadyForQuery.
     Sync { sent: Instant },
     /// A simple Query: any number of results, then ReadyForQuery.
-    Query { info: StmtInfo, sent: Instant, stmt: u64 },
+    Query { info: StmtInfo, sent: Instant, stmt: u64, cap: Option<Box<RowCap>> },
 }
 
 /// A refusal standing in for the client's message upstream: a marker statement that fails to
@@ -137,11 +139,13 @@ pub struct Pipeline {
     /// Statement records whose messages the server skipped or never answered: their results
     /// say so. The upstream half takes them after every step.
     pub skipped: Vec<u64>,
+    /// Some entry had a max_rows cap: the upstream half counts rows from then on.
+    pub capped: bool,
 }
 
 impl Pipeline {
     pub fn new(strict: bool) -> Self {
-        Pipeline { queue: VecDeque::new(), mode: Mode::Normal, strict, released: 0, released_refusals: 0, skipped: Vec::new() }
+        Pipeline { queue: VecDeque::new(), mode: Mode::Normal, strict, released: 0, released_refusals: 0, skipped: Vec::new(), capped: false }
     }
 
     /// Releases an entry that gets no answer of its own.
@@ -156,6 +160,9 @@ impl Pipeline {
     /// Takes the entries the client half published (in order) and drops what is already known
     /// to be skipped.
     pub fn absorb(&mut self, published: &mut Vec<Entry>) {
+        if !self.capped {
+            self.capped = published.iter().any(|e| matches!(e.expect, Expect::Execute { cap: Some(_), .. } | Expect::Query { cap: Some(_), .. }));
+        }
         self.queue.extend(published.drain(..));
         self.settle();
     }
@@ -412,10 +419,10 @@ mod tests {
         Expect::Sync { sent: Instant::now() }
     }
     fn query() -> Expect {
-        Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt: 0 }
+        Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt: 0, cap: None }
     }
     fn execute() -> Expect {
-        Expect::Execute { portal: vec![], info: StmtInfo::default(), stmt: 0, sent: Instant::now() }
+        Expect::Execute { portal: vec![], info: StmtInfo::default(), stmt: 0, sent: Instant::now(), cap: None }
     }
     fn refused(expect: Expect, marker: u64) -> Entry {
         Entry { expect, refusal: Some(Box::new(Refusal { marker, response: Bytes::new(), stmt: 0 })), copy_ends: 0 }
@@ -516,13 +523,13 @@ mod tests {
     fn noted(expect: Expect, key: &str) -> Entry {
         let notices: Arc<[Notice]> = Arc::from(vec![Notice { key: Some(key.into()), message: Bytes::from_static(b"N") }]);
         let expect = match expect {
-            Expect::Execute { portal, mut info, stmt, sent } => {
+            Expect::Execute { portal, mut info, stmt, sent, cap } => {
                 info.notices = Some(notices);
-                Expect::Execute { portal, info, stmt, sent }
+                Expect::Execute { portal, info, stmt, sent, cap }
             }
-            Expect::Query { mut info, sent, stmt } => {
+            Expect::Query { mut info, sent, stmt, cap } => {
                 info.notices = Some(notices);
-                Expect::Query { info, sent, stmt }
+                Expect::Query { info, sent, stmt, cap }
             }
             other => other,
         };

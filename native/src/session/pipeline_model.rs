@@ -345,7 +345,7 @@ impl Client {
                     units.push((Up::DescribePortal { portal: name(portal), injected: true }, e));
                 }
                 let (notice, info) = noted(self);
-                let e = entry(Expect::Execute { portal: name(portal), info, stmt: 0, sent: Instant::now() });
+                let e = entry(Expect::Execute { portal: name(portal), info, stmt: 0, sent: Instant::now(), cap: None });
                 units.push((Up::Execute { portal: name(portal), max_rows, fail, notice }, e));
             }
             Op::CloseStatement(i) => {
@@ -363,12 +363,12 @@ impl Client {
             Op::Query { statements, fail_at, refused: r } => {
                 self.described.clear();
                 if r {
-                    let expect = Expect::Query { info: info(), sent: Instant::now(), stmt: 0 };
+                    let expect = Expect::Query { info: info(), sent: Instant::now(), stmt: 0, cap: None };
                     let (n, e) = refused(expect, self);
                     units.push((Up::QueryMarker(n), e));
                 } else {
                     let (notice, info) = noted(self);
-                    let expect = Expect::Query { info, sent: Instant::now(), stmt: 0 };
+                    let expect = Expect::Query { info, sent: Instant::now(), stmt: 0, cap: None };
                     units.push((Up::Query { statements, fail_at, notice }, entry(expect)));
                 }
             }
@@ -406,6 +406,7 @@ fn masked_identity() -> Identity {
         clear_kinds: vec![],
         roles: vec![],
         credential: serde_json::Value::Null,
+        max_rows: None,
     }
 }
 

@@ -26,10 +26,12 @@ use crate::engine::{EngineCore, Settings};
 use crate::errors::{sqlstate, GateError};
 use crate::session::{Established, Identity};
 use crate::protocol::messages::error_response;
-use crate::session::pipeline::{Entry, Expect, Refusal, StmtInfo};
+use crate::session::pipeline::{Entry, Expect, Refusal, RowCap, StmtInfo};
+use crate::session::rowcap::CursorOp;
 use crate::protocol::stream::WritePart;
 
 mod client_half;
+mod cut;
 mod decision;
 mod notices;
 mod upstream_half;
@@ -66,6 +68,9 @@ struct Shared {
     fatal_reason: &'static str,
     /// Entries published by the client half, in order, not yet taken by the upstream half.
     published: Vec<Entry>,
+    /// A statement was cut at max_rows and has ended upstream: what the client half must do
+    /// before it writes anything more upstream.
+    cut: Option<cut::CutOutcome>,
 }
 
 /// How far each half got, for back-pressure and for knowing whether the server is still busy.
@@ -110,6 +115,12 @@ struct Ctx {
     /// sync = "write" or "statement": the latest statement record's durability, awaited before the
     /// next bytes go upstream.
     durable: parking_lot::Mutex<Option<crate::audit::Durable>>,
+    /// The BackendKeyData the client got (the gateway cancels a cut statement upstream with it).
+    our_pid: i32,
+    /// Statements cut at max_rows in this session (see `was_cut`).
+    cuts: Mutex<crate::session::rowcap::CutStatements>,
+    /// SQL-level cursors the upstream half counts rows of (capped sessions).
+    tracked_cursors: std::sync::atomic::AtomicUsize,
 }
 
 /// What the client half will send upstream next, and the entries recording it.
@@ -220,6 +231,9 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         bytes_out: AtomicU64::new(0),
         statements: AtomicU64::new(0),
         durable: parking_lot::Mutex::new(None),
+        our_pid: est.our_pid,
+        cuts: Mutex::new(Default::default()),
+        tracked_cursors: Default::default(),
     };
     let reason = tokio::select! {
         r = client_to_upstream(&ctx, cr, uw, est.client_buf) => r,
@@ -323,6 +337,86 @@ impl Ctx {
         }
         self.flow.waiting.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether this statement text had a result cut at max_rows earlier in the session: its
+    /// next execution may ask the control plane for an approval that lifts the cap.
+    #[allow(dead_code)] // the approvals hold path asks it
+    pub(super) fn was_cut(&self, sql: &[u8]) -> bool {
+        self.identity.max_rows.is_some() && self.cuts.lock().was_cut(sql)
+    }
+
+    /// The max_rows cap of one execution: `max_rows` is the execution's own (None: the
+    /// session's; Some(None): no cap, e.g. an approver lifted it). None: nothing is counted.
+    fn row_cap(&self, max_rows: Option<Option<u64>>, decision: &Decision, report: impl FnOnce() -> crate::session::rowcap::CutReport,
+        portal: Option<&Arc<AtomicU64>>, sql: &[u8]) -> Option<Box<RowCap>> {
+        let max = max_rows.unwrap_or(self.identity.max_rows)?;
+        let cursor = decision.cursor.as_ref().and_then(|(name, op)| Some((name.clone(), CursorOp::from_decision(op, sql)?)));
+        Some(Box::new(RowCap { max, portal: portal.cloned(), cursor, report: Arc::new(report()) }))
+    }
+
+    /// A DECLARE in a capped session that already has as many cursors counted as the gateway
+    /// keeps: refused (forgetting a count would let a cursor's FETCHes start over).
+    fn cursor_refusal(&self, verdict: Verdict, decision: &Decision) -> Verdict {
+        let declares = decision.cursor.as_ref().is_some_and(|(_, op)| &**op == "declare");
+        match verdict {
+            Verdict::Allow(..) if declares && self.identity.max_rows.is_some()
+                && self.tracked_cursors.load(Ordering::Relaxed) >= crate::session::rowcap::MAX_TRACKED_CURSORS => {
+                Verdict::Deny(GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!("this session already has {} open cursors", crate::session::rowcap::MAX_TRACKED_CURSORS))
+                    .with_hint("Close cursors you no longer need (CLOSE name, or CLOSE ALL)."))
+            }
+            v => v,
+        }
+    }
+
+    /// After a capped statement was written upstream: waits until the server has answered it
+    /// (nothing else goes upstream meanwhile, so a cut can still be made true upstream), then
+    /// does what its cut, if any, leaves to do (see cut.rs). True: drop the client's messages
+    /// up to the next Sync, where `fail_at_sync` makes the server fail.
+    async fn settle_capped(&self, ob: &mut Outbox, uw: &mut WritePart) -> Result<bool, &'static str> {
+        let entry = ob.total;
+        self.flush(ob, uw).await?;
+        let f = &self.flow;
+        loop {
+            let room = f.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            f.waiting.store(true, Ordering::SeqCst);
+            // A COPY FROM STDIN waits for the client's data: nothing to hold back then.
+            if f.released.load(Ordering::SeqCst) >= entry || f.copy_in.load(Ordering::SeqCst) {
+                break;
+            }
+            f.pressure.notify_one();
+            room.await;
+        }
+        f.waiting.store(false, Ordering::SeqCst);
+        let Some(outcome) = self.shared.lock().cut.take() else { return Ok(false) };
+        if let Some(done) = outcome.cancel_done {
+            // A cancel still on its way must not hit the next statement.
+            let _ = done.await;
+        }
+        if outcome.fail_block {
+            let (marker, refusal) = self.silent_marker();
+            ob.refuse(Expect::Query { info: StmtInfo::default(), sent: std::time::Instant::now(), stmt: 0, cap: None }, refusal);
+            ob.bytes.extend_from_slice(&crate::protocol::messages::session::query(marker.as_bytes()));
+        }
+        Ok(outcome.extended && !outcome.server_failed)
+    }
+
+    /// At the Sync that ends a pipeline whose capped Execute completed upstream although the
+    /// client got an error: a marker that fails first, so the server rolls back (implicit
+    /// transaction) or aborts (block) what the client believes failed.
+    fn fail_at_sync(&self, ob: &mut Outbox) {
+        let (marker, refusal) = self.silent_marker();
+        ob.refuse(Expect::Ack(b'1'), refusal);
+        ob.bytes.extend_from_slice(&crate::protocol::messages::session::parse(b"", marker.as_bytes()));
+    }
+
+    /// A refusal marker whose error (and, for a Query, ReadyForQuery) the client never sees.
+    fn silent_marker(&self) -> (String, Refusal) {
+        let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
+        (format!("{}{n}", self.marker_prefix), Refusal { marker: n, response: Bytes::new(), stmt: 0 })
     }
 
     /// A refusal: the marker statement text that stands in for it upstream, and what the
@@ -435,7 +529,7 @@ fn gateway_refusal(rule: &str) -> Arc<Decision> {
     Arc::new(Decision {
         action: Action::Deny { sqlstate: String::new(), message: String::new(), hint: None },
         reuse: Reuse::None, normalized: None, rewritten: None, protected: false, origins: None,
-        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts),
+        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts), cursor: None,
     })
 }
 

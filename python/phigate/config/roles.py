@@ -242,6 +242,7 @@ def _role(name: str, t: _Table, targets: Mapping[str, TargetConfig]) -> RoleConf
     )
     return _with_risk_rules(t, role)
 
+
 def _with_risk_rules(t: _Table, role: RoleConfig) -> RoleConfig:
     """``role`` with the approval keys besides `approval`, and `max_rows`
     (docs/approval-rules.md)."""

@@ -70,6 +70,11 @@ pub fn describe_portal(portal: &[u8]) -> Bytes {
     o.freeze()
 }
 
+/// A Flush (F): the server sends what it has buffered.
+pub fn flush() -> Bytes {
+    Bytes::from_static(&[b'H', 0, 0, 0, 4])
+}
+
 pub fn terminate() -> Bytes {
     Bytes::from_static(&[b'X', 0, 0, 0, 4])
 }

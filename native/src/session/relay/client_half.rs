@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::errors::{sqlstate, GateError};
@@ -32,6 +32,10 @@ struct Prepared {
 struct Portal {
     statement: Vec<u8>,
     parameters: Box<[u8]>,
+    /// max_rows (capped sessions): rows its Executes sent so far, and the Bind (its values are
+    /// shown to approvers when a result is cut).
+    rows: Option<Arc<AtomicU64>>,
+    bind: Option<Bytes>,
 }
 
 #[derive(Default)]
@@ -147,6 +151,10 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
     let mut cutter = ClientCutter::new(max_statement, max_message);
     let mut ext = Extended::default();
     let cache = &ctx.core.cache;
+    let capped = ctx.identity.max_rows.is_some();
+    // A capped Execute completed upstream although the client got a 54000: PostgreSQL would
+    // skip the client's messages up to Sync, so the gateway drops them (see cut.rs).
+    let mut skip_to_sync = false;
     loop {
         loop {
             let frame = match cutter.next(&mut buf) {
@@ -168,7 +176,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     let (marker, refusal) = ctx.marker(&err, stmt);
                     if tag == tag_f::QUERY {
                         ext.described.clear();
-                        ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt }, refusal);
+                        ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt, cap: None }, refusal);
                         ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
                     } else {
                         ob.refuse(Expect::Ack(b'1'), refusal);
@@ -178,6 +186,16 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                 }
                 Err(e) => return ctx.die(GateError::protocol(format!("invalid message from client: {e}"))).await,
             };
+            if skip_to_sync {
+                match frame.tag {
+                    tag_f::SYNC => {
+                        skip_to_sync = false;
+                        ctx.fail_at_sync(&mut ob);
+                    }
+                    tag_f::TERMINATE => {}
+                    _ => continue,
+                }
+            }
             if !matches!(frame.tag, tag_f::FLUSH | tag_f::COPY_DONE | tag_f::COPY_FAIL | tag_f::TERMINATE) {
                 if let Err(r) = ctx.make_room(&mut ob, &mut uw).await {
                     return r;
@@ -198,22 +216,38 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                         Ok(v) => v,
                         Err(r) => return r,
                     };
+                    let judged = Judged { verdict: ctx.cursor_refusal(judged.verdict, &judged.audit.decision), audit: judged.audit };
                     let stmt = ctx.record_statement(&judged.audit, "simple", None);
                     // A Query ends the implicit transaction its portals lived in.
                     ext.described.clear();
                     let sent = Instant::now();
                     match judged.verdict {
-                        Verdict::Allow(None, info) => {
-                            ob.expect(Expect::Query { info, sent, stmt });
-                            ob.bytes.extend_from_slice(&frame.bytes);
-                        }
-                        Verdict::Allow(Some(rewritten), info) => {
-                            ob.expect(Expect::Query { info, sent, stmt });
-                            ob.bytes.extend_from_slice(&session::query(&rewritten));
+                        Verdict::Allow(rewritten, info) => {
+                            // max_rows: the per-execution override (approvals) goes here.
+                            let max_rows: Option<Option<u64>> = None;
+                            let cap = if capped || max_rows.is_some() {
+                                let report = || crate::session::rowcap::CutReport { stmt, protocol: "simple", sql: Bytes::copy_from_slice(sql),
+                                    literal_hashes: judged.audit.literals.clone(), parameter_hashes: None, bind: None };
+                                ctx.row_cap(max_rows, &judged.audit.decision, report, None, sql)
+                            } else {
+                                None
+                            };
+                            let settle = cap.is_some();
+                            ob.expect(Expect::Query { info, sent, stmt, cap });
+                            match rewritten {
+                                None => ob.bytes.extend_from_slice(&frame.bytes),
+                                Some(r) => ob.bytes.extend_from_slice(&session::query(&r)),
+                            }
+                            if settle {
+                                match ctx.settle_capped(&mut ob, &mut uw).await {
+                                    Ok(skip) => skip_to_sync |= skip,
+                                    Err(r) => return r,
+                                }
+                            }
                         }
                         Verdict::Deny(err) => {
                             let (marker, refusal) = ctx.marker(&err, stmt);
-                            ob.refuse(Expect::Query { info: StmtInfo::default(), sent, stmt }, refusal);
+                            ob.refuse(Expect::Query { info: StmtInfo::default(), sent, stmt, cap: None }, refusal);
                             ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
                         }
                     }
@@ -226,7 +260,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     let (name, sql) = (p.name, p.sql);
                     let epoch = cache.epoch();
                     let judged = match ctx.decide(sql, Some(name), "extended", &mut ob, &mut uw).await {
-                        Ok(v) => v,
+                        Ok(v) => Judged { verdict: ctx.cursor_refusal(v.verdict, &v.audit.decision), audit: v.audit },
                         Err(r) => return r,
                     };
                     match judged.verdict {
@@ -297,10 +331,16 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                             ob.expect(Expect::Ack(b'2'));
                             // Drivers rebind the same portal to the same statement on every
                             // execution: only a change of statement costs allocations.
+                            // max_rows: a new Bind starts the portal's count over.
+                            let (rows, bind) = if capped { (Some(Arc::new(AtomicU64::new(0))), Some(frame.bytes.clone())) } else { (None, None) };
                             match ext.portals.get_mut(portal) {
-                                Some(p) if p.statement == stmt => p.parameters = parameters,
+                                Some(p) if p.statement == stmt => {
+                                    p.parameters = parameters;
+                                    p.rows = rows;
+                                    p.bind = bind;
+                                }
                                 _ => {
-                                    ext.portals.insert(portal.to_vec(), Portal { statement: stmt.to_vec(), parameters });
+                                    ext.portals.insert(portal.to_vec(), Portal { statement: stmt.to_vec(), parameters, rows, bind });
                                 }
                             }
                             ob.bytes.extend_from_slice(&frame.bytes);
@@ -342,6 +382,24 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                             // Every execution of a prepared statement is a statement record.
                             let stmt = bound.map_or(0, |(p, params)| ctx.record_statement(&p.audit, "extended", Some(params)));
                             let sent = Instant::now();
+                            // max_rows: the per-execution override (approvals) goes here.
+                            let max_rows: Option<Option<u64>> = None;
+                            let cap = match ext.portals.get(portal).and_then(|b| Some((b, ext.statements.get(&b.statement)?))) {
+                                Some((b, p)) if capped || max_rows.is_some() => {
+                                    let report = || crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: p.sql.clone(),
+                                        literal_hashes: p.audit.literals.clone(), parameter_hashes: Some(Arc::from(&b.parameters[..])), bind: b.bind.clone() };
+                                    ctx.row_cap(max_rows, &p.audit.decision, report, b.rows.as_ref(), &p.sql)
+                                }
+                                // A portal the gateway does not know (a SQL-level cursor's): its
+                                // rows are still capped, counted per Execute.
+                                None if capped || max_rows.is_some() => {
+                                    let report = || crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: Bytes::new(),
+                                        literal_hashes: Arc::from(&b"null"[..]), parameter_hashes: None, bind: None };
+                                    ctx.row_cap(max_rows, &gateway_refused("").decision, report, None, b"")
+                                }
+                                _ => None,
+                            };
+                            let settle = cap.is_some();
                             if masked {
                                 let info = ext.portal_info(portal);
                                 if !ext.described.contains(portal) {
@@ -351,11 +409,20 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                     ob.bytes.extend_from_slice(&session::describe_portal(portal));
                                     ext.mark_described(portal);
                                 }
-                                ob.expect(Expect::Execute { portal: portal.to_vec(), info, stmt, sent });
+                                ob.expect(Expect::Execute { portal: portal.to_vec(), info, stmt, sent, cap });
                             } else {
-                                ob.expect(Expect::Execute { portal: Vec::new(), info: ext.portal_notices(portal), stmt, sent });
+                                ob.expect(Expect::Execute { portal: Vec::new(), info: ext.portal_notices(portal), stmt, sent, cap });
                             }
                             ob.bytes.extend_from_slice(&frame.bytes);
+                            if settle {
+                                // The server sends the result at once (not only at the Sync the
+                                // gateway holds back meanwhile).
+                                ob.bytes.extend_from_slice(&session::flush());
+                                match ctx.settle_capped(&mut ob, &mut uw).await {
+                                    Ok(skip) => skip_to_sync |= skip,
+                                    Err(r) => return r,
+                                }
+                            }
                         }
                         Some((err, audit)) => {
                             let stmt = ctx.record_statement(&audit, "extended", bound.map(|(_, params)| &params[..]));
@@ -430,7 +497,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     ext.described.clear();
                     let stmt = ctx.record_statement(&gateway_refused("gateway: fast-path function call"), "function_call", None);
                     let (marker, refusal) = ctx.marker(&err, stmt);
-                    ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt }, refusal);
+                    ob.refuse(Expect::Query { info: StmtInfo::default(), sent: Instant::now(), stmt, cap: None }, refusal);
                     ob.bytes.extend_from_slice(&session::query(marker.as_bytes()));
                 }
                 tag_f::TERMINATE => {

@@ -99,7 +99,17 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         None | Some(serde_json::Value::Null) => AuditFacts::default(),
         Some(f) => AuditFacts::from_answer(f)?,
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts) })
+    // Both or neither; a name with a NUL or an unknown operation refuses the decision.
+    let cursor = match (a.get("cursor"), a.get("cursor_op")) {
+        (None | Some(serde_json::Value::Null), None | Some(serde_json::Value::Null)) => None,
+        (Some(n), Some(op)) => {
+            let name = n.as_str().filter(|n| !n.is_empty() && !n.contains('\0'))?;
+            let op = op.as_str().filter(|op| matches!(*op, "declare" | "fetch" | "move" | "close"))?;
+            Some((Arc::from(name), Arc::from(op)))
+        }
+        _ => return None,
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts), cursor })
 }
 
 /// One entry of a decision's `notices`: `{"key", "code", "message", "hint"}`, prebuilt as the
@@ -192,6 +202,19 @@ mod tests {
             json!({"masking": {"by": "other"}}), json!({"masking": {"columns": {"a": 1}}}), json!({"masking": []}),
         ] {
             assert!(parse_decision(&json!({"action": "allow", "audit": bad.clone()})).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cursor_operations_are_read_or_refused() {
+        let d = parse_decision(&json!({"action": "allow", "cursor": "c1", "cursor_op": "fetch"})).unwrap();
+        assert_eq!(d.cursor.as_ref().map(|(n, op)| (&**n, &**op)), Some(("c1", "fetch")));
+        assert!(parse_decision(&json!({"action": "allow", "cursor": null, "cursor_op": null})).unwrap().cursor.is_none());
+        for bad in [json!({"cursor": "c"}), json!({"cursor_op": "fetch"}), json!({"cursor": "c", "cursor_op": "rewind"}),
+            json!({"cursor": "", "cursor_op": "fetch"}), json!({"cursor": 3, "cursor_op": "fetch"})] {
+            let mut a = bad.clone();
+            a["action"] = json!("allow");
+            assert!(parse_decision(&a).is_none(), "{bad}");
         }
     }
 

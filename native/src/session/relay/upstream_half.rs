@@ -12,6 +12,7 @@ use crate::protocol::messages::{error_response, query, tag_b};
 use crate::session::pipeline::{Entry, Event, Expect, Pipeline};
 use crate::masking::rowguard::{RowGuard, Step};
 use crate::protocol::stream::{release_if_idle, ReadPart, WritePart};
+use super::cut::{Act, Cutter};
 use super::notices::SentNotices;
 use super::*;
 
@@ -162,6 +163,11 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
     // Layer-2 rules, detectors and key; read again at every RowDescription so a catalog reload
     // reaches live sessions at their next result (one lock and Arc clone per result).
     let mut rules = ctx.core.masking();
+    // max_rows: counts rows of capped results and cuts them (only once an entry had a cap).
+    let mut cutter = Cutter::default();
+    let mut scratch = BytesMut::new();
+    // The next ReadyForQuery answers a silent marker (cut.rs): the client never sees it.
+    let mut swallow_ready = false;
     loop {
         // Everything an answer read so far can belong to was published before its message was
         // written upstream.
@@ -186,8 +192,8 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 Err(_) => return end_with(&mut cw, &mut out, GateError::protocol("the upstream database sent an invalid message; closing the session"), end_reason::UPSTREAM_PROTOCOL_ERROR).await,
             };
             // Tracked sessions see every message whole: rows are masked or accounted,
-            // descriptions planned.
-            let inspect = tracked || upstream_inspected(h.tag);
+            // descriptions planned; so do capped ones (rows are counted, a cut drops them).
+            let inspect = tracked || pipeline.capped || upstream_inspected(h.tag);
             if !inspect {
                 // Rows, descriptions, COPY data: stream through without waiting for the whole
                 // message (the pipeline only needs the tag).
@@ -232,6 +238,41 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                     None => Event::Ongoing,
                 },
             };
+            if pipeline.capped {
+                match cutter.see(ctx, frame.tag, frame.body(), &event, pipeline.front()) {
+                    Act::Pass => {}
+                    act => {
+                        // Layer 2 still follows the statement (into a scratch buffer) except for
+                        // rows never sent: they are neither masked nor counted as disclosed.
+                        if let (Some(g), false) = (guard.as_mut(), frame.tag == b'D') {
+                            scratch.clear();
+                            if let Err(e) = g.step(frame.tag, &frame.bytes, &event, pipeline.front(), &rules, &mut scratch) {
+                                ctx.core.counters.masking_failures.fetch_add(1, Ordering::Relaxed);
+                                ctx.core.bridge.emit(&json!({"ts": crate::events::now(), "event": "masking_failure", "session": &*ctx.session, "detail": e.message}));
+                                return end_with(&mut cw, &mut out, e, end_reason::MASKING_FAILURE).await;
+                            }
+                        }
+                        if let Act::Replace(bytes) = act {
+                            if frame.tag == tag_b::READY_FOR_QUERY {
+                                skip_cause = None;
+                                finished = finished_by(&event, &mut answer).or(finished);
+                            } else {
+                                // The cut statement's end: its result record says 54000.
+                                let code = Some(sqlstate::PROGRAM_LIMIT_EXCEEDED.to_string());
+                                match &event {
+                                    Event::Done(Entry { expect: Expect::Execute { stmt, sent, .. }, .. })
+                                    | Event::Error { failed: Some(Expect::Execute { stmt, sent, .. }), .. } if *stmt > 0 => {
+                                        finished = Some(Finished { stmt: *stmt, sent: Some(*sent), sqlstate: code });
+                                    }
+                                    _ => answer.sqlstate = code,
+                                }
+                            }
+                            out.extend_from_slice(&bytes);
+                        }
+                        continue;
+                    }
+                }
+            }
             if frame.tag == b'D' {
                 answer.data_rows += 1;
             }
@@ -265,7 +306,11 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                 tag_b::READY_FOR_QUERY => {
                     // The skip ended; a failed step that skipped no Execute explains nothing more.
                     skip_cause = None;
-                    out.extend_from_slice(&frame.bytes);
+                    if swallow_ready {
+                        swallow_ready = false;
+                    } else {
+                        out.extend_from_slice(&frame.bytes);
+                    }
                 }
                 tag_b::COMMAND_COMPLETE => {
                     answer.rows += query::command_rows(frame.body());
@@ -286,7 +331,13 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                     };
                     let fails_a_step = ends.is_none() && matches!(failed, Some(Expect::Ack(b'1' | b'2') | Expect::DescribeStatement | Expect::DescribePortal { .. }));
                     let replacement = match refusal {
-                        Some(r) if ctx.answers_marker(frame.body(), r.marker) => Some(r.response),
+                        Some(r) if ctx.answers_marker(frame.body(), r.marker) => {
+                            // A silent marker (cut.rs) fails a transaction the client already
+                            // believes failed: neither its error nor a Query's ReadyForQuery
+                            // reaches the client.
+                            swallow_ready |= r.response.is_empty() && failed.is_none();
+                            Some(r.response)
+                        }
                         // Parameter types are resolved at Parse, Bind and Describe.
                         _ if matches!(failed, Some(Expect::Ack(b'1' | b'2') | Expect::DescribeStatement)) => unknown_type(frame.body()),
                         _ => None,
@@ -296,7 +347,7 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
                         None if masked => scrub_for_masked(ctx, frame.tag, frame.body(), &rules.ctx.detectors),
                         None => frame.bytes,
                     };
-                    let code = error_response::field(&bytes[5..], b'C').map(|c| String::from_utf8_lossy(c).into_owned());
+                    let code = bytes.get(5..).and_then(|b| error_response::field(b, b'C')).map(|c| String::from_utf8_lossy(c).into_owned());
                     match ends {
                         Some((stmt, sent)) => finished = Some(Finished { stmt, sent, sqlstate: code }),
                         None if fails_a_step => skip_cause = code,
@@ -314,6 +365,9 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
         }
         // Tell the client half how far the server got (it may be waiting for room).
         let progress = (pipeline.released(), pipeline.in_copy());
+        if pipeline.capped {
+            ctx.tracked_cursors.store(cutter.cursors(), Ordering::Relaxed);
+        }
         let f = &ctx.flow;
         f.released.store(progress.0 .0, Ordering::SeqCst);
         f.released_refusals.store(progress.0 .1, Ordering::SeqCst);
