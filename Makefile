@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking bench-audit bench-rss clean
+.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking bench-audit bench-approvals bench-rss clean
 
 help:
 	@echo "make demo        build everything, then run 'phigate demo' (embedded PostgreSQL + gateway)"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench       pgbench direct vs PgBouncer vs phigate; report in benches/results/"
 	@echo "make bench-masking  only the masked vs unmasked bulk read through phigate"
 	@echo "make bench-audit    only pgbench -S through phigate with the audit trail off/batch/write/statement"
+	@echo "make bench-approvals  held statements: resume after the decision, 1000 held sessions' CPU"
 	@echo "make bench-rss   gateway RSS and heap over rounds of hostile connections (leak or retention?)"
 	@echo "make clean       remove build products and the virtualenv"
 
@@ -62,6 +63,9 @@ bench-masking: build
 
 bench-audit: build
 	$(BIN)/python benches/run.py --only audit $(BENCH_ARGS)
+
+bench-approvals: build
+	$(BIN)/python benches/approvals_bench.py $(BENCH_ARGS)
 
 # RSS_ARGS e.g. "--malloc-arena-max 2" or "--trim-each-round"; see benches/hostile_rss.py --help.
 bench-rss: build
