@@ -4,7 +4,6 @@ approve which role's held statements, and how many must agree."""
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 from phigate.config.durations import parse_duration
 from phigate.config.model import APPROVAL_CLASSES, Secret, TargetConfig
 from phigate.config.table import _Ctx, _Table
+from phigate.config.targets import _is_loopback
 
 __all__ = [
     "APPROVER_RULE_NAMES",
@@ -156,20 +156,11 @@ def _postgres_store(t: _Table, url: str, targets: Mapping[str, TargetConfig]) ->
         t.fail("store", "has an invalid port")
     port = int(port_text)
     for name, target in targets.items():
-        same_host = host == target.host or (_loopback(host) and _loopback(target.host))
+        same_host = host == target.host or (_is_loopback(host) and _is_loopback(target.host))
         if same_host and port == target.port and dbname == target.database:
             t.fail("store", f"is the database of target {name!r}: agents could read or change "
                    "approvals through the gateway; use a database no target names")  # fmt: skip
     return f"postgresql://{host}:{port}/{dbname}"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost" or host.startswith("/"):  # a Unix socket is this host too
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _approvers(

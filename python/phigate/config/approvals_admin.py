@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import grp
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +13,9 @@ from urllib.parse import urlsplit
 
 from phigate.audit.keys import AuditKeyError, resolve_credential
 from phigate.config.model import SecretBytes
+from phigate.config.server import parse_listen
 from phigate.config.table import _Ctx, _Table
+from phigate.config.targets import _is_loopback
 
 __all__ = [
     "AdminSocketConfig",
@@ -129,16 +130,7 @@ def parse_api(t: _Table | Mapping[str, Any], source: str | os.PathLike[str]) -> 
     """[approvals.api] of the config file ``source``: HTTPS only."""
     table = _table(t, source, "approvals.api", _API_KEYS)
     listen = table.string("listen", "127.0.0.1:8443")
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-        ok = bool(sep) and port.isdigit() and 0 <= int(port) <= 65535
-    except ValueError:
-        ok = False
-    if not ok:
-        table.fail("listen", f"{listen!r} is not 'ip:port' (e.g. 127.0.0.1:8443 or [::1]:8443)")
+    host, port = parse_listen(table, "listen", listen, 8443)
     hint = "the admin API is HTTPS only; `phigate cert dev` makes a development pair"
     if "cert" not in table.data:
         table.fail("cert", f"is required: {hint}")
@@ -147,7 +139,7 @@ def parse_api(t: _Table | Mapping[str, Any], source: str | os.PathLike[str]) -> 
     cert = table.path("cert", what="certificate file")
     key = table.path("key", what="private key file")
     assert cert is not None and key is not None
-    return ApiConfig(host=host, port=int(port), cert=cert, key=key)
+    return ApiConfig(host=host, port=port, cert=cert, key=key)
 
 
 def parse_webhooks(
@@ -171,7 +163,7 @@ def _webhook(t: _Table) -> WebhookConfig:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         t.fail("url", "must be an https:// URL")
-    if parts.scheme == "http" and not _loopback(parts.hostname):
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
         # Request details (and with include_values, statement values) must not cross a network
         # in clear text.
         t.fail("url", "must be https:// (plain http is only accepted for a loopback receiver)")
@@ -191,15 +183,6 @@ def _webhook(t: _Table) -> WebhookConfig:
         timeout=t.seconds("timeout", 10.0, 0, 120, lo_open=True),
         include_values=t.boolean("include_values", False),
     )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _secret(t: _Table) -> SecretBytes:

@@ -79,16 +79,24 @@ def _server(t: _Table, ctx: _Ctx) -> ServerConfig:
     )
 
 def _check_listen(t: _Table, addr: str) -> None:
+    parse_listen(t, "listen", addr, 6432)
+
+
+def parse_listen(t: _Table, key: str, addr: str, example_port: int) -> tuple[str, int]:
+    """An 'ip:port' listen address (IPv6 in brackets) as (host, port); a ConfigError names
+    ``key`` otherwise."""
     host, sep, port = addr.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        t.fail("listen", f"{addr!r}: write IPv6 addresses in brackets, e.g. [::1]:6432")
+        t.fail(key, f"{addr!r}: write IPv6 addresses in brackets, e.g. [::1]:{example_port}")
     try:
         ipaddress.ip_address(host)
         ok = bool(sep) and port.isdigit() and 0 <= int(port) <= 65535
     except ValueError:
         ok = False
     if not ok:
-        t.fail("listen", f"{addr!r} is not 'ip:port' (e.g. 127.0.0.1:6432 or [::1]:6432)")
+        t.fail(key, f"{addr!r} is not 'ip:port' (e.g. 127.0.0.1:{example_port} or "
+               f"[::1]:{example_port})")
+    return host, int(port)
 
