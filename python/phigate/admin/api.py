@@ -15,6 +15,7 @@ from phigate.admin.auth import Caller, Refusal, Verify, identify
 from phigate.admin.openapi import openapi_document
 from phigate.admin.protocol import STATUSES, ApprovalServiceLike, Scope, error_status
 from phigate.admin.sse import STREAMS, close_streams, stream_events
+from phigate.config.durations import duration_seconds
 
 __all__ = ["create_app", "SERVICE", "parse_scope"]
 
@@ -30,8 +31,6 @@ _MAX_REASON = 2000
 _MAX_VALID_FOR = 30 * 86400.0
 _MAX_EXECUTIONS = 10_000
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Routes anyone may read: they carry nothing about requests or identities.
 _PUBLIC = frozenset({"/v1/health", "/v1/openapi.json"})
 
@@ -224,9 +223,7 @@ def _valid_for(raw: Any) -> float | None:
         return None
     seconds: float | None = None
     if isinstance(raw, str):
-        m = _DURATION.fullmatch(raw.strip())
-        if m:
-            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        seconds = duration_seconds(raw)
     elif isinstance(raw, int | float) and not isinstance(raw, bool):
         seconds = float(raw)
     if seconds is None or not 0 < seconds <= _MAX_VALID_FOR:

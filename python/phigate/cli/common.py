@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from phigate.config.durations import duration_seconds
 from phigate.errors import PhigateError
 
 if TYPE_CHECKING:
     from phigate.config import Config
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
     """'900', '90s', '15m', '2h', '1d' -> seconds."""
-    m = _DURATION.fullmatch(text.strip())
-    if not m or float(m.group(1)) <= 0:
+    seconds = duration_seconds(text)
+    if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 900, 90s, 15m, 2h or 1d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return seconds
 
 
 def when(ts: float) -> str:

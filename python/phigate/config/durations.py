@@ -6,10 +6,16 @@ import re
 
 from phigate.config.table import _kind, _Table
 
-__all__ = ["parse_duration"]
+__all__ = ["duration_seconds", "parse_duration"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(text: str) -> float | None:
+    """'900', '90s', '15m', '2h', '1d' in seconds; None if ``text`` is not such a duration."""
+    m = _DURATION.fullmatch(text.strip())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else None
 
 
 def parse_duration(t: _Table, key: str, default: str, lo: float, hi: float) -> float:
@@ -18,10 +24,10 @@ def parse_duration(t: _Table, key: str, default: str, lo: float, hi: float) -> f
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         t.fail(key, f'must be a duration like "15m" or "7d", not {_kind(value)}')
     if isinstance(value, str):
-        m = _DURATION.fullmatch(value.strip())
-        if m is None:
+        parsed = duration_seconds(value)
+        if parsed is None:
             t.fail(key, f'{value!r} is not a duration; write e.g. "90s", "15m", "2h" or "7d"')
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        seconds = parsed
     else:
         seconds = float(value)
     if not lo <= seconds <= hi:
