@@ -19,6 +19,13 @@ use crate::audit::{Durable, Trail};
 pub enum RequestKind {
     Authenticate,
     Decide,
+    /// A statement whose decision needs approval is about to run: run, deny or hold it?
+    Approval,
+    /// A held statement waits for a person's decision (answered when one is made).
+    AwaitApproval,
+    /// A held statement's request is withdrawn (cancel, disconnect, session end, timeout);
+    /// fire and forget.
+    Withdraw,
 }
 
 impl RequestKind {
@@ -26,6 +33,9 @@ impl RequestKind {
         match self {
             RequestKind::Authenticate => "authenticate",
             RequestKind::Decide => "decide",
+            RequestKind::Approval => "approval",
+            RequestKind::AwaitApproval => "await_approval",
+            RequestKind::Withdraw => "withdraw",
         }
     }
 }
@@ -92,9 +102,7 @@ impl Bridge {
     /// Asks the control plane and waits for the answer, failing closed after `timeout`.
     pub async fn ask(&self, kind: RequestKind, payload: Value, timeout: Duration) -> Result<Value, AskError> {
         let (tx, rx) = oneshot::channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.queue.lock().push(PendingRequest { id, kind, payload, reply: tx });
-        self.signal();
+        self.push(kind, payload, tx);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(AskError::Dropped),
@@ -103,6 +111,26 @@ impl Bridge {
                 Err(AskError::TimedOut)
             }
         }
+    }
+
+    /// Asks the control plane without a deadline: the caller waits on the receiver as long as
+    /// it decides (an error means the control plane dropped the request).
+    pub fn ask_later(&self, kind: RequestKind, payload: Value) -> oneshot::Receiver<Value> {
+        let (tx, rx) = oneshot::channel();
+        self.push(kind, payload, tx);
+        rx
+    }
+
+    /// Tells the control plane something; nobody waits for the answer (it may be dropped).
+    pub fn tell(&self, kind: RequestKind, payload: Value) {
+        let (tx, _) = oneshot::channel();
+        self.push(kind, payload, tx);
+    }
+
+    fn push(&self, kind: RequestKind, payload: Value, reply: oneshot::Sender<Value>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.queue.lock().push(PendingRequest { id, kind, payload, reply });
+        self.signal();
     }
 
     pub fn pending(&self) -> usize {

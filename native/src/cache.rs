@@ -57,6 +57,9 @@ pub struct Decision {
     /// What the statement record says of it besides the decision (shared by every statement
     /// the decision is reused for: none of it depends on literal values).
     pub facts: Arc<AuditFacts>,
+    /// The statement needs a person's approval at each execution: the control plane's
+    /// `approval` object, passed back verbatim when the data plane asks (never read here).
+    pub approval: Option<Arc<serde_json::Value>>,
 }
 
 /// The control plane's facts about a statement for its audit record, each already rendered as
@@ -249,7 +252,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default() })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default(), approval: None })
     }
 
     #[test]

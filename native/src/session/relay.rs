@@ -31,6 +31,7 @@ use crate::protocol::stream::WritePart;
 
 mod client_half;
 mod decision;
+mod hold;
 mod notices;
 mod upstream_half;
 
@@ -66,6 +67,9 @@ struct Shared {
     fatal_reason: &'static str,
     /// Entries published by the client half, in order, not yet taken by the upstream half.
     published: Vec<Entry>,
+    /// NoticeResponses for the client from the client half (a statement held for approval),
+    /// written by the upstream half at the next message boundary.
+    notices: Vec<Bytes>,
 }
 
 /// How far each half got, for back-pressure and for knowing whether the server is still busy.
@@ -103,6 +107,14 @@ struct Ctx {
     shared: Mutex<Shared>,
     flow: Flow,
     kill: Notify,
+    /// Client half → upstream half: `Shared::notices` has something to write.
+    notices_ready: Notify,
+    /// Woken by each CancelRequest with this session's key (a held statement is withdrawn).
+    cancelled: Arc<Notify>,
+    /// The client's address ("ip:port"), for approvers.
+    peer: String,
+    /// The connection asked for return mode (see frontend.rs).
+    return_mode: bool,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     /// Statement records written so far (the last one's `stmt`).
@@ -216,6 +228,10 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         shared: Mutex::new(Shared::default()),
         flow: Flow::default(),
         kill: Notify::new(),
+        notices_ready: Notify::new(),
+        cancelled: est.cancelled,
+        peer: est.peer.to_string(),
+        return_mode: est.return_mode,
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
         statements: AtomicU64::new(0),
@@ -244,6 +260,7 @@ impl Ctx {
             sqlstate::PROTOCOL_VIOLATION => end_reason::PROTOCOL_VIOLATION,
             sqlstate::INVALID_PASSWORD => end_reason::TOKEN_EXPIRED,
             sqlstate::PROGRAM_LIMIT_EXCEEDED => end_reason::RESOURCE_LIMIT,
+            sqlstate::ADMIN_SHUTDOWN => end_reason::DRAIN,
             _ => end_reason::GATEWAY_ERROR,
         };
         if err.sqlstate == sqlstate::PROTOCOL_VIOLATION {
@@ -258,6 +275,13 @@ impl Ctx {
         self.kill.notify_one();
         std::future::pending::<()>().await;
         reason
+    }
+
+    /// Queues a NoticeResponse for the client; the upstream half writes it at once, between two
+    /// messages if it is streaming a result.
+    fn notify_client(&self, notice: Bytes) {
+        self.shared.lock().notices.push(notice);
+        self.notices_ready.notify_one();
     }
 
     /// The session's credential expired (and the identity source asked to close on expiry).
@@ -435,7 +459,7 @@ fn gateway_refusal(rule: &str) -> Arc<Decision> {
     Arc::new(Decision {
         action: Action::Deny { sqlstate: String::new(), message: String::new(), hint: None },
         reuse: Reuse::None, normalized: None, rewritten: None, protected: false, origins: None,
-        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts),
+        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts), approval: None,
     })
 }
 

@@ -99,7 +99,15 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         None | Some(serde_json::Value::Null) => AuditFacts::default(),
         Some(f) => AuditFacts::from_answer(f)?,
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts) })
+    // Held for approval at each execution; anything but an object is a malformed answer.
+    let approval = match a.get("approval") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v @ serde_json::Value::Object(_)) if matches!(action, Action::Allow) => Some(Arc::new(v.clone())),
+        // On a refusal it would change nothing: the statement never runs.
+        Some(serde_json::Value::Object(_)) => None,
+        Some(_) => return None,
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts), approval })
 }
 
 /// One entry of a decision's `notices`: `{"key", "code", "message", "hint"}`, prebuilt as the
@@ -192,6 +200,21 @@ mod tests {
             json!({"masking": {"by": "other"}}), json!({"masking": {"columns": {"a": 1}}}), json!({"masking": []}),
         ] {
             assert!(parse_decision(&json!({"action": "allow", "audit": bad.clone()})).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn approval_is_kept_verbatim_or_the_decision_refused() {
+        let approval = json!({"rule": "write", "role": "agents", "reason": "writes need approval", "mode": "hold",
+            "timeout_ms": 900000, "extra": [1, {"nested": true}]});
+        let d = parse_decision(&json!({"action": "allow", "cache": "exact", "approval": approval.clone()})).unwrap();
+        assert_eq!(d.approval.as_deref(), Some(&approval));
+        assert!(parse_decision(&json!({"action": "allow"})).unwrap().approval.is_none());
+        assert!(parse_decision(&json!({"action": "allow", "approval": null})).unwrap().approval.is_none());
+        // A refusal never runs, so it is never held.
+        assert!(parse_decision(&json!({"action": "deny", "approval": approval})).unwrap().approval.is_none());
+        for bad in [json!("write"), json!(["write"]), json!(true), json!(1)] {
+            assert!(parse_decision(&json!({"action": "allow", "approval": bad.clone()})).is_none(), "{bad}");
         }
     }
 
