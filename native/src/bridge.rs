@@ -22,6 +22,13 @@ pub enum RequestKind {
     /// A result was cut at max_rows (fire and forget): the control plane records it as a
     /// request an approver may approve.
     MaxRowsExceeded,
+    /// A statement whose decision needs approval is about to run: run, deny or hold it?
+    Approval,
+    /// A held statement waits for a person's decision (answered when one is made).
+    AwaitApproval,
+    /// A held statement's request is withdrawn (cancel, disconnect, session end, timeout);
+    /// fire and forget.
+    Withdraw,
 }
 
 impl RequestKind {
@@ -30,6 +37,9 @@ impl RequestKind {
             RequestKind::Authenticate => "authenticate",
             RequestKind::Decide => "decide",
             RequestKind::MaxRowsExceeded => "max_rows_exceeded",
+            RequestKind::Approval => "approval",
+            RequestKind::AwaitApproval => "await_approval",
+            RequestKind::Withdraw => "withdraw",
         }
     }
 }
@@ -96,9 +106,7 @@ impl Bridge {
     /// Asks the control plane and waits for the answer, failing closed after `timeout`.
     pub async fn ask(&self, kind: RequestKind, payload: Value, timeout: Duration) -> Result<Value, AskError> {
         let (tx, rx) = oneshot::channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.queue.lock().push(PendingRequest { id, kind, payload, reply: tx });
-        self.signal();
+        self.push(kind, payload, tx);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(AskError::Dropped),
@@ -109,11 +117,23 @@ impl Bridge {
         }
     }
 
-    /// Tells the control plane something without waiting for (or wanting) an answer.
+    /// Asks the control plane without a deadline: the caller waits on the receiver as long as
+    /// it decides (an error means the control plane dropped the request).
+    pub fn ask_later(&self, kind: RequestKind, payload: Value) -> oneshot::Receiver<Value> {
+        let (tx, rx) = oneshot::channel();
+        self.push(kind, payload, tx);
+        rx
+    }
+
+    /// Tells the control plane something; nobody waits for the answer (it may be dropped).
     pub fn tell(&self, kind: RequestKind, payload: Value) {
         let (tx, _) = oneshot::channel();
+        self.push(kind, payload, tx);
+    }
+
+    fn push(&self, kind: RequestKind, payload: Value, reply: oneshot::Sender<Value>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.queue.lock().push(PendingRequest { id, kind, payload, reply: tx });
+        self.queue.lock().push(PendingRequest { id, kind, payload, reply });
         self.signal();
     }
 

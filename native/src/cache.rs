@@ -61,6 +61,9 @@ pub struct Decision {
     /// folds it) and the operation ("declare", "fetch", "move", "close"): max_rows counts
     /// FETCH rows across the cursor's life.
     pub cursor: Option<(Arc<str>, Arc<str>)>,
+    /// The statement needs a person's approval at each execution: the control plane's
+    /// `approval` object, passed back verbatim when the data plane asks (never read here).
+    pub approval: Option<Arc<serde_json::Value>>,
 }
 
 /// The control plane's facts about a statement for its audit record, each already rendered as
@@ -253,7 +256,7 @@ mod tests {
     use super::*;
 
     fn allow(reuse: Reuse) -> Arc<Decision> {
-        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default(), cursor: None })
+        Arc::new(Decision { action: Action::Allow, reuse, normalized: None, rewritten: None, protected: false, origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Default::default(), cursor: None, approval: None })
     }
 
     #[test]

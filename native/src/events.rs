@@ -269,7 +269,7 @@ mod tests {
 
     fn decision(action: Action, normalized: Option<&str>, facts: AuditFacts) -> Decision {
         Decision { action, reuse: Reuse::Exact, normalized: normalized.map(Arc::from), rewritten: None, protected: false,
-            origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts), cursor: None }
+            origins: None, copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts), cursor: None, approval: None }
     }
 
     #[test]

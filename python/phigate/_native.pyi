@@ -43,6 +43,31 @@ Requests (data plane asks, control plane answers):
   Decisions attach to the statement (Parse) and are enforced at Bind/Execute: a statement or
   portal judged under an older epoch (before reload/bump_epoch) is judged again before it runs.
 
+  kind == "approval"       a statement whose decision carries "approval" is about to run
+                           (simple: at its Query; extended: at its Bind, before it goes upstream)
+    payload = {"session": str, "stmt": int, "subject": str, "identity_class": str, "target": str,
+               "protocol": "simple" | "extended", "sql": str, "statement_name": str | None,
+               "parameters": [{"format": 0, "value": str} | {"format": int, "hex": str} | None]
+                             | None,            # the Bind's values in clear (None: simple)
+               "literal_hashes": [...], "parameter_hashes": [...] | None,   # as the record has them
+               "approval": {...},               # the decision's object, verbatim
+               "return_mode": bool,             # the connection asked for return mode
+               "earlier": [str, ...],           # the session's last 10 statements, 4 KB each
+               "peer": "ip:port"}
+    answer  = {"action": "run"} | {"action": "deny", "sqlstate", "message", "hint"}
+              | {"action": "hold", "request": str, "notice": str, "timeout_ms": int}
+              # hold: the client gets NoticeResponse 01A01 (notice) at once; deny 57P01 ends
+              # the session (FATAL)
+
+  kind == "await_approval" a held statement waits; answered when a person decides (no timeout
+                           on the data plane's side but its own: timeout_ms + 10 s, then 57014)
+    payload = {"session": str, "request": str}
+    answer  = {"action": "run"} | {"action": "deny", "sqlstate", "message", "hint"}
+
+  kind == "withdraw"       fire and forget (reply() returns False: nobody waits)
+    payload = {"session": str, "request": str,
+               "reason": "cancel" | "disconnect" | "session_end" | "timeout"}
+
   If a request is not answered within the configured timeout the data plane fails
   closed (auth: FATAL 08006 and close; decide: ErrorResponse 58000, statement not run)
   and reply() returns False.

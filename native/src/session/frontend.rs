@@ -273,14 +273,31 @@ async fn startup(login: &Login<'_>, tcp: TcpStream) -> Result<Established, Failu
     };
     let mut forwarded = vec![];
     let mut dropped = vec![];
+    let mut return_mode = false;
     for (k, v) in &msg.params {
         match k.as_str() {
             "user" | "database" | "replication" => {}
+            // The gateway's own: never forwarded, and not a dropped parameter either.
+            _ if k.eq_ignore_ascii_case(APPROVAL_MODE_PARAMETER) => match v.as_str() {
+                "return" => return_mode = true,
+                "hold" => {}
+                _ => return Err(login.refuse(stream, Some(&user), "malformed", GateError::fatal(INVALID_PARAMETER_VALUE,
+                    format!("invalid value for parameter \"{APPROVAL_MODE_PARAMETER}\"")).with_hint("Use \"return\" or \"hold\"."))),
+            },
+            _ if k.eq_ignore_ascii_case("application_name") => {
+                let (name, returns) = application_name_and_mode(v);
+                return_mode |= returns;
+                if settings.cfg.parameter_allowed(k) {
+                    forwarded.push((k.clone(), name.to_string()));
+                } else {
+                    dropped.push(k.clone());
+                }
+            }
             _ if settings.cfg.parameter_allowed(k) => forwarded.push((k.clone(), v.clone())),
             _ => dropped.push(k.clone()),
         }
     }
-    let application_name = msg.get("application_name").unwrap_or("").to_string();
+    let application_name = application_name_and_mode(msg.get("application_name").unwrap_or("")).0.to_string();
 
     // Ask for the token as a cleartext password: only ever inside TLS unless TLS is explicitly off.
     out.extend_from_slice(&authentication::cleartext_password());
@@ -336,7 +353,7 @@ async fn startup(login: &Login<'_>, tcp: TcpStream) -> Result<Established, Failu
                 .with_hint("The gateway operator can find details in the gateway log.")));
         }
     };
-    let (our_pid, our_secret) = core.cancels.register(crate::session::cancel::UpstreamKey {
+    let crate::session::cancel::Registered { pid: our_pid, secret: our_secret, cancelled } = core.cancels.register(crate::session::cancel::UpstreamKey {
         target: target.target.clone(),
         pid: upstream.pid,
         secret: upstream.secret,
@@ -365,7 +382,26 @@ async fn startup(login: &Login<'_>, tcp: TcpStream) -> Result<Established, Failu
         application_name,
         dropped_parameters: dropped,
         our_pid,
+        cancelled,
+        peer,
+        return_mode,
     })
+}
+
+/// The startup parameter a connection asks for return mode with: a statement that needs
+/// approval is refused at once (the request goes to approvers) instead of held.
+const APPROVAL_MODE_PARAMETER: &str = "phigate.approval_mode";
+/// The `application_name` suffix that asks for return mode too (for drivers that cannot send
+/// other startup parameters); stripped before the name goes upstream.
+const RETURN_SUFFIX: &str = "+return";
+const INVALID_PARAMETER_VALUE: &str = "22023";
+
+/// An `application_name` as it goes upstream, and whether it asked for return mode.
+fn application_name_and_mode(name: &str) -> (&str, bool) {
+    match name.strip_suffix(RETURN_SUFFIX) {
+        Some(stripped) => (stripped, true),
+        None => (name, false),
+    }
 }
 
 fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, String)> {
@@ -414,6 +450,6 @@ fn parse_auth_answer(a: &serde_json::Value) -> Result<Identity, (&'static str, S
 }
 
 async fn forward_cancel(core: &Arc<EngineCore>, pid: i32, secret: i32) {
-    let Some(key) = core.cancels.lookup(pid, secret) else { return };
+    let Some(key) = core.cancels.cancel(pid, secret) else { return };
     super::cancel_upstream(core, &key).await;
 }

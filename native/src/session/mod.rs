@@ -56,6 +56,11 @@ pub struct Established {
     pub tls: Option<&'static str>,
     pub dropped_parameters: Vec<String>,
     pub our_pid: i32,
+    /// Woken by each CancelRequest with this session's key (see cancel.rs).
+    pub cancelled: Arc<tokio::sync::Notify>,
+    pub peer: SocketAddr,
+    /// The connection asked for return mode (statements needing approval are refused at once).
+    pub return_mode: bool,
 }
 
 /// Counts a session as active for as long as it lives.

@@ -33,8 +33,11 @@ use crate::protocol::stream::WritePart;
 mod client_half;
 mod cut;
 mod decision;
+mod hold;
 mod notices;
 mod upstream_half;
+
+pub(crate) use hold::bound_values;
 
 use client_half::client_to_upstream;
 use decision::{parse_decision, refusal_sqlstate};
@@ -71,6 +74,9 @@ struct Shared {
     /// A statement was cut at max_rows and has ended upstream: what the client half must do
     /// before it writes anything more upstream.
     cut: Option<cut::CutOutcome>,
+    /// NoticeResponses for the client from the client half (a statement held for approval),
+    /// written by the upstream half at the next message boundary.
+    notices: Vec<Bytes>,
 }
 
 /// How far each half got, for back-pressure and for knowing whether the server is still busy.
@@ -108,6 +114,14 @@ struct Ctx {
     shared: Mutex<Shared>,
     flow: Flow,
     kill: Notify,
+    /// Client half → upstream half: `Shared::notices` has something to write.
+    notices_ready: Notify,
+    /// Woken by each CancelRequest with this session's key (a held statement is withdrawn).
+    cancelled: Arc<Notify>,
+    /// The client's address ("ip:port"), for approvers.
+    peer: String,
+    /// The connection asked for return mode (see frontend.rs).
+    return_mode: bool,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     /// Statement records written so far (the last one's `stmt`).
@@ -227,6 +241,10 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         shared: Mutex::new(Shared::default()),
         flow: Flow::default(),
         kill: Notify::new(),
+        notices_ready: Notify::new(),
+        cancelled: est.cancelled,
+        peer: est.peer.to_string(),
+        return_mode: est.return_mode,
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
         statements: AtomicU64::new(0),
@@ -258,6 +276,7 @@ impl Ctx {
             sqlstate::PROTOCOL_VIOLATION => end_reason::PROTOCOL_VIOLATION,
             sqlstate::INVALID_PASSWORD => end_reason::TOKEN_EXPIRED,
             sqlstate::PROGRAM_LIMIT_EXCEEDED => end_reason::RESOURCE_LIMIT,
+            sqlstate::ADMIN_SHUTDOWN => end_reason::DRAIN,
             _ => end_reason::GATEWAY_ERROR,
         };
         if err.sqlstate == sqlstate::PROTOCOL_VIOLATION {
@@ -272,6 +291,13 @@ impl Ctx {
         self.kill.notify_one();
         std::future::pending::<()>().await;
         reason
+    }
+
+    /// Queues a NoticeResponse for the client; the upstream half writes it at once, between two
+    /// messages if it is streaming a result.
+    fn notify_client(&self, notice: Bytes) {
+        self.shared.lock().notices.push(notice);
+        self.notices_ready.notify_one();
     }
 
     /// The session's credential expired (and the identity source asked to close on expiry).
@@ -529,7 +555,7 @@ fn gateway_refusal(rule: &str) -> Arc<Decision> {
     Arc::new(Decision {
         action: Action::Deny { sqlstate: String::new(), message: String::new(), hint: None },
         reuse: Reuse::None, normalized: None, rewritten: None, protected: false, origins: None,
-        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts), cursor: None,
+        copy_columns: None, notices: None, subject_relations: None, facts: Arc::new(facts), cursor: None, approval: None,
     })
 }
 

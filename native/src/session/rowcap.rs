@@ -210,25 +210,10 @@ impl CutStatements {
     }
 }
 
-/// The bound parameters as approvers see them: `{"format": 0, "value": text}` (text that is not
-/// UTF-8 is shown as hex), `{"format": 1, "hex": ...}`, or null for SQL NULL. None when the
+/// The bound parameters as approvers see them (see `relay::hold::bound_values`); None when the
 /// body is not a valid Bind.
 pub fn bind_parameters(body: &[u8]) -> Option<serde_json::Value> {
-    let b = crate::protocol::messages::extended::bind(body).ok()?;
-    let hex = |v: &[u8]| v.iter().map(|c| format!("{c:02x}")).collect::<String>();
-    let list = b
-        .values()
-        .enumerate()
-        .map(|(i, v)| match v {
-            None => serde_json::Value::Null,
-            Some(v) if b.format_of(i) == 0 => match std::str::from_utf8(v) {
-                Ok(t) => serde_json::json!({"format": 0, "value": t}),
-                Err(_) => serde_json::json!({"format": 0, "hex": hex(v)}),
-            },
-            Some(v) => serde_json::json!({"format": 1, "hex": hex(v)}),
-        })
-        .collect();
-    Some(serde_json::Value::Array(list))
+    crate::protocol::messages::extended::bind(body).ok().map(|b| crate::session::relay::bound_values(&b))
 }
 
 #[cfg(test)]

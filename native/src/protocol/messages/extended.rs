@@ -14,24 +14,14 @@ pub struct Parse<'a> {
 pub struct Bind<'a> {
     pub portal: &'a [u8],
     pub statement: &'a [u8],
+    /// The parameter format codes (Int16 each: none, one for all, or one per value).
+    formats: &'a [u8],
     /// The parameter values (each a 4-byte length, -1 for NULL, then the bytes), validated.
     values: &'a [u8],
     params: usize,
-    /// The parameter format codes (2 bytes each): none (all text), one for all, or one each.
-    formats: &'a [u8],
 }
 
 impl<'a> Bind<'a> {
-    /// Parameter `i`'s format code (0 text, 1 binary).
-    pub fn format_of(&self, i: usize) -> i16 {
-        let at = match self.formats.len() / 2 {
-            0 => return 0,
-            1 => 0,
-            _ => 2 * i,
-        };
-        self.formats.get(at..at + 2).map_or(0, |f| i16::from_be_bytes([f[0], f[1]]))
-    }
-
     /// Each parameter's value as sent (None: SQL NULL).
     pub fn values(&self) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
         let (mut rest, n) = (self.values, self.params);
@@ -46,6 +36,16 @@ impl<'a> Bind<'a> {
             rest = tail;
             Some(v)
         })
+    }
+
+    /// Parameter `i`'s format code (0 text, 1 binary), as the Bind's format list gives it.
+    pub fn format(&self, i: usize) -> i16 {
+        let at = match self.formats.len() / 2 {
+            0 => return 0,
+            1 => 0,
+            _ => 2 * i,
+        };
+        self.formats.get(at..at + 2).map_or(0, |f| i16::from_be_bytes([f[0], f[1]]))
     }
 }
 
@@ -98,7 +98,7 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, &'static str> {
     }
     let results = count(body, &mut pos, "invalid result format count")?;
     end(body, pos + 2 * results, "result format list does not match its count")?;
-    Ok(Bind { portal, statement, values: &body[values_at..], params, formats: &body[formats_at..formats_at + 2 * formats] })
+    Ok(Bind { portal, statement, formats: &body[formats_at..formats_at + 2 * formats], values: &body[values_at..], params })
 }
 
 /// Describe and Close: the kind ('S' statement, 'P' portal) and the name.

@@ -11,6 +11,7 @@ use crate::protocol::framing::{ClientCutter, Cut};
 use crate::protocol::messages::{extended, query, session, tag_f};
 use crate::session::pipeline::{Expect, StmtInfo};
 use crate::protocol::stream::{release_if_idle, ReadPart, WritePart};
+use super::hold::{bound_values, hold, max_rows_approval, Earlier, Outcome, Statement};
 use super::*;
 
 /// Prepared statements and portals a client may have at most (per session); more is refused.
@@ -36,6 +37,11 @@ struct Portal {
     /// shown to approvers when a result is cut).
     rows: Option<Arc<AtomicU64>>,
     bind: Option<Bytes>,
+    /// The statement record written at its Bind because it needed approval: the first Execute
+    /// is that statement, not a new one.
+    recorded: Option<u64>,
+    /// The cap an approval set for this execution (None: the session's max_rows).
+    max_rows: Option<Option<u64>>,
 }
 
 #[derive(Default)]
@@ -136,6 +142,12 @@ async fn rejudge(
     })
 }
 
+/// The client is gone: the upstream session ends too.
+async fn disconnected(uw: &mut WritePart) -> &'static str {
+    let _ = uw.write_all(&session::terminate()).await;
+    end_reason::CLIENT_DISCONNECTED
+}
+
 /// A malformed extended-protocol message: the session ends, as PostgreSQL would end it had the
 /// gateway passed the message on.
 fn malformed(what: &str, why: &str) -> GateError {
@@ -150,6 +162,8 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
     let mut ob = Outbox { masked, ..Outbox::default() };
     let mut cutter = ClientCutter::new(max_statement, max_message);
     let mut ext = Extended::default();
+    // The session's last statements, for approvers of a held one.
+    let mut earlier = Earlier::default();
     let cache = &ctx.core.cache;
     let capped = ctx.identity.max_rows.is_some();
     // A capped Execute completed upstream although the client got a 54000: PostgreSQL would
@@ -220,11 +234,34 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     let stmt = ctx.record_statement(&judged.audit, "simple", None);
                     // A Query ends the implicit transaction its portals lived in.
                     ext.described.clear();
+                    // A statement needing approval asks now; so does one whose earlier run was cut at
+                    // max_rows (an approver may have lifted the cap for it).
+                    let approval = judged.audit.decision.approval.clone().or_else(|| (capped && ctx.was_cut(sql)).then(max_rows_approval));
+                    // The `run` answer's cap for this execution (None: the session's).
+                    let mut max_rows: Option<Option<u64>> = None;
+                    let verdict = match (judged.verdict, approval.as_deref()) {
+                        (Verdict::Allow(rewritten, info), Some(approval)) => {
+                            if let Err(r) = ctx.flush(&mut ob, &mut uw).await {
+                                return r;
+                            }
+                            let st = Statement { sql, statement_name: None, protocol: "simple", stmt, literal_hashes: &judged.audit.literals,
+                                parameter_hashes: None, parameters: None, approval };
+                            match hold(ctx, st, &earlier, &mut cr, &mut buf).await {
+                                Outcome::Run(cap) => {
+                                    max_rows = cap;
+                                    Verdict::Allow(rewritten, info)
+                                }
+                                Outcome::Refuse(err) => Verdict::Deny(err),
+                                Outcome::Fatal(err) => return ctx.die(err).await,
+                                Outcome::Disconnected => return disconnected(&mut uw).await,
+                            }
+                        }
+                        (verdict, _) => verdict,
+                    };
+                    earlier.push(sql);
                     let sent = Instant::now();
-                    match judged.verdict {
+                    match verdict {
                         Verdict::Allow(rewritten, info) => {
-                            // max_rows: the per-execution override (approvals) goes here.
-                            let max_rows: Option<Option<u64>> = None;
                             let cap = if capped || max_rows.is_some() {
                                 let report = || crate::session::rowcap::CutReport { stmt, protocol: "simple", sql: Bytes::copy_from_slice(sql),
                                     literal_hashes: judged.audit.literals.clone(), parameter_hashes: None, bind: None };
@@ -302,8 +339,10 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                     let parameters = ctx.settings.hash_key.parameters_json(bind.values());
                     // A prepared statement runs again only while the audit trail can record it.
                     let audit_failing = ctx.core.bridge.audit_failing();
+                    // Its statement needs approval at every execution (known once judged).
+                    let mut needs_approval = false;
                     // A refusal and, for a statement judged again, its statement record.
-                    let refusal: Option<(GateError, Option<StmtAudit>)> = match ext.statements.get(stmt) {
+                    let mut refusal: Option<(GateError, Option<StmtAudit>)> = match ext.statements.get(stmt) {
                         _ if audit_failing.is_some() => audit_failing.as_deref().map(|reason| {
                             (crate::errors::audit_refusal(reason), Some(gateway_refused("gateway: audit trail cannot be written")))
                         }),
@@ -313,7 +352,15 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                         Some(p) if p.epoch != cache.epoch() => {
                             let sql = p.sql.clone();
                             match rejudge(ctx, &mut ext, stmt, &sql, &mut ob, &mut uw).await {
-                                Ok(refusal) => refusal.map(|(e, a)| (e, Some(a))),
+                                Ok(refusal) => {
+                                    if let Some(p) = ext.statements.get(stmt) {
+                                        needs_approval = p.audit.decision.approval.is_some();
+                                        if !needs_approval {
+                                            earlier.push(&p.sql);
+                                        }
+                                    }
+                                    refusal.map(|(e, a)| (e, Some(a)))
+                                }
                                 Err(r) => return r,
                             }
                         }
@@ -321,8 +368,44 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                             Some((GateError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this session already has {MAX_PREPARED} open portals"))
                                 .with_hint("Close portals you no longer need."), None))
                         }
-                        Some(_) => None,
+                        Some(p) => {
+                            needs_approval = p.audit.decision.approval.is_some();
+                            if !needs_approval {
+                                earlier.push(&p.sql);
+                            }
+                            None
+                        }
                     };
+                    // Held before the Bind goes upstream: nothing of it (not even its locks)
+                    // reaches the database before a person decides. Its statement record is
+                    // written now; its first Execute is that statement.
+                    let mut recorded = None;
+                    let mut max_rows: Option<Option<u64>> = None;
+                    // A statement whose earlier run was cut at max_rows asks too: an approver may
+                    // have lifted the cap for it.
+                    let was_cut = capped && refusal.is_none() && !needs_approval
+                        && ext.statements.get(stmt).is_some_and(|p| ctx.was_cut(&p.sql));
+                    if (needs_approval || was_cut) && refusal.is_none() {
+                        if let Some(p) = ext.statements.get(stmt) {
+                            let (sql, audit) = (p.sql.clone(), p.audit.clone());
+                            let n = ctx.record_statement(&audit, "extended", Some(&parameters));
+                            recorded = Some(n);
+                            if let Err(r) = ctx.flush(&mut ob, &mut uw).await {
+                                return r;
+                            }
+                            let approval = audit.decision.approval.clone().unwrap_or_else(max_rows_approval);
+                            let st = Statement { sql: &sql, statement_name: Some(stmt), protocol: "extended", stmt: n,
+                                literal_hashes: &audit.literals, parameter_hashes: Some(&parameters), parameters: Some(bound_values(&bind)),
+                                approval: &approval };
+                            match hold(ctx, st, &earlier, &mut cr, &mut buf).await {
+                                Outcome::Run(cap) => max_rows = cap,
+                                Outcome::Refuse(err) => refusal = Some((err, None)),
+                                Outcome::Fatal(err) => return ctx.die(err).await,
+                                Outcome::Disconnected => return disconnected(&mut uw).await,
+                            }
+                            earlier.push(&sql);
+                        }
+                    }
                     if masked {
                         ext.described.remove(portal);
                     }
@@ -338,16 +421,19 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                     p.parameters = parameters;
                                     p.rows = rows;
                                     p.bind = bind;
+                                    p.recorded = recorded;
+                                    p.max_rows = max_rows;
                                 }
                                 _ => {
-                                    ext.portals.insert(portal.to_vec(), Portal { statement: stmt.to_vec(), parameters, rows, bind });
+                                    let p = Portal { statement: stmt.to_vec(), parameters, rows, bind, recorded, max_rows };
+                                    ext.portals.insert(portal.to_vec(), p);
                                 }
                             }
                             ob.bytes.extend_from_slice(&frame.bytes);
                         }
                         Some((err, audit)) => {
                             ext.portals.remove(portal);
-                            let stmt = audit.map_or(0, |a| ctx.record_statement(&a, "extended", Some(&parameters)));
+                            let stmt = recorded.unwrap_or_else(|| audit.map_or(0, |a| ctx.record_statement(&a, "extended", Some(&parameters))));
                             let (marker, refusal) = ctx.marker(&err, stmt);
                             ob.refuse(Expect::Ack(b'2'), refusal);
                             ob.bytes.extend_from_slice(&marker_bind(portal, &marker));
@@ -376,14 +462,21 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                             Err(r) => return r,
                         },
                     };
-                    let bound = ext.portals.get(portal).and_then(|p| Some((ext.statements.get(&p.statement)?, &p.parameters)));
+                    let (recorded, bound) = match ext.portals.get_mut(portal) {
+                        Some(p) => (p.recorded.take(), ext.statements.get(&p.statement).map(|s| (s, &p.parameters))),
+                        None => (None, None),
+                    };
                     match refusal {
                         None => {
-                            // Every execution of a prepared statement is a statement record.
-                            let stmt = bound.map_or(0, |(p, params)| ctx.record_statement(&p.audit, "extended", Some(params)));
+                            // Every execution of a prepared statement is a statement record (one
+                            // held at its Bind already has it).
+                            let stmt = match recorded {
+                                Some(n) => n,
+                                None => bound.map_or(0, |(p, params)| ctx.record_statement(&p.audit, "extended", Some(params))),
+                            };
                             let sent = Instant::now();
-                            // max_rows: the per-execution override (approvals) goes here.
-                            let max_rows: Option<Option<u64>> = None;
+                            // The cap an approval set at the portal's Bind, if any.
+                            let max_rows = ext.portals.get(portal).and_then(|p| p.max_rows);
                             let cap = match ext.portals.get(portal).and_then(|b| Some((b, ext.statements.get(&b.statement)?))) {
                                 Some((b, p)) if capped || max_rows.is_some() => {
                                     let report = || crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: p.sql.clone(),
@@ -516,10 +609,7 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
         release_if_idle(&mut ob.bytes);
         release_if_idle(&mut buf);
         match cr.read_into(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = uw.write_all(&session::terminate()).await;
-                return end_reason::CLIENT_DISCONNECTED;
-            }
+            Ok(0) | Err(_) => return disconnected(&mut uw).await,
             Ok(n) => {
                 ctx.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
             }

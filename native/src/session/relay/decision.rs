@@ -99,9 +99,13 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         None | Some(serde_json::Value::Null) => AuditFacts::default(),
         Some(f) => AuditFacts::from_answer(f)?,
     };
-    // Both or neither; a name with a NUL or an unknown operation refuses the decision.
+    // Both or neither (CLOSE ALL: no name); a name with a NUL or an unknown operation refuses
+    // the decision.
     let cursor = match (a.get("cursor"), a.get("cursor_op")) {
         (None | Some(serde_json::Value::Null), None | Some(serde_json::Value::Null)) => None,
+        (None | Some(serde_json::Value::Null), Some(op)) if op.as_str() == Some("close_all") => {
+            Some((Arc::from(""), Arc::from("close_all")))
+        }
         (Some(n), Some(op)) => {
             let name = n.as_str().filter(|n| !n.is_empty() && !n.contains('\0'))?;
             let op = op.as_str().filter(|op| matches!(*op, "declare" | "fetch" | "move" | "close"))?;
@@ -109,7 +113,15 @@ pub(super) fn parse_decision(a: &serde_json::Value) -> Option<Decision> {
         }
         _ => return None,
     };
-    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts), cursor })
+    // Held for approval at each execution; anything but an object is a malformed answer.
+    let approval = match a.get("approval") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v @ serde_json::Value::Object(_)) if matches!(action, Action::Allow) => Some(Arc::new(v.clone())),
+        // On a refusal it would change nothing: the statement never runs.
+        Some(serde_json::Value::Object(_)) => None,
+        Some(_) => return None,
+    };
+    Some(Decision { action, reuse, normalized, rewritten, protected, origins, copy_columns, notices, subject_relations, facts: Arc::new(facts), cursor, approval })
 }
 
 /// One entry of a decision's `notices`: `{"key", "code", "message", "hint"}`, prebuilt as the
@@ -210,11 +222,28 @@ mod tests {
         let d = parse_decision(&json!({"action": "allow", "cursor": "c1", "cursor_op": "fetch"})).unwrap();
         assert_eq!(d.cursor.as_ref().map(|(n, op)| (&**n, &**op)), Some(("c1", "fetch")));
         assert!(parse_decision(&json!({"action": "allow", "cursor": null, "cursor_op": null})).unwrap().cursor.is_none());
+        let all = parse_decision(&json!({"action": "allow", "cursor": null, "cursor_op": "close_all"})).unwrap();
+        assert_eq!(all.cursor.as_ref().map(|(_, op)| &**op), Some("close_all"));
         for bad in [json!({"cursor": "c"}), json!({"cursor_op": "fetch"}), json!({"cursor": "c", "cursor_op": "rewind"}),
             json!({"cursor": "", "cursor_op": "fetch"}), json!({"cursor": 3, "cursor_op": "fetch"})] {
             let mut a = bad.clone();
             a["action"] = json!("allow");
             assert!(parse_decision(&a).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn approval_is_kept_verbatim_or_the_decision_refused() {
+        let approval = json!({"rule": "write", "role": "agents", "reason": "writes need approval", "mode": "hold",
+            "timeout_ms": 900000, "extra": [1, {"nested": true}]});
+        let d = parse_decision(&json!({"action": "allow", "cache": "exact", "approval": approval.clone()})).unwrap();
+        assert_eq!(d.approval.as_deref(), Some(&approval));
+        assert!(parse_decision(&json!({"action": "allow"})).unwrap().approval.is_none());
+        assert!(parse_decision(&json!({"action": "allow", "approval": null})).unwrap().approval.is_none());
+        // A refusal never runs, so it is never held.
+        assert!(parse_decision(&json!({"action": "deny", "approval": approval})).unwrap().approval.is_none());
+        for bad in [json!("write"), json!(["write"]), json!(true), json!(1)] {
+            assert!(parse_decision(&json!({"action": "allow", "approval": bad.clone()})).is_none(), "{bad}");
         }
     }
 

@@ -137,6 +137,10 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
     tokio::pin!(gateway_stop);
     let pressure = ctx.flow.pressure.notified();
     tokio::pin!(pressure);
+    let notices_ready = ctx.notices_ready.notified();
+    tokio::pin!(notices_ready);
+    // The client half's notices (a statement held for approval), until a message boundary.
+    let mut own_notices: Vec<Bytes> = Vec::new();
     let mut out = BytesMut::new();
     let mut pass_remaining = 0usize;
     let mut answer = Answer::default();
@@ -171,7 +175,11 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
     loop {
         // Everything an answer read so far can belong to was published before its message was
         // written upstream.
-        std::mem::swap(&mut ctx.shared.lock().published, &mut published);
+        {
+            let mut shared = ctx.shared.lock();
+            std::mem::swap(&mut shared.published, &mut published);
+            own_notices.append(&mut shared.notices);
+        }
         pipeline.absorb(&mut published);
         loop {
             if pass_remaining > 0 {
@@ -391,6 +399,15 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             }
             out.clear();
         }
+        // Not inside a message being streamed through: the notices can go now.
+        if pass_remaining == 0 && !own_notices.is_empty() {
+            for n in own_notices.drain(..) {
+                ctx.bytes_out.fetch_add(n.len() as u64, Ordering::Relaxed);
+                if cw.write_all(&n).await.is_err() {
+                    return end_reason::CLIENT_DISCONNECTED;
+                }
+            }
+        }
         release_if_idle(&mut out);
         release_if_idle(&mut buf);
         tokio::select! {
@@ -415,6 +432,10 @@ pub(super) async fn upstream_to_client(ctx: &Ctx, mut ur: ReadPart, mut cw: Writ
             // The client half waits for room: take what it published (skipped work is released).
             _ = &mut pressure => {
                 pressure.set(ctx.flow.pressure.notified());
+            }
+            // The client half queued a notice for the client.
+            _ = &mut notices_ready => {
+                notices_ready.set(ctx.notices_ready.notified());
             }
             r = ur.read_into(&mut buf) => match r {
                 Ok(0) | Err(_) => return end_reason::UPSTREAM_FAILURE,
