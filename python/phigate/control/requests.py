@@ -121,7 +121,9 @@ class ControlPlane:
         """The approval service answers these (asynchronously); without one, fail closed."""
         service = self.approvals
         if service is None:
-            _reply(req, _no_approvals(kind))
+            if kind in ("withdraw", "max_rows_exceeded"):
+                return  # fire and forget: nothing was held, and nobody waits for an answer
+            _reply(req, _no_approvals(req.payload))
         elif kind == "approval":
             service.on_approval(req)
         elif kind == "await_approval":
@@ -212,9 +214,13 @@ class ControlPlane:
 _APPROVAL_KINDS = frozenset({"approval", "await_approval", "withdraw", "max_rows_exceeded"})
 
 
-def _no_approvals(kind: str) -> dict[str, Any]:
-    if kind in ("withdraw", "max_rows_exceeded"):
-        return {"ok": False}  # fire and forget: nothing was held
+def _no_approvals(payload: dict[str, Any]) -> dict[str, Any]:
+    approval = payload.get("approval")
+    if isinstance(approval, dict) and approval.get("rule") == "max_rows":
+        # A statement cut at max_rows before asks whether an approver lifted the cap: nobody
+        # can have, so it runs under the cap again.
+        return {"action": "run"}
+    return {"ok": False}  # fire and forget: nothing was held
     return {
         "action": "deny",
         "sqlstate": "42501",
