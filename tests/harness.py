@@ -49,6 +49,7 @@ CONFIG_SECTIONS = frozenset(
         "masking",
         "audit",
         "approvals",
+        "approvers",
         "admin",
         "siem",
     }

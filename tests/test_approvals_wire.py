@@ -29,9 +29,13 @@ HELD_NOTICE = "01A01"
 
 
 @pytest.fixture(scope="module")
-def held(gateway_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def held(_session_gateways: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One gateway whose `held` role waits for approvers, shared by the tests that leave no
+    request pending behind them."""
     tmp = tmp_path_factory.mktemp("approvals")
-    return gateway_factory(**approvals_config(tmp, gateway_factory.cert))
+    gw = _session_gateways(**approvals_config(tmp, _session_gateways.cert))
+    yield gw
+    gw.stop()
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +51,12 @@ def agent(token: Any) -> str:
 @pytest.fixture
 def scratch(pg: Any) -> Iterator[str]:
     """A fresh, empty table the held role may write to."""
-    with psycopg.connect(pg.service_dsn(), autocommit=True) as c:
+    with psycopg.connect(pg.dsn(pg.ehr_database), autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS public.approval_scratch")
         c.execute("CREATE TABLE public.approval_scratch (id int PRIMARY KEY, note text)")
+        c.execute("GRANT ALL ON public.approval_scratch TO PUBLIC")
     yield "approval_scratch"
-    with psycopg.connect(pg.service_dsn(), autocommit=True) as c:
+    with psycopg.connect(pg.dsn(pg.ehr_database), autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS public.approval_scratch")
 
 
@@ -61,17 +66,20 @@ def rows_in(pg: Any, table: str = "approval_scratch") -> list[tuple[Any, ...]]:
 
 
 class Notices:
+    """The notices a psycopg connection received, as (sqlstate, message): psycopg's diagnostic
+    is only readable inside the handler."""
+
     def __init__(self) -> None:
-        self.seen: list[Any] = []
+        self.seen: list[tuple[str | None, str]] = []
         self.event = threading.Event()
 
     def __call__(self, diag: Any) -> None:
-        self.seen.append(diag)
+        self.seen.append((diag.sqlstate, diag.message_primary or ""))
         if diag.sqlstate == HELD_NOTICE:
             self.event.set()
 
-    def held(self) -> list[Any]:
-        return [d for d in self.seen if d.sqlstate == HELD_NOTICE]
+    def held(self) -> list[str]:
+        return [message for code, message in self.seen if code == HELD_NOTICE]
 
 
 def in_thread(fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
@@ -97,8 +105,8 @@ def test_held_insert_runs_on_the_same_session_once_approved(
         assert notices.event.wait(10), "no notice that the statement is held"
         [note] = notices.held()
         [request] = approver.wait_pending()
-        assert request["id"] in note.message_primary
-        assert "approve" in note.message_primary.lower()
+        assert request["id"] in note
+        assert "approv" in note.lower()
         assert rows_in(pg, scratch) == []  # nothing reached the database yet
         assert not future.done()
         # The approver sees the statement with its values, the identity and the rule.
@@ -336,7 +344,7 @@ def test_requester_cannot_approve_its_own_request_and_agents_are_not_approvers(
         [request] = self_approver.wait_pending()
         status, body = self_approver.approve(request["id"])
         assert status == 403
-        assert "own" in body["error"]["message"]
+        assert "yourself" in body["error"]["message"]
         status, body = Approver(gw, plain_agent).call("GET", "/v1/approvals")
         assert status == 403
         assert "not an approver" in body["error"]["message"]
@@ -392,3 +400,48 @@ def test_every_step_is_in_the_audit_trail_with_the_approver(
     text = gw.trail_text()
     assert "canary-note-7731" not in text
     assert "ok for the ward round" not in text
+
+
+# --- several gateways ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_db(pg: Any) -> Iterator[str]:
+    """A PostgreSQL state database (not a target) for gateways that share approvals."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP DATABASE IF EXISTS phigate_state WITH (FORCE)")
+        c.execute("CREATE DATABASE phigate_state")
+    yield (f"postgresql://{pg.superuser}:{pg.superuser_password}@{pg.host}:{pg.port}"
+           "/phigate_state")
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP DATABASE IF EXISTS phigate_state WITH (FORCE)")
+
+
+def test_held_on_one_gateway_approved_through_another(
+    gateway_factory: Any, tmp_path: Path, token: Any, scratch: str, pg: Any, state_db: str
+) -> None:
+    gw_a = gateway_factory(**approvals_config(tmp_path / "a", gateway_factory.cert,
+                                              store=state_db, instance="gw-a"))  # fmt: skip
+    gw_b = gateway_factory(**approvals_config(tmp_path / "b", gateway_factory.cert,
+                                              store=state_db, instance="gw-b"))  # fmt: skip
+    agent = token(sub="agent-held", groups=(HELD_GROUP,))
+    approver_token = token(sub="approver-ann", groups=(APPROVER_GROUP,))
+    on_b = Approver(gw_b, approver_token)
+    with psycopg_connect(gw_a, agent) as conn:
+        future = in_thread(lambda: conn.execute(
+            "INSERT INTO approval_scratch VALUES (20, 'two') RETURNING id").fetchone())
+        [request] = on_b.wait_pending()  # B lists what A holds
+        assert request["instance"] == "gw-a"
+        assert not future.done()
+        status, _ = on_b.approve(request["id"])
+        assert status == 200
+        assert future.result(10) == (20,)
+    assert rows_in(pg) == [(20, "two")]
+    gw_a.stop()
+    gw_b.stop()
+    # Each gateway's own trail: the request and its use where the statement was held and ran,
+    # the vote and the decision where the approver gave it.
+    a_kinds = {e["event"] for e in gw_a.events() if e.get("request") == request["id"]}
+    b_kinds = {e["event"] for e in gw_b.events() if e.get("request") == request["id"]}
+    assert {"approval_request", "approval_used"} <= a_kinds
+    assert {"approval_vote", "approval_outcome"} <= b_kinds

@@ -734,7 +734,8 @@ class ApprovalService:
             "subject": r.subject, "role": r.role, "roles": list(r.roles), "target": r.target,
             "rule": r.rule, "mode": r.mode, "normalized": r.normalized,
             "literals": r.literal_hashes, "parameters": r.parameter_hashes,
-            "estimate": r.estimate, "timeout_s": timeout, "instance": self.instance, **extra,
+            "estimate": r.estimate, "timeout_s": round(timeout), "instance": self.instance,
+            **extra,
         })  # fmt: skip
 
     def _record_outcome(self, request_id: str, outcome: str, by: str | None,
