@@ -23,6 +23,12 @@ from types import FrameType
 from typing import Any, TextIO
 
 from phigate.audit.records import audit_section, read_records
+from phigate.dev.demo_approvals import (
+    CHECK_GROUP,
+    admin_socket,
+    demo_approvals,
+    held_read_round_trip,
+)
 from phigate.files import write_private
 
 __all__ = [
@@ -426,6 +432,7 @@ def _run(
         password_file=password_file,
     )
     config = merge_config(config, demo_masking(key_file))
+    config = merge_config(config, demo_approvals(paths.root))
     write_private(paths.config, dump_toml(config))
 
     from phigate.config import load_config
@@ -451,11 +458,16 @@ def _run(
 
     if args.check:
         agent = issuer.mint(
-            "demo-check-agent", ["agents"], ttl_seconds=300, audience=AUDIENCE, issuer=issuer.issuer
+            "demo-check-agent", [CHECK_GROUP], ttl_seconds=300, audience=AUDIENCE,
+            issuer=issuer.issuer,
+        )
+        held_agent = issuer.mint(
+            "demo-check-agent", ["agents"], ttl_seconds=300, audience=AUDIENCE,
+            issuer=issuer.issuer,
         )
         return _check(
             gateway, stop_gateway, token, args.sub, Path(cert.ca_cert), paths, pg, progress, out,
-            agent_token=agent,
+            agent_token=agent, held_agent_token=held_agent,
         )
 
     _banner(out, pg, gateway, paths, Path(cert.ca_cert), token, args, groups)
@@ -534,6 +546,12 @@ clear. Mint more tokens (another shell):
 
   phigate token mint --sub NAME --groups clinicians --key-dir {shlex.quote(str(paths.keys))}
 
+Reading every row of a PHI table (no WHERE, no LIMIT) as an agent waits for a person; psql
+prints the request id. Approve or deny it from another shell:
+
+  phigate approvals list --socket {shlex.quote(str(admin_socket(paths.root)))}
+  phigate approvals approve ID --socket {shlex.quote(str(admin_socket(paths.root)))}
+
 Watch what the gateway sees:
 
   tail -f {shlex.quote(str(paths.audit))}/segment-*.jsonl
@@ -555,6 +573,7 @@ def _check(
     out: TextIO,
     *,
     agent_token: str | None = None,
+    held_agent_token: str | None = None,
 ) -> int:
     """Query through the gateway like an agent would; print counts only (never row values)."""
     import psycopg
@@ -620,6 +639,20 @@ def _check(
                 problems.append(f"only {same} of {total} pseudonyms agree between the layers")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"the rewritten read failed: {type(exc).__name__}: {exc}")
+
+    if held_agent_token is not None:
+        try:
+            with progress.step("an agent's whole-table read waits for `phigate approvals approve`"
+                               ) as info:  # fmt: skip
+                rows, rule, seconds = held_read_round_trip(gateway, held_agent_token, ca,
+                                                           paths.root)  # fmt: skip
+                info["detail"] = (f"— held by rule {rule}, approved, {rows} rows "
+                                  f"{seconds * 1000:.0f} ms after the approve command started")
+            if rows != direct.get("patients"):
+                problems.append(f"the approved read returned {rows} rows, not "
+                                f"{direct.get('patients')}")  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"the held read failed: {type(exc).__name__}: {exc}")
 
     # Stop the gateway now so its trail is closed (final checkpoint), then look for our session.
     with progress.step("stopping the gateway and reading its audit trail") as info:
