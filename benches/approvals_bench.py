@@ -63,7 +63,7 @@ approval_timeout = "1h"
 [approvals]
 store = {json.dumps(store)}
 instance = {json.dumps(instance)}
-max_pending_per_identity = 100000
+max_pending_per_identity = 10000
 
 [approvals.admin_socket]
 path = {json.dumps(str(socket))}
@@ -83,7 +83,7 @@ class Admin:
         self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket)))
 
     async def pending(self) -> list[dict[str, Any]]:
-        async with self.session.get("http://gateway/v1/approvals?status=pending") as r:
+        async with self.session.get("http://gateway/v1/approvals?status=pending&limit=10000") as r:
             r.raise_for_status()
             return list((await r.json())["approvals"])
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             c.execute("CREATE TABLE held (id int PRIMARY KEY, v int)")
             c.execute("INSERT INTO held SELECT g, g FROM generate_series(1, 1000) g")
         token, jwks = gateway.mint_token(workdir / "keys", 6 * 3600, groups=[HELD_GROUP])
-        state_url = pg.dsn(STATE_DB, SVC_USER, svc_pw)
+        state_url = f"postgresql://{SVC_USER}:{svc_pw}@{LOOPBACK}:{pg.port}/{STATE_DB}"
         gws: dict[str, tuple[gateway.Gateway, Path]] = {}
         for name, store in (("single", str(workdir / "approvals.db")),
                             ("pg-a", state_url), ("pg-b", state_url)):

@@ -89,9 +89,10 @@ class FakeApprovals:
             raise ApprovalError(403, "your approver rules do not cover this request")
         return req
 
-    async def list(self, approver: FakeApprover, status: str = "pending") -> list[dict[str, Any]]:
+    async def list(self, approver: FakeApprover, status: str = "pending",
+                   limit: int = 500) -> list[dict[str, Any]]:  # fmt: skip
         return [self.view(r) for r in self.requests.values()
-                if r.status == status and self._may(approver, r)]  # fmt: skip
+                if r.status == status and self._may(approver, r)][:limit]  # fmt: skip
 
     async def show(self, approver: FakeApprover, request_id: str) -> dict[str, Any]:
         return self.view(self._get(approver, request_id))

@@ -170,6 +170,19 @@ def test_list_show_approve_with_scope(admin: RunningAdmin, approver_token: str,
     assert "/v1/approvals/{id}/approve -> 200 (alice@example.org" in caplog.text
 
 
+def test_list_returns_the_newest_up_to_the_limit(admin: RunningAdmin,
+                                                 approver_token: str) -> None:  # fmt: skip
+    ids = [admin.add(sql=sql)["id"] for sql in ("DELETE FROM notes WHERE id = 1",
+                                                "DELETE FROM notes WHERE id = 2",
+                                                "DELETE FROM notes WHERE id = 3")]
+    status, _, listed = call(admin, "GET", "/v1/approvals?limit=2", token=approver_token)
+    assert status == 200 and len(listed["approvals"]) == 2
+    assert {v["id"] for v in listed["approvals"]} <= set(ids)
+    for bad in ("0", "10001", "x"):
+        status, _, body = call(admin, "GET", f"/v1/approvals?limit={bad}", token=approver_token)
+        assert status == 400 and "limit" in body["error"]["message"]
+
+
 def test_deny_and_default_scope(admin: RunningAdmin, approver_token: str) -> None:
     one, two = admin.add()["id"], admin.add()["id"]
     status, _, _ = call(admin, "POST", f"/v1/approvals/{one}/approve", token=approver_token)

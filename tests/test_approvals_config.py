@@ -93,3 +93,10 @@ def test_require_all_needs_one_approval_from_each_group(tmp_path: Path) -> None:
     assert decided(cfg.approvers, denied) == ("denied", "c")
     outsider = ApprovalRequest(**{**base.__dict__, "votes": (vote("x", "sales", "deny"),)})
     assert decided(cfg.approvers, outsider) is None  # not an approver of this request
+
+
+def test_a_key_value_connection_string_is_not_taken_for_a_file_name(tmp_path: Path) -> None:
+    # It would become a SQLite file named after it (password included), and two gateways
+    # meant to share one store would each get their own.
+    with pytest.raises(ConfigError, match="postgresql:// URL"):
+        make_config(tmp_path, store="host=127.0.0.1 port=5432 dbname=phigate_state password=x")

@@ -13,7 +13,14 @@ from aiohttp import web
 
 from phigate.admin.auth import Caller, Refusal, Verify, identify
 from phigate.admin.openapi import openapi_document
-from phigate.admin.protocol import STATUSES, ApprovalServiceLike, Scope, error_status
+from phigate.admin.protocol import (
+    LIST_DEFAULT,
+    LIST_MAX,
+    STATUSES,
+    ApprovalServiceLike,
+    Scope,
+    error_status,
+)
 from phigate.admin.sse import STREAMS, close_streams, stream_events
 from phigate.config.durations import duration_seconds
 
@@ -123,8 +130,11 @@ async def _list(request: web.Request) -> web.Response:
     status = request.query.get("status", "pending")
     if status not in STATUSES:
         raise Refusal(400, f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    raw = request.query.get("limit", str(LIST_DEFAULT))
+    if not raw.isdigit() or not 1 <= int(raw) <= LIST_MAX:
+        raise Refusal(400, f"limit must be 1 to {LIST_MAX}, got {raw!r}")
     caller = _caller(request)
-    views = await request.app[SERVICE].list(caller.approver, status)
+    views = await request.app[SERVICE].list(caller.approver, status, int(raw))
     return web.json_response({"approvals": views})
 
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from phigate import __version__
-from phigate.admin.protocol import STATUSES
+from phigate.admin.protocol import LIST_DEFAULT, LIST_MAX, STATUSES
 
 __all__ = ["openapi_document", "openapi_json"]
 
@@ -138,8 +138,12 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "listApprovals",
                 "parameters": [{"name": "status", "in": "query", "required": False,
                                 "schema": {"type": "string", "enum": list(STATUSES),
-                                           "default": "pending"}}],
-                "responses": {"200": _json(_ref("ApprovalList"), "the requests, oldest first"),
+                                           "default": "pending"}},
+                               {"name": "limit", "in": "query", "required": False,
+                                "description": "at most this many (the newest)",
+                                "schema": {"type": "integer", "minimum": 1,
+                                           "maximum": LIST_MAX, "default": LIST_DEFAULT}}],
+                "responses": {"200": _json(_ref("ApprovalList"), "the requests, newest first"),
                               "400": {"$ref": "#/components/responses/BadRequest"}, **_ERRORS},
             }},
             "/v1/approvals/stream": {"get": {

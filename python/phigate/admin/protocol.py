@@ -8,8 +8,11 @@ from typing import Any, Literal, Protocol
 
 from phigate.approvals.model import Scope  # one definition: what the service binds
 
-__all__ = ["ApprovalServiceLike", "Scope", "STATUSES", "error_status"]
+__all__ = ["LIST_DEFAULT", "LIST_MAX", "STATUSES", "ApprovalServiceLike", "Scope", "error_status"]
 
+# How many requests one list returns by default, and at most (newest first).
+LIST_DEFAULT = 500
+LIST_MAX = 10000
 # Request statuses an approver may list.
 STATUSES = ("pending", "approved", "denied", "timed_out", "withdrawn", "failed", "used")
 
@@ -23,7 +26,9 @@ class ApprovalServiceLike(Protocol):
 
     def approver_for(self, subject: str, groups: Sequence[str]) -> Any | None: ...
 
-    async def list(self, approver: Any, status: str = "pending") -> list[dict[str, Any]]: ...
+    async def list(
+        self, approver: Any, status: str = "pending", limit: int = LIST_DEFAULT
+    ) -> list[dict[str, Any]]: ...
 
     async def show(self, approver: Any, request_id: str) -> dict[str, Any]: ...
 

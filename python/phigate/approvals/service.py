@@ -558,10 +558,10 @@ class ApprovalService:
         return any(rule.groups & mine for rule in applicable(self.config.approvers, r))
 
     async def list(
-        self, approver: Approver, status: str | None = "pending"
+        self, approver: Approver, status: str | None = "pending", limit: int = LIST_LIMIT
     ) -> builtins.list[dict[str, Any]]:
-        """Requests this approver may decide (newest first); ``status`` None: all."""
-        requests = await self.store.list_requests(status, LIST_LIMIT)
+        """Requests this approver may decide (the newest ``limit``); ``status`` None: all."""
+        requests = await self.store.list_requests(status, limit)
         return [self.view(r) for r in requests if self._may_see(approver, r)]
 
     async def show(self, approver: Approver, request_id: str) -> dict[str, Any]:

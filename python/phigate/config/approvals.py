@@ -129,6 +129,11 @@ def _store(
     if "://" in text:
         t.fail("store", "must be a file path (SQLite, one gateway) or a postgresql:// URL (a "
                "state database shared by several gateways)")  # fmt: skip
+    if re.search(r"(^|\s)(host|dbname|user|port)\s*=", text):
+        # A libpq key=value string would otherwise become a SQLite file of that name (with
+        # any password in the name), and gateways meant to share a store would not.
+        t.fail("store", "looks like a key=value connection string; write the state database as "
+               "a postgresql:// URL, e.g. postgresql://phigate@db.example.org/phigate_state")
     p = Path(text).expanduser()
     p = p if p.is_absolute() else ctx.base_dir / p
     if not p.parent.is_dir():
