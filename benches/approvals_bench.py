@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import getpass
 import json
+import os
 import statistics
 import sys
 import time
@@ -196,14 +197,15 @@ async def measure(a: argparse.Namespace, gws: dict[str, tuple[gateway.Gateway, P
     return out
 
 
-def write_report(a: argparse.Namespace, data: dict[str, Any], out_dir: Path) -> Path:
+def write_report(data: dict[str, Any], out_dir: Path, load_at_start: float) -> Path:
     git = report.git_info(REPO)
     machine = report.machine_info()
     lines = ["# phigate approvals benchmark", "",
-             f"- commit `{git.get('sha', '?')}`{' (dirty)' if git.get('dirty') else ''}, "
+             f"- commit `{git['sha']}`{' (dirty)' if git['dirty'] else ''}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-             f"- machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-             f"load average at start {machine.get('loadavg', '?')}", "",
+             f"- machine: {machine['cpu_model']}, {machine['nproc']} cores, "
+             f"{machine['mem_gib']} GiB; load average {load_at_start:.2f} at start, "
+             f"{machine['loadavg_at_end']} at end", "",
              "## Resume after the decision", "",
              "Time from sending the approve call (admin API over the unix socket) to the held "
              "statement's rows at the client (asyncpg), per round. Target: within "
@@ -218,13 +220,14 @@ def write_report(a: argparse.Namespace, data: dict[str, Any], out_dir: Path) -> 
     h = data["held"]
     lines += ["", "## Sessions held at once", "",
               f"{h['sessions']} sessions, each with a statement held for approval; the gateway "
-              f"process's CPU time over {h['window_s']:.1f} s of waiting (from /proc).", "",
+              f"process's CPU time (all its threads, from /proc, in 10 ms ticks) over "
+              f"{h['window_s']:.1f} s of waiting.", "",
               "| sessions | CPU s | CPU % of one core | RSS before kB | RSS held kB |",
               "|---|---|---|---|---|",
               f"| {h['sessions']} | {h['cpu_s']:.3f} | {h['cpu_pct']:.2f} | "
               f"{h['rss_kb_before']} | {h['rss_kb_held']} |", ""]
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{git.get('short', 'nogit')}-approvals.md"
+    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{git['sha']}-approvals.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=10.0, help="seconds of CPU measurement (10)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
     reg = Registry()
     workdir = begin_run(reg, "phigate-approvals-bench-")
     try:
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             gw.start(cfg)
             gws[name] = (gw, sock)
         data = asyncio.run(measure(a, gws, token))
-        path = write_report(a, data, Path(a.out_dir))
+        path = write_report(data, Path(a.out_dir), load_at_start)
         log(f"report: {path}")
         print(path.read_text())
         return 0
