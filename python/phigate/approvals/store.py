@@ -18,6 +18,7 @@ __all__ = [
     "Judge",
     "grant_from_row",
     "grant_row",
+    "insert_sql",
     "request_from_row",
     "request_row",
     "vote_from_row",
@@ -177,3 +178,10 @@ def grant_row(g: Grant) -> tuple[Any, ...]:
 
 def grant_from_row(row: Mapping[str, Any]) -> Grant:
     return Grant(**{c: row[c] for c in GRANT_COLUMNS})
+
+
+def insert_sql(table: str, columns: tuple[str, ...], placeholder: str) -> str:
+    """``INSERT INTO table (columns) VALUES (…)`` with the driver's placeholder ("?" for
+    sqlite3, "%s" for psycopg); table and columns are this module's constants, never input."""
+    marks = ", ".join(placeholder for _ in columns)
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608

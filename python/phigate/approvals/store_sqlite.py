@@ -19,6 +19,7 @@ from phigate.approvals.store import (
     Judge,
     grant_from_row,
     grant_row,
+    insert_sql,
     request_from_row,
     request_row,
     vote_from_row,
@@ -54,15 +55,9 @@ CREATE TABLE IF NOT EXISTS grants (
 CREATE INDEX IF NOT EXISTS grants_match ON grants (subject, normalized, rule);
 """
 
-_REQ_INSERT = "INSERT INTO requests ({}) VALUES ({})".format(  # noqa: S608 - constant column names
-    ", ".join(REQUEST_COLUMNS), ", ".join("?" for _ in REQUEST_COLUMNS)
-)
-_VOTE_INSERT = "INSERT INTO votes ({}) VALUES ({})".format(  # noqa: S608 - constant column names
-    ", ".join(VOTE_COLUMNS), ", ".join("?" for _ in VOTE_COLUMNS)
-)
-_GRANT_INSERT = "INSERT INTO grants ({}) VALUES ({})".format(  # noqa: S608 - constant column names
-    ", ".join(GRANT_COLUMNS), ", ".join("?" for _ in GRANT_COLUMNS)
-)
+_REQ_INSERT = insert_sql("requests", REQUEST_COLUMNS, "?")
+_VOTE_INSERT = insert_sql("votes", VOTE_COLUMNS, "?")
+_GRANT_INSERT = insert_sql("grants", GRANT_COLUMNS, "?")
 _TAKE_GRANT = """
 SELECT * FROM grants
  WHERE subject = ? AND normalized = ? AND rule = ? AND (session IS NULL OR session = ?)
