@@ -39,8 +39,8 @@ ROLES: dict[str, Any] = {
                "approval": ["write"], "approval_timeout": 60},
     "masked_bulk": {"relations": ["public.*"], "approval_bulk_reads": True},
     "notes_only": {"relations": ["public.notes"], "see_clear": ALL_KINDS},
-    "capped": {**EVERYTHING, "max_rows": 500},
-    "capped_low": {**EVERYTHING, "max_rows": 100},
+    "capped": {**EVERYTHING, "operations": ["select", "copy_to"], "max_rows": 500},
+    "capped_low": {**EVERYTHING, "operations": ["select", "copy_to"], "max_rows": 100},
 }  # fmt: skip
 
 
@@ -401,3 +401,18 @@ def test_auth_answer_carries_the_smallest_cap_and_the_waiting_mode() -> None:
     )
     answer = _auth_ok(Identity("a", ("g",), None), bare, "ehr")  # type: ignore[arg-type]
     assert (answer["max_rows"], answer["approval_mode"]) == (None, "hold")
+
+
+def test_copy_to_under_a_row_cap_needs_approval_since_the_cap_cannot_cut_it() -> None:
+    # COPY data is not counted against max_rows: with a cap, COPY TO waits for a person.
+    found = approval("COPY patients TO STDOUT", "capped")
+    assert found is not None and found["rule"] == "copy_to" and found["role"] == "capped"
+    assert "max_rows = 500" in found["reason"]
+    narrow = "COPY (SELECT id FROM patients WHERE id = 1) TO STDOUT"
+    assert rule_of(narrow, "capped", "capped_low") == "copy_to"
+    both = approval("COPY patients TO STDOUT", "capped", "capped_low")
+    assert both is not None and "max_rows = 100" in both["reason"]
+    # Without a cap COPY TO is a plain read; rows of a capped SELECT are cut, not held.
+    assert approval("COPY patients TO STDOUT", "free") is None
+    assert approval("SELECT * FROM patients", "capped") is None
+

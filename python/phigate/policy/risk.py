@@ -63,8 +63,20 @@ def statement_ask(
             role, number = asking[0]
             return ask("pattern", role, f"a statement matching approval_patterns entry {number}")
     if any(r.approval_row_estimate is not None for r in roles) and _reads_rows(facts):
-        return _estimate_ask(facts, roles, protected)
-    return None
+        found = _estimate_ask(facts, roles, protected)
+        if found is not None:
+            return found
+    return _uncut_copy_ask(facts, roles)
+
+
+def _uncut_copy_ask(facts: list[Facts], roles: Sequence[RoleConfig]) -> Ask | None:
+    """COPY … TO sends its rows as COPY data, which the data plane does not cut at max_rows: with
+    a row cap in force (the smallest cap of the roles applies), it waits for a person instead."""
+    capped = [r for r in roles if r.max_rows is not None]
+    if not capped or not any(f.copy_direction == "to" for f in facts):
+        return None
+    role = min(capped, key=lambda r: r.max_rows or 0)
+    return ask("copy_to", role, f"COPY ... TO, which max_rows = {role.max_rows} cannot cut,")
 
 
 def _first_match(role: RoleConfig, texts: Sequence[str]) -> int | None:
