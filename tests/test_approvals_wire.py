@@ -184,6 +184,25 @@ def test_disconnect_withdraws_the_request(
         future.result(10)
 
 
+def test_a_token_that_expires_while_held_closes_the_session(
+    gateway_factory: Any, tmp_path: Path, token: Any, scratch: str, pg: Any
+) -> None:
+    # No clock-skew leeway: the session's credential ends at the token's exp.
+    gw = gateway_factory(identity={"oidc": {"leeway": 0}},
+                         **approvals_config(tmp_path, gateway_factory.cert))  # fmt: skip
+    approver = Approver(gw, token(sub="approver-ann", groups=(APPROVER_GROUP,)))
+    short = token(sub="agent-held", groups=(HELD_GROUP,), ttl_seconds=4)
+    with psycopg_connect(gw, short) as conn:
+        future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (21, 'x')"))
+        [request] = approver.wait_pending()
+        with pytest.raises(psycopg.OperationalError) as info:
+            future.result(20)
+        assert "token expired" in str(info.value)
+    view = approver.wait_status(request["id"], "withdrawn")
+    assert "token_expired" in str(view.get("outcome"))
+    assert rows_in(pg) == []
+
+
 # --- protocols: pipeline, transaction, psql, asyncpg ---------------------------------------
 
 

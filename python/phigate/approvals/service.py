@@ -421,7 +421,7 @@ class ApprovalService:
     async def _withdraw(self, p: dict[str, Any]) -> dict[str, Any]:
         request_id = str(p.get("request") or "")
         reason = str(p.get("reason") or "cancel")
-        if reason not in ("cancel", "disconnect", "session_end", "timeout"):
+        if reason not in ("cancel", "disconnect", "session_end", "timeout", "token_expired"):
             reason = "cancel"
         held = self._held.get(request_id)
         if held is None or held.request.session != p.get("session"):

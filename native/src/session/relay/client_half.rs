@@ -462,9 +462,10 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                             Err(r) => return r,
                         },
                     };
-                    let (recorded, bound) = match ext.portals.get_mut(portal) {
-                        Some(p) => (p.recorded.take(), ext.statements.get(&p.statement).map(|s| (s, &p.parameters))),
-                        None => (None, None),
+                    // The cap an approval set at the portal's Bind, if any, holds for all its Executes.
+                    let (recorded, max_rows, bound) = match ext.portals.get_mut(portal) {
+                        Some(p) => (p.recorded.take(), p.max_rows, ext.statements.get(&p.statement).map(|s| (s, &p.parameters))),
+                        None => (None, None, None),
                     };
                     match refusal {
                         None => {
@@ -475,22 +476,21 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                 None => bound.map_or(0, |(p, params)| ctx.record_statement(&p.audit, "extended", Some(params))),
                             };
                             let sent = Instant::now();
-                            // The cap an approval set at the portal's Bind, if any.
-                            let max_rows = ext.portals.get(portal).and_then(|p| p.max_rows);
-                            let cap = match ext.portals.get(portal).and_then(|b| Some((b, ext.statements.get(&b.statement)?))) {
-                                Some((b, p)) if capped || max_rows.is_some() => {
+                            let lookup = || ext.portals.get(portal).and_then(|b| Some((b, ext.statements.get(&b.statement)?)));
+                            let cap = match (capped || max_rows.is_some()).then(lookup) {
+                                None => None,
+                                Some(Some((b, p))) => {
                                     let report = || crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: p.sql.clone(),
                                         literal_hashes: p.audit.literals.clone(), parameter_hashes: Some(Arc::from(&b.parameters[..])), bind: b.bind.clone() };
                                     ctx.row_cap(max_rows, &p.audit.decision, report, b.rows.as_ref(), &p.sql)
                                 }
                                 // A portal the gateway does not know (a SQL-level cursor's): its
                                 // rows are still capped, counted per Execute.
-                                None if capped || max_rows.is_some() => {
+                                Some(None) => {
                                     let report = || crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: Bytes::new(),
                                         literal_hashes: Arc::from(&b"null"[..]), parameter_hashes: None, bind: None };
                                     ctx.row_cap(max_rows, &gateway_refused("").decision, report, None, b"")
                                 }
-                                _ => None,
                             };
                             let settle = cap.is_some();
                             if masked {

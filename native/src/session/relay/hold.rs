@@ -249,6 +249,16 @@ pub(super) async fn hold(ctx: &Ctx, st: Statement<'_>, earlier: &Earlier, cr: &m
     tokio::pin!(decided);
     let expired = tokio::time::sleep(held.timeout);
     tokio::pin!(expired);
+    // A session whose token expires while it waits is closed then, as it would be at its next
+    // statement (only identities whose source closes sessions on expiry have `expires_at`).
+    let token_left = ctx.identity.expires_at.map(|at| at.duration_since(std::time::SystemTime::now()).unwrap_or_default());
+    let token_expired = async move {
+        match token_left {
+            Some(left) => tokio::time::sleep(left).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(token_expired);
     loop {
         tokio::select! {
             answer = &mut decided => {
@@ -266,6 +276,12 @@ pub(super) async fn hold(ctx: &Ctx, st: Statement<'_>, earlier: &Earlier, cr: &m
                 withdraw.send("cancel");
                 return Outcome::Refuse(GateError::error(QUERY_CANCELED, "canceling statement due to user request")
                     .with_detail(format!("Approval request {} was withdrawn.", held.request)));
+            }
+            _ = &mut token_expired => {
+                withdraw.send("token_expired");
+                return Outcome::Fatal(GateError::fatal(sqlstate::INVALID_PASSWORD,
+                    format!("your access token expired while approval request {} waited; this session is closed", held.request))
+                    .with_hint("Reconnect with a fresh token and run the statement again."));
             }
             _ = &mut expired => {
                 withdraw.send("timeout");
