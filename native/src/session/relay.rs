@@ -367,7 +367,6 @@ impl Ctx {
 
     /// Whether this statement text had a result cut at max_rows earlier in the session: its
     /// next execution may ask the control plane for an approval that lifts the cap.
-    #[allow(dead_code)] // the approvals hold path asks it
     pub(super) fn was_cut(&self, sql: &[u8]) -> bool {
         self.identity.max_rows.is_some() && self.cuts.lock().was_cut(sql)
     }
