@@ -186,6 +186,57 @@ pub fn for_each_literal(sql: &[u8], mut f: impl FnMut(&[u8])) -> bool {
     true
 }
 
+/// Calls `f` with each bare word of `sql` (keywords and unquoted names, as written) outside
+/// strings, quoted identifiers, dollar quotes and comments, until `f` returns false. False when
+/// the text cannot be lexed (an unclosed quote or comment): callers then assume the worst.
+pub fn bare_words(sql: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> bool {
+    let (b, n) = (sql, sql.len());
+    let mut i = 0;
+    while i < n {
+        let c = b[i];
+        i = match c {
+            // E'...' and friends: a backslash may escape the quote.
+            b'\'' => {
+                let escapes = i > 0 && (b[i - 1] | 0x20) == b'e';
+                match skip_quoted(b, i + 1, escapes) {
+                    Some(end) => end,
+                    None => return false,
+                }
+            }
+            b'"' => match quoted_ident_end(b, i + 1) {
+                Some(end) => end,
+                None => return false,
+            },
+            b'-' if b.get(i + 1) == Some(&b'-') => line_comment_end(b, i),
+            b'/' if b.get(i + 1) == Some(&b'*') => match block_comment_end(b, i) {
+                Some(end) => end,
+                None => return false,
+            },
+            b'$' => match dollar_tag_end(b, i) {
+                Some(tag_end) => match find(b, tag_end, &b[i..tag_end]) {
+                    Some(close) => close + (tag_end - i),
+                    None => return false,
+                },
+                None => i + 1,
+            },
+            _ if is_ident_start(c) => {
+                let start = i;
+                let mut end = i + 1;
+                while end < n && is_ident_cont(b[end]) {
+                    end += 1;
+                }
+                // A string prefix (E'', B'', X'', U&''): the quote is lexed next.
+                if !f(&b[start..end]) {
+                    return true;
+                }
+                end
+            }
+            _ => i + 1,
+        };
+    }
+    true
+}
+
 /// The index after a quoted identifier whose body starts at `i` (after the opening `"`;
 /// `""` inside is a quote); None when it is not closed.
 fn quoted_ident_end(b: &[u8], mut i: usize) -> Option<usize> {

@@ -47,13 +47,21 @@ impl CursorOp {
     }
 }
 
-/// Whether a DECLARE says WITH HOLD before its FOR. Erring towards "holdable" only keeps a
-/// count longer (memory), never lets a cursor start over.
+/// Whether a DECLARE says WITH HOLD before its FOR, read from its bare words only (a quoted
+/// "for", a comment or a string cannot end the head early). Erring towards "holdable" only
+/// keeps a count longer (memory), never lets a cursor start over: text that cannot be lexed
+/// counts as holdable.
 pub fn declares_holdable(sql: &[u8]) -> bool {
-    let upper = sql.to_ascii_uppercase();
-    let words: Vec<&[u8]> = upper.split(|c| !(c.is_ascii_alphanumeric() || *c == b'_')).filter(|w| !w.is_empty()).collect();
-    let head = words.iter().position(|w| *w == b"FOR").map_or(&words[..], |at| &words[..at]);
-    head.windows(2).any(|w| w[0] == b"WITH" && w[1] == b"HOLD")
+    let (mut previous_with, mut holdable) = (false, false);
+    let lexed = crate::normalize::bare_words(sql, |w| {
+        if w.eq_ignore_ascii_case(b"for") {
+            return false;
+        }
+        holdable |= previous_with && w.eq_ignore_ascii_case(b"hold");
+        previous_with = w.eq_ignore_ascii_case(b"with");
+        true
+    });
+    holdable || !lexed
 }
 
 /// What the `max_rows_exceeded` request says of the statement that was cut.
@@ -308,6 +316,15 @@ mod tests {
         assert!(declares_holdable(b"declare c no scroll cursor with  hold for select 1"));
         assert!(!declares_holdable(b"DECLARE \"c\" CURSOR WITHOUT HOLD FOR SELECT 1"));
         assert!(!declares_holdable(b"DECLARE c CURSOR FOR SELECT 'with hold'"));
+    }
+
+    #[test]
+    fn a_quoted_for_or_a_comment_does_not_hide_with_hold() {
+        assert!(declares_holdable(b"DECLARE \"for\" CURSOR WITH HOLD FOR SELECT 1"));
+        assert!(declares_holdable(b"DECLARE c /*for*/ CURSOR WITH HOLD FOR SELECT 1"));
+        assert!(declares_holdable(b"DECLARE c -- for\n CURSOR WITH HOLD FOR SELECT 1"));
+        // Unlexable text errs towards holdable.
+        assert!(declares_holdable(b"DECLARE c /* CURSOR FOR SELECT 1"));
     }
 
     #[test]

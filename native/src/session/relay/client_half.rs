@@ -484,13 +484,15 @@ pub(super) async fn client_to_upstream(ctx: &Ctx, mut cr: ReadPart, mut uw: Writ
                                         literal_hashes: p.audit.literals.clone(), parameter_hashes: Some(Arc::from(&b.parameters[..])), bind: b.bind.clone() };
                                     ctx.row_cap(max_rows, &p.audit.decision, report, b.rows.as_ref(), &p.sql)
                                 }
-                                // A portal the gateway does not know (a SQL-level cursor's): its
-                                // rows are still capped, counted per Execute.
-                                Some(None) => {
-                                    let report = || crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: Bytes::new(),
+                                // A portal the gateway does not know is a SQL-level cursor's (DECLARE
+                                // makes a portal of the cursor's name): its rows count against that
+                                // cursor, as its FETCHes do, so Executes on it cannot start over.
+                                Some(None) => max_rows.unwrap_or(ctx.identity.max_rows).map(|max| {
+                                    let report = crate::session::rowcap::CutReport { stmt, protocol: "extended", sql: Bytes::new(),
                                         literal_hashes: Arc::from(&b"null"[..]), parameter_hashes: None, bind: None };
-                                    ctx.row_cap(max_rows, &gateway_refused("").decision, report, None, b"")
-                                }
+                                    let cursor: Arc<str> = Arc::from(String::from_utf8_lossy(portal).as_ref());
+                                    Box::new(RowCap { max, portal: None, cursor: Some((cursor, CursorOp::Fetch)), report: Arc::new(report) })
+                                }),
                             };
                             let settle = cap.is_some();
                             if masked {
