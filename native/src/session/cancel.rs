@@ -6,6 +6,7 @@
 use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -24,6 +25,7 @@ struct Entry {
     secret: i32,
     upstream: UpstreamKey,
     cancelled: Arc<Notify>,
+    holding: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -38,6 +40,8 @@ pub struct Registered {
     pub secret: i32,
     /// Woken (`notify_waiters`: only tasks waiting at that moment) by each matching CancelRequest.
     pub cancelled: Arc<Notify>,
+    /// Set by the session while a statement waits for approval (nothing of it is upstream).
+    pub holding: Arc<AtomicBool>,
 }
 
 impl CancelRegistry {
@@ -52,9 +56,9 @@ impl CancelRegistry {
                 continue;
             }
             let secret: i32 = rng.gen();
-            let cancelled = Arc::new(Notify::new());
-            map.insert(pid, Entry { secret, upstream, cancelled: cancelled.clone() });
-            return Registered { pid, secret, cancelled };
+            let (cancelled, holding) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+            map.insert(pid, Entry { secret, upstream, cancelled: cancelled.clone(), holding: holding.clone() });
+            return Registered { pid, secret, cancelled, holding };
         }
     }
 
@@ -65,7 +69,9 @@ impl CancelRegistry {
 
     /// A client's cancel: if pid and secret match (secret compared in constant time so a
     /// guesser learns nothing from timing), wakes the session (a statement it holds for
-    /// approval is withdrawn) and returns the upstream key to cancel whatever runs there.
+    /// approval is withdrawn) and returns the upstream key to cancel whatever runs there — None
+    /// while a statement is held: it is not upstream, and a cancel sent there would reach the
+    /// refusal that replaces it, or the session's next statement.
     pub fn cancel(&self, pid: i32, secret: i32) -> Option<UpstreamKey> {
         use subtle::ConstantTimeEq;
         let map = self.map.lock();
@@ -74,7 +80,7 @@ impl CancelRegistry {
             return None;
         }
         e.cancelled.notify_waiters();
-        Some(e.upstream.clone())
+        (!e.holding.load(Ordering::SeqCst)).then(|| e.upstream.clone())
     }
 
     /// The upstream key behind one of our own sessions (the gateway cancels its statements

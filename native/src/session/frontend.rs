@@ -353,7 +353,7 @@ async fn startup(login: &Login<'_>, tcp: TcpStream) -> Result<Established, Failu
                 .with_hint("The gateway operator can find details in the gateway log.")));
         }
     };
-    let crate::session::cancel::Registered { pid: our_pid, secret: our_secret, cancelled } = core.cancels.register(crate::session::cancel::UpstreamKey {
+    let crate::session::cancel::Registered { pid: our_pid, secret: our_secret, cancelled, holding } = core.cancels.register(crate::session::cancel::UpstreamKey {
         target: target.target.clone(),
         pid: upstream.pid,
         secret: upstream.secret,
@@ -383,6 +383,7 @@ async fn startup(login: &Login<'_>, tcp: TcpStream) -> Result<Established, Failu
         dropped_parameters: dropped,
         our_pid,
         cancelled,
+        holding,
         peer,
         return_mode,
     })

@@ -58,6 +58,8 @@ pub struct Established {
     pub our_pid: i32,
     /// Woken by each CancelRequest with this session's key (see cancel.rs).
     pub cancelled: Arc<tokio::sync::Notify>,
+    /// Set while a statement waits for approval: a cancel then goes to the gateway only.
+    pub holding: Arc<std::sync::atomic::AtomicBool>,
     pub peer: SocketAddr,
     /// The connection asked for return mode (statements needing approval are refused at once).
     pub return_mode: bool,

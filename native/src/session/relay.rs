@@ -118,6 +118,8 @@ struct Ctx {
     notices_ready: Notify,
     /// Woken by each CancelRequest with this session's key (a held statement is withdrawn).
     cancelled: Arc<Notify>,
+    /// Set while a statement waits for approval (see session::cancel).
+    holding: Arc<AtomicBool>,
     /// The client's address ("ip:port"), for approvers.
     peer: String,
     /// The connection asked for return mode (see frontend.rs).
@@ -243,6 +245,7 @@ pub async fn run(core: Arc<EngineCore>, settings: Arc<Settings>, est: Establishe
         kill: Notify::new(),
         notices_ready: Notify::new(),
         cancelled: est.cancelled,
+        holding: est.holding,
         peer: est.peer.to_string(),
         return_mode: est.return_mode,
         bytes_in: AtomicU64::new(0),

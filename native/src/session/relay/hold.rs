@@ -208,6 +208,7 @@ impl Withdraw<'_> {
 impl Drop for Withdraw<'_> {
     fn drop(&mut self) {
         self.send("session_end");
+        self.ctx.holding.store(false, Ordering::SeqCst);
     }
 }
 
@@ -244,6 +245,8 @@ pub(super) async fn hold(ctx: &Ctx, st: Statement<'_>, earlier: &Earlier, cr: &m
     }
     let Some(held) = parse_hold(&answer, st.approval) else { return Outcome::Refuse(invalid_answer()) };
     ctx.notify_client(held.notice);
+    // From now until it is decided, a cancel is the gateway's alone (session::cancel).
+    ctx.holding.store(true, Ordering::SeqCst);
     let mut withdraw = Withdraw { ctx, request: &held.request, armed: true };
     let decided = ctx.core.bridge.ask_later(RequestKind::AwaitApproval, json!({"session": &*ctx.session, "request": &held.request}));
     tokio::pin!(decided);
