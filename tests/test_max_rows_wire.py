@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from harness import asyncpg_connect, psql, psycopg_connect
+from rawpg import RawConn, execute, msg, query
 
 pytestmark = pytest.mark.integration
 
@@ -245,3 +246,49 @@ def test_a_huge_result_is_stopped_and_the_session_goes_on(capped: Any, token: An
         for i in range(20):
             assert c.execute("select %s::int", (i,)).fetchone() == (i,)
         assert c.execute("select count(*) from generate_series(1, 1000)").fetchone() == (1000,)
+
+
+def test_executes_on_a_sql_cursors_portal_count_across_the_cursor(
+    capped: Any, token: Any
+) -> None:
+    # A SQL cursor is also a protocol portal: Executes on it by name are its FETCHes, and
+    # cannot start the count over.
+    gw, _ = capped
+    c = RawConn(gw.host, gw.port)
+    c.start_tls(str(gw.ca_file), alpn=["postgresql"])
+    out = c.login(token(groups=IDENTITIES["clear"]))
+    assert out[-1].tag == "Z", [m.fields() for m in out if m.tag == "E"]
+    for sql in ("begin", "declare c cursor for " + SELECT):
+        c.send(query(sql))
+        assert not [m for m in c.read_until("Z") if m.tag == "E"]
+    rows, errors = 0, []
+    for _ in range(4):  # 4 x 3 rows asked, the cap is 5
+        c.send(execute("c", 3) + msg(b"S"))
+        out = c.read_until("Z")
+        rows += sum(1 for m in out if m.tag == "D")
+        errors += [m.sqlstate for m in out if m.tag == "E"]
+    assert rows == CAP
+    assert errors and errors[0] == "54000"
+    c.close()
+
+
+def test_cursor_statements_beside_others_are_refused_under_a_cap(capped: Any, token: Any) -> None:
+    gw, _ = capped
+    out = psql(gw, token(groups=IDENTITIES["clear"]),
+               "declare c cursor with hold for " + SELECT + "; fetch 10 c")  # fmt: skip
+    assert out.returncode != 0
+    assert "must each be sent as a statement of its own" in out.stderr
+    assert "0A000" in psql(gw, token(groups=IDENTITIES["clear"]), "fetch 1 c; select 1",
+                           args=["-v", "VERBOSITY=verbose"]).stderr  # fmt: skip
+
+
+def test_copy_to_under_a_cap_without_approvals_is_refused(capped: Any, token: Any) -> None:
+    # COPY data is not counted against max_rows, so it needs an approval; this gateway has no
+    # [approvals], so it is refused, and says how to enable them.
+    gw, _ = capped
+    with psycopg_connect(gw, token(groups=IDENTITIES["masked"])) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err, \
+                conn.cursor().copy("copy mr_items to stdout") as copy:
+            list(copy)
+        assert "approvals are not enabled" in (err.value.diag.message_primary or "")
+        assert "[approvals]" in (err.value.diag.message_hint or "")

@@ -220,7 +220,6 @@ def _no_approvals(payload: dict[str, Any]) -> dict[str, Any]:
         # A statement cut at max_rows before asks whether an approver lifted the cap: nobody
         # can have, so it runs under the cap again.
         return {"action": "run"}
-    return {"ok": False}  # fire and forget: nothing was held
     return {
         "action": "deny",
         "sqlstate": "42501",

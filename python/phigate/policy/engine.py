@@ -163,6 +163,16 @@ class PolicyEngine:
             if approval is not None:
                 result["approval"] = approval
             result.update(_cursor(facts))
+            if roleset.max_rows is not None and len(facts) > 1 and "cursor_op" in result:
+                # The data plane counts a cursor's rows across its FETCHes by the decision's one
+                # cursor: beside other statements a FETCH could not be counted.
+                result = {
+                    "action": "deny", "sqlstate": "0A000", "cache": cache,
+                    "normalized": normalized, "audit_rule": "max_rows cursor alone",
+                    "message": "with a row limit (max_rows), DECLARE, FETCH, MOVE and CLOSE must "
+                    "each be sent as a statement of its own (rule: max_rows)",
+                    "hint": "Send the cursor statement alone, then the others.",
+                }  # fmt: skip
         # What the statement record says of it (the data plane caches it with the decision).
         catalog = self.catalogs.get(roleset.target or "") if roleset is not None else None
         clear = roleset.clear_kinds if roleset is not None else frozenset[str]()

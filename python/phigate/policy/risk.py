@@ -66,17 +66,17 @@ def statement_ask(
         found = _estimate_ask(facts, roles, protected)
         if found is not None:
             return found
-    return _uncut_copy_ask(facts, roles)
+    return _uncut_copy_ask(facts, roleset)
 
 
-def _uncut_copy_ask(facts: list[Facts], roles: Sequence[RoleConfig]) -> Ask | None:
+def _uncut_copy_ask(facts: list[Facts], roleset: RoleSet) -> Ask | None:
     """COPY … TO sends its rows as COPY data, which the data plane does not cut at max_rows: with
-    a row cap in force (the smallest cap of the roles applies), it waits for a person instead."""
-    capped = [r for r in roles if r.max_rows is not None]
-    if not capped or not any(f.copy_direction == "to" for f in facts):
+    a row cap in force (the role set's), it waits for a person instead."""
+    cap = roleset.max_rows
+    if cap is None or not any(f.copy_direction == "to" for f in facts):
         return None
-    role = min(capped, key=lambda r: r.max_rows or 0)
-    return ask("copy_to", role, f"COPY ... TO, which max_rows = {role.max_rows} cannot cut,")
+    role = next(r for r in roleset.roles if r.max_rows == cap)
+    return ask("copy_to", role, f"COPY ... TO, which max_rows = {cap} cannot cut,")
 
 
 def _first_match(role: RoleConfig, texts: Sequence[str]) -> int | None:
