@@ -185,6 +185,21 @@ def test_widened_approval_any_values_any_session_until_it_expires(tmp_path: Path
     run(tmp_path, body)
 
 
+def test_an_approval_binds_its_target(tmp_path: Path) -> None:
+    # The same text on another database is another statement: even an approval widened to any
+    # session and any values does not run it there.
+    async def body(service: ApprovalService, records: Records, cfg: Config, clock: Clock) -> None:
+        request_id, waiting = await hold(service, payload("DELETE FROM notes WHERE id = 1"))
+        wide = Scope(session="any", shape_only=True, executions=None, valid_for_s=3600)
+        await service.vote(approver(service), request_id, "approve", None, wide)
+        assert await waiting.answer() == {"action": "run"}
+        elsewhere = {**payload("DELETE FROM notes WHERE id = 1"), "target": "ehr_copy"}
+        assert (await ask(service, elsewhere))["action"] == "hold"
+        assert await ask(service, payload("DELETE FROM notes WHERE id = 1")) == {"action": "run"}
+
+    run(tmp_path, body)
+
+
 def test_quorum_of_two_and_self_approval_refused(tmp_path: Path) -> None:
     approvers = {"pair": {"groups": ["dba-oncall"], "roles": ["agents"], "quorum": 2}}
 

@@ -42,9 +42,11 @@ def _parameters(parameters: Sequence[Any] | None) -> tuple[list[bytes | None], l
         if p is None:
             values.append(None)
             formats.append(0)
-        elif p.get("format") == 1:
-            values.append(bytes.fromhex(str(p.get("hex", ""))))
-            formats.append(1)
+        elif "hex" in p:
+            # Binary values, and text ones that are not UTF-8: the bytes as the client sent
+            # them, in the format it sent them in.
+            values.append(bytes.fromhex(str(p["hex"])))
+            formats.append(1 if p.get("format") == 1 else 0)
         else:
             values.append(str(p.get("value", "")).encode())
             formats.append(0)

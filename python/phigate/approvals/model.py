@@ -56,7 +56,8 @@ class Scope:
             "session": self.session,
             "shape_only": self.shape_only,
             "executions": self.executions,
-            "valid_for_s": self.valid_for_s,
+            # Whole seconds: audit records hold integers, never floats.
+            "valid_for_s": None if self.valid_for_s is None else round(self.valid_for_s),
         }
 
     @classmethod
@@ -104,6 +105,8 @@ class Grant:
     id: str
     request: str
     subject: str
+    #: The target (database) it was approved on: the same text elsewhere is another statement.
+    target: str
     session: str | None
     normalized: str
     values_hash: str | None

@@ -294,7 +294,8 @@ class ApprovalService:
                          "Send the statement in a form PostgreSQL parses on its own.")  # fmt: skip
         vhash = self._values_hash(p, sql)
         now = self._clock()
-        grant = await self.store.take_grant(subject, session, normalized, vhash, rule, now)
+        grant = await self.store.take_grant(subject, target or "", session, normalized, vhash,
+                                            rule, now)  # fmt: skip
         if grant is not None:
             self._record_used(grant, session, p.get("stmt"))
             return {"action": "run", "max_rows": None} if rule == "max_rows" else {"action": "run"}
@@ -638,7 +639,7 @@ class ApprovalService:
         if uses is not None and r.mode == "hold":
             uses -= 1  # the held execution runs now
         return Grant(
-            id=str(uuid.uuid4()), request=r.id, subject=r.subject,
+            id=str(uuid.uuid4()), request=r.id, subject=r.subject, target=r.target or "",
             session=None if scope.session == "any" else r.session, normalized=r.normalized,
             values_hash=None if scope.shape_only else r.values_hash, rule=r.rule,
             uses_left=uses, expires_at=now + (scope.valid_for_s or self.settings.grant_valid_for),

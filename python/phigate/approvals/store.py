@@ -38,8 +38,8 @@ JSON_COLUMNS = frozenset({
     "earlier",
 })  # fmt: skip
 GRANT_COLUMNS: tuple[str, ...] = (
-    "id", "request", "subject", "session", "normalized", "values_hash", "rule", "uses_left",
-    "expires_at", "created_at",
+    "id", "request", "subject", "target", "session", "normalized", "values_hash", "rule",
+    "uses_left", "expires_at", "created_at",
 )  # fmt: skip
 VOTE_COLUMNS: tuple[str, ...] = (
     "request", "approver", "approver_groups", "verdict", "reason", "scope", "at",
@@ -105,8 +105,8 @@ class ApprovalStore(Protocol):
         ...
 
     async def take_grant(
-        self, subject: str, session: str, normalized: str, values_hash: str, rule: str,
-        now: float,
+        self, subject: str, target: str, session: str, normalized: str, values_hash: str,
+        rule: str, now: float,
     ) -> Grant | None:
         """Use one execution of a grant matching this execution (exact values before shape
         only, this session before any session), atomically; None when none matches."""

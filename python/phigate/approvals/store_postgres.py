@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS votes (
 );
 CREATE TABLE IF NOT EXISTS grants (
     id text PRIMARY KEY, request text NOT NULL REFERENCES requests (id),
-    subject text NOT NULL, session text, normalized text NOT NULL, values_hash text,
+    subject text NOT NULL, target text NOT NULL, session text,
+    normalized text NOT NULL, values_hash text,
     rule text NOT NULL, uses_left integer, expires_at double precision NOT NULL,
     created_at double precision NOT NULL
 );
@@ -74,7 +75,8 @@ _VOTE_INSERT = insert_sql("votes", VOTE_COLUMNS, "%s")
 _GRANT_INSERT = insert_sql("grants", GRANT_COLUMNS, "%s")
 _TAKE_GRANT = """
 SELECT * FROM grants
- WHERE subject = %s AND normalized = %s AND rule = %s AND (session IS NULL OR session = %s)
+ WHERE subject = %s AND target = %s AND normalized = %s AND rule = %s
+   AND (session IS NULL OR session = %s)
    AND (values_hash IS NULL OR values_hash = %s) AND expires_at > %s
    AND (uses_left IS NULL OR uses_left > 0)
  ORDER BY values_hash IS NULL, session IS NULL, created_at
@@ -285,14 +287,14 @@ class PostgresStore:
         return grant_from_row(row) if row is not None else None
 
     async def take_grant(
-        self, subject: str, session: str, normalized: str, values_hash: str, rule: str,
-        now: float,
+        self, subject: str, target: str, session: str, normalized: str, values_hash: str,
+        rule: str, now: float,
     ) -> Grant | None:
         async with self._lock:
             conn = await self._connection()
             async with conn.transaction():
                 cur = await conn.execute(
-                    _TAKE_GRANT, (subject, normalized, rule, session, values_hash, now)
+                    _TAKE_GRANT, (subject, target, normalized, rule, session, values_hash, now)
                 )
                 row = await cur.fetchone()
                 if row is None:

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS votes (
 );
 CREATE TABLE IF NOT EXISTS grants (
     id TEXT PRIMARY KEY, request TEXT NOT NULL REFERENCES requests (id),
-    subject TEXT NOT NULL, session TEXT, normalized TEXT NOT NULL, values_hash TEXT,
+    subject TEXT NOT NULL, target TEXT NOT NULL, session TEXT,
+    normalized TEXT NOT NULL, values_hash TEXT,
     rule TEXT NOT NULL, uses_left INTEGER, expires_at REAL NOT NULL, created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grants_match ON grants (subject, normalized, rule);
@@ -60,7 +61,8 @@ _VOTE_INSERT = insert_sql("votes", VOTE_COLUMNS, "?")
 _GRANT_INSERT = insert_sql("grants", GRANT_COLUMNS, "?")
 _TAKE_GRANT = """
 SELECT * FROM grants
- WHERE subject = ? AND normalized = ? AND rule = ? AND (session IS NULL OR session = ?)
+ WHERE subject = ? AND target = ? AND normalized = ? AND rule = ?
+   AND (session IS NULL OR session = ?)
    AND (values_hash IS NULL OR values_hash = ?) AND expires_at > ?
    AND (uses_left IS NULL OR uses_left > 0)
  ORDER BY values_hash IS NULL, session IS NULL, created_at
@@ -216,12 +218,12 @@ class SqliteStore:
         return await self._run(run)
 
     async def take_grant(
-        self, subject: str, session: str, normalized: str, values_hash: str, rule: str,
-        now: float,
+        self, subject: str, target: str, session: str, normalized: str, values_hash: str,
+        rule: str, now: float,
     ) -> Grant | None:
         def run(db: sqlite3.Connection) -> Grant | None:
             row = db.execute(
-                _TAKE_GRANT, (subject, normalized, rule, session, values_hash, now)
+                _TAKE_GRANT, (subject, target, normalized, rule, session, values_hash, now)
             ).fetchone()
             if row is None:
                 return None
