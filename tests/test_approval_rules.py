@@ -122,6 +122,8 @@ def rule_of(sql: str, *roles: str) -> str | None:
         ("explain select * from patients", []),
         ("explain analyze select * from patients", []),
         ("create view v as select * from patients", []),
+        ("explain select (select string_agg(ssn, ',') from patients)", []),
+        ("create view v as select (select string_agg(ssn, ',') from patients) x", []),
         ("create table t as select * from patients", ["patients"]),
         ("insert into notes (body) select ssn from patients", ["patients"]),
         ("update notes set body = p.ssn from patients p", ["patients"]),

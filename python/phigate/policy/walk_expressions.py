@@ -206,8 +206,8 @@ class _ExpressionWalker(_WalkerBase):
         """A subquery in an expression. In a filter (WHERE, HAVING, JOIN ON) its rows only
         decide which rows pass, so none reach the client; anywhere else (select list, SET,
         ORDER BY, ...) it is a query level of its own, narrowed only by itself: an outer WHERE
-        does not narrow `(SELECT string_agg(ssn, ',') FROM patients)`. A view's query (DDL)
-        reads nothing when the view is created."""
+        does not narrow `(SELECT string_agg(ssn, ',') FROM patients)`. Under EXPLAIN or DDL
+        (`hidden`) no level's rows reach the client."""
         outer = self.narrowed
         self.narrowed = clause in _FILTER_CLAUSES
         self.select(b, scope)
@@ -231,7 +231,7 @@ class _ExpressionWalker(_WalkerBase):
             self.f.operators.append(_sval(use[0]))
 
 
-_FILTER_CLAUSES = frozenset({"where", "having", "join", "ddl"})
+_FILTER_CLAUSES = frozenset({"where", "having", "join"})
 
 
 def _ignore(w: _ExpressionWalker, b: Any, scope: _Scope, clause: str) -> None:

@@ -172,7 +172,7 @@ class _QueryWalker(_WalkerBase):
                 scope.items.append((refname, ()))
             else:
                 f.relations.append((rel[0], rel[1], self.read_op))
-                if not self.narrowed and self.read_op in ("select", "copy_to"):
+                if not (self.narrowed or self.hidden) and self.read_op in ("select", "copy_to"):
                     f.bulk_reads.append((rel[0], rel[1], self.read_op))
                 scope.items.append((refname, (rel,)))
         elif ntype == "JoinExpr":

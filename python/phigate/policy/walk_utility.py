@@ -117,9 +117,9 @@ class _UtilityWalker(_WalkerBase):
             if d.get("defname") == "analyze":
                 f.explain_analyze = f.explain_analyze or _explain_flag_on(d.get("arg"))
         # Not even EXPLAIN ANALYZE sends the rows it reads to the client.
-        outer, self.narrowed = self.narrowed, True
+        hidden, self.hidden = self.hidden, True
         self.inner(b["query"])
-        self.narrowed = outer
+        self.hidden = hidden
         return "explain"
 
     def prepare(self, b: dict[str, Any], top: bool, _t: str) -> str:
@@ -204,7 +204,7 @@ class _UtilityWalker(_WalkerBase):
         saved, self.generic_op = self.generic_op, "ddl"
         # A view's query reads nothing when the view is created (CREATE TABLE AS does: it is
         # create_table_as, not this).
-        outer, self.narrowed = self.narrowed, True
+        hidden, self.hidden = self.hidden, True
         try:
             if ntype == "DropStmt" and b.get("removeType") in _RELATION_OBJECTS:
                 for obj in b.get("objects", ()):
@@ -223,7 +223,7 @@ class _UtilityWalker(_WalkerBase):
             f.reserved_schema = _names_reserved_schema(b)
         finally:
             self.generic_op = saved
-            self.narrowed = outer
+            self.hidden = hidden
         return "ddl"
 
     def admin(self, b: dict[str, Any], top: bool, ntype: str) -> str:

@@ -10,7 +10,7 @@ from phigate.policy.scope import _Scope
 
 
 class _WalkerBase:
-    __slots__ = ("f", "generic_op", "narrowed", "read_op", "schema")
+    __slots__ = ("f", "generic_op", "hidden", "narrowed", "read_op", "schema")
 
     def __init__(self, facts: Facts, schema: str) -> None:
         self.f = facts
@@ -18,8 +18,11 @@ class _WalkerBase:
         self.read_op = "select"
         self.generic_op = "ddl"
         # Rows read at the current query level cannot all reach the client: an enclosing level
-        # narrows them (narrowing.py), or they only feed a filter or a plan (EXPLAIN).
+        # narrows them (narrowing.py), or they only feed a filter.
         self.narrowed = False
+        # No row read anywhere below reaches the client (EXPLAIN, a view's query at CREATE):
+        # unlike `narrowed`, no subquery level starts over from it.
+        self.hidden = False
 
     if TYPE_CHECKING:
         # For mypy only: the real methods are the mixins' (walk_queries.py,
