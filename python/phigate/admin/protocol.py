@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, Protocol
 
-from phigate.approvals.model import Scope  # one definition: what the service binds
+from phigate.approvals.model import STATUSES, Scope  # one definition: what the service binds
 
 __all__ = ["LIST_DEFAULT", "LIST_MAX", "STATUSES", "ApprovalServiceLike", "Scope", "error_status"]
 
@@ -14,7 +14,6 @@ __all__ = ["LIST_DEFAULT", "LIST_MAX", "STATUSES", "ApprovalServiceLike", "Scope
 LIST_DEFAULT = 500
 LIST_MAX = 10000
 # Request statuses an approver may list.
-STATUSES = ("pending", "approved", "denied", "timed_out", "withdrawn", "failed", "used")
 
 
 class ApprovalServiceLike(Protocol):

@@ -33,6 +33,7 @@ from phigate.approvals.store import ApprovalStore, Judgement
 from phigate.approvals.views import request_view
 from phigate.audit.hashing import keyed_hash
 from phigate.config import Config, parse_identity_class
+from phigate.config.durations import format_duration
 from phigate.errors import PhigateError
 
 __all__ = ["ApprovalError", "ApprovalService", "Approver", "Scope", "instance_name", "make_store"]
@@ -90,13 +91,6 @@ def make_store(config: Config) -> ApprovalStore:
 
 def _deny(sqlstate: str, message: str, hint: str | None = None) -> dict[str, Any]:
     return {"action": "deny", "sqlstate": sqlstate, "message": message, "hint": hint}
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
 
 
 @dataclass
@@ -395,7 +389,7 @@ class ApprovalService:
         where = f" or at {self.settings.public_url}" if self.settings.public_url else ""
         return (
             f"statement held for approval: request {r.id} ({r.reason}); waiting up to "
-            f"{_human(timeout)}; approvers: phigate approvals approve {r.id}{where}"
+            f"{format_duration(timeout)}; approvers: phigate approvals approve {r.id}{where}"
         )
 
     def _return_answer(self, request_id: str) -> dict[str, Any]:
@@ -487,7 +481,8 @@ class ApprovalService:
         held = self._held.get(request_id)
         detail = "nobody decided"
         if held is not None:
-            detail += f" within {_human(held.request.expires_at - held.request.created_at)}"
+            waited = held.request.expires_at - held.request.created_at
+            detail += f" within {format_duration(waited)}"
         if await self.store.finish(request_id, "timed_out", now, detail=detail):
             self._record_outcome(request_id, "timed_out", None, detail)
             if (r := await self.store.get(request_id)) is not None:
@@ -532,7 +527,7 @@ class ApprovalService:
             why = deny.reason if deny is not None and deny.reason else "no reason given"
             return _deny("42501", f"approval request {r.id} was denied by {r.outcome_by}: {why}")
         if r.status == "timed_out":
-            waited = _human(round(r.expires_at - r.created_at))
+            waited = format_duration(round(r.expires_at - r.created_at))
             return _deny("57014", f"approval request {r.id} timed out after {waited}; nobody "
                          "decided")  # fmt: skip
         if r.status == "withdrawn":
@@ -724,8 +719,9 @@ class ApprovalService:
         now = self._clock()
         cleared = await self.store.purge(now - self.settings.keep_decided, now)
         if cleared:
+            kept = format_duration(self.settings.keep_decided)
             log.info("approvals: cleared the statement text and values of %d requests decided "
-                     "more than %s ago", cleared, _human(self.settings.keep_decided))  # fmt: skip
+                     "more than %s ago", cleared, kept)  # fmt: skip
 
     # --- audit records ----------------------------------------------------------------------
 

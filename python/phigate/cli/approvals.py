@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from phigate.approvals.model import STATUSES
 from phigate.cli.common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 EXIT_REFUSED = EXIT_ERROR  # the gateway answered no (not an approver, no such request, decided)
@@ -22,7 +23,6 @@ EXIT_UNREACHABLE = 3  # no answer from the gateway at all
 DEFAULT_SOCKET = "/run/phigate/admin.sock"
 SOCKET_ENV = "PHIGATE_ADMIN_SOCKET"
 _TIMEOUT = 30.0
-_STATUSES = ("pending", "approved", "denied", "timed_out", "withdrawn", "failed", "used")
 _MAX_TOKEN_FILE = 64 * 1024
 
 
@@ -55,7 +55,7 @@ def add_parsers(sub: Any) -> None:
 
     ls = group.add_parser("list", help="requests waiting for a decision (or --status ...)")
     _connection_args(ls)
-    ls.add_argument("--status", default="pending", choices=_STATUSES)
+    ls.add_argument("--status", default="pending", choices=STATUSES)
     ls.set_defaults(run=_list)
 
     show = group.add_parser("show", help="one request: who, why, the statement with its values")

@@ -6,7 +6,7 @@ import re
 
 from phigate.config.table import _kind, _Table
 
-__all__ = ["duration_seconds", "parse_duration"]
+__all__ = ["duration_seconds", "format_duration", "parse_duration"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -31,11 +31,13 @@ def parse_duration(t: _Table, key: str, default: str, lo: float, hi: float) -> f
     else:
         seconds = float(value)
     if not lo <= seconds <= hi:
-        t.fail(key, f"must be between {_fmt(lo)} and {_fmt(hi)}, got {value!r}")
+        bounds = f"{format_duration(lo)} and {format_duration(hi)}"
+        t.fail(key, f"must be between {bounds}, got {value!r}")
     return seconds
 
 
-def _fmt(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """Seconds as the config writes them: "15m", "7d", "90s"."""
     for unit in ("d", "h", "m"):
         if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
             return f"{int(seconds // _UNITS[unit])}{unit}"
