@@ -8,11 +8,14 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from phigate.approvals import Scope
 from phigate.audit.records import audit_section
 from phigate.config import load_config
 from phigate.control.server import Gateway
 from phigate.dev.tokens import DevIssuer
+from phigate.errors import ConfigError
 from test_server_dispatch import FakeEngine, FakeRequest
 
 CLASS = '[["agents"],"ehr"]'
@@ -119,5 +122,30 @@ def test_gateway_holds_resumes_and_fails_held_statements_on_stop(tmp_path: Path)
         assert events.count("approval_request") == 2
         assert "approval_used" in events and events.count("approval_outcome") == 2
         assert "4711" not in json.dumps(engine.records)
+
+    asyncio.run(go())
+
+
+def test_a_reload_whose_approval_store_cannot_open_changes_nothing(tmp_path: Path) -> None:
+    full = _config(tmp_path).read_text()
+    without = full[: full.index("[approvals]")]
+    plain = tmp_path / "plain.toml"
+    plain.write_text(without)
+    (tmp_path / "not-a-database").mkdir()
+    broken = tmp_path / "broken.toml"
+    broken.write_text(full.replace('store = "approvals.db"', 'store = "not-a-database"'))
+
+    async def go() -> None:
+        config = load_config(plain)
+        gateway = Gateway(config, engine_factory=FakeEngine)
+        await gateway.start()
+        try:
+            with pytest.raises(ConfigError, match="approvals.store"):
+                await gateway.reload(load_config(broken))
+            # Refused whole: the old config is in force, no service half started.
+            assert gateway.config is config
+            assert gateway.approvals is None and gateway.control.approvals is None
+        finally:
+            await gateway.stop(grace=0)
 
     asyncio.run(go())

@@ -203,10 +203,7 @@ class Gateway:
             self._put_in_force(engine, self._control, self.config, keeper)
             engine.start()
         except BaseException:
-            if self._admin is not None:
-                await self._admin.stop()
-            if self._approvals is not None:
-                await self._approvals.close()
+            await self._stop_approvals()
             await keeper.close()
             raise
         self._engine = engine
@@ -295,8 +292,18 @@ class Gateway:
             if self._stopping:
                 log.info("not reloading: the gateway is stopping")
                 return
-            self._apply_reload(new_config, results, sender)
-            await self._reload_approvals(new_config)
+            # A newly configured approval service starts first: if its store cannot be opened
+            # the reload is refused with nothing changed, never applied half.
+            starting = self._approvals is None and new_config.approvals is not None
+            if starting:
+                await self._start_approvals(new_config)
+            try:
+                self._apply_reload(new_config, results, sender)
+            except BaseException:
+                if starting:
+                    await self._stop_approvals()
+                raise
+            self._reload_approvals(new_config)
 
     async def _start_approvals(self, config: Config) -> None:
         """The approval service on the configured store; a store that cannot be opened stops
@@ -331,11 +338,20 @@ class Gateway:
         control = self.control
         return await make_verify(control.verifier, control.apikeys)(token)
 
-    async def _reload_approvals(self, new_config: Config) -> None:
+    async def _stop_approvals(self) -> None:
+        if self._admin is not None:
+            await self._admin.stop()
+            self._admin = None
+        if self._approvals is not None:
+            await self._approvals.close()
+            self._approvals = None
+            self.control.approvals = None
+
+    def _reload_approvals(self, new_config: Config) -> None:
+        """The running approval service takes the reloaded rules and limits (its store and
+        listeners stay until a restart)."""
         service = self._approvals
         if service is None:
-            if new_config.approvals is not None:
-                await self._start_approvals(new_config)
             return
         old, new = service.config.approvals, new_config.approvals
         if new is None or (old is not None and (old.store_kind, old.store_where)
