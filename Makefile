@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking bench-audit bench-approvals bench-rss clean
+.PHONY: help setup build system-deps demo demo-check test test-rust test-py lint bench bench-masking bench-audit bench-approvals bench-rss bench-native clean
 
 help:
 	@echo "make demo        build everything, then run 'phigate demo' (embedded PostgreSQL + gateway)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-masking  only the masked vs unmasked bulk read through phigate"
 	@echo "make bench-audit    only pgbench -S through phigate with the audit trail off/batch/write/statement"
 	@echo "make bench-approvals  held statements: resume after the decision, 1000 held sessions' CPU"
+	@echo "make bench-native   Rust micro-benchmarks: layer-2 masking per row, audit trail CPU per record"
 	@echo "make bench-rss   gateway RSS and heap over rounds of hostile connections (leak or retention?)"
 	@echo "make clean       remove build products and the virtualenv"
 
@@ -66,6 +67,10 @@ bench-audit: build
 
 bench-approvals: build
 	$(BIN)/python benches/approvals_bench.py $(BENCH_ARGS)
+
+# Plain timing loops over the data plane's hot code, no PostgreSQL (ns per row / per record).
+bench-native:
+	cd native && cargo bench --bench masking && cargo bench --bench audit_writer
 
 # RSS_ARGS e.g. "--malloc-arena-max 2" or "--trim-each-round"; see benches/hostile_rss.py --help.
 bench-rss: build

@@ -170,7 +170,7 @@ impl Bridge {
     /// canonical on its own thread.
     pub fn emit_line(&self, line: &[u8]) {
         if let Some(trail) = &self.trail {
-            return trail.append(line.to_vec());
+            return trail.append(line);
         }
         let mut ev = self.events.lock();
         ev.extend_from_slice(line);
@@ -188,7 +188,7 @@ impl Bridge {
     pub fn emit_statement(&self, line: Vec<u8>) -> Option<Durable> {
         match &self.trail {
             // Statement records are formatted canonically by hand (events.rs tests check it).
-            Some(trail) if trail.sync_mode().statements_wait() => Some(trail.append_durable(line, true)),
+            Some(trail) if trail.sync_mode().statements_wait() => Some(trail.append_durable(&line, true)),
             _ => {
                 self.emit_canonical(line);
                 None
@@ -201,7 +201,7 @@ impl Bridge {
     /// trail's writer need not parse and re-serialize it.
     pub fn emit_canonical(&self, line: Vec<u8>) {
         match &self.trail {
-            Some(trail) => trail.append_canonical(line),
+            Some(trail) => trail.append_canonical(&line),
             None => self.emit_line(&line),
         }
     }

@@ -193,7 +193,7 @@ impl Engine {
         if trail.status().closed {
             return Err(AuditError::new_err("the audit trail is closed"));
         }
-        trail.append(body.to_vec());
+        trail.append(body);
         Ok(())
     }
 

@@ -77,10 +77,10 @@ fn events(recs: &[Value]) -> Vec<String> {
 fn records_are_chained_checkpointed_and_continue_after_restart() {
     let d = tempfile::tempdir().unwrap();
     let t = Trail::open(&settings(d.path(), 1)).unwrap();
-    t.append(br#"{"ts":"x","event":"a","z":1,"b":"\u00e9"}"#.to_vec());
-    t.append_canonical(br#"{"event":"b","ts":"x"}"#.to_vec());
-    t.append(br#"{"event":"f","ms":1.5}"#.to_vec());
-    t.append(b"[not an object".to_vec());
+    t.append(br#"{"ts":"x","event":"a","z":1,"b":"\u00e9"}"#);
+    t.append_canonical(br#"{"event":"b","ts":"x"}"#);
+    t.append(br#"{"event":"f","ms":1.5}"#);
+    t.append(b"[not an object");
     t.close();
     let recs = verify(d.path());
     assert_eq!(events(&recs), ["audit_open", "a", "b", "f", "bad_record", "audit_close", "checkpoint"]);
@@ -94,7 +94,7 @@ fn records_are_chained_checkpointed_and_continue_after_restart() {
     UnparsedPublicKey::new(&ED25519, pair.public_key().as_ref()).verify(format!("{body}\n").as_bytes(), &raw[4..]).unwrap();
 
     let t = Trail::open(&settings(d.path(), 1)).unwrap();
-    t.append(br#"{"event":"c"}"#.to_vec());
+    t.append(br#"{"event":"c"}"#);
     t.close();
     let recs = verify(d.path());
     assert_eq!(events(&recs)[7..], ["audit_open", "c", "audit_close", "checkpoint"]);
@@ -105,7 +105,7 @@ fn records_are_chained_checkpointed_and_continue_after_restart() {
 fn a_torn_tail_is_set_aside_and_recorded() {
     let d = tempfile::tempdir().unwrap();
     let t = Trail::open(&settings(d.path(), 1)).unwrap();
-    t.append(br#"{"event":"a"}"#.to_vec());
+    t.append(br#"{"event":"a"}"#);
     t.close();
     let seg = d.path().join(segment::segment_name(0));
     let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
@@ -124,7 +124,7 @@ fn a_torn_tail_is_set_aside_and_recorded() {
 fn a_restart_without_any_checkpoint_rehashes_the_first_segment() {
     let d = tempfile::tempdir().unwrap();
     let t = Trail::open(&settings(d.path(), 1)).unwrap();
-    t.append(br#"{"event":"a"}"#.to_vec());
+    t.append(br#"{"event":"a"}"#);
     // Simulates a crash: the thread is never told to close, the process "dies" here.
     std::mem::forget(t);
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -141,7 +141,7 @@ fn segments_rotate_after_checkpoints() {
     s.checkpoint_every = 10;
     let t = Trail::open(&s).unwrap();
     for i in 0..200 {
-        t.append(format!(r#"{{"event":"x","i":{i},"pad":"{}"}}"#, "p".repeat(100)).into_bytes());
+        t.append(format!(r#"{{"event":"x","i":{i},"pad":"{}"}}"#, "p".repeat(100)).as_bytes());
     }
     t.close();
     let segs = segment::list(d.path()).unwrap();
@@ -155,7 +155,7 @@ fn segments_rotate_after_checkpoints() {
     assert_eq!(recs.iter().filter(|r| r["event"] == "x").count(), 200);
     assert!(recs.iter().filter(|r| r["event"] == "checkpoint").count() >= 20);
     let t = Trail::open(&s).unwrap();
-    t.append(br#"{"event":"after"}"#.to_vec());
+    t.append(br#"{"event":"after"}"#);
     t.close();
     verify(d.path());
 }
@@ -184,7 +184,7 @@ async fn statement_sync_resolves_after_fsync() {
     let mut s = settings(d.path(), 1);
     s.sync = SyncMode::Statement;
     let t = Trail::open(&s).unwrap();
-    let done = t.append_durable(br#"{"event":"statement"}"#.to_vec(), false);
+    let done = t.append_durable(br#"{"event":"statement"}"#, false);
     assert_eq!(done.await.unwrap(), Ok(()));
     let data = std::fs::read_to_string(d.path().join(segment::segment_name(0))).unwrap();
     assert!(data.contains(r#""event":"statement""#));
@@ -201,7 +201,7 @@ async fn write_sync_resolves_once_the_record_is_in_the_file() {
     s.sync_window_ms = 1000;
     let t = Trail::open(&s).unwrap();
     let asked = std::time::Instant::now();
-    let done = t.append_durable(br#"{"event":"statement"}"#.to_vec(), false);
+    let done = t.append_durable(br#"{"event":"statement"}"#, false);
     assert_eq!(done.await.unwrap(), Ok(()));
     assert!(asked.elapsed() < std::time::Duration::from_millis(500));
     let data = std::fs::read_to_string(d.path().join(segment::segment_name(0))).unwrap();

@@ -5,14 +5,14 @@
 //! and retries every second until it can write them after an `audit_failure` record.
 
 use serde_json::json;
-use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write as _};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::canonical::{canonicalize, event_name, Problem};
+use super::inbox::{Batch, Inbox};
 use super::merkle::{leaf_hash, push_hex, to_hex, CompactRange, Hash};
 use super::note::{b64, sign_checkpoint, SignerKey};
 use super::recovery::Position;
@@ -22,26 +22,13 @@ use super::status::Status;
 use super::time::{now_ts, now_us};
 use super::SyncMode;
 
-/// The answer a session awaiting its record's durability gets: Err names why it is not durable.
-pub type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
-
-pub enum Msg {
-    Record { body: Vec<u8>, canonical: bool, done: Option<Done> },
-    /// Write audit_close and a final checkpoint, fsync, answer, and end the thread.
-    Close(mpsc::Sender<()>),
-}
-
-struct Item {
-    body: Vec<u8>,
-    done: Option<Done>,
-}
+pub use super::inbox::Done;
 
 /// How often a failing trail tries to write again.
 const RETRY: Duration = Duration::from_secs(1);
 /// Batch mode: after the first record of a batch, how long to let more arrive before writing,
 /// so sessions rarely have to wake the writer (a futex call per record costs the hot path).
 const GATHER: Duration = Duration::from_millis(2);
-const MAX_BATCH: usize = 65_536;
 
 struct Failure {
     reason: &'static str,
@@ -88,14 +75,14 @@ pub struct Writer {
     last_sync: Instant,
     /// Records written but not yet fsync'd whose sessions await them (statement mode).
     waiters: Vec<Done>,
-    pending: VecDeque<Item>,
+    /// Records kept in memory while the trail cannot write (at most max_pending).
+    pending: Batch,
     failure: Option<Failure>,
     lost: u64,
     last_retry: Instant,
     /// The next checkpoint is signed by the previous key and the new one.
     pub dual_sign: bool,
     runner: CommandRunner,
-    float_warned: HashSet<String>,
 }
 
 impl Writer {
@@ -106,8 +93,7 @@ impl Writer {
         Writer {
             s, status, seg: Some(seg), next_seq, prev, tree, since_checkpoint,
             last_checkpoint: now, unsynced: false, last_sync: now - Duration::from_secs(3600), waiters: vec![],
-            pending: VecDeque::new(), failure: None, lost: 0, last_retry: now, dual_sign: false, runner,
-            float_warned: HashSet::new(),
+            pending: Batch::default(), failure: None, lost: 0, last_retry: now, dual_sign: false, runner,
         }
     }
 
@@ -115,50 +101,21 @@ impl Writer {
         self.failure.as_ref().map(|f| format!("{}: {}", f.reason, f.detail))
     }
 
-    /// A body as the trail holds it: canonical, floats as strings, never dropped.
-    fn canonical(&mut self, body: Vec<u8>, promised: bool) -> Vec<u8> {
-        if promised {
-            debug_assert!(super::canonical::is_canonical(&body), "a producer promised a canonical record body and broke the promise");
-            return body;
-        }
-        match canonicalize(&body) {
-            Ok((c, floats)) => {
-                if !floats.is_empty() {
-                    self.status.float_values.fetch_add(floats.len() as u64, Ordering::Relaxed);
-                    let event = event_name(&c);
-                    for f in floats {
-                        let key = format!("{event}.{f}");
-                        if self.float_warned.insert(key) {
-                            eprintln!("phigate: audit record {event:?} carries a float at {f:?}; it was written as a string (records hold integers and strings only)");
-                        }
-                    }
-                }
-                c
-            }
-            Err(Problem::NotAnObject(why)) => {
-                self.status.bad_records.fetch_add(1, Ordering::Relaxed);
-                eprintln!("phigate: an audit record body was {why}; a bad_record record with its SHA-256 stands in for it");
-                let digest = ring::digest::digest(&ring::digest::SHA256, &body);
-                let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-                serde_json::to_vec(&json!({"event": "bad_record", "reason": why, "sha256": hex, "ts": now_ts()})).unwrap_or_default()
-            }
-        }
-    }
-
-    /// Numbers, chains and writes `items` with one write(); the state moves on only if the
-    /// write succeeded (a failed batch is written again, renumbered, after recovery).
-    fn write_items(&mut self, items: Vec<Item>) -> Result<(), (io::Error, Vec<Item>)> {
+    /// Numbers, chains and writes the records `range` of `batch` with one write(); the state
+    /// moves on only if the write succeeded (a failed batch is written again, renumbered,
+    /// after recovery).
+    fn write_items(&mut self, batch: &mut Batch, range: Range<usize>) -> io::Result<()> {
         let Some(seg) = self.seg.as_mut() else {
-            return Err((io::Error::other("no open segment"), items));
+            return Err(io::Error::other("no open segment"));
         };
-        let mut buf = Vec::with_capacity(items.iter().map(|i| i.body.len() + 100).sum());
+        let mut buf = Vec::with_capacity(batch.body_bytes(range.clone()) + range.len() * 100);
         let (mut seq, mut prev, mut tree) = (self.next_seq, self.prev, self.tree.clone());
-        for it in &items {
+        for i in range.clone() {
             let start = buf.len();
             buf.extend_from_slice(b"{\"prev\":\"");
             push_hex(&mut buf, &prev);
             buf.extend_from_slice(b"\",\"rec\":");
-            buf.extend_from_slice(&it.body);
+            buf.extend_from_slice(batch.body(i));
             buf.extend_from_slice(b",\"seq\":");
             let _ = write!(buf, "{seq}");
             buf.push(b'}');
@@ -167,43 +124,50 @@ impl Writer {
             buf.push(b'\n');
             seq += 1;
         }
-        if let Err(e) = seg.write(&buf) {
-            return Err((e, items));
-        }
+        seg.write(&buf)?;
         self.since_checkpoint += seq - self.next_seq;
         (self.next_seq, self.prev, self.tree) = (seq, prev, tree);
         self.unsynced = true;
         self.status.next_seq.store(seq, Ordering::Relaxed);
         self.status.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let awaited = items.into_iter().filter_map(|i| i.done);
+        let awaited = batch.take_done(range);
         if self.s.sync == SyncMode::Write {
             // Handed to the kernel: a kill -9 of the gateway can no longer lose it.
-            awaited.for_each(|d| drop(d.send(Ok(()))));
+            awaited.into_iter().for_each(|d| drop(d.send(Ok(()))));
         } else {
             self.waiters.extend(awaited);
         }
         Ok(())
     }
 
-    /// Writes records now, or keeps them while the trail is failing.
-    fn submit(&mut self, items: Vec<Item>) {
+    /// Writes the records `range` of `batch` now, or keeps them while the trail is failing.
+    fn submit(&mut self, batch: &mut Batch, range: Range<usize>) {
         if self.failure.is_some() {
-            return self.pend(items);
+            return self.pend(batch, range);
         }
-        if let Err((e, items)) = self.write_items(items) {
+        if let Err(e) = self.write_items(batch, range.clone()) {
             self.fail(&e);
-            self.pend(items);
+            self.pend(batch, range);
         }
     }
 
-    fn pend(&mut self, items: Vec<Item>) {
+    /// Writes one record the writer makes itself (checkpoint, audit_close...).
+    fn submit_one(&mut self, body: &[u8]) {
+        let mut one = Batch::default();
+        one.push(body, None);
+        self.submit(&mut one, 0..1);
+    }
+
+    /// Keeps records while failing (their waiters learn why they are not durable); past
+    /// max_pending they are counted as lost.
+    fn pend(&mut self, batch: &mut Batch, range: Range<usize>) {
         let why = self.failure_text().unwrap_or_default();
-        for mut it in items {
-            if let Some(d) = it.done.take() {
-                let _ = d.send(Err(why.clone()));
-            }
+        for d in batch.take_done(range.clone()) {
+            let _ = d.send(Err(why.clone()));
+        }
+        for i in range {
             if self.pending.len() < self.s.max_pending {
-                self.pending.push_back(it);
+                self.pending.push(batch.body(i), None);
             } else {
                 self.lost += 1;
             }
@@ -258,31 +222,30 @@ impl Writer {
         let failure = json!({"detail": f.detail, "event": "audit_failure", "reason": f.reason, "ts": super::time::format_us(f.since_us)});
         let recovered = json!({"event": "audit_recovered", "failed_for_us": f.since.elapsed().as_micros() as u64, "lost": self.lost, "ts": now_ts()});
         let kept = self.pending.len();
-        let mut items = Vec::with_capacity(kept + 2);
-        items.push(Item { body: serde_json::to_vec(&failure).unwrap_or_default(), done: None });
-        items.extend(self.pending.drain(..));
-        items.push(Item { body: serde_json::to_vec(&recovered).unwrap_or_default(), done: None });
-        match self.write_items(items) {
-            Ok(()) => {
-                self.failure = None;
-                self.sync();
-                if self.failure.is_some() {
-                    return;
-                }
-                eprintln!("phigate: writing the audit trail again ({kept} records kept meanwhile, {} lost)", self.lost);
-                self.lost = 0;
-                self.status.set_failing(None);
-                self.status.pending.store(0, Ordering::Relaxed);
-                self.status.lost.store(0, Ordering::Relaxed);
-                // The kept records carry the times they were made: sign them now, so the
-                // trail never shows an unsigned tail older than the checkpoint interval.
-                self.checkpoint();
-            }
-            Err((_, mut items)) => {
-                items.pop();
-                self.pending.extend(items.into_iter().skip(1));
-            }
+        let mut items = Batch::default();
+        items.push(&serde_json::to_vec(&failure).unwrap_or_default(), None);
+        for i in 0..kept {
+            items.push(self.pending.body(i), None);
         }
+        items.push(&serde_json::to_vec(&recovered).unwrap_or_default(), None);
+        // When this fails the kept records stay kept; the next retry writes them.
+        if self.write_items(&mut items, 0..kept + 2).is_err() {
+            return;
+        }
+        self.pending.clear();
+        self.failure = None;
+        self.sync();
+        if self.failure.is_some() {
+            return;
+        }
+        eprintln!("phigate: writing the audit trail again ({kept} records kept meanwhile, {} lost)", self.lost);
+        self.lost = 0;
+        self.status.set_failing(None);
+        self.status.pending.store(0, Ordering::Relaxed);
+        self.status.lost.store(0, Ordering::Relaxed);
+        // The kept records carry the times they were made: sign them now, so the
+        // trail never shows an unsigned tail older than the checkpoint interval.
+        self.checkpoint();
     }
 
     fn checkpoint_due(&self) -> bool {
@@ -301,7 +264,7 @@ impl Writer {
         let note = sign_checkpoint(&self.s.origin, size, &root, &keys);
         let range: Vec<String> = self.tree.hashes().iter().map(to_hex).collect();
         let rec = json!({"event": "checkpoint", "note": note, "range": range, "root": b64(&root), "size": size, "ts": now_ts()});
-        self.submit(vec![Item { body: serde_json::to_vec(&rec).unwrap_or_default(), done: None }]);
+        self.submit_one(&serde_json::to_vec(&rec).unwrap_or_default());
         self.sync();
         if self.failure.is_some() {
             return;
@@ -338,7 +301,11 @@ impl Writer {
     /// Writes records from the start-up path (audit_open, audit_key_rotated) and makes them
     /// durable; Err if that already fails (the gateway then refuses to start).
     pub fn write_now(&mut self, bodies: Vec<Vec<u8>>) -> Result<(), String> {
-        self.submit(bodies.into_iter().map(|body| Item { body, done: None }).collect());
+        let mut batch = Batch::default();
+        for b in &bodies {
+            batch.push(b, None);
+        }
+        self.submit(&mut batch, 0..bodies.len());
         self.sync();
         match self.failure_text() {
             Some(why) => Err(why),
@@ -364,7 +331,7 @@ impl Writer {
         if self.failure.is_some() {
             self.try_recover();
         }
-        self.submit(vec![Item { body: serde_json::to_vec(&json!({"event": "audit_close", "ts": now_ts()})).unwrap_or_default(), done: None }]);
+        self.submit_one(&serde_json::to_vec(&json!({"event": "audit_close", "ts": now_ts()})).unwrap_or_default());
         self.checkpoint();
         self.sync();
         if self.failure.is_some() {
@@ -374,47 +341,29 @@ impl Writer {
         self.status.closed.store(true, Ordering::Release);
     }
 
-    pub fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        let mut close_reply = None;
+    /// The thread's loop: takes what sessions appended (gathering for a moment in batch mode,
+    /// so a batch is one write), writes it with checkpoints every checkpoint_every records,
+    /// fsyncs on schedule, checkpoints on time, and closes when asked.
+    pub fn run(mut self, inbox: Arc<Inbox>) {
+        let mut batch = Batch::default();
         loop {
-            let mut msgs = Vec::new();
-            match rx.recv_timeout(self.next_wakeup()) {
-                Ok(m) => msgs.push(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.close();
-                    return;
-                }
-            }
+            let (any, urgent) = inbox.wait(self.next_wakeup());
             // Sessions awaiting a record are not kept waiting for others to arrive.
-            if !msgs.is_empty() && !self.s.sync.statements_wait() {
+            if any && !urgent && !self.s.sync.statements_wait() {
                 std::thread::sleep(GATHER);
             }
-            while msgs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => msgs.push(m),
-                    Err(_) => break,
-                }
-            }
-            let mut items = Vec::with_capacity(msgs.len());
-            for m in msgs {
-                match m {
-                    Msg::Record { body, canonical, done } => {
-                        let body = self.canonical(body, canonical);
-                        items.push(Item { body, done });
-                    }
-                    Msg::Close(reply) => close_reply = Some(reply),
-                }
-            }
+            batch.clear();
+            let close = inbox.take(&mut batch);
             if self.failure.is_some() && self.last_retry.elapsed() >= RETRY {
                 self.try_recover();
             }
             // A checkpoint every checkpoint_every records, even inside one big batch.
-            while !items.is_empty() {
+            let mut from = 0;
+            while from < batch.len() {
                 let room = self.s.checkpoint_every.saturating_sub(self.since_checkpoint).max(1) as usize;
-                let rest = if items.len() > room { items.split_off(room) } else { Vec::new() };
-                self.submit(items);
-                items = rest;
+                let to = batch.len().min(from + room);
+                self.submit(&mut batch, from..to);
+                from = to;
                 if self.failure.is_none() && self.since_checkpoint >= self.s.checkpoint_every {
                     self.checkpoint();
                 }
@@ -427,7 +376,7 @@ impl Writer {
                     self.checkpoint();
                 }
             }
-            if let Some(reply) = close_reply.take() {
+            if let Some(reply) = close {
                 self.close();
                 let _ = reply.send(());
                 return;

@@ -79,7 +79,7 @@ def _audit(t: _Table, ctx: _Ctx) -> AuditConfig:
         sync=sync,
         sync_window=t.seconds("sync_window", 0.05, 0, 1, lo_open=True),
         checkpoint_interval=t.seconds("checkpoint_interval", 1.0, 0, 3600, lo_open=True),
-        checkpoint_every=t.integer("checkpoint_every", 1000, 1, 10_000_000),
+        checkpoint_every=t.integer("checkpoint_every", 100_000, 1, 10_000_000),
         checkpoint_copy_dir=copy_dir,
         checkpoint_command=command,
         segment_max_bytes=t.integer("segment_max_bytes", 64 * 1024 * 1024, 64 * 1024, 1 << 40),
