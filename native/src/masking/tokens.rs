@@ -103,7 +103,7 @@ impl Sample {
 
 /// The 8 bytes of `b` at `i` as a little-endian u64, zero-padded past the end of `b`.
 #[inline(always)]
-fn load8(b: &[u8], i: usize) -> u64 {
+pub(crate) fn load8(b: &[u8], i: usize) -> u64 {
     match b.get(i..i + 8) {
         Some(w) => u64::from_le_bytes(w.try_into().expect("8 bytes")),
         None => {
@@ -113,6 +113,58 @@ fn load8(b: &[u8], i: usize) -> u64 {
             u64::from_le_bytes(w)
         }
     }
+}
+
+/// OR-ed into 8 ASCII letters and digits, lowercases them (and changes no digit).
+pub(crate) const FOLD: u64 = 0x2020_2020_2020_2020;
+/// The bytes of a head of 0..=8 bytes.
+pub(crate) const KEEP: [u64; 9] = [0, 0xFF, 0xFFFF, 0xFF_FFFF, 0xFFFF_FFFF, 0xFF_FFFF_FFFF, 0xFFFF_FFFF_FFFF, 0xFF_FFFF_FFFF_FFFF, u64::MAX];
+
+/// The sample of the fold of the ASCII letters and digits `b[start..end]`, read from the text:
+/// the same bytes `Sample::of` reads from the token's fold.
+#[inline(always)]
+pub(crate) fn ascii_sample(b: &[u8], start: usize, end: usize) -> Sample {
+    let len = end - start;
+    Sample { head: (load8(b, start) | FOLD) & KEEP[len.min(8)], len }
+}
+
+/// The masks (ASCII letters and digits; non-ASCII bytes) of the 64 bytes of `b` at `base`;
+/// bytes from `to` on count as neither.
+#[inline]
+pub(crate) fn masks_at(b: &[u8], base: usize, to: usize) -> (u64, u64) {
+    if base + 64 <= to {
+        masks::of(b[base..base + 64].try_into().expect("64 bytes"))
+    } else {
+        let mut tail = [0u8; 64];
+        tail[..to - base].copy_from_slice(&b[base..to]);
+        masks::of(&tail)
+    }
+}
+
+/// The sample of the first token of `text[from..to]` (`from` not inside a token), or None.
+///
+/// The pair filter's question about the token after a candidate: usually one or two separator
+/// bytes and a short ASCII token, read byte by byte here; anything non-ASCII near it goes
+/// through `Tokens` (a non-ASCII letter starts a token, a combining mark continues one).
+#[inline]
+pub fn sample_after(text: &str, from: usize, to: usize) -> Option<Sample> {
+    let b = &text.as_bytes()[..to];
+    let mut i = from;
+    while i < b.len() && b[i] < 0x80 && !b[i].is_ascii_alphanumeric() {
+        i += 1;
+    }
+    if i == b.len() {
+        return None;
+    }
+    let start = i;
+    while i < b.len() && b[i].is_ascii_alphanumeric() {
+        i += 1;
+    }
+    if i == start || (i < b.len() && b[i] >= 0x80) {
+        let mut t = Tokens::within(text, from, to);
+        return t.next_token().map(|(_, _, f)| Sample::of(f));
+    }
+    Some(ascii_sample(b, start, i))
 }
 
 /// A token found by `Tokens::fill`: its byte range and the hash of its fold.
@@ -286,60 +338,6 @@ impl<'a> Tokens<'a> {
         n
     }
 
-    /// Skips tokens until one whose fold's `Sample` passes `keep`; returns its byte range and
-    /// leaves the scan after it (`token_at` gives its fold).
-    ///
-    /// The dictionary's fast path: most tokens of ordinary text cannot start an entry, and an
-    /// ASCII token's sample is one load, an OR and a mask, read straight from the text (no fold,
-    /// no hash). Blocks with a non-ASCII byte, and tokens of 64 bytes or more, are folded through
-    /// `next_token` and sampled from the fold; both give the same sample for the same fold.
-    #[inline]
-    pub fn next_where(&mut self, mut keep: impl FnMut(Sample) -> bool) -> Option<(usize, usize)> {
-        while self.pos < self.to {
-            let base = self.pos;
-            let (word, high) = self.masks_at(base);
-            if high != 0 {
-                let (start, end, f) = self.next_token()?;
-                if keep(Sample::of(f)) {
-                    return Some((start, end));
-                }
-                continue;
-            }
-            // As in `fill`: `pos` is never inside a token.
-            let mut starts = word & !(word << 1);
-            let mut ends = !word & (word << 1);
-            loop {
-                if starts == 0 {
-                    self.pos = (base + 64).min(self.to);
-                    break;
-                }
-                let s = starts.trailing_zeros() as usize;
-                if ends == 0 {
-                    // The last token runs past the block: read it again from its start, or
-                    // (64 bytes or longer) through the general path.
-                    if s > 0 {
-                        self.pos = base + s;
-                    } else {
-                        let (start, end, f) = self.next_token()?;
-                        if keep(Sample::of(f)) {
-                            return Some((start, end));
-                        }
-                    }
-                    break;
-                }
-                let e = ends.trailing_zeros() as usize;
-                starts &= starts - 1;
-                ends &= ends - 1;
-                let (start, end) = (base + s, base + e);
-                if keep(self.ascii_sample(start, end)) {
-                    self.pos = end;
-                    return Some((start, end));
-                }
-            }
-        }
-        None
-    }
-
     /// The token starting at `start` (a token's first byte) and its fold; the scan continues
     /// after it.
     #[inline]
@@ -354,27 +352,22 @@ impl<'a> Tokens<'a> {
         self.pos = pos.min(self.to);
     }
 
-    /// The sample of the fold of the ASCII letters and digits `text[start..end]`, read from the
-    /// text: the same bytes `Sample::of` reads from `ascii_fold`'s result.
-    #[inline]
-    fn ascii_sample(&self, start: usize, end: usize) -> Sample {
-        const FOLD: u64 = 0x2020_2020_2020_2020;
-        /// The bytes of a head of 0..=8 bytes.
-        const KEEP: [u64; 9] = [0, 0xFF, 0xFFFF, 0xFF_FFFF, 0xFFFF_FFFF, 0xFF_FFFF_FFFF, 0xFFFF_FFFF_FFFF, 0xFF_FFFF_FFFF_FFFF, u64::MAX];
-        let len = end - start;
-        Sample { head: (load8(self.text.as_bytes(), start) | FOLD) & KEEP[len.min(8)], len }
-    }
-
     /// The masks of the 64 bytes at `base` (bytes from `to` on count as neither).
     #[inline]
     fn masks_at(&self, base: usize) -> (u64, u64) {
-        let b = self.text.as_bytes();
-        if base + 64 <= self.to {
-            masks::of(b[base..base + 64].try_into().expect("64 bytes"))
-        } else {
-            let mut tail = [0u8; 64];
-            tail[..self.to - base].copy_from_slice(&b[base..self.to]);
-            masks::of(&tail)
+        masks_at(self.text.as_bytes(), base, self.to)
+    }
+
+    /// The fold of the token `text[start..end]` found by a scan; `ascii`: it is ASCII letters
+    /// and digits only (folded from the text in place), else it is folded char by char again.
+    #[inline]
+    pub fn fold_at(&mut self, start: usize, end: usize, ascii: bool) -> Folded<'_> {
+        if ascii {
+            return self.ascii_fold(start, end);
+        }
+        match self.token_at(start) {
+            Some((_, _, f)) => f,
+            None => unreachable!("a token starts at {start}"),
         }
     }
 
@@ -416,7 +409,7 @@ impl<'a> Tokens<'a> {
 }
 
 /// The two masks of a 64-byte block: ASCII letters and digits; bytes >= 0x80.
-mod masks {
+pub(crate) mod masks {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     pub fn of(b: &[u8; 64]) -> (u64, u64) {
@@ -604,6 +597,17 @@ mod tests {
             let want = reference(&s, 0, s.len());
             prop_assert_eq!(&filled(&s, 0, s.len(), batch), &want);
             prop_assert_eq!(&scanned(&s, 0, s.len()), &want);
+        }
+
+        /// The pair filter's quick look at the next token reads the same sample `Tokens` folds,
+        /// from any char boundary of any window.
+        #[test]
+        fn sample_after_is_the_next_tokens_sample(s in "([a-zA-Z0-9]{0,20}|[ .,'-]{1,3}|é|Ü|\u{308}|ß|İ|ﹲ|½|\\PC){0,30}", cut in any::<(u16, u16)>()) {
+            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
+            let (from, to) = (a.min(b), a.max(b));
+            let want = Tokens::within(&s, from, to).next_token().map(|(_, _, f)| Sample::of(f));
+            prop_assert_eq!(sample_after(&s, from, to), want);
         }
 
         /// A fold is one token that folds to itself: the fold is a fixed point, so folding in
