@@ -64,6 +64,20 @@ fn keyword_at(b: &[u8], i: usize) -> bool {
         || ((raw | DOTS_KEPT) & low(5) == word(b"d.o.b"))
 }
 
+/// Whether a keyword starts at one of the bytes `base + j` for the bits j of `starts`. Kept
+/// out of the block loop: few blocks have a keyword start, and inlined the loop over the bits
+/// gets unrolled 64 times.
+#[inline(never)]
+fn any_keyword(b: &[u8], base: usize, mut starts: u64) -> bool {
+    while starts != 0 {
+        if keyword_at(b, base + starts.trailing_zeros() as usize) {
+            return true;
+        }
+        starts &= starts - 1;
+    }
+    false
+}
+
 /// The 8 bytes of `b` at `i` as a little-endian u64, zero-padded past the end.
 #[inline(always)]
 fn load8(b: &[u8], i: usize) -> u64 {
@@ -171,26 +185,24 @@ mod simd {
 
     #[inline(always)]
     unsafe fn may_match(b: &[u8], block: impl Fn(*const u8) -> (u64, u64, u64)) -> bool {
-        let blocks = b.len().div_ceil(64);
+        let digit_at = |i: usize| u64::from(b.get(i).is_some_and(u8::is_ascii_digit));
+        // The previous block's digits; only its top three bits are read.
         let mut prev_d = 0u64;
-        let (mut d, mut s, mut m) = masks(b, 0, &block);
-        for k in 0..blocks {
-            let (next_d, next_s, next_m) = masks(b, k + 1, &block);
+        for k in 0..b.len().div_ceil(64) {
+            let (d, s, m) = masks(b, k, &block);
+            // The next block's first two digits, read from the bytes: carrying the next block's
+            // masks from one step to the next makes LLVM split them into single bits.
+            let next_d = digit_at(64 * k + 64) | digit_at(64 * k + 65) << 1;
             // A separator with digits at the three bytes before it and the two after.
             let before = (d << 1 | prev_d >> 63) & (d << 2 | prev_d >> 62) & (d << 3 | prev_d >> 61);
             let after = (d >> 1 | next_d << 63) & (d >> 2 | next_d << 62);
             if s & before & after != 0 {
                 return true;
             }
-            let mut starts = m;
-            while starts != 0 {
-                let j = starts.trailing_zeros() as usize;
-                if super::keyword_at(b, 64 * k + j) {
-                    return true;
-                }
-                starts &= starts - 1;
+            if m != 0 && super::any_keyword(b, 64 * k, m) {
+                return true;
             }
-            (prev_d, d, s, m) = (d, next_d, next_s, next_m);
+            prev_d = d;
         }
         false
     }
