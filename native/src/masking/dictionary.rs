@@ -20,6 +20,7 @@
 
 use foldhash::quality::FoldHasher;
 use foldhash::SharedSeed;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::hash::Hasher;
 
@@ -422,7 +423,7 @@ impl Dictionary {
                     continue;
                 }
                 if let Some((last, code)) = self.longest_at(text, end, to, first, (!asked).then_some(sample)) {
-                    out.push(Hit { start, end: last, tag: Kind::from_code(code).tag().to_string() });
+                    out.push(Hit { start, end: last, tag: Cow::Borrowed(Kind::from_code(code).tag()) });
                     resume = last;
                 }
             }
@@ -514,7 +515,7 @@ impl Dictionary {
             }
             let k = match found {
                 Some((k, code)) => {
-                    out.push(Hit { start: first.start, end: buf[head + k - 1].end, tag: Kind::from_code(code).tag().to_string() });
+                    out.push(Hit { start: first.start, end: buf[head + k - 1].end, tag: Cow::Borrowed(Kind::from_code(code).tag()) });
                     k
                 }
                 None => 1,

@@ -180,8 +180,9 @@ impl MaskContext {
             });
             t
         });
-        // Hex digits and the prefix: always ASCII.
-        String::from_utf8_lossy(&token).into_owned()
+        // Hex digits and the prefix: always ASCII (no lossy decoding, which walks the bytes in
+        // chunks, and one allocation of the right size).
+        std::str::from_utf8(&token).map_or_else(|_| unreachable!("a pseudonym is ASCII"), str::to_owned)
     }
 
     pub(crate) fn compute_pseudonym(&self, value: &[u8]) -> [u8; 20] {
@@ -384,7 +385,7 @@ pub(crate) fn mask_value<'v>(
             if *masked == *s && s.as_bytes() == payload {
                 return Ok(Some(Cow::Borrowed(v)));
             }
-            Ok(Some(Cow::Owned(wrap_text(ty, fmt, masked.as_bytes()))))
+            Ok(Some(Cow::Owned(wrap_text(ty, fmt, masked))))
         }
         // Masks with no meaning for the type (a pseudonym of an integer, partial of a date):
         // the redact placeholder, which is constant and so idempotent.
@@ -403,34 +404,26 @@ pub(crate) fn text_payload(ty: Ty, fmt: Format, v: &[u8]) -> Option<&[u8]> {
     }
 }
 
-pub(crate) fn wrap_text(ty: Ty, fmt: Format, s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len() + 1);
-    if ty == Ty::Jsonb && fmt == Format::Binary {
-        out.push(1);
-    }
+/// The value of masked text `s` for the column: most types take the text as it is (a masked
+/// String becomes the value without a copy).
+pub(crate) fn wrap_text(ty: Ty, fmt: Format, s: Cow<'_, str>) -> Vec<u8> {
     if ty == Ty::Char {
         // "char" is one byte.
-        out.push(s.first().copied().unwrap_or(b'*'));
-    } else {
-        out.extend_from_slice(s);
+        return vec![s.as_bytes().first().copied().unwrap_or(b'*')];
     }
-    out
+    if ty == Ty::Jsonb && fmt == Format::Binary {
+        let mut out = Vec::with_capacity(s.len() + 1);
+        out.push(1);
+        out.extend_from_slice(s.as_bytes());
+        return out;
+    }
+    s.into_owned().into_bytes()
 }
 
 pub(crate) fn text_mask<'a>(ctx: &MaskContext, mask: Mask, s: &'a str) -> Cow<'a, str> {
     match mask {
-        Mask::Partial { keep_last } => {
-            let n = s.chars().count();
-            let keep = if n > keep_last { keep_last } else { 0 };
-            let cut = n - keep;
-            let out: String =
-                s.chars().enumerate().map(|(i, c)| if i < cut && c.is_alphanumeric() { '*' } else { c }).collect();
-            if out == s {
-                Cow::Borrowed(s)
-            } else {
-                Cow::Owned(out)
-            }
-        }
+        Mask::Partial { keep_last } if s.is_ascii() => partial_ascii(s, keep_last),
+        Mask::Partial { keep_last } => partial_chars(s, keep_last),
         Mask::EmailDomain => match s.rfind('@') {
             Some(at) if &s[..at] == REDACTED => Cow::Borrowed(s),
             Some(at) => Cow::Owned(format!("{REDACTED}{}", &s[at..])),
@@ -462,6 +455,32 @@ pub(crate) fn text_mask<'a>(ctx: &MaskContext, mask: Mask, s: &'a str) -> Cow<'a
         }
         Mask::Redact | Mask::Null => Cow::Borrowed(REDACTED),
     }
+}
+
+/// `Mask::Partial`: letters and digits before the last `keep_last` chars become '*' (all of
+/// them when the text is that short); borrowed when that changes nothing.
+pub(crate) fn partial_chars(s: &str, keep_last: usize) -> Cow<'_, str> {
+    let n = s.chars().count();
+    let keep = if n > keep_last { keep_last } else { 0 };
+    let cut = n - keep;
+    let out: String = s.chars().enumerate().map(|(i, c)| if i < cut && c.is_alphanumeric() { '*' } else { c }).collect();
+    if out == s {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
+/// `Mask::Partial` of ASCII text, byte by byte (a char is a byte): borrowed when no letter or
+/// digit is before the kept tail (already masked).
+pub(crate) fn partial_ascii(s: &str, keep_last: usize) -> Cow<'_, str> {
+    let n = s.len();
+    let cut = if n > keep_last { n - keep_last } else { n };
+    if !s.as_bytes()[..cut].iter().any(u8::is_ascii_alphanumeric) {
+        return Cow::Borrowed(s);
+    }
+    let masked = s.bytes().enumerate().map(|(i, c)| if i < cut && c.is_ascii_alphanumeric() { '*' } else { char::from(c) });
+    Cow::Owned(masked.collect())
 }
 
 /// Masks a JSON document: a JSON string is masked as text and re-encoded; other documents get
@@ -523,7 +542,7 @@ pub(crate) fn scan_value<'v>(ctx: &MaskContext, ty: Ty, fmt: Format, v: &'v [u8]
         _ => false,
     };
     if ok {
-        return Ok(Some(Cow::Owned(wrap_text(ty, fmt, scrubbed.as_bytes()))));
+        return Ok(Some(Cow::Owned(wrap_text(ty, fmt, scrubbed))));
     }
     placeholder(ty, fmt).map(Some).ok_or(())
 }
