@@ -24,7 +24,7 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::hash::Hasher;
 
-use crate::masking::candidates::Cursor;
+use crate::masking::candidates::{Cursor, NO_CANDIDATE};
 use crate::masking::detectors::Hit;
 use crate::masking::pair_filter::{PairFilter, PairSet};
 use crate::masking::start_filter::{Start, StartBits, StartFilter};
@@ -399,38 +399,40 @@ impl Dictionary {
     /// (candidates inside it are dropped), as in `scan_batched`.
     fn scan_filtered(&self, filter: &StartFilter, text: &str, from: usize, to: usize, out: &mut Vec<Hit>) {
         let mut cursor = Cursor::within(text, from, to);
-        // The candidates read ahead: where they are, their hash, and whether the pair filter
-        // was already asked about them.
-        let mut batch = [(0usize, 0usize, 0u64, Sample { head: 0, len: 0 }, false); CANDIDATES];
+        let mut candidates = [NO_CANDIDATE; CANDIDATES];
+        // The candidates kept: where they are, their hash, and their sample when the pair
+        // filter was not asked about them yet.
+        let mut batch = [(0usize, 0usize, 0u64, None::<Sample>); CANDIDATES];
         // Where the next hit may start: the end of the last hit.
         let mut resume = from;
         loop {
-            let (mut n, mut read_to) = (0, from);
-            while n < CANDIDATES {
-                let Some(c) = cursor.next(filter) else { break };
-                read_to = c.end;
-                let asked = filter.start(c.sample) == Start::Sequence;
-                if asked && !self.continues(c.sample, text, c.end, to) {
+            let got = cursor.fill(filter, &mut candidates);
+            let mut n = 0;
+            for c in &candidates[..got] {
+                // A token that can only start a sequence: the token after it decides, from
+                // samples, before anything is hashed.
+                let unasked = filter.start(c.sample) == Start::Alone;
+                if !unasked && !self.continues(c.sample, text, c.end, to) {
                     continue;
                 }
-                let hash = self.key.token(cursor.fold(&c));
+                let hash = self.key.token(cursor.fold(c));
                 self.table.prefetch(self.table.home(hash));
-                batch[n] = (c.start, c.end, hash, c.sample, asked);
+                batch[n] = (c.start, c.end, hash, unasked.then_some(c.sample));
                 n += 1;
             }
-            for &(start, end, first, sample, asked) in &batch[..n] {
+            for &(start, end, first, unasked) in &batch[..n] {
                 if start < resume {
                     continue;
                 }
-                if let Some((last, code)) = self.longest_at(text, end, to, first, (!asked).then_some(sample)) {
+                if let Some((last, code)) = self.longest_at(text, end, to, first, unasked) {
                     out.push(Hit { start, end: last, tag: Cow::Borrowed(Kind::from_code(code).tag()) });
                     resume = last;
                 }
             }
-            if n < CANDIDATES {
+            if got < CANDIDATES {
                 return;
             }
-            if resume > read_to {
+            if resume > candidates[got - 1].end {
                 cursor.skip_to(resume);
             }
         }

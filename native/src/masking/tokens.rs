@@ -422,8 +422,10 @@ pub(crate) mod masks {
         }
     }
 
+    /// Not inlined, like `of_avx2`: inlined into a loop that shifts the masks, LLVM splits
+    /// them into 64 single bits and packs them again (hundreds of instructions a block).
     #[cfg(target_arch = "x86_64")]
-    #[inline]
+    #[inline(never)]
     pub fn of_sse2(b: &[u8; 64]) -> (u64, u64) {
         use std::arch::x86_64::*;
         // SAFETY: SSE2 is part of the x86_64 baseline; each load reads 16 bytes inside `b`.
@@ -447,6 +449,7 @@ pub(crate) mod masks {
 
     /// `of_sse2` in two 32-byte steps.
     #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
     #[target_feature(enable = "avx2")]
     pub unsafe fn of_avx2(b: &[u8; 64]) -> (u64, u64) {
         use std::arch::x86_64::*;
