@@ -11,7 +11,7 @@
 //! same sample for the same fold).
 
 use crate::masking::start_filter::StartFilter;
-use crate::masking::tokens::{load8, masks, Folded, Sample, Tokens, FOLD, KEEP};
+use crate::masking::tokens::{ascii_fold_short, load8, masks, Folded, Sample, Tokens, FOLD, KEEP};
 
 /// A token the start filter let through.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +28,7 @@ pub const NO_CANDIDATE: Candidate = Candidate { start: 0, end: 0, sample: Sample
 
 pub struct Cursor<'a> {
     text: &'a str,
+    from: usize,
     to: usize,
     /// The ASCII block being read: its first byte, and the token starts and ends (bit j: byte
     /// `base + j`) not read yet.
@@ -36,14 +37,20 @@ pub struct Cursor<'a> {
     ends: u64,
     /// Where the next block starts once this one is read (never inside a token).
     next: usize,
-    /// The general path, and folds of tokens that are not short ASCII.
-    tokens: Tokens<'a>,
+    /// The general path, and folds of tokens that are not short ASCII; made the first time
+    /// one is needed (most windows have none).
+    tokens: Option<Tokens<'a>>,
 }
 
 impl<'a> Cursor<'a> {
     /// The tokens of `text[from..to]` (both char boundaries).
     pub fn within(text: &'a str, from: usize, to: usize) -> Self {
-        Cursor { text, to, base: from, starts: 0, ends: 0, next: from, tokens: Tokens::within(text, from, to) }
+        Cursor { text, from, to, base: from, starts: 0, ends: 0, next: from, tokens: None }
+    }
+
+    fn tokens(&mut self) -> &mut Tokens<'a> {
+        let (text, from, to) = (self.text, self.from, self.to);
+        self.tokens.get_or_insert_with(|| Tokens::within(text, from, to))
     }
 
     /// Fills `out` with the next candidates; fewer than `out.len()` only at the end of the window.
@@ -180,7 +187,7 @@ impl<'a> Cursor<'a> {
     /// Some(None) when the filter rules it out (the walk goes on after it).
     #[inline(never)]
     fn general(&mut self, pos: usize, filter: &StartFilter) -> Option<Option<Candidate>> {
-        let (start, end, f) = self.tokens.token_at(pos)?;
+        let (start, end, f) = self.tokens().token_at(pos)?;
         let sample = Sample::of(f);
         self.next = end;
         Some(filter.may_start(sample).then_some(Candidate { start, end, sample, ascii: false }))
@@ -189,7 +196,10 @@ impl<'a> Cursor<'a> {
     /// The fold of candidate `c`.
     #[inline]
     pub fn fold(&mut self, c: &Candidate) -> Folded<'_> {
-        self.tokens.fold_at(c.start, c.end, c.ascii)
+        if c.ascii && c.end - c.start <= 16 {
+            return Folded::Short(ascii_fold_short(self.text.as_bytes(), c.start, c.end));
+        }
+        self.tokens().fold_at(c.start, c.end, c.ascii)
     }
 
     /// Goes on at `pos` (not inside a token, past the last candidate returned).

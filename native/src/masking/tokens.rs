@@ -141,6 +141,22 @@ pub(crate) fn masks_at(b: &[u8], base: usize, to: usize) -> (u64, u64) {
     }
 }
 
+/// The fold of the ASCII letters and digits `b[start..end]`, at most 16 of them, as
+/// `Folded::Short` holds it: two little-endian loads, bytes past the token masked off.
+#[inline]
+pub(crate) fn ascii_fold_short(b: &[u8], start: usize, end: usize) -> u128 {
+    let len = end - start;
+    debug_assert!(len <= 16);
+    let mut w = [0u8; 16];
+    if start + 16 <= b.len() {
+        w.copy_from_slice(&b[start..start + 16]);
+    } else {
+        w[..b.len() - start].copy_from_slice(&b[start..]);
+    }
+    let keep = if len == 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
+    (u128::from_le_bytes(w) | 0x2020_2020_2020_2020_2020_2020_2020_2020) & keep
+}
+
 /// The sample of the first token of `text[from..to]` (`from` not inside a token), or None.
 ///
 /// The pair filter's question about the token after a candidate: usually one or two separator
@@ -381,15 +397,7 @@ impl<'a> Tokens<'a> {
             self.spill.extend(b[start..end].iter().map(|c| c | 0x20));
             return Folded::Long(&self.spill);
         }
-        // Two little-endian loads; bytes past the token are masked off.
-        let mut w = [0u8; 16];
-        if start + 16 <= b.len() {
-            w.copy_from_slice(&b[start..start + 16]);
-        } else {
-            w[..b.len() - start].copy_from_slice(&b[start..]);
-        }
-        let keep = if len == 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
-        Folded::Short((u128::from_le_bytes(w) | 0x2020_2020_2020_2020_2020_2020_2020_2020) & keep)
+        Folded::Short(ascii_fold_short(b, start, end))
     }
 
     /// Folds the token starting at `start` char by char (it has a non-ASCII letter, digit or mark).

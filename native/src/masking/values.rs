@@ -112,8 +112,32 @@ pub struct MaskContext {
 pub(crate) const PSEUDONYM_CACHE_ENTRIES: usize = 16_384;
 
 thread_local! {
-    static PSEUDONYMS: std::cell::RefCell<(u64, std::collections::HashMap<u64, [u8; 20]>)> =
-        std::cell::RefCell::new((0, std::collections::HashMap::new()));
+    static PSEUDONYMS: std::cell::RefCell<(u64, PseudonymCache)> = std::cell::RefCell::new((0, PseudonymCache::default()));
+}
+
+/// Keyed hash of a value → its pseudonym token.
+type PseudonymCache = std::collections::HashMap<u64, [u8; 20], std::hash::BuildHasherDefault<KeyIsHash>>;
+
+/// The cache's keys are already keyed hashes of the values (uniform, and unknown to whoever
+/// chose the values): the map uses them as they are instead of hashing them a second time.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl std::hash::Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    /// Not used by u64 keys; folds anything else in rather than ignoring it.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
 }
 
 impl MaskContext {
