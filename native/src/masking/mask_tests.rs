@@ -564,3 +564,10 @@ proptest! {
         prop_assert_eq!(copy_unescape(&out), v);
     }
 }
+
+#[test]
+fn values_become_text_borrowed_when_valid() {
+    assert!(matches!(utf8_text(b"BP 164/82"), Cow::Borrowed("BP 164/82")));
+    assert!(matches!(utf8_text("Zoë Ødegård".as_bytes()), Cow::Borrowed("Zoë Ødegård")));
+    assert_eq!(utf8_text(b"ab\xffc"), "ab\u{fffd}c");
+}

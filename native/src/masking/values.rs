@@ -539,6 +539,11 @@ pub(crate) fn json_mask<'a>(ctx: &MaskContext, mask: Mask, s: &'a str) -> Option
 /// an ASCII word-at-a-time fast path `String::from_utf8_lossy`'s chunk iterator lacks), else with
 /// U+FFFD for invalid sequences.
 pub(crate) fn utf8_text(b: &[u8]) -> Cow<'_, str> {
+    if b.is_ascii() {
+        // SAFETY: ASCII bytes are valid UTF-8. Notes are mostly ASCII, and this check reads
+        // 1 KB in a third of the instructions of the full validation.
+        return Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(b) });
+    }
     match std::str::from_utf8(b) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(b),
