@@ -2,6 +2,11 @@
 //! identifier dictionaries and of the accounting of disclosures, with no benchmark framework so
 //! it runs on stable:
 //! `cargo bench --bench masking`.
+//!
+//! For instruction counts (other jobs on the machine make wall time noisy), one case runs alone
+//! under callgrind, with only its loop counted:
+//! `MASKING_BENCH_CASE=note-bulk MASKING_BENCH_ROWS=2000 valgrind --tool=callgrind
+//!  --toggle-collect='*measured_loop*' target/release/deps/masking-<hash>` (cases: `CASES`).
 
 use bytes::{BufMut, BytesMut};
 use phigate_native::disclosures::{ResultPlan, SubjectKey, SubjectMap, SubjectRelation, Tally};
@@ -14,7 +19,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-const ROWS: u32 = 500_000;
+/// Iterations per timed case; `MASKING_BENCH_ROWS` overrides (callgrind runs want few).
+static ROWS_CELL: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+fn rows() -> u32 {
+    *ROWS_CELL.get_or_init(|| std::env::var("MASKING_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(500_000))
+}
 
 /// A synthetic note like the masked bulk-read benchmark's (benches/masked_bulk.py): vitals, doses
 /// and lab values (many digits), no identifier.
@@ -37,11 +47,11 @@ fn time_rows(name: &str, plan: &MaskPlan, body: &[u8]) {
         mask_data_row(plan, body, &mut out).unwrap();
     }
     let t = Instant::now();
-    for _ in 0..ROWS {
+    for _ in 0..rows() {
         out.clear();
         mask_data_row(plan, black_box(body), &mut out).unwrap();
     }
-    println!("{name:<48} {:>7.0} ns/row", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+    println!("{name:<48} {:>7.0} ns/row", t.elapsed().as_nanos() as f64 / f64::from(rows()));
 }
 
 /// Accounting of disclosures per DataRow: one key column hashed (HMAC-SHA256) and kept in the
@@ -62,37 +72,40 @@ fn time_disclosures() {
     }
     let key = SubjectKey::new(&[5u8; 32]);
     let keyed = ResultPlan::from_row_description(&rd, &map, |_, _| false, None).unwrap();
-    let rows: Vec<Vec<u8>> = (0..ROWS).map(|i| data_row(&[i.to_string().as_bytes(), b"Doe", b"123-45-6789"])).collect();
-    for (name, cap) in [("disclosures: 1 key column, all distinct, no cap", ROWS as usize), ("disclosures: 1 key column, past a cap of 1000", 1000)] {
+    let all_rows: Vec<Vec<u8>> = (0..rows()).map(|i| data_row(&[i.to_string().as_bytes(), b"Doe", b"123-45-6789"])).collect();
+    for (name, cap) in [("disclosures: 1 key column, all distinct, no cap", rows() as usize), ("disclosures: 1 key column, past a cap of 1000", 1000)] {
         let mut tally = Tally::default();
         tally.begin(&keyed);
         let t = Instant::now();
-        for r in &rows {
+        for r in &all_rows {
             tally.row(&keyed, &key, black_box(r), cap);
         }
-        println!("{name:<48} {:>7.0} ns/row", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+        println!("{name:<48} {:>7.0} ns/row", t.elapsed().as_nanos() as f64 / f64::from(rows()));
         black_box(tally.take());
     }
     // Rows sorted or joined by person: ten rows per key, under the default cap of 1000.
-    let grouped: Vec<Vec<u8>> = (0..ROWS).map(|i| data_row(&[(i / 10 % 1000).to_string().as_bytes(), b"Doe", b"123-45-6789"])).collect();
+    let grouped: Vec<Vec<u8>> = (0..rows()).map(|i| data_row(&[(i / 10 % 1000).to_string().as_bytes(), b"Doe", b"123-45-6789"])).collect();
     let mut tally = Tally::default();
     let t = Instant::now();
     for r in &grouped {
         tally.row(&keyed, &key, black_box(r), 1000);
     }
-    println!("{:<48} {:>7.0} ns/row", "disclosures: 1 key column, 10 rows per person", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+    println!("{:<48} {:>7.0} ns/row", "disclosures: 1 key column, 10 rows per person", t.elapsed().as_nanos() as f64 / f64::from(rows()));
     let read: Vec<Arc<str>> = vec!["public.patients".into()];
     // A count(*) over patients: no output column from it, the decision says it was read.
     let unkeyed = ResultPlan::from_row_description(&[0, 0], &map, |_, _| false, Some(&read)).unwrap();
     let mut tally = Tally::default();
     let t = Instant::now();
-    for r in &rows {
+    for r in &all_rows {
         tally.row(&unkeyed, &key, black_box(r), 1000);
     }
-    println!("{:<48} {:>7.0} ns/row", "disclosures: no key column (possible, counted)", t.elapsed().as_nanos() as f64 / f64::from(ROWS));
+    println!("{:<48} {:>7.0} ns/row", "disclosures: no key column (possible, counted)", t.elapsed().as_nanos() as f64 / f64::from(rows()));
 }
 
 fn main() {
+    if let Ok(case) = std::env::var("MASKING_BENCH_CASE") {
+        return callgrind_case(&case);
+    }
     time_disclosures();
     let ctx = Arc::new(MaskContext::new(&[7u8; 32], Arc::new(Detectors::standard())));
     // id, name, ssn, dob, email, note, visits, balance — the demo schema's shape.
@@ -159,11 +172,11 @@ fn main() {
     let line = format!("12345\tENC-A12345\t547-48-4730\tJoseph Martinez\t1981-03-16\t{CLINICAL_NOTE}\n");
     let mut out = BytesMut::with_capacity(1 << 16);
     let t = Instant::now();
-    for _ in 0..ROWS / 10 {
+    for _ in 0..rows() / 10 {
         out.clear();
         phigate_native::masking::copy::mask_copy_data(&bulk_plan, black_box(line.as_bytes()), b'\t', &mut out).unwrap();
     }
-    println!("{:<48} {:>7.0} ns/row", "bulk-read row as a text COPY line", t.elapsed().as_nanos() as f64 / f64::from(ROWS / 10));
+    println!("{:<48} {:>7.0} ns/row", "bulk-read row as a text COPY line", t.elapsed().as_nanos() as f64 / f64::from(rows() / 10));
     for (label, keep) in [("  only the note scanned", 5usize), ("  only the pseudonym", 3), ("  only partial", 2), ("  only year", 4), ("  only encounter scanned", 1)] {
         let mut cols = bulk_plan.columns.clone();
         for (i, c) in cols.iter_mut().enumerate() {
@@ -183,10 +196,10 @@ fn main() {
         ("scrub: 1 KB clinical note, no identifier", CLINICAL_NOTE),
     ] {
         let t = Instant::now();
-        for _ in 0..ROWS {
+        for _ in 0..rows() {
             black_box(d.scrub(black_box(s)));
         }
-        println!("{name:<48} {:>7.0} ns/value ({} bytes)", t.elapsed().as_nanos() as f64 / f64::from(ROWS), s.len());
+        println!("{name:<48} {:>7.0} ns/value ({} bytes)", t.elapsed().as_nanos() as f64 / f64::from(rows()), s.len());
     }
 
     dictionary_benches();
@@ -370,10 +383,10 @@ fn dictionary_benches() {
     let five = note_with_identifiers();
     println!("five-identifier note, demo dictionary: {}", demo.scrub(&five).split_whitespace().filter(|w| w.contains('[')).count());
     for (label, text) in [("1 KB note, no identifier", CLINICAL_NOTE), ("1 KB note, 5 identifiers", five.as_str())] {
-        let base = per_scan_ns(&none, text, ROWS);
+        let base = per_scan_ns(&none, text, rows());
         println!("{label:<48} {base:>7.0} ns/note  no dictionary");
         for (name, d) in [("bulk-read dictionary", &bulk_dict), ("demo dictionary", &*demo), ("1M-token dictionary", &million)] {
-            let ns = per_scan_ns(d, text, ROWS);
+            let ns = per_scan_ns(d, text, rows());
             println!("{:<48} {ns:>7.0} ns/note  {name} (+{:.0} ns)", "", ns - base);
         }
         let base = per_scan_cold_ns(&none, text, 300);
@@ -383,4 +396,62 @@ fn dictionary_benches() {
             println!("{:<48} {ns:>7.0} ns/note  {name}, table cold (+{:.0} ns)", "", ns - base);
         }
     }
+}
+
+/// The cases `MASKING_BENCH_CASE` picks, one per run: a 1 KB note scanned with no dictionary,
+/// the bulk-read or the demo dictionary, the note with five identifiers (demo dictionary), and
+/// the masked bulk read's whole row (DataRow and COPY line) with the bulk-read dictionary.
+const CASES: [&str; 7] = ["note-none", "note-bulk", "note-demo", "note5-demo", "row-bulk", "copy-bulk", "row-bulk-nodict"];
+
+/// Runs `work` `rows()` times; the only function callgrind counts (`--toggle-collect`).
+#[inline(never)]
+fn measured_loop(work: &mut dyn FnMut()) {
+    for _ in 0..rows() {
+        work();
+    }
+}
+
+fn callgrind_case(case: &str) {
+    let with = |d: Dictionary| {
+        let set = Arc::new(DictionarySet::default());
+        set.set("ehr", Arc::new(d));
+        Arc::new(Detectors::standard().with_dictionaries(set))
+    };
+    let detectors = match case {
+        "note-none" | "row-bulk-nodict" => Arc::new(Detectors::standard()),
+        "note-bulk" | "row-bulk" | "copy-bulk" => with(bulk_read_dictionary()),
+        "note-demo" | "note5-demo" => with(demo_dictionary()),
+        _ => panic!("unknown case {case:?}; one of {CASES:?}"),
+    };
+    let five = note_with_identifiers();
+    let ctx = Arc::new(MaskContext::new(&[7u8; 32], detectors.clone()));
+    let m = |mask| Action::Mask { mask, why: Why::NoOrigin };
+    // The masked bulk read's columns (benches/masked_bulk.py, set A).
+    let plan = MaskPlan::from_columns(
+        [(23u32, Action::Pass), (25, Action::Scan), (25, m(Mask::Partial { keep_last: 4 })), (25, m(Mask::Pseudonym)), (1082, m(Mask::YearOnly)), (25, Action::Scan)]
+            .into_iter()
+            .map(|(type_oid, action)| ColumnPlan { type_oid, format: Format::Text, action })
+            .collect(),
+        ctx,
+    );
+    let row = data_row(&[b"12345", b"ENC-A12345", b"547-48-4730", b"Joseph Martinez", b"1981-03-16", CLINICAL_NOTE.as_bytes()]);
+    let line = format!("12345\tENC-A12345\t547-48-4730\tJoseph Martinez\t1981-03-16\t{CLINICAL_NOTE}\n");
+    let mut out = BytesMut::with_capacity(1 << 16);
+    let mut work: Box<dyn FnMut()> = match case {
+        "note5-demo" => Box::new(|| drop(black_box(detectors.scrub(black_box(&five))))),
+        "row-bulk" | "row-bulk-nodict" => Box::new(|| {
+            out.clear();
+            mask_data_row(&plan, black_box(&row), &mut out).unwrap();
+        }),
+        "copy-bulk" => Box::new(|| {
+            out.clear();
+            phigate_native::masking::copy::mask_copy_data(&plan, black_box(line.as_bytes()), b'\t', &mut out).unwrap();
+        }),
+        _ => Box::new(|| drop(black_box(detectors.scrub(black_box(CLINICAL_NOTE))))),
+    };
+    // Warm: the pseudonym cache, the allocator.
+    work();
+    let t = Instant::now();
+    measured_loop(&mut *work);
+    println!("{case}: {:.0} ns/iteration", t.elapsed().as_nanos() as f64 / f64::from(rows()));
 }

@@ -66,12 +66,30 @@ pub(crate) fn pg_days_jan1(year: i64) -> i64 {
 }
 
 /// Text form of January 1st of `year` (astronomical: 0 = 1 BC) in ISO DateStyle.
+/// Built by hand, not with `format!`: the year mask of a bulk read runs on every row.
 pub(crate) fn iso_jan1(year: i64, ty: Ty) -> String {
     let (y, bc) = if year <= 0 { (1 - year, " BC") } else { (year, "") };
-    match ty {
-        Ty::Timestamp => format!("{y:04}-01-01 00:00:00{bc}"),
-        Ty::TimestampTz => format!("{y:04}-01-01 00:00:00+00{bc}"),
-        _ => format!("{y:04}-01-01{bc}"),
+    let time = match ty {
+        Ty::Timestamp => " 00:00:00",
+        Ty::TimestampTz => " 00:00:00+00",
+        _ => "",
+    };
+    let mut s = String::with_capacity(32);
+    push_year(&mut s, y);
+    s.push_str("-01-01");
+    s.push_str(time);
+    s.push_str(bc);
+    s
+}
+
+/// Appends `y` (positive) as `{y:04}` does: at least four digits, zero-padded.
+fn push_year(s: &mut String, y: i64) {
+    if (0..10_000).contains(&y) {
+        for d in [y / 1000, y / 100 % 10, y / 10 % 10, y % 10] {
+            s.push(char::from(b'0' + d as u8));
+        }
+    } else {
+        s.push_str(&y.to_string());
     }
 }
 
@@ -123,7 +141,7 @@ pub(crate) fn year_only(ty: Ty, fmt: Format, style: DateStyle, v: &[u8]) -> Resu
     let fallback = || placeholder(ty, fmt).ok_or(());
     match fmt {
         Format::Text => {
-            let s = String::from_utf8_lossy(v);
+            let s = utf8_text(v);
             if s.ends_with("infinity") {
                 return Ok(Cow::Borrowed(v));
             }

@@ -52,8 +52,8 @@ pub struct DetectorConfig {
 }
 
 struct Rule {
-    /// Replacement text, e.g. "[SSN]".
-    tag: String,
+    /// Replacement text, e.g. "[SSN]" (built-in tags are static: a hit copies no string).
+    tag: Cow<'static, str>,
     re: Regex,
     /// Replace this capture group only (0 = the whole match).
     group: usize,
@@ -61,12 +61,13 @@ struct Rule {
     accept: Option<Accept>,
 }
 
-/// One detected identifier: byte range in the input and its replacement tag.
+/// One detected identifier: byte range in the input and its replacement tag (static for the
+/// built-in patterns and the dictionaries, so that a hit allocates nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hit {
     pub start: usize,
     pub end: usize,
-    pub tag: String,
+    pub tag: Cow<'static, str>,
 }
 
 /// The compiled detectors. Build once per configuration and share (it is `Send + Sync`).
@@ -180,20 +181,20 @@ impl Detectors {
     /// Compiles the built-in detectors plus the configured ones. Fails on an invalid pattern.
     pub fn new(cfg: &DetectorConfig) -> Result<Self, regex::Error> {
         let mut rules = vec![
-            Rule { tag: "[SSN]".into(), re: Regex::new(SSN)?, group: 0, accept: Some(if cfg.ssn_valid_only { ssn_issued } else { digit_bounded }) },
+            Rule { tag: Cow::Borrowed("[SSN]"), re: Regex::new(SSN)?, group: 0, accept: Some(if cfg.ssn_valid_only { ssn_issued } else { digit_bounded }) },
             Rule {
-                tag: "[MRN]".into(),
+                tag: Cow::Borrowed("[MRN]"),
                 re: Regex::new(cfg.mrn_pattern.as_deref().unwrap_or(DEFAULT_MRN_PATTERN))?,
                 group: 0,
                 accept: cfg.mrn_pattern.is_none().then_some(digit_bounded as Accept),
             },
-            Rule { tag: "[PHONE]".into(), re: Regex::new(PHONE)?, group: 0, accept: Some(digit_bounded) },
-            Rule { tag: "[EMAIL]".into(), re: Regex::new(EMAIL)?, group: 0, accept: None },
-            Rule { tag: "[DOB]".into(), re: Regex::new(DOB)?, group: 1, accept: None },
+            Rule { tag: Cow::Borrowed("[PHONE]"), re: Regex::new(PHONE)?, group: 0, accept: Some(digit_bounded) },
+            Rule { tag: Cow::Borrowed("[EMAIL]"), re: Regex::new(EMAIL)?, group: 0, accept: None },
+            Rule { tag: Cow::Borrowed("[DOB]"), re: Regex::new(DOB)?, group: 1, accept: None },
         ];
         for (tag, pat) in &cfg.extra {
             let tag = tag.trim_matches(|c| c == '[' || c == ']').to_ascii_uppercase();
-            rules.push(Rule { tag: format!("[{tag}]"), re: Regex::new(pat)?, group: 0, accept: None });
+            rules.push(Rule { tag: Cow::Owned(format!("[{tag}]")), re: Regex::new(pat)?, group: 0, accept: None });
         }
         let set = RegexSet::new(rules.iter().map(|r| r.re.as_str()))?;
         let configured: Vec<usize> =
@@ -203,7 +204,7 @@ impl Detectors {
         } else {
             Some((RegexSet::new(configured.iter().map(|&i| rules[i].re.as_str()))?, configured))
         };
-        let mut tags: Vec<String> = rules.iter().map(|r| r.tag.clone()).chain(TAGS.iter().map(|t| t.to_string())).collect();
+        let mut tags: Vec<String> = rules.iter().map(|r| r.tag.to_string()).chain(TAGS.iter().map(|t| t.to_string())).collect();
         tags.sort();
         tags.dedup();
         Ok(Detectors { set, rules, configured, dictionaries: Arc::default(), tags })

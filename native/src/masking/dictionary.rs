@@ -11,19 +11,24 @@
 //! bucket: one cache line answers "is this token an identifier, and does a longer one start
 //! here". In front of the table, a small keyed bitset of the tokens that start something
 //! (start_filter.rs) rules out most tokens of ordinary text from a sample of their bytes, with
-//! no hash and no table read; the rest are hashed and looked up exactly. A dictionary so large
+//! no hash and no table read; the rest are hashed and looked up exactly. Before the next tokens
+//! are hashed for a longer sequence, a keyed bitset of (first, second) token pairs
+//! (pair_filter.rs) rules out most continuations the same way. A dictionary so large
 //! that the bitset is mostly ones scans without it: tokens are hashed a batch ahead and their
 //! buckets prefetched.
 //! No clear value is ever stored; the key is random per dictionary and never leaves it.
 
 use foldhash::quality::FoldHasher;
 use foldhash::SharedSeed;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::hash::Hasher;
 
+use crate::masking::candidates::{Cursor, NO_CANDIDATE};
 use crate::masking::detectors::Hit;
-use crate::masking::start_filter::{StartBits, StartFilter};
-use crate::masking::tokens::{Folded, Sample, Tok, Tokens};
+use crate::masking::pair_filter::{PairFilter, PairSet};
+use crate::masking::start_filter::{Start, StartBits, StartFilter};
+use crate::masking::tokens::{sample_after, Folded, Sample, Tok, Tokens};
 
 /// Longest token sequence stored; longer values keep their first `MAX_TOKENS` tokens.
 pub const MAX_TOKENS: usize = 15;
@@ -305,6 +310,10 @@ pub struct Dictionary {
     /// this dictionary) and the folded filter scans read (None: too dense to help).
     starts: StartBits,
     filter: Option<StartFilter>,
+    /// The first two tokens of every multi-token sequence: all of them (for builders) and the
+    /// bitset scans read.
+    pairs: PairSet,
+    pair_filter: PairFilter,
     /// Settings a builder started from this dictionary continues with; stop words as hashes.
     stop: HashSet<u64>,
     min_chars: usize,
@@ -333,6 +342,8 @@ impl Dictionary {
             + self.table.lines.capacity() * std::mem::size_of::<Line>()
             + self.starts.memory_bytes()
             + self.filter.as_ref().map_or(0, StartFilter::memory_bytes)
+            + self.pairs.memory_bytes()
+            + self.pair_filter.memory_bytes()
             + self.stop.capacity() * (std::mem::size_of::<u64>() + 1)
     }
 
@@ -381,50 +392,67 @@ impl Dictionary {
 
     /// `scan` through the start filter: only tokens whose bit is set (candidates) are hashed
     /// and looked up; the others cannot start anything, which is what the look-up would have
-    /// said. Candidates are read a batch ahead and their buckets prefetched, so a table out of
-    /// cache costs one memory wait per batch, not one per candidate. After a hit the scan goes
-    /// on after its last token (candidates inside it are dropped), as in `scan_batched`.
+    /// said. A candidate that can only start a multi-token sequence is dropped, unhashed, when
+    /// the pair filter says no stored sequence goes on with the token after it. Candidates are
+    /// read a batch ahead and their buckets prefetched, so a table out of cache costs one memory
+    /// wait per batch, not one per candidate. After a hit the scan goes on after its last token
+    /// (candidates inside it are dropped), as in `scan_batched`.
     fn scan_filtered(&self, filter: &StartFilter, text: &str, from: usize, to: usize, out: &mut Vec<Hit>) {
-        let mut tokens = Tokens::within(text, from, to);
-        // (start, end, hash) of the candidates read ahead.
-        let mut batch = [(0usize, 0usize, 0u64); CANDIDATES];
+        let mut cursor = Cursor::within(text, from, to);
+        let mut candidates = [NO_CANDIDATE; CANDIDATES];
+        // The candidates kept: where they are, their hash, and their sample when the pair
+        // filter was not asked about them yet.
+        let mut batch = [(0usize, 0usize, 0u64, None::<Sample>); CANDIDATES];
         // Where the next hit may start: the end of the last hit.
         let mut resume = from;
         loop {
+            let got = cursor.fill(filter, &mut candidates);
             let mut n = 0;
-            while n < CANDIDATES {
-                let Some((start, end)) = next_candidate(&mut tokens, filter) else { break };
-                let Some((_, _, folded)) = tokens.token_at(start) else { break };
-                let hash = self.key.token(folded);
+            for c in &candidates[..got] {
+                // A token that can only start a sequence: the token after it decides, from
+                // samples, before anything is hashed.
+                let unasked = filter.start(c.sample) == Start::Alone;
+                if !unasked && !self.continues(c.sample, text, c.end, to) {
+                    continue;
+                }
+                let hash = self.key.token(cursor.fold(c));
                 self.table.prefetch(self.table.home(hash));
-                batch[n] = (start, end, hash);
+                batch[n] = (c.start, c.end, hash, unasked.then_some(c.sample));
                 n += 1;
             }
-            for &(start, end, first) in &batch[..n] {
+            for &(start, end, first, unasked) in &batch[..n] {
                 if start < resume {
                     continue;
                 }
-                if let Some((last, code)) = self.longest_at(text, end, to, first) {
-                    out.push(Hit { start, end: last, tag: Kind::from_code(code).tag().to_string() });
+                if let Some((last, code)) = self.longest_at(text, end, to, first, unasked) {
+                    out.push(Hit { start, end: last, tag: Cow::Borrowed(Kind::from_code(code).tag()) });
                     resume = last;
                 }
             }
-            if n < CANDIDATES {
+            if got < CANDIDATES {
                 return;
             }
-            if resume > end_of(&batch) {
-                tokens.skip_to(resume);
+            if resume > candidates[got - 1].end {
+                cursor.skip_to(resume);
             }
         }
     }
 
-    /// The longest stored sequence starting with the token hashed `first`, which ends at
-    /// `end`: (its last byte, its kind code), or None. Later tokens are read from `end` on.
+    /// Whether some stored sequence goes on from a token of sample `first` that ends at `end`
+    /// with the token after it (false is exact; true may be wrong).
     #[inline]
-    fn longest_at(&self, text: &str, end: usize, to: usize, first: u64) -> Option<(usize, u64)> {
+    fn continues(&self, first: Sample, text: &str, end: usize, to: usize) -> bool {
+        sample_after(text, end, to).is_some_and(|second| self.pair_filter.may_continue(first, second))
+    }
+
+    /// The longest stored sequence starting with the token hashed `first`, which ends at
+    /// `end`: (its last byte, its kind code), or None. Later tokens are read from `end` on,
+    /// after the pair filter (`unasked`: the first token's sample, when it was not asked yet).
+    #[inline]
+    fn longest_at(&self, text: &str, end: usize, to: usize, first: u64, unasked: Option<Sample>) -> Option<(usize, u64)> {
         let (alone, longest) = self.table.probe(first);
         let found = (alone != 0).then_some((end, alone));
-        if longest < 2 {
+        if longest < 2 || unasked.is_some_and(|sample| !self.continues(sample, text, end, to)) {
             return found;
         }
         // The next tokens, hashed exactly: each sequence's hash and last byte.
@@ -489,7 +517,7 @@ impl Dictionary {
             }
             let k = match found {
                 Some((k, code)) => {
-                    out.push(Hit { start: first.start, end: buf[head + k - 1].end, tag: Kind::from_code(code).tag().to_string() });
+                    out.push(Hit { start: first.start, end: buf[head + k - 1].end, tag: Cow::Borrowed(Kind::from_code(code).tag()) });
                     k
                 }
                 None => 1,
@@ -497,18 +525,6 @@ impl Dictionary {
             head += k;
         }
     }
-}
-
-/// The end of the last candidate of a full batch.
-fn end_of(batch: &[(usize, usize, u64); CANDIDATES]) -> usize {
-    batch[CANDIDATES - 1].1
-}
-
-/// The next token that may start an entry. Not inlined: the skip loop (nearly every token of
-/// ordinary text) keeps the filter and the text in registers of its own.
-#[inline(never)]
-fn next_candidate(tokens: &mut Tokens<'_>, filter: &StartFilter) -> Option<(usize, usize)> {
-    tokens.next_where(|s| filter.may_start(s))
 }
 
 /// Where any of `tags` occurs in `text`, sorted: the walls that keep tags from being scanned.
@@ -528,6 +544,7 @@ pub struct DictionaryBuilder {
     key: Key,
     table: Table,
     starts: StartBits,
+    pairs: PairSet,
     stop: HashSet<u64>,
     min_chars: usize,
 }
@@ -552,7 +569,7 @@ impl DictionaryBuilder {
                 stop.insert(key.token(f));
             }
         }
-        DictionaryBuilder { key, table: Table::with_slots(1024), starts: StartBits::new(rand::random()), stop, min_chars }
+        DictionaryBuilder { key, table: Table::with_slots(1024), starts: StartBits::new(rand::random()), pairs: PairSet::new(rand::random()), stop, min_chars }
     }
 
     /// Entries so far (markers not counted).
@@ -564,9 +581,10 @@ impl DictionaryBuilder {
         self.table.entries == 0
     }
 
-    /// Adds the entry `hash`, a sequence whose first token's fold has `first` as its sample.
-    fn entry(&mut self, hash: u64, first: Sample, kind: Kind) -> usize {
-        self.starts.insert(first);
+    /// Adds the entry `hash`, a sequence whose first token's fold has `first` as its sample
+    /// (`Start::Alone`: a sequence of that one token).
+    fn entry(&mut self, hash: u64, first: Sample, start: Start, kind: Kind) -> usize {
+        self.starts.insert(first, start);
         usize::from(self.table.insert(hash & HASH_BITS | kind as u64, Merge::KeepFirst))
     }
 
@@ -598,34 +616,36 @@ impl DictionaryBuilder {
         }
         let seq = &toks[..toks.len().min(MAX_TOKENS)];
         let whole = seq[1..].iter().fold(seq[0].hash, |h, t| self.key.extend(h, t.hash));
-        // Each entry with its first token's sample (for the start filter).
-        let mut entries = vec![(whole, seq[0].sample)];
+        // Each entry with its first token's sample and what that token starts (for the filters).
+        let mut entries = vec![(whole, seq[0].sample, if seq.len() == 1 { Start::Alone } else { Start::Sequence })];
         if kind == Kind::Name {
-            entries.extend(toks.iter().filter(|t| !ignored(t)).map(|t| (t.hash, t.sample)));
+            entries.extend(toks.iter().filter(|t| !ignored(t)).map(|t| (t.hash, t.sample, Start::Alone)));
         }
         if kind == Kind::Mrn {
-            entries.extend(toks.iter().filter(|t| t.digits && t.chars >= 4).max_by_key(|t| t.chars).map(|t| (t.hash, t.sample)));
+            entries.extend(toks.iter().filter(|t| t.digits && t.chars >= 4).max_by_key(|t| t.chars).map(|t| (t.hash, t.sample, Start::Alone)));
         }
         if toks.len() > 1 && (toks.iter().all(|t| t.digits) || matches!(kind, Kind::Mrn | Kind::Ssn | Kind::Phone)) {
             let hash = self.key.token(Folded::of(&joined));
             if !self.stop.contains(&hash) {
-                entries.push((hash, Sample::of_bytes(&joined)));
+                entries.push((hash, Sample::of_bytes(&joined), Start::Alone));
             }
         }
         if seq.len() > 1 {
             // The marker's token is the whole sequence's first token, in the filter already.
             self.table.insert(seq[0].hash & HASH_BITS | MARKER | seq.len() as u64, Merge::Max);
+            self.pairs.insert(seq[0].sample, seq[1].sample);
         }
-        entries.into_iter().map(|(h, first)| self.entry(h, first, kind)).sum()
+        entries.into_iter().map(|(h, first, start)| self.entry(h, first, start, kind)).sum()
     }
 
     /// Adds every entry and marker of `other`, which must share this builder's key (it was
     /// started from the same dictionary); returns the entries added, or None for another key.
     pub fn absorb(&mut self, other: &DictionaryBuilder) -> Option<usize> {
-        if other.key.seeds != self.key.seeds || !other.starts.same_keys(&self.starts) {
+        if other.key.seeds != self.key.seeds || !other.starts.same_keys(&self.starts) || !other.pairs.same_keys(&self.pairs) {
             return None;
         }
         self.starts.absorb(&other.starts);
+        self.pairs.absorb(&other.pairs);
         let before = self.table.entries;
         for s in other.table.occupied() {
             self.table.insert(s, if s & MARKER == 0 { Merge::KeepFirst } else { Merge::Max });
@@ -634,16 +654,33 @@ impl DictionaryBuilder {
     }
 
     /// The shareable dictionary, its table sized to the entries.
-    pub fn freeze(self) -> Dictionary {
+    pub fn freeze(mut self) -> Dictionary {
         let filter = self.starts.filter();
-        Dictionary { key: self.key, table: self.table.compact(), starts: self.starts, filter, stop: self.stop, min_chars: self.min_chars }
+        let pair_filter = self.pairs.filter();
+        Dictionary {
+            key: self.key,
+            table: self.table.compact(),
+            starts: self.starts,
+            filter,
+            pairs: self.pairs,
+            pair_filter,
+            stop: self.stop,
+            min_chars: self.min_chars,
+        }
     }
 }
 
 /// A builder that adds to `d`: same key, stop words and minimum length, a copy of its entries.
 impl From<&Dictionary> for DictionaryBuilder {
     fn from(d: &Dictionary) -> Self {
-        DictionaryBuilder { key: d.key.clone(), table: d.table.clone(), starts: d.starts.clone(), stop: d.stop.clone(), min_chars: d.min_chars }
+        DictionaryBuilder {
+            key: d.key.clone(),
+            table: d.table.clone(),
+            starts: d.starts.clone(),
+            pairs: d.pairs.clone(),
+            stop: d.stop.clone(),
+            min_chars: d.min_chars,
+        }
     }
 }
 

@@ -193,7 +193,16 @@ proptest! {
 
 /// The same dictionary scanning through `filter` (None: the batched reference scan).
 fn with_filter(d: &Dictionary, filter: Option<StartFilter>) -> Dictionary {
-    Dictionary { key: d.key.clone(), table: d.table.clone(), starts: d.starts.clone(), filter, stop: d.stop.clone(), min_chars: d.min_chars }
+    Dictionary {
+        key: d.key.clone(),
+        table: d.table.clone(),
+        starts: d.starts.clone(),
+        filter,
+        pairs: d.pairs.clone(),
+        pair_filter: d.pairs.clone().filter(),
+        stop: d.stop.clone(),
+        min_chars: d.min_chars,
+    }
 }
 
 const KINDS_ADDED: [Kind; 7] = [Kind::Name, Kind::Address, Kind::City, Kind::Mrn, Kind::Ssn, Kind::Phone, Kind::Zip];
@@ -241,6 +250,7 @@ proptest! {
         prop_assert_eq!(&d.hits(&text), &want, "chosen size");
         prop_assert_eq!(&with_filter(&d, Some(d.starts.folded_for_tests(0))).hits(&text), &want, "coarsest size");
         prop_assert_eq!(&with_filter(&d, Some(d.starts.everything_for_tests())).hits(&text), &want, "every token passes");
+        prop_assert_eq!(&with_filter(&d, Some(d.starts.every_start_for_tests())).hits(&text), &want, "every token passes, most to the pair filter");
         // Windows (as between walls) too.
         let cut = text.char_indices().map(|(i, _)| i).nth(picks.len() / 2).unwrap_or(0);
         let (mut fast, mut slow) = (vec![], vec![]);

@@ -6,6 +6,7 @@ use super::plan::*;
 use super::values::*;
 use crate::masking::detectors::Detectors;
 use bytes::{BufMut, BytesMut};
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use crate::protocol::framing::{read_i16, read_i32};
@@ -177,6 +178,11 @@ fn year_masks_keep_the_session_datestyle() {
     assert_eq!(jan1_text(1981, ts, DateStyle::Postgres), "Thu Jan 01 00:00:00 1981");
     assert_eq!(jan1_text(2000, ts, DateStyle::Postgres), "Sat Jan 01 00:00:00 2000");
     assert_eq!(jan1_text(-43, d, DateStyle::German), "01.01.0044 BC");
+    assert_eq!(iso_jan1(1, d), "0001-01-01");
+    assert_eq!(iso_jan1(-43, ts), "0044-01-01 00:00:00 BC");
+    assert_eq!(iso_jan1(9999, Ty::TimestampTz), "9999-01-01 00:00:00+00");
+    assert_eq!(iso_jan1(12345, d), "12345-01-01");
+    assert_eq!(iso_jan1(-12344, d), "12345-01-01 BC");
     // Idempotent in every style: the masked text parses back to the same year.
     for style in [DateStyle::Iso, DateStyle::Sql, DateStyle::German, DateStyle::Postgres] {
         for ty in [d, ts] {
@@ -506,6 +512,15 @@ fn value_for(oid: u32, fmt: Format, seed: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
+    /// The byte-by-byte partial mask of ASCII text is the char-by-char one, borrowed when that
+    /// one is.
+    #[test]
+    fn partial_of_ascii_is_the_char_by_char_mask(s in "[ -~]{0,24}", keep_last in 0usize..10) {
+        let (fast, chars) = (partial_ascii(&s, keep_last), partial_chars(&s, keep_last));
+        prop_assert_eq!(&fast, &chars);
+        prop_assert_eq!(matches!(fast, Cow::Borrowed(_)), matches!(chars, Cow::Borrowed(_)));
+    }
+
     #[test]
     fn masking_is_idempotent_and_keeps_shape(
         cols in prop::collection::vec((types(), masks(), prop::option::of(prop::collection::vec(any::<u8>(), 0..40))), 1..12),
@@ -548,4 +563,11 @@ proptest! {
         prop_assert_eq!(split_copy_fields(&out, b'\t').len(), 1);
         prop_assert_eq!(copy_unescape(&out), v);
     }
+}
+
+#[test]
+fn values_become_text_borrowed_when_valid() {
+    assert!(matches!(utf8_text(b"BP 164/82"), Cow::Borrowed("BP 164/82")));
+    assert!(matches!(utf8_text("Zoë Ødegård".as_bytes()), Cow::Borrowed("Zoë Ødegård")));
+    assert_eq!(utf8_text(b"ab\xffc"), "ab\u{fffd}c");
 }

@@ -2,11 +2,13 @@
 //! identifier dictionaries, error scrubbing, rules pushed by the control plane, and the row guard
 //! that matches every row to its statement.
 
+pub mod candidates;
 pub mod copy;
 pub mod dates;
 pub mod detectors;
 pub mod dictionary;
 pub mod dictionary_set;
+pub mod pair_filter;
 pub mod plan;
 pub mod prefilter;
 pub mod rowguard;

@@ -103,7 +103,7 @@ impl Sample {
 
 /// The 8 bytes of `b` at `i` as a little-endian u64, zero-padded past the end of `b`.
 #[inline(always)]
-fn load8(b: &[u8], i: usize) -> u64 {
+pub(crate) fn load8(b: &[u8], i: usize) -> u64 {
     match b.get(i..i + 8) {
         Some(w) => u64::from_le_bytes(w.try_into().expect("8 bytes")),
         None => {
@@ -113,6 +113,74 @@ fn load8(b: &[u8], i: usize) -> u64 {
             u64::from_le_bytes(w)
         }
     }
+}
+
+/// OR-ed into 8 ASCII letters and digits, lowercases them (and changes no digit).
+pub(crate) const FOLD: u64 = 0x2020_2020_2020_2020;
+/// The bytes of a head of 0..=8 bytes.
+pub(crate) const KEEP: [u64; 9] = [0, 0xFF, 0xFFFF, 0xFF_FFFF, 0xFFFF_FFFF, 0xFF_FFFF_FFFF, 0xFFFF_FFFF_FFFF, 0xFF_FFFF_FFFF_FFFF, u64::MAX];
+
+/// The sample of the fold of the ASCII letters and digits `b[start..end]`, read from the text:
+/// the same bytes `Sample::of` reads from the token's fold.
+#[inline(always)]
+pub(crate) fn ascii_sample(b: &[u8], start: usize, end: usize) -> Sample {
+    let len = end - start;
+    Sample { head: (load8(b, start) | FOLD) & KEEP[len.min(8)], len }
+}
+
+/// The masks (ASCII letters and digits; non-ASCII bytes) of the 64 bytes of `b` at `base`;
+/// bytes from `to` on count as neither.
+#[inline]
+pub(crate) fn masks_at(b: &[u8], base: usize, to: usize) -> (u64, u64) {
+    if base + 64 <= to {
+        masks::of(b[base..base + 64].try_into().expect("64 bytes"))
+    } else {
+        let mut tail = [0u8; 64];
+        tail[..to - base].copy_from_slice(&b[base..to]);
+        masks::of(&tail)
+    }
+}
+
+/// The fold of the ASCII letters and digits `b[start..end]`, at most 16 of them, as
+/// `Folded::Short` holds it: two little-endian loads, bytes past the token masked off.
+#[inline]
+pub(crate) fn ascii_fold_short(b: &[u8], start: usize, end: usize) -> u128 {
+    let len = end - start;
+    debug_assert!(len <= 16);
+    let mut w = [0u8; 16];
+    if start + 16 <= b.len() {
+        w.copy_from_slice(&b[start..start + 16]);
+    } else {
+        w[..b.len() - start].copy_from_slice(&b[start..]);
+    }
+    let keep = if len == 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
+    (u128::from_le_bytes(w) | 0x2020_2020_2020_2020_2020_2020_2020_2020) & keep
+}
+
+/// The sample of the first token of `text[from..to]` (`from` not inside a token), or None.
+///
+/// The pair filter's question about the token after a candidate: usually one or two separator
+/// bytes and a short ASCII token, read byte by byte here; anything non-ASCII near it goes
+/// through `Tokens` (a non-ASCII letter starts a token, a combining mark continues one).
+#[inline]
+pub fn sample_after(text: &str, from: usize, to: usize) -> Option<Sample> {
+    let b = &text.as_bytes()[..to];
+    let mut i = from;
+    while i < b.len() && b[i] < 0x80 && !b[i].is_ascii_alphanumeric() {
+        i += 1;
+    }
+    if i == b.len() {
+        return None;
+    }
+    let start = i;
+    while i < b.len() && b[i].is_ascii_alphanumeric() {
+        i += 1;
+    }
+    if i == start || (i < b.len() && b[i] >= 0x80) {
+        let mut t = Tokens::within(text, from, to);
+        return t.next_token().map(|(_, _, f)| Sample::of(f));
+    }
+    Some(ascii_sample(b, start, i))
 }
 
 /// A token found by `Tokens::fill`: its byte range and the hash of its fold.
@@ -286,60 +354,6 @@ impl<'a> Tokens<'a> {
         n
     }
 
-    /// Skips tokens until one whose fold's `Sample` passes `keep`; returns its byte range and
-    /// leaves the scan after it (`token_at` gives its fold).
-    ///
-    /// The dictionary's fast path: most tokens of ordinary text cannot start an entry, and an
-    /// ASCII token's sample is one load, an OR and a mask, read straight from the text (no fold,
-    /// no hash). Blocks with a non-ASCII byte, and tokens of 64 bytes or more, are folded through
-    /// `next_token` and sampled from the fold; both give the same sample for the same fold.
-    #[inline]
-    pub fn next_where(&mut self, mut keep: impl FnMut(Sample) -> bool) -> Option<(usize, usize)> {
-        while self.pos < self.to {
-            let base = self.pos;
-            let (word, high) = self.masks_at(base);
-            if high != 0 {
-                let (start, end, f) = self.next_token()?;
-                if keep(Sample::of(f)) {
-                    return Some((start, end));
-                }
-                continue;
-            }
-            // As in `fill`: `pos` is never inside a token.
-            let mut starts = word & !(word << 1);
-            let mut ends = !word & (word << 1);
-            loop {
-                if starts == 0 {
-                    self.pos = (base + 64).min(self.to);
-                    break;
-                }
-                let s = starts.trailing_zeros() as usize;
-                if ends == 0 {
-                    // The last token runs past the block: read it again from its start, or
-                    // (64 bytes or longer) through the general path.
-                    if s > 0 {
-                        self.pos = base + s;
-                    } else {
-                        let (start, end, f) = self.next_token()?;
-                        if keep(Sample::of(f)) {
-                            return Some((start, end));
-                        }
-                    }
-                    break;
-                }
-                let e = ends.trailing_zeros() as usize;
-                starts &= starts - 1;
-                ends &= ends - 1;
-                let (start, end) = (base + s, base + e);
-                if keep(self.ascii_sample(start, end)) {
-                    self.pos = end;
-                    return Some((start, end));
-                }
-            }
-        }
-        None
-    }
-
     /// The token starting at `start` (a token's first byte) and its fold; the scan continues
     /// after it.
     #[inline]
@@ -354,27 +368,22 @@ impl<'a> Tokens<'a> {
         self.pos = pos.min(self.to);
     }
 
-    /// The sample of the fold of the ASCII letters and digits `text[start..end]`, read from the
-    /// text: the same bytes `Sample::of` reads from `ascii_fold`'s result.
-    #[inline]
-    fn ascii_sample(&self, start: usize, end: usize) -> Sample {
-        const FOLD: u64 = 0x2020_2020_2020_2020;
-        /// The bytes of a head of 0..=8 bytes.
-        const KEEP: [u64; 9] = [0, 0xFF, 0xFFFF, 0xFF_FFFF, 0xFFFF_FFFF, 0xFF_FFFF_FFFF, 0xFFFF_FFFF_FFFF, 0xFF_FFFF_FFFF_FFFF, u64::MAX];
-        let len = end - start;
-        Sample { head: (load8(self.text.as_bytes(), start) | FOLD) & KEEP[len.min(8)], len }
-    }
-
     /// The masks of the 64 bytes at `base` (bytes from `to` on count as neither).
     #[inline]
     fn masks_at(&self, base: usize) -> (u64, u64) {
-        let b = self.text.as_bytes();
-        if base + 64 <= self.to {
-            masks::of(b[base..base + 64].try_into().expect("64 bytes"))
-        } else {
-            let mut tail = [0u8; 64];
-            tail[..self.to - base].copy_from_slice(&b[base..self.to]);
-            masks::of(&tail)
+        masks_at(self.text.as_bytes(), base, self.to)
+    }
+
+    /// The fold of the token `text[start..end]` found by a scan; `ascii`: it is ASCII letters
+    /// and digits only (folded from the text in place), else it is folded char by char again.
+    #[inline]
+    pub fn fold_at(&mut self, start: usize, end: usize, ascii: bool) -> Folded<'_> {
+        if ascii {
+            return self.ascii_fold(start, end);
+        }
+        match self.token_at(start) {
+            Some((_, _, f)) => f,
+            None => unreachable!("a token starts at {start}"),
         }
     }
 
@@ -388,15 +397,7 @@ impl<'a> Tokens<'a> {
             self.spill.extend(b[start..end].iter().map(|c| c | 0x20));
             return Folded::Long(&self.spill);
         }
-        // Two little-endian loads; bytes past the token are masked off.
-        let mut w = [0u8; 16];
-        if start + 16 <= b.len() {
-            w.copy_from_slice(&b[start..start + 16]);
-        } else {
-            w[..b.len() - start].copy_from_slice(&b[start..]);
-        }
-        let keep = if len == 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
-        Folded::Short((u128::from_le_bytes(w) | 0x2020_2020_2020_2020_2020_2020_2020_2020) & keep)
+        Folded::Short(ascii_fold_short(b, start, end))
     }
 
     /// Folds the token starting at `start` char by char (it has a non-ASCII letter, digit or mark).
@@ -416,10 +417,24 @@ impl<'a> Tokens<'a> {
 }
 
 /// The two masks of a 64-byte block: ASCII letters and digits; bytes >= 0x80.
-mod masks {
+pub(crate) mod masks {
+    /// AVX2 (two 32-byte steps) where the CPU has it, else SSE2 (part of every x86_64).
     #[cfg(target_arch = "x86_64")]
     #[inline]
     pub fn of(b: &[u8; 64]) -> (u64, u64) {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            unsafe { of_avx2(b) }
+        } else {
+            of_sse2(b)
+        }
+    }
+
+    /// Not inlined, like `of_avx2`: inlined into a loop that shifts the masks, LLVM splits
+    /// them into 64 single bits and packs them again (hundreds of instructions a block).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    pub fn of_sse2(b: &[u8; 64]) -> (u64, u64) {
         use std::arch::x86_64::*;
         // SAFETY: SSE2 is part of the x86_64 baseline; each load reads 16 bytes inside `b`.
         unsafe {
@@ -438,6 +453,27 @@ mod masks {
             }
             (word, high)
         }
+    }
+
+    /// `of_sse2` in two 32-byte steps.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn of_avx2(b: &[u8; 64]) -> (u64, u64) {
+        use std::arch::x86_64::*;
+        let (a, z, zero, nine, fold) =
+            (_mm256_set1_epi8(b'a' as i8), _mm256_set1_epi8(b'z' as i8), _mm256_set1_epi8(b'0' as i8), _mm256_set1_epi8(b'9' as i8), _mm256_set1_epi8(0x20));
+        let (mut word, mut high) = (0u64, 0u64);
+        for k in 0..2 {
+            // SAFETY: each load reads 32 bytes inside `b`.
+            let v = unsafe { _mm256_loadu_si256(b.as_ptr().add(32 * k) as *const __m256i) };
+            let l = _mm256_or_si256(v, fold);
+            let letter = _mm256_cmpeq_epi8(_mm256_min_epu8(_mm256_max_epu8(l, a), z), l);
+            let digit = _mm256_cmpeq_epi8(_mm256_min_epu8(_mm256_max_epu8(v, zero), nine), v);
+            word |= u64::from(_mm256_movemask_epi8(_mm256_or_si256(letter, digit)) as u32) << (32 * k);
+            high |= u64::from(_mm256_movemask_epi8(v) as u32) << (32 * k);
+        }
+        (word, high)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -580,6 +616,8 @@ mod tests {
                 *c = start.wrapping_add(j as u8);
             }
             assert_eq!(masks::of(&b), masks::scalar(&b));
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(masks::of_sse2(&b), masks::scalar(&b));
         }
     }
 
@@ -604,6 +642,17 @@ mod tests {
             let want = reference(&s, 0, s.len());
             prop_assert_eq!(&filled(&s, 0, s.len(), batch), &want);
             prop_assert_eq!(&scanned(&s, 0, s.len()), &want);
+        }
+
+        /// The pair filter's quick look at the next token reads the same sample `Tokens` folds,
+        /// from any char boundary of any window.
+        #[test]
+        fn sample_after_is_the_next_tokens_sample(s in "([a-zA-Z0-9]{0,20}|[ .,'-]{1,3}|é|Ü|\u{308}|ß|İ|ﹲ|½|\\PC){0,30}", cut in any::<(u16, u16)>()) {
+            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
+            let (from, to) = (a.min(b), a.max(b));
+            let want = Tokens::within(&s, from, to).next_token().map(|(_, _, f)| Sample::of(f));
+            prop_assert_eq!(sample_after(&s, from, to), want);
         }
 
         /// A fold is one token that folds to itself: the fold is a fixed point, so folding in

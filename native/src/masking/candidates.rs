@@ -1,0 +1,277 @@
+//! The identifier dictionary's walk over the tokens of a window, stopping only at candidates:
+//! tokens the start filter lets through (start_filter.rs). Nearly every token of ordinary text
+//! is skipped here, so this loop is the dictionary's main per-row cost.
+//!
+//! A block of 64 ASCII bytes becomes two bit masks (token starts, token ends) once, and the
+//! walk keeps them between calls: each token costs a few bit operations, one load of its first
+//! 8 bytes and one bit of the filter. Candidates are collected a batch at a time, so the walk's
+//! state stays in registers across many blocks; the block masks come from AVX2 where the CPU
+//! has it (the walk is compiled twice). Blocks with a non-ASCII byte, and tokens of 64 bytes or
+//! more, go through `Tokens` (folded char by char, sampled from the fold; both paths give the
+//! same sample for the same fold).
+
+use crate::masking::start_filter::StartFilter;
+use crate::masking::tokens::{ascii_fold_short, load8, masks, Folded, Sample, Tokens, FOLD, KEEP};
+
+/// A token the start filter let through.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub start: usize,
+    pub end: usize,
+    pub sample: Sample,
+    /// ASCII letters and digits only: its fold is read from the text in place.
+    pub ascii: bool,
+}
+
+/// What an empty slot of a batch holds.
+pub const NO_CANDIDATE: Candidate = Candidate { start: 0, end: 0, sample: Sample { head: 0, len: 0 }, ascii: true };
+
+pub struct Cursor<'a> {
+    text: &'a str,
+    from: usize,
+    to: usize,
+    /// The ASCII block being read: its first byte, and the token starts and ends (bit j: byte
+    /// `base + j`) not read yet.
+    base: usize,
+    starts: u64,
+    ends: u64,
+    /// Where the next block starts once this one is read (never inside a token).
+    next: usize,
+    /// The general path, and folds of tokens that are not short ASCII; made the first time
+    /// one is needed (most windows have none).
+    tokens: Option<Tokens<'a>>,
+}
+
+impl<'a> Cursor<'a> {
+    /// The tokens of `text[from..to]` (both char boundaries).
+    pub fn within(text: &'a str, from: usize, to: usize) -> Self {
+        Cursor { text, from, to, base: from, starts: 0, ends: 0, next: from, tokens: None }
+    }
+
+    fn tokens(&mut self) -> &mut Tokens<'a> {
+        let (text, from, to) = (self.text, self.from, self.to);
+        self.tokens.get_or_insert_with(|| Tokens::within(text, from, to))
+    }
+
+    /// Fills `out` with the next candidates; fewer than `out.len()` only at the end of the window.
+    #[inline(never)]
+    pub fn fill(&mut self, filter: &StartFilter, out: &mut [Candidate]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("bmi1") && std::arch::is_x86_feature_detected!("bmi2") {
+            // SAFETY: the CPU has AVX2, BMI1 and BMI2.
+            return unsafe { self.fill_bmi(filter, out) };
+        }
+        self.fill_with(filter, out, masks::of, |head, len| head & KEEP[len.min(8)])
+    }
+
+    /// `fill` compiled for AVX2, BMI1 and BMI2 as a whole (x86_64 CPUs of the last decade): the
+    /// token loop's bit clearing, shifts and head masking take one instruction each.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,bmi1,bmi2")]
+    unsafe fn fill_bmi(&mut self, filter: &StartFilter, out: &mut [Candidate]) -> usize {
+        use std::arch::x86_64::_bzhi_u64;
+        // SAFETY: this function only runs where the CPU has AVX2. `_bzhi_u64` keeps the low
+        // 8 * min(len, 8) <= 64 bits: the head's first min(len, 8) bytes.
+        self.fill_with(filter, out, |b| unsafe { masks::of_avx2(b) }, |head, len| _bzhi_u64(head, 8 * len.min(8) as u32))
+    }
+
+    /// `keep(head, len)`: the first min(len, 8) bytes of `head`.
+    #[inline(always)]
+    fn fill_with(
+        &mut self,
+        filter: &StartFilter,
+        out: &mut [Candidate],
+        block_masks: impl Fn(&[u8; 64]) -> (u64, u64),
+        keep: impl Fn(u64, usize) -> u64,
+    ) -> usize {
+        let b = self.text.as_bytes();
+        let mut n = 0;
+        loop {
+            if self.starts != 0 {
+                // The 8 bytes at any token start of the block are in the text, but for the last
+                // block or so: only there does each load check its bounds.
+                let base = self.base;
+                n = if base + 64 + 8 <= b.len() {
+                    // SAFETY: base + 64 + 8 <= b.len(), so the block's bytes and 8 past it are in
+                    // `b`, and `s` < 64.
+                    let block = unsafe { b.as_ptr().add(base) };
+                    self.drain(filter, out, n, |s| u64::from_le(unsafe { block.add(s).cast::<u64>().read_unaligned() }), &keep)
+                } else {
+                    self.drain(filter, out, n, |s| load8(b, base + s), &keep)
+                };
+                if n == out.len() {
+                    return n;
+                }
+                if self.starts != 0 {
+                    // The last token runs past the block: the next block starts at it, or (64
+                    // bytes or longer) the general path reads it.
+                    let s = self.starts.trailing_zeros() as usize;
+                    self.starts = 0;
+                    if s > 0 {
+                        self.next = self.base + s;
+                    } else {
+                        match self.general(self.base, filter) {
+                            None => return n,
+                            Some(None) => {}
+                            Some(Some(c)) => {
+                                out[n] = c;
+                                n += 1;
+                                if n == out.len() {
+                                    return n;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let pos = self.next;
+            if pos >= self.to {
+                return n;
+            }
+            let (word, high) = if pos + 64 <= self.to {
+                block_masks(b[pos..pos + 64].try_into().expect("64 bytes"))
+            } else {
+                let mut tail = [0u8; 64];
+                tail[..self.to - pos].copy_from_slice(&b[pos..self.to]);
+                block_masks(&tail)
+            };
+            if high != 0 {
+                match self.general(pos, filter) {
+                    None => return n,
+                    Some(None) => {}
+                    Some(Some(c)) => {
+                        out[n] = c;
+                        n += 1;
+                        if n == out.len() {
+                            return n;
+                        }
+                    }
+                }
+                continue;
+            }
+            // `pos` is never inside a token, so bit 0 needs no carry from the byte before.
+            self.base = pos;
+            self.starts = word & !(word << 1);
+            self.ends = !word & (word << 1);
+            self.next = (pos + 64).min(self.to);
+        }
+    }
+
+    /// Reads the block's tokens into `out` from `out[n]` on, until it is full or the block is
+    /// read; a token that runs past the block is left in `starts`. `load(s)`: the 8 bytes at
+    /// the block's byte `s`, zero-padded. Returns the new `n`.
+    #[inline(always)]
+    fn drain(&mut self, filter: &StartFilter, out: &mut [Candidate], mut n: usize, load: impl Fn(usize) -> u64, keep: impl Fn(u64, usize) -> u64) -> usize {
+        // In registers for the loop, written back once.
+        let (mut starts, mut ends, base) = (self.starts, self.ends, self.base);
+        // Every end has its start before it in the block (the block starts outside a token),
+        // so the ends alone say when the block's whole tokens are read.
+        while ends != 0 {
+            let (s, e) = (starts.trailing_zeros() as usize, ends.trailing_zeros() as usize);
+            starts &= starts - 1;
+            ends &= ends - 1;
+            let sample = Sample { head: keep(load(s) | FOLD, e - s), len: e - s };
+            if filter.may_start(sample) {
+                out[n] = Candidate { start: base + s, end: base + e, sample, ascii: true };
+                n += 1;
+                if n == out.len() {
+                    break;
+                }
+            }
+        }
+        (self.starts, self.ends) = (starts, ends);
+        n
+    }
+
+    /// The first token at or after `pos` through `Tokens`: None at the end of the window,
+    /// Some(None) when the filter rules it out (the walk goes on after it).
+    #[inline(never)]
+    fn general(&mut self, pos: usize, filter: &StartFilter) -> Option<Option<Candidate>> {
+        let (start, end, f) = self.tokens().token_at(pos)?;
+        let sample = Sample::of(f);
+        self.next = end;
+        Some(filter.may_start(sample).then_some(Candidate { start, end, sample, ascii: false }))
+    }
+
+    /// The fold of candidate `c`.
+    #[inline]
+    pub fn fold(&mut self, c: &Candidate) -> Folded<'_> {
+        if c.ascii && c.end - c.start <= 16 {
+            return Folded::Short(ascii_fold_short(self.text.as_bytes(), c.start, c.end));
+        }
+        self.tokens().fold_at(c.start, c.end, c.ascii)
+    }
+
+    /// Goes on at `pos` (not inside a token, past the last candidate returned).
+    pub fn skip_to(&mut self, pos: usize) {
+        (self.starts, self.ends, self.next) = (0, 0, pos.min(self.to));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::masking::start_filter::StartBits;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// With a filter every token passes, the walk finds exactly the tokens `Tokens` finds,
+        /// each with the sample and the fold of its own fold, in any window; a token ruled out
+        /// is skipped without losing the tokens after it.
+        #[test]
+        fn the_walk_finds_every_token_with_its_sample_and_fold(
+            s in "([a-zA-Z0-9]{1,20}|[a-z]{60,70}|[ .,'-]{1,3}|é|Ü|\u{308}|ß|İ|ﹲ|½|\\PC){0,60}",
+            cut in any::<(u16, u16)>(),
+        ) {
+            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
+            let (from, to) = (a.min(b), a.max(b));
+            let mut want = vec![];
+            let mut t = Tokens::within(&s, from, to);
+            while let Some((start, end, f)) = t.next_token() {
+                want.push((start, end, Sample::of(f), f.bytes(&mut [0; 16]).to_vec()));
+            }
+            let all = StartBits::new(rand::random()).everything_for_tests();
+            for portable in [false, true] {
+                let mut c = Cursor::within(&s, from, to);
+                let mut got = vec![];
+                let mut batch = [NO_CANDIDATE; 3];
+                loop {
+                    // The path this CPU takes, and the one without AVX2 and BMI2.
+                    let n = if portable {
+                        c.fill_with(&all, &mut batch, crate::masking::tokens::masks::scalar, |head, len| head & KEEP[len.min(8)])
+                    } else {
+                        c.fill(&all, &mut batch)
+                    };
+                    for k in &batch[..n] {
+                        let fold = c.fold(k).bytes(&mut [0; 16]).to_vec();
+                        got.push((k.start, k.end, k.sample, fold));
+                    }
+                    if n < batch.len() {
+                        break;
+                    }
+                }
+                prop_assert_eq!(&got, &want, "portable: {}", portable);
+            }
+            // A filter of every other token's sample: those, and no token lost after a skip.
+            let mut bits = StartBits::new(rand::random());
+            for w in want.iter().step_by(2) {
+                bits.insert(w.2, crate::masking::start_filter::Start::Alone);
+            }
+            let some = bits.folded_for_tests(19);
+            let mut c = Cursor::within(&s, from, to);
+            let mut seen = vec![];
+            let mut batch = [NO_CANDIDATE; 8];
+            loop {
+                let n = c.fill(&some, &mut batch);
+                seen.extend(batch[..n].iter().map(|k| (k.start, k.end)));
+                if n < batch.len() {
+                    break;
+                }
+            }
+            for w in want.iter().step_by(2) {
+                prop_assert!(seen.contains(&(w.0, w.1)), "{:?} missed", (w.0, w.1));
+            }
+        }
+    }
+}
