@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 from pgbenchrun import Endpoint
-from procs import cpu_seconds, tree_cpu_seconds
+from procs import run_seconds, tree_run_seconds
 
 ROWS = 20_000
 NOTE_BYTES = 1024  # target length of each note; kept under the TOAST threshold, stored inline
@@ -317,7 +317,7 @@ class Series:
 
 
 def _cpu(pid: int | None) -> float:
-    return tree_cpu_seconds(pid) if pid else 0.0
+    return tree_run_seconds(pid) if pid else 0.0
 
 
 class _Reader:
@@ -335,7 +335,7 @@ class _Reader:
 
     def _pg_cpu(self) -> float:
         try:
-            return cpu_seconds(self.backend_pid) if self.backend_pid else 0.0
+            return run_seconds(self.backend_pid) if self.backend_pid else 0.0
         except (OSError, ValueError):
             return 0.0
 

@@ -432,7 +432,7 @@ def _masking_section(mk: dict[str, Any]) -> list[str]:
                      + " |")
     L.append("")
     L.append("CPU per read, median ms (gateway process tree / the reader's PostgreSQL backend; "
-             "/proc clock ticks, 10 ms resolution):")
+             "scheduler run time of live threads, /proc/PID/task/*/schedstat):")
     L.append("")
     L.append("| mask set | fetch | direct | direct, rewritten SQL | phigate unmasked | "
              "phigate masked |")
@@ -443,7 +443,7 @@ def _masking_section(mk: dict[str, Any]) -> list[str]:
             for k in labels:
                 px = _cell(res, k, f"{what}_proxy_cpu_ms_median")
                 pg = _cell(res, k, f"{what}_pg_cpu_ms_median")
-                cells.append(f"{_f(px, 0)} / {_f(pg, 0)}"
+                cells.append(f"{_f(px, 1)} / {_f(pg, 1)}"
                              if k not in ("direct", "direct_rewritten") else f"– / {_f(pg, 0)}")
             L.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
     L.append("")
