@@ -43,13 +43,52 @@ fn class_of(s: Sample) -> usize {
 }
 
 /// Which token fingerprints start an entry, at full resolution (builders; kept by the frozen
-/// dictionary so a builder started from it continues exactly), per class.
+/// dictionary so a builder started from it continues exactly), per class: the bit indexes
+/// set, not the bitsets (2^21 bits each would be a megabyte per dictionary however small).
 #[derive(Clone)]
 pub struct StartBits {
     keys: [u64; 2],
-    /// Per class: every start, and the subset set by tokens that are entries alone.
-    bits: [Vec<u64>; CLASSES],
-    alone: [Vec<u64>; CLASSES],
+    /// Per class: the index of every start, and of those set by tokens that are entries alone.
+    bits: [Indexes; CLASSES],
+    alone: [Indexes; CLASSES],
+}
+
+/// Full-resolution bit indexes, deduplicated whenever they doubled since the last time.
+#[derive(Clone, Default)]
+struct Indexes {
+    set: Vec<u32>,
+    distinct: usize,
+}
+
+impl Indexes {
+    fn insert(&mut self, i: u32) {
+        self.set.push(i);
+        if self.set.len() >= 2 * self.distinct + 1024 {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        self.set.sort_unstable();
+        self.set.dedup();
+        self.distinct = self.set.len();
+    }
+
+    fn absorb(&mut self, other: &Indexes) {
+        self.set.extend_from_slice(&other.set);
+        self.compact();
+    }
+
+    /// The bitset of 2^log bits: bit j is set when an index has `j` as its top `log` bits.
+    fn fold(&self, log: u32) -> Vec<u64> {
+        let mut bits = vec![0u64; (1usize << log).div_ceil(64)];
+        let drop = FULL_LOG - log;
+        for &i in &self.set {
+            let j = (i >> drop) as usize;
+            bits[j / 64] |= 1 << (j % 64);
+        }
+        bits
+    }
 }
 
 /// One class's folded bitsets (the same folding for both, so `alone` stays a subset).
@@ -82,10 +121,6 @@ fn fingerprint(keys: &[u64; 2], s: Sample) -> u64 {
     ((s.head ^ keys[0]) ^ (s.len as u64).rotate_right(6)).wrapping_mul(keys[1] | 1)
 }
 
-fn empty_full() -> Vec<u64> {
-    vec![0; 1 << (FULL_LOG - 6)]
-}
-
 fn ones(bits: &[u64]) -> usize {
     bits.iter().map(|w| w.count_ones() as usize).sum()
 }
@@ -93,7 +128,7 @@ fn ones(bits: &[u64]) -> usize {
 impl StartBits {
     /// An empty set under `keys` (random per dictionary, like the table's hash key).
     pub fn new(keys: [u64; 2]) -> Self {
-        StartBits { keys, bits: [empty_full(), empty_full()], alone: [empty_full(), empty_full()] }
+        StartBits { keys, bits: Default::default(), alone: Default::default() }
     }
 
     pub fn same_keys(&self, other: &StartBits) -> bool {
@@ -104,33 +139,30 @@ impl StartBits {
     /// one) or a longer sequence.
     pub fn insert(&mut self, s: Sample, start: Start) {
         let c = class_of(s);
-        let i = (fingerprint(&self.keys, s) >> (64 - FULL_LOG)) as usize;
-        self.bits[c][i / 64] |= 1 << (i % 64);
+        let i = (fingerprint(&self.keys, s) >> (64 - FULL_LOG)) as u32;
+        self.bits[c].insert(i);
         if start == Start::Alone {
-            self.alone[c][i / 64] |= 1 << (i % 64);
+            self.alone[c].insert(i);
         }
     }
 
     /// Adds every token of `other` (same keys).
     pub fn absorb(&mut self, other: &StartBits) {
         for c in 0..CLASSES {
-            for (a, b) in self.bits[c].iter_mut().zip(&other.bits[c]) {
-                *a |= b;
-            }
-            for (a, b) in self.alone[c].iter_mut().zip(&other.alone[c]) {
-                *a |= b;
-            }
+            self.bits[c].absorb(&other.bits[c]);
+            self.alone[c].absorb(&other.alone[c]);
         }
     }
 
     pub fn memory_bytes(&self) -> usize {
-        (0..CLASSES).map(|c| (self.bits[c].capacity() + self.alone[c].capacity()) * 8).sum()
+        (0..CLASSES).map(|c| (self.bits[c].set.capacity() + self.alone[c].set.capacity()) * 4).sum()
     }
 
     /// The filter a scan uses: per class the smallest sparse folding, or None when a class is
     /// too dense to help.
     pub fn filter(&self) -> Option<StartFilter> {
-        if self.bits.iter().any(|b| ones(b) * DENSE > 1 << FULL_LOG) {
+        let full: Vec<usize> = self.bits.iter().map(|b| ones(&b.fold(FULL_LOG))).collect();
+        if full.iter().any(|&n| n * DENSE > 1 << FULL_LOG) {
             return None;
         }
         let part = |c: usize| {
@@ -149,23 +181,8 @@ impl StartBits {
     /// index has `i` as its top `log` bits is (the index is the fingerprint's top bits at
     /// every size).
     fn folded_part(&self, c: usize, log: u32) -> Part {
-        Part { bits: fold(&self.bits[c], log), alone: fold(&self.alone[c], log), shift: 64 - log }
+        Part { bits: self.bits[c].fold(log), alone: self.alone[c].fold(log), shift: 64 - log }
     }
-}
-
-/// `bits` (2^FULL_LOG of them) folded to 2^log.
-fn fold(full: &[u64], log: u32) -> Vec<u64> {
-    let mut bits = vec![0u64; (1usize << log).div_ceil(64)];
-    let drop = FULL_LOG - log;
-    for (w, &word) in full.iter().enumerate() {
-        let mut word = word;
-        while word != 0 {
-            let i = (w * 64 + word.trailing_zeros() as usize) >> drop;
-            bits[i / 64] |= 1 << (i % 64);
-            word &= word - 1;
-        }
-    }
-    bits
 }
 
 #[cfg(test)]
