@@ -273,5 +273,51 @@ mod tests {
                 prop_assert!(seen.contains(&(w.0, w.1)), "{:?} missed", (w.0, w.1));
             }
         }
+
+        /// Under a filter that passes some tokens, the walk returns exactly the tokens the
+        /// simple walk (`Tokens`, then the filter on each token's sample) lets through, in
+        /// order, with any batch size: batches that fill up inside a block resume at the next
+        /// token, none skipped or returned twice. Dense runs of one-letter tokens put 32 whole
+        /// tokens in a block; long and non-ASCII tokens cross block edges.
+        #[test]
+        fn the_walk_returns_exactly_the_tokens_the_filter_passes(
+            s in "([a-zA-Z0-9]{1,20}|[a-z]{60,70}|([a-z0-9] ){1,40}|[ .,'-]{1,3}|é|Ü|ß|İ|½|\\PC){0,80}",
+            cut in any::<(u16, u16)>(),
+            keep_every in 1usize..5,
+            log in 12u32..22,
+            batch_len in 1usize..10,
+        ) {
+            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
+            let (from, to) = (a.min(b), a.max(b));
+            let mut all = vec![];
+            let mut t = Tokens::within(&s, from, to);
+            while let Some((start, end, f)) = t.next_token() {
+                all.push((start, end, Sample::of(f)));
+            }
+            let mut bits = StartBits::new(rand::random());
+            for w in all.iter().step_by(keep_every) {
+                bits.insert(w.2, crate::masking::start_filter::Start::Sequence);
+            }
+            let filter = bits.folded_for_tests(log);
+            let want: Vec<_> = all.iter().copied().filter(|w| filter.may_start(w.2)).collect();
+            for portable in [false, true] {
+                let mut c = Cursor::within(&s, from, to);
+                let mut got = vec![];
+                let mut batch = vec![NO_CANDIDATE; batch_len];
+                loop {
+                    let n = if portable {
+                        c.fill_with(&filter, &mut batch, crate::masking::tokens::masks::scalar, |head, len| head & KEEP[len.min(8)])
+                    } else {
+                        c.fill(&filter, &mut batch)
+                    };
+                    got.extend(batch[..n].iter().map(|k| (k.start, k.end, k.sample)));
+                    if n < batch.len() {
+                        break;
+                    }
+                }
+                prop_assert_eq!(&got, &want, "portable: {}", portable);
+            }
+        }
     }
 }
