@@ -10,8 +10,19 @@
 //! more, go through `Tokens` (folded char by char, sampled from the fold; both paths give the
 //! same sample for the same fold).
 
-use crate::masking::start_filter::StartFilter;
+use crate::masking::start_filter::{Probe, StartFilter};
 use crate::masking::tokens::{ascii_fold_short, load8, masks, Folded, Sample, Tokens, FOLD, KEEP};
+
+/// The bytes of the head of a token of `len` < 64 bytes: its first min(len, 8).
+const KEEP_BLOCK: [u64; 64] = {
+    let mut keep = [u64::MAX; 64];
+    let mut len = 0;
+    while len < 8 {
+        keep[len] = KEEP[len];
+        len += 1;
+    }
+    keep
+};
 
 /// A token the start filter let through.
 #[derive(Debug, Clone, Copy)]
@@ -69,10 +80,14 @@ impl<'a> Cursor<'a> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,bmi1,bmi2")]
     unsafe fn fill_bmi(&mut self, filter: &StartFilter, out: &mut [Candidate]) -> usize {
-        use std::arch::x86_64::_bzhi_u64;
-        // SAFETY: this function only runs where the CPU has AVX2. `_bzhi_u64` keeps the low
-        // 8 * min(len, 8) <= 64 bits: the head's first min(len, 8) bytes.
-        self.fill_with(filter, out, |b| unsafe { masks::of_avx2(b) }, |head, len| _bzhi_u64(head, 8 * len.min(8) as u32))
+        // SAFETY: this function only runs where the CPU has AVX2. `keep` is only called by
+        // `drain` with the length of a token inside a 64-byte block (end - start, both bit
+        // indexes of the block's masks), so `len` < 64 indexes `KEEP_BLOCK`: one AND with a
+        // table entry, where clamping the length for `bzhi` took four instructions a token.
+        self.fill_with(filter, out, |b| unsafe { masks::of_avx2(b) }, |head, len| {
+            debug_assert!(len < 64);
+            head & unsafe { *KEEP_BLOCK.get_unchecked(len) }
+        })
     }
 
     /// `keep(head, len)`: the first min(len, 8) bytes of `head`.
@@ -91,13 +106,15 @@ impl<'a> Cursor<'a> {
                 // The 8 bytes at any token start of the block are in the text, but for the last
                 // block or so: only there does each load check its bounds.
                 let base = self.base;
+                // The filter's keys, shifts and bitsets in registers for the block.
+                let probe = filter.probe();
                 n = if base + 64 + 8 <= b.len() {
                     // SAFETY: base + 64 + 8 <= b.len(), so the block's bytes and 8 past it are in
                     // `b`, and `s` < 64.
                     let block = unsafe { b.as_ptr().add(base) };
-                    self.drain(filter, out, n, |s| u64::from_le(unsafe { block.add(s).cast::<u64>().read_unaligned() }), &keep)
+                    self.drain(&probe, out, n, |s| u64::from_le(unsafe { block.add(s).cast::<u64>().read_unaligned() }), &keep)
                 } else {
-                    self.drain(filter, out, n, |s| load8(b, base + s), &keep)
+                    self.drain(&probe, out, n, |s| load8(b, base + s), &keep)
                 };
                 if n == out.len() {
                     return n;
@@ -161,7 +178,7 @@ impl<'a> Cursor<'a> {
     /// read; a token that runs past the block is left in `starts`. `load(s)`: the 8 bytes at
     /// the block's byte `s`, zero-padded. Returns the new `n`.
     #[inline(always)]
-    fn drain(&mut self, filter: &StartFilter, out: &mut [Candidate], mut n: usize, load: impl Fn(usize) -> u64, keep: impl Fn(u64, usize) -> u64) -> usize {
+    fn drain(&mut self, filter: &Probe<'_>, out: &mut [Candidate], mut n: usize, load: impl Fn(usize) -> u64, keep: impl Fn(u64, usize) -> u64) -> usize {
         // In registers for the loop, written back once.
         let (mut starts, mut ends, base) = (self.starts, self.ends, self.base);
         // Every end has its start before it in the block (the block starts outside a token),
