@@ -401,7 +401,23 @@ fn dictionary_benches() {
 /// The cases `MASKING_BENCH_CASE` picks, one per run: a 1 KB note scanned with no dictionary,
 /// the bulk-read or the demo dictionary, the note with five identifiers (demo dictionary), and
 /// the masked bulk read's whole row (DataRow and COPY line) with the bulk-read dictionary.
-const CASES: [&str; 7] = ["note-none", "note-bulk", "note-demo", "note5-demo", "row-bulk", "copy-bulk", "row-bulk-nodict"];
+/// `row-varied`: the bulk-read row with 256 notes of the same words in different orders, one
+/// after the other, so that (as in a real read) the branch predictor cannot learn one note.
+const CASES: [&str; 8] = ["note-none", "note-bulk", "note-demo", "note5-demo", "row-bulk", "copy-bulk", "row-bulk-nodict", "row-varied"];
+
+/// 256 notes: the clinical note's words, shuffled.
+fn varied_notes() -> Vec<String> {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    (0..256)
+        .map(|_| {
+            let mut words: Vec<&str> = CLINICAL_NOTE.split(' ').collect();
+            for i in (1..words.len()).rev() {
+                words.swap(i, rng.next(i as u64 + 1) as usize);
+            }
+            words.join(" ")
+        })
+        .collect()
+}
 
 /// Runs `work` `rows()` times; the only function callgrind counts (`--toggle-collect`).
 #[inline(never)]
@@ -419,7 +435,7 @@ fn callgrind_case(case: &str) {
     };
     let detectors = match case {
         "note-none" | "row-bulk-nodict" => Arc::new(Detectors::standard()),
-        "note-bulk" | "row-bulk" | "copy-bulk" => with(bulk_read_dictionary()),
+        "note-bulk" | "row-bulk" | "copy-bulk" | "row-varied" => with(bulk_read_dictionary()),
         "note-demo" | "note5-demo" => with(demo_dictionary()),
         _ => panic!("unknown case {case:?}; one of {CASES:?}"),
     };
@@ -436,8 +452,18 @@ fn callgrind_case(case: &str) {
     );
     let row = data_row(&[b"12345", b"ENC-A12345", b"547-48-4730", b"Joseph Martinez", b"1981-03-16", CLINICAL_NOTE.as_bytes()]);
     let line = format!("12345\tENC-A12345\t547-48-4730\tJoseph Martinez\t1981-03-16\t{CLINICAL_NOTE}\n");
+    let varied: Vec<Vec<u8>> = varied_notes()
+        .iter()
+        .map(|note| data_row(&[b"12345", b"ENC-A12345", b"547-48-4730", b"Joseph Martinez", b"1981-03-16", note.as_bytes()]))
+        .collect();
+    let mut next = 0;
     let mut out = BytesMut::with_capacity(1 << 16);
     let mut work: Box<dyn FnMut()> = match case {
+        "row-varied" => Box::new(|| {
+            out.clear();
+            next = (next + 1) % varied.len();
+            mask_data_row(&plan, black_box(&varied[next]), &mut out).unwrap();
+        }),
         "note5-demo" => Box::new(|| drop(black_box(detectors.scrub(black_box(&five))))),
         "row-bulk" | "row-bulk-nodict" => Box::new(|| {
             out.clear();

@@ -208,6 +208,35 @@ impl StartBits {
     }
 }
 
+/// What the token walk reads of a filter, copied out once per block: each token's class picks
+/// its shift and bitset with conditional moves, where `may_start` loads them from the class's
+/// part, two loads whose address waits for the class on every token's chain (class -> shift
+/// -> bit index -> filter word).
+#[derive(Clone, Copy)]
+pub struct Probe<'f> {
+    keys: [u64; 2],
+    word_shift: u32,
+    digit_shift: u32,
+    word_bits: &'f [u64],
+    digit_bits: &'f [u64],
+}
+
+impl Probe<'_> {
+    /// The same answer as `StartFilter::may_start`.
+    #[inline(always)]
+    pub fn may_start(&self, s: Sample) -> bool {
+        let digit = class_of(s) == 1;
+        let shift = if digit { self.digit_shift } else { self.word_shift };
+        let bits = if digit { self.digit_bits.as_ptr() } else { self.word_bits.as_ptr() };
+        let i = (fingerprint(&self.keys, s) >> shift) as usize;
+        debug_assert!(i / 64 < if digit { self.digit_bits.len() } else { self.word_bits.len() });
+        // SAFETY: as in `StartFilter::may_start`: `i` has the part's `log` bits and its bitset
+        // 2^log bits.
+        let word = unsafe { *bits.add(i / 64) };
+        word >> (i % 64) & 1 == 1
+    }
+}
+
 impl StartFilter {
     /// False when no entry or longer sequence starts with a token of this fold sample.
     #[inline(always)]
@@ -220,6 +249,13 @@ impl StartFilter {
         // every token of the text.
         let word = unsafe { *p.bits.get_unchecked(i / 64) };
         word >> (i % 64) & 1 == 1
+    }
+
+    /// The filter as the token walk reads it.
+    #[inline(always)]
+    pub fn probe(&self) -> Probe<'_> {
+        let [word, digit] = &self.parts;
+        Probe { keys: self.keys, word_shift: word.shift, digit_shift: digit.shift, word_bits: &word.bits, digit_bits: &digit.bits }
     }
 
     /// What a token that passed `may_start` may start: `Start::Sequence` means it is certainly
