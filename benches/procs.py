@@ -204,13 +204,17 @@ def run_seconds(pid: int) -> float:
     milliseconds, which 10 ms clock ticks cannot tell apart. Falls back to `cpu_seconds` on a
     kernel without schedstat. Threads that ended are not counted: use it for deltas over a
     short interval of a process whose threads live on (a gateway, a backend)."""
-    total = 0
     try:
-        for t in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                total += int((t / "schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        if not (tasks[0] / "schedstat").exists():
+            return cpu_seconds(pid)
+    except (OSError, IndexError):
         return cpu_seconds(pid)
+    total = 0
+    for t in tasks:
+        # A thread that ended meanwhile (ENOENT, ESRCH) counts nothing.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((t / "schedstat").read_text().split()[0])
     return total / 1e9
 
 

@@ -11,6 +11,9 @@ use std::time::Duration;
 /// The answer a session awaiting its record's durability gets: Err names why it is not durable.
 pub type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
+/// Buffer memory a batch keeps between batches: a few seconds of records at full load.
+const KEEP_BYTES: usize = 16 << 20;
+
 /// Records in arrival order: their bodies back to back, where each ends, and who awaits which.
 #[derive(Default)]
 pub struct Batch {
@@ -69,11 +72,16 @@ impl Batch {
         self.ends[range.end - 1] - start
     }
 
-    /// Empties the batch, keeping its memory for the next one.
+    /// Empties the batch, keeping its memory for the next one (unless a backlog made it
+    /// large: then it gives the memory back).
     pub fn clear(&mut self) {
         self.bytes.clear();
         self.ends.clear();
         self.done.clear();
+        if self.bytes.capacity() > KEEP_BYTES {
+            self.bytes.shrink_to(KEEP_BYTES);
+            self.ends.shrink_to(KEEP_BYTES / 256);
+        }
     }
 }
 
@@ -131,8 +139,17 @@ impl Inbox {
 
     /// The writer thread ended without a close (it panicked): later records count as lost
     /// instead of piling up here.
+    /// Sessions awaiting a record in the batch are answered (the record is not durable, so
+    /// their statements must not go upstream), and a close request waiting here is released.
     pub fn shut(&self) {
-        self.state.lock().closed = true;
+        let mut s = self.state.lock();
+        s.closed = true;
+        let n = s.batch.len();
+        for d in s.batch.take_done(0..n) {
+            let _ = d.send(Err("the audit trail's writer stopped".into()));
+        }
+        // Dropping the reply sender ends Trail::close's wait.
+        s.close = None;
     }
 
     /// Writer: waits until a record or a close request is there, at most `timeout`. Returns
@@ -175,6 +192,19 @@ mod tests {
         assert!(b.take_done(0..3).is_empty(), "taken once");
         b.clear();
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_writer_that_stopped_answers_waiters_and_releases_close() {
+        let inbox = Inbox::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        assert!(inbox.push(b"{}", Some(tx)));
+        let (reply, replied) = mpsc::channel();
+        assert!(inbox.close(reply));
+        inbox.shut();
+        assert!(matches!(rx.try_recv(), Ok(Err(_))), "the waiter learns its record is not durable");
+        assert!(replied.recv().is_err(), "Trail::close stops waiting");
+        assert!(!inbox.push(b"{}", None));
     }
 
     #[test]

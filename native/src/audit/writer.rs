@@ -29,6 +29,8 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Batch mode: after the first record of a batch, how long to let more arrive before writing,
 /// so sessions rarely have to wake the writer (a futex call per record costs the hot path).
 const GATHER: Duration = Duration::from_millis(2);
+/// Records per write() at most (a backlog is written in several).
+const MAX_WRITE: usize = 65_536;
 
 struct Failure {
     reason: &'static str,
@@ -361,7 +363,7 @@ impl Writer {
             let mut from = 0;
             while from < batch.len() {
                 let room = self.s.checkpoint_every.saturating_sub(self.since_checkpoint).max(1) as usize;
-                let to = batch.len().min(from + room);
+                let to = batch.len().min(from + room).min(from + MAX_WRITE);
                 self.submit(&mut batch, from..to);
                 from = to;
                 if self.failure.is_none() && self.since_checkpoint >= self.s.checkpoint_every {
