@@ -220,10 +220,15 @@ def run_seconds(pid: int) -> float:
 
 def tree_run_seconds(pid: int) -> float:
     """`run_seconds` summed over pid and its live descendants."""
+    return _tree_sum(pid, run_seconds)
+
+
+def _tree_sum(pid: int, per_process: Callable[[int], float]) -> float:
+    """`per_process` summed over pid and its live descendants (one that ended counts nothing)."""
     total = 0.0
     for p in tree_pids(pid):
         with contextlib.suppress(OSError, ValueError):
-            total += run_seconds(p)
+            total += per_process(p)
     return total
 
 
@@ -258,11 +263,7 @@ def tree_rss_kb(pid: int) -> int:
 
 def tree_cpu_seconds(pid: int) -> float:
     """utime+stime summed over pid and its live descendants."""
-    total = 0.0
-    for p in tree_pids(pid):
-        with contextlib.suppress(OSError, ValueError):
-            total += cpu_seconds(p)
-    return total
+    return _tree_sum(pid, cpu_seconds)
 
 
 def begin_run(reg: Registry, prefix: str) -> Path:

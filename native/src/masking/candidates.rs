@@ -127,16 +127,9 @@ impl<'a> Cursor<'a> {
                     if s > 0 {
                         self.next = self.base + s;
                     } else {
-                        match self.general(self.base, filter) {
-                            None => return n,
-                            Some(None) => {}
-                            Some(Some(c)) => {
-                                out[n] = c;
-                                n += 1;
-                                if n == out.len() {
-                                    return n;
-                                }
-                            }
+                        match self.general_into(self.base, filter, out, n) {
+                            Some(m) if m < out.len() => n = m,
+                            end => return end.unwrap_or(n),
                         }
                     }
                 }
@@ -153,16 +146,9 @@ impl<'a> Cursor<'a> {
                 block_masks(&tail)
             };
             if high != 0 {
-                match self.general(pos, filter) {
-                    None => return n,
-                    Some(None) => {}
-                    Some(Some(c)) => {
-                        out[n] = c;
-                        n += 1;
-                        if n == out.len() {
-                            return n;
-                        }
-                    }
+                match self.general_into(pos, filter, out, n) {
+                    Some(m) if m < out.len() => n = m,
+                    end => return end.unwrap_or(n),
                 }
                 continue;
             }
@@ -198,6 +184,18 @@ impl<'a> Cursor<'a> {
         }
         (self.starts, self.ends) = (starts, ends);
         n
+    }
+
+    /// `general`, its candidate (if the filter passes it) written to `out[n]`: the new `n`, or
+    /// None at the end of the window.
+    fn general_into(&mut self, pos: usize, filter: &StartFilter, out: &mut [Candidate], n: usize) -> Option<usize> {
+        Some(match self.general(pos, filter)? {
+            Some(c) => {
+                out[n] = c;
+                n + 1
+            }
+            None => n,
+        })
     }
 
     /// The first token at or after `pos` through `Tokens`: None at the end of the window,
