@@ -20,6 +20,10 @@ from test_server_dispatch import FakeEngine, FakeRequest
 
 CLASS = '[["agents"],"ehr"]'
 
+# A literal the statement carries and no record may: nine digits, so that it cannot turn up
+# by chance in a record's random hex (keyed hashes, UUIDs) or timestamps, as "4711" could.
+CANARY_ID = "918273645"
+
 
 def _config(tmp_path: Path) -> Path:
     issuer = DevIssuer(tmp_path / "keys")
@@ -97,7 +101,7 @@ def test_gateway_holds_resumes_and_fails_held_statements_on_stop(tmp_path: Path)
         engine = engines[0]
         service = gateway.approvals
         assert service is not None
-        ask = _approval("DELETE FROM notes WHERE id = 4711", 1)
+        ask = _approval("DELETE FROM notes WHERE id = 918273645", 1)  # CANARY_ID
         engine.push(ask)
         held = await _answer(ask)
         assert held["action"] == "hold" and "phigate approvals approve" in str(held["notice"])
@@ -121,7 +125,7 @@ def test_gateway_holds_resumes_and_fails_held_statements_on_stop(tmp_path: Path)
         events = [r["event"] for r in engine.records]
         assert events.count("approval_request") == 2
         assert "approval_used" in events and events.count("approval_outcome") == 2
-        assert "4711" not in json.dumps(engine.records)
+        assert CANARY_ID not in json.dumps(engine.records)
 
     asyncio.run(go())
 
