@@ -68,10 +68,10 @@ def approver(service: ApprovalService, subject: str = "alice") -> Any:
 
 def test_held_statement_runs_once_approved_and_the_trail_has_only_hashes(tmp_path: Path) -> None:
     async def body(service: ApprovalService, records: Records, *_: Any) -> None:
-        request_id, waiting = await hold(service, payload("DELETE FROM notes WHERE id = 4711"))
+        request_id, waiting = await hold(service, payload("DELETE FROM notes WHERE id = 918273645"))
         assert not waiting.answered.is_set()
         view = await service.show(approver(service), request_id)
-        assert view["sql"] == "DELETE FROM notes WHERE id = 4711"  # approvers see values
+        assert view["sql"] == "DELETE FROM notes WHERE id = 918273645"  # approvers see values
         assert view["needed"][0]["missing"] == 1
         after = await service.vote(approver(service), request_id, "approve", "ok, ticket 99",
                                    Scope())  # fmt: skip
@@ -86,7 +86,7 @@ def test_held_statement_runs_once_approved_and_the_trail_has_only_hashes(tmp_pat
     assert records.of("approval_vote")[0]["approver"] == "alice"
     assert records.of("approval_outcome")[0]["outcome"] == "approved"
     text = json.dumps(records)
-    assert "4711" not in text and "ticket 99" not in text
+    assert "918273645" not in text and "ticket 99" not in text
     assert records.of("approval_request")[0]["normalized"] == "DELETE FROM notes WHERE id = $1"
 
 
