@@ -252,8 +252,9 @@ def describe() -> dict[str, Any]:
 
 def rewritten_sql(config_path: Path, target: str) -> dict[str, str]:
     """Per mask set, the statement layer 1 (the rewrite) makes of the SELECT for the masked
-    identity: what phigate sends upstream for the COPY form. (The plain SELECT itself is left
-    to the data plane, which masks it by column origin: phigate.masking.passthrough.)
+    identity. (phigate sends both the plain SELECT and its COPY form as written and the data
+    plane masks what comes back, by column origin: phigate.masking.passthrough; the rewrite
+    is what a read computing values from classified columns gets.)
 
     Read directly on PostgreSQL it shows what computing the masks in SQL costs the database.
     Uses phigate's own config loader, catalog reader and rewrite in this process, as the
@@ -295,6 +296,9 @@ class Series:
     copy_proxy_cpu_s: list[float] = field(default_factory=list)
     select_pg_cpu_s: list[float] = field(default_factory=list)
     copy_pg_cpu_s: list[float] = field(default_factory=list)
+    # The reader's own CPU (this thread: psycopg receiving and parsing the rows).
+    select_client_cpu_s: list[float] = field(default_factory=list)
+    copy_client_cpu_s: list[float] = field(default_factory=list)
     copy_bytes: int = 0
 
     def summary(self, payload_bytes: int) -> dict[str, Any]:
@@ -307,7 +311,7 @@ class Series:
             out[f"{what}_median_mb_s"] = payload_bytes / 1e6 / med
             out[f"{what}_seconds"] = secs
         for key in ("select_proxy_cpu_s", "copy_proxy_cpu_s", "select_pg_cpu_s",
-                    "copy_pg_cpu_s"):
+                    "copy_pg_cpu_s", "select_client_cpu_s", "copy_client_cpu_s"):
             vals: list[float] = getattr(self, key)
             out[key.replace("_cpu_s", "_cpu_ms_median")] = (
                 statistics.median(vals) * 1e3 if vals else None)
@@ -342,17 +346,18 @@ class _Reader:
     def select(self, timed: bool) -> list[tuple[Any, ...]]:
         gc.collect()
         c0, p0 = _cpu(self.proxy_pid), self._pg_cpu()
-        t0 = time.perf_counter()
+        u0, t0 = time.thread_time(), time.perf_counter()
         with self.conn.cursor() as cur:
             cur.execute(self.select_sql)
             rows = cur.fetchall()
-        dt = time.perf_counter() - t0
+        dt, u1 = time.perf_counter() - t0, time.thread_time()
         c1, p1 = _cpu(self.proxy_pid), self._pg_cpu()
         if len(rows) != ROWS:
             raise RuntimeError(f"{self.name}: SELECT returned {len(rows)} rows")
         if timed:
             self.series.select_s.append(dt)
             self.series.select_pg_cpu_s.append(p1 - p0)
+            self.series.select_client_cpu_s.append(u1 - u0)
             if self.proxy_pid:
                 self.series.select_proxy_cpu_s.append(c1 - c0)
         return rows
@@ -360,14 +365,14 @@ class _Reader:
     def copy(self, timed: bool) -> None:
         gc.collect()
         c0, p0 = _cpu(self.proxy_pid), self._pg_cpu()
-        t0 = time.perf_counter()
+        u0, t0 = time.thread_time(), time.perf_counter()
         n = lines = 0
         with self.conn.cursor() as cur, cur.copy(self.copy_sql) as cp:
             for block in cp:
                 n += len(block)
                 if not timed:
                     lines += bytes(block).count(b"\n")
-        dt = time.perf_counter() - t0
+        dt, u1 = time.perf_counter() - t0, time.thread_time()
         c1, p1 = _cpu(self.proxy_pid), self._pg_cpu()
         if not timed and lines != ROWS:
             raise RuntimeError(f"{self.name}: COPY returned {lines} lines")
@@ -375,6 +380,7 @@ class _Reader:
         if timed:
             self.series.copy_s.append(dt)
             self.series.copy_pg_cpu_s.append(p1 - p0)
+            self.series.copy_client_cpu_s.append(u1 - u0)
             if self.proxy_pid:
                 self.series.copy_proxy_cpu_s.append(c1 - c0)
 

@@ -431,21 +431,31 @@ def _masking_section(mk: dict[str, Any]) -> list[str]:
                      + " | ".join(_f(_cell(res, k, f"{what}_best_mb_s"), 1) for k in labels)
                      + " |")
     L.append("")
-    L.append("CPU per read, median ms (gateway process tree / the reader's PostgreSQL backend; "
-             "scheduler run time of live threads, /proc/PID/task/*/schedstat):")
+    L.append("CPU per read, median ms (gateway process tree / the reader's PostgreSQL backend / "
+             "the reader itself; the first two are the scheduler run time of live threads, "
+             "/proc/PID/task/*/schedstat, the reader's is its thread's CPU time). The last "
+             "column is the unmasked read's total CPU over the masked read's: where the three "
+             "share the machine's cores and keep them busy, masked/unmasked cannot be much "
+             "above it.")
     L.append("")
     L.append("| mask set | fetch | direct | direct, rewritten SQL | phigate unmasked | "
-             "phigate masked |")
-    L.append("|---|---|---:|---:|---:|---:|")
+             "phigate masked | total CPU unmasked/masked |")
+    L.append("|---|---|---:|---:|---:|---:|---:|")
     for key, res in sets:
         for label, what in (("SELECT", "select"), ("COPY", "copy")):
-            cells = []
+            cells, totals = [], {}
             for k in labels:
                 px = _cell(res, k, f"{what}_proxy_cpu_ms_median")
                 pg = _cell(res, k, f"{what}_pg_cpu_ms_median")
-                cells.append(f"{_f(px, 1)} / {_f(pg, 1)}"
-                             if k not in ("direct", "direct_rewritten") else f"– / {_f(pg, 0)}")
-            L.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
+                cl = _cell(res, k, f"{what}_client_cpu_ms_median")
+                if k in ("direct", "direct_rewritten"):
+                    cells.append(f"– / {_f(pg, 0)} / {_f(cl, 0)}")
+                else:
+                    cells.append(f"{_f(px, 1)} / {_f(pg, 1)} / {_f(cl, 1)}")
+                    if px is not None and pg is not None and cl is not None:
+                        totals[k] = px + pg + cl
+            bound = _ratio(totals.get("unmasked"), totals.get("masked"))
+            L.append(f"| {key} | {label} | " + " | ".join(cells) + f" | {_f(bound, 2)} |")
     L.append("")
     if any(res.get("direct_rewritten") for _, res in sets):
         L.append("\"direct, rewritten SQL\" runs the statement phigate's layer-1 rewrite sends "
