@@ -16,11 +16,13 @@ from phigate import _native
 STOP = ["the", "and", "of", "st", "ave"]
 
 
-def engine() -> _native.Engine:
-    """An engine with one target, never started (no socket is opened)."""
+def engine(*targets: str) -> _native.Engine:
+    """An engine with these targets (one, "ehr", by default), never started (no socket is
+    opened)."""
     target = {"host": "127.0.0.1", "port": 1, "database": "ehr", "user": "u", "password": "p",
               "tls": "disable"}  # fmt: skip
-    cfg = {"listen": ["127.0.0.1:0"], "require_tls": False, "targets": {"ehr": target}}
+    cfg = {"listen": ["127.0.0.1:0"], "require_tls": False,
+           "targets": {name: target for name in targets or ("ehr",)}}
     return _native.Engine(json.dumps(cfg))
 
 
@@ -63,12 +65,12 @@ def test_set_replace_extend_and_drop_with_stats() -> None:
     assert len(more) == 2
     more.add("name", ["Kowalski"])
     assert eng.set_dictionary("ehr", more, extend=True)["entries"] == 3
-    # A builder with its own key cannot extend (its hashes mean nothing to this dictionary).
-    stranger = _native.DictionaryBuilder(STOP)
-    stranger.add("name", ["Haddad"])
-    with pytest.raises(ValueError, match="dictionary_builder"):
-        eng.set_dictionary("ehr", stranger, extend=True)
-    assert eng.stats()["dictionary"]["ehr"]["entries"] == 3
+    # Every builder of the process hashes under its keys: a new one extends too.
+    other = _native.DictionaryBuilder(STOP)
+    other.add("name", ["Haddad"])
+    assert eng.set_dictionary("ehr", other, extend=True)["entries"] == 4
+    assert eng.stats()["dictionary"]["ehr"]["entries"] == 4
+    assert eng.stats()["dictionary_merged_bytes"] == 0, "one target: nothing merged"
     # Replace: only the new builder's entries remain.
     fresh = _native.DictionaryBuilder(STOP)
     fresh.add("city", ["Springfield"])
@@ -82,6 +84,31 @@ def test_set_replace_extend_and_drop_with_stats() -> None:
     assert eng.stats()["dictionary"] == {}
     with pytest.raises(KeyError):
         eng.dictionary_builder("ehr")
+
+
+def test_several_targets_are_scanned_as_one_dictionary() -> None:
+    """A value of any target's dictionary is found, with one dictionary read per scan: the
+    targets' merged (a replica's same values once), kept up to date as targets change."""
+    eng = engine("ehr", "replica", "lab")
+    for target, names in (("ehr", ["Daniel Harris"]), ("replica", ["Daniel Harris"]),
+                          ("lab", ["Okafor"])):  # fmt: skip
+        b = _native.DictionaryBuilder(STOP)
+        b.add("name", names)
+        eng.set_dictionary(target, b)
+    stats = eng.stats()
+    assert {t: s["entries"] for t, s in stats["dictionary"].items()} == {
+        "ehr": 3, "replica": 3, "lab": 1}
+    assert 0 < stats["dictionary_merged_bytes"] < 1 << 20
+    assert eng.text_has_phi("seen with Okafor today") and eng.text_has_phi("daniel harris")
+    # Replace one target: its old values are gone from the merged dictionary.
+    b = _native.DictionaryBuilder(STOP)
+    b.add("name", ["Nguyen"])
+    eng.set_dictionary("lab", b)
+    assert not eng.text_has_phi("seen with Okafor today")
+    assert eng.text_has_phi("seen with Nguyen today")
+    assert eng.drop_dictionary("ehr") and eng.drop_dictionary("replica")
+    assert not eng.text_has_phi("daniel harris")
+    assert eng.text_has_phi("Nguyen")
 
 
 def test_a_million_tokens_fit_in_64_mb() -> None:

@@ -127,7 +127,7 @@ impl Request {
 }
 
 /// Identifier values for one target's dictionary: each value is folded, hashed under the
-/// dictionary's key and forgotten. Engine.set_dictionary() takes its entries (once).
+/// process's dictionary key and forgotten. Engine.set_dictionary() takes its entries (once).
 #[pyclass(module = "phigate._native")]
 struct DictionaryBuilder {
     /// None once handed to Engine.set_dictionary().
@@ -282,7 +282,7 @@ impl Engine {
     }
 
     /// Replaces `target`'s dictionary with the builder's entries (extend=True: adds them to the
-    /// current one; the builder must come from dictionary_builder(target)). Takes the builder.
+    /// current one). Takes the builder.
     #[pyo3(signature = (target, builder, extend = false))]
     fn set_dictionary<'py>(&self, py: Python<'py>, target: &str, builder: &Bound<'py, DictionaryBuilder>, extend: bool) -> PyResult<Bound<'py, PyDict>> {
         let b = builder.borrow_mut().inner.take().ok_or_else(DictionaryBuilder::spent)?;
@@ -322,6 +322,7 @@ impl Engine {
             dictionaries.set_item(target, one)?;
         }
         d.set_item("dictionary", dictionaries)?;
+        d.set_item("dictionary_merged_bytes", self.inner.dictionary_merged_bytes())?;
         Ok(d)
     }
 

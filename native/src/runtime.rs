@@ -182,8 +182,10 @@ impl Engine {
     }
 
     /// Replaces `target`'s identifier dictionary with `builder`'s entries, or with `extend`
-    /// adds them to the current one (then `builder` must come from `dictionary_builder(target)`,
-    /// so both share a key). Applies to every session's next scan. Returns (entries, bytes).
+    /// adds them to the current one (every builder of the process shares its keys; one from
+    /// `dictionary_builder(target)` also carries the current entries). Applies to every
+    /// session's next scan, which reads all targets' dictionaries merged into one. Returns
+    /// (entries, bytes) of the target's own dictionary.
     pub fn set_dictionary(&self, target: &str, builder: DictionaryBuilder, extend: bool) -> Result<(usize, usize), String> {
         if !self.core.settings().targets.contains_key(target) {
             return Err(format!("no target {target:?} in the configuration; a dictionary belongs to a configured target"));
@@ -195,7 +197,7 @@ impl Engine {
                 Some(d) => {
                     let mut merged = DictionaryBuilder::from(&**d);
                     merged.absorb(&builder).ok_or_else(|| {
-                        format!("this builder was not started from the dictionary of target {target:?}: get one from Engine.dictionary_builder({target:?}) to extend it, or replace the dictionary (extend=False)")
+                        format!("this builder does not hash under the keys of target {target:?}'s dictionary: get one from Engine.dictionary_builder({target:?}) to extend it, or replace the dictionary (extend=False)")
                     })?;
                     Ok(merged.freeze())
                 }
@@ -222,6 +224,11 @@ impl Engine {
     /// (target, entries, bytes) of every identifier dictionary: counts only.
     pub fn dictionary_stats(&self) -> Vec<(String, usize, usize)> {
         self.core.dictionaries.stats()
+    }
+
+    /// Bytes of the merged dictionary scans read when there are several targets (0 with one).
+    pub fn dictionary_merged_bytes(&self) -> usize {
+        self.core.dictionaries.merged_bytes()
     }
 
     pub fn stats(&self) -> Vec<(&'static str, u64)> {

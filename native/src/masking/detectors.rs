@@ -245,21 +245,21 @@ impl Detectors {
 
     /// Every hit, sorted by position, without overlaps.
     ///
-    /// Patterns first: among them the earliest, then longest, wins. Then each dictionary (in
-    /// target order) scans only the text outside earlier hits and outside tags already in the
-    /// text, so its hits never overlap (none is dropped half-way, leaving the rest of a name in
+    /// Patterns first: among them the earliest, then longest, wins. Then the dictionary (all
+    /// targets' merged: `DictionarySet::scanned`) scans only the text outside their hits and
+    /// outside tags already in the text, so its hits never overlap (none is dropped half-way, leaving the rest of a name in
     /// clear) and scrubbing twice changes nothing the first time did not.
     pub fn hits(&self, text: &str) -> Vec<Hit> {
         let mut hits = self.pattern_hits(text);
         if !self.dictionaries.any() {
             return hits;
         }
-        let dictionaries = self.dictionaries.load();
+        let dictionaries = self.dictionaries.scanned();
         let mut walls: Vec<(usize, usize)> = hits.iter().map(|h| (h.start, h.end)).collect();
         walls.extend(tag_spans(text, &self.tags));
         walls.sort_unstable();
         let patterns = hits.len();
-        for (i, d) in dictionaries.values().enumerate() {
+        for (i, d) in dictionaries.iter().enumerate() {
             let from = hits.len();
             d.scan_between(text, &walls, &mut hits);
             if hits.len() > from && i + 1 < dictionaries.len() {

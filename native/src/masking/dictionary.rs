@@ -97,9 +97,19 @@ fn folded_multiply(a: u64, b: u64) -> u64 {
     (p as u64) ^ ((p >> 64) as u64)
 }
 
+/// The keys of every dictionary of this process: the token hash's seeds, the start filter's
+/// and the pair filter's. Made once, at the first dictionary (so at each start of the
+/// gateway), and never written anywhere. One set of keys lets the dictionaries of several
+/// targets merge into the one a scan reads (`DictionarySet`): a value's hashes are the same in
+/// every target's dictionary, and one walk over a text looks them all up.
+fn process_keys() -> &'static ([u64; 4], [u64; 2], [u64; 3]) {
+    static KEYS: std::sync::OnceLock<([u64; 4], [u64; 2], [u64; 3])> = std::sync::OnceLock::new();
+    KEYS.get_or_init(rand::random)
+}
+
 impl Key {
-    fn random() -> Self {
-        let seeds: [u64; 4] = rand::random();
+    fn of_process() -> Self {
+        let seeds = process_keys().0;
         Key { shared: SharedSeed::from_u64(seeds[0]), seeds }
     }
 
@@ -558,10 +568,10 @@ struct ValueToken {
 }
 
 impl DictionaryBuilder {
-    /// A new, empty dictionary under a new random key. Tokens of `stop_words` (folded) and the
+    /// A new, empty dictionary under the process's keys. Tokens of `stop_words` (folded) and the
     /// tags' words, and tokens shorter than `min_chars` characters, never become entries alone.
     pub fn new<'s>(stop_words: impl IntoIterator<Item = &'s str>, min_chars: usize) -> Self {
-        let key = Key::random();
+        let key = Key::of_process();
         let mut stop = HashSet::new();
         for w in stop_words.into_iter().chain(TAG_WORDS) {
             let mut t = Tokens::new(w);
@@ -569,7 +579,8 @@ impl DictionaryBuilder {
                 stop.insert(key.token(f));
             }
         }
-        DictionaryBuilder { key, table: Table::with_slots(1024), starts: StartBits::new(rand::random()), pairs: PairSet::new(rand::random()), stop, min_chars }
+        let (_, start_keys, pair_keys) = *process_keys();
+        DictionaryBuilder { key, table: Table::with_slots(1024), starts: StartBits::new(start_keys), pairs: PairSet::new(pair_keys), stop, min_chars }
     }
 
     /// Entries so far (markers not counted).

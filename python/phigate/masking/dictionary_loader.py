@@ -4,7 +4,7 @@ through the gateway's own connection and hand them to the data plane batch by ba
 Why the database is the dictionary: names, street addresses and towns have no shape a pattern
 could find in a note, but the gateway knows every patient's name — it is in the classified
 columns. The data plane keeps each value only as keyed hashes of its folded words (the key is
-made when the dictionary is built) and tags matching word sequences in text that leaves for a
+made when the gateway starts) and tags matching word sequences in text that leaves for a
 masked identity. Python holds the clear values of one batch at a time and never logs them.
 
 Refreshing: at start and on reload every column is read again into a new dictionary. Between
