@@ -458,10 +458,12 @@ def _masking_section(mk: dict[str, Any]) -> list[str]:
             L.append(f"| {key} | {label} | " + " | ".join(cells) + f" | {_f(bound, 2)} |")
     L.append("")
     if any(res.get("direct_rewritten") for _, res in sets):
-        L.append("\"direct, rewritten SQL\" runs the statement phigate's layer-1 rewrite sends "
-                 "upstream for the masked identity (asked of phigate's policy engine) directly on "
-                 "PostgreSQL: rewritten/direct is what computing the masks in SQL costs the "
-                 "database alone; masked/unmasked adds whatever the gateway does per row.")
+        L.append("\"direct, rewritten SQL\" runs, directly on PostgreSQL, the statement "
+                 "phigate's layer-1 rewrite makes of this read for the masked identity (asked of "
+                 "phigate's policy engine; phigate itself sends these plain reads as written and "
+                 "masks what comes back in the data plane): rewritten/direct is what computing "
+                 "the masks in SQL would cost the database; masked/unmasked is what the gateway "
+                 "does per row.")
         L.append("")
     for key, res in sets:
         chk = res.get("check", {})

@@ -118,6 +118,27 @@ def test_refresh_adds_changed_tables_and_survives_failures() -> None:
                           "mode": "refresh", "state": "failed"}  # fmt: skip
 
 
+def test_a_refresh_during_a_reload_does_not_put_back_what_the_reload_dropped() -> None:
+    """The refresh starts from a copy of the dictionary in force; if a reload installs a new
+    read while the refresh reads the database, the refresh's result is dropped (extending the
+    reload's dictionary with it would bring back the values the reload left out)."""
+    keeper: DictionaryKeeper
+    engine = Engine()
+
+    def refresher(config: Any, target: str, before: Any, builder: Any) -> IdentifierLoad:
+        # Meanwhile, a reload reads the catalog again: "Harris" was declassified.
+        keeper.install(engine, cfg("ehr"), {"ehr": snapshot("ehr", ["Olga"], sig=3)})
+        builder.add("name", ["Newpatient"])
+        return IdentifierLoad(builder=builder, columns=1, values=1, seconds=0.01,
+                              signatures={("public", "patients"): 2})  # fmt: skip
+
+    keeper = DictionaryKeeper(emit=lambda e: None, refresher=refresher)
+    keeper.install(engine, cfg("ehr"), {"ehr": snapshot("ehr", ["Harris"])})
+    asyncio.run(keeper.refresh(engine, cfg("ehr")))
+    assert engine.dicts["ehr"] == ["Olga"], "the reload's dictionary, without the old values"
+    assert engine.calls[-1] == ("set", "ehr", False)
+
+
 def test_changed_tables() -> None:
     a, b, c = ("s", "a"), ("s", "b"), ("s", "c")
     assert changed_tables({a: 1, b: 5, c: None}, {a: 1, b: 6, c: 3}) == {b, c}

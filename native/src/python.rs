@@ -294,8 +294,9 @@ impl Engine {
     }
 
     /// Removes `target`'s dictionary; False if it had none.
-    fn drop_dictionary(&self, target: &str) -> bool {
-        self.inner.drop_dictionary(target)
+    fn drop_dictionary(&self, py: Python<'_>, target: &str) -> bool {
+        // Merging the other targets' dictionaries again takes a while: not under the GIL.
+        py.allow_threads(|| self.inner.drop_dictionary(target))
     }
 
     /// True when the content detectors or a dictionary find an identifier in `text`: the

@@ -119,7 +119,8 @@ __version__: str
 
 class DictionaryBuilder:
     """Identifier values for one target's dictionary. Each value is split into tokens (runs of
-    letters and digits), folded (case, accents), hashed under a key random to the dictionary,
+    letters and digits), folded (case, accents), hashed under the gateway process's dictionary
+    key (drawn at start, shared by every target's dictionary so that scans read them merged),
     and forgotten: no clear value is kept.
 
     What a value adds: its whole token sequence (up to 15 tokens); for kind "name" also each
@@ -230,9 +231,8 @@ class Engine:
     ) -> dict[str, int]:
         """Make builder's entries target's dictionary, for every session's next scan; returns
         {"entries": int, "bytes": int}. extend=False replaces the dictionary; extend=True adds
-        the builder's entries to the current one, and the builder must come from
-        dictionary_builder(target) (ValueError otherwise; with no current dictionary it simply
-        becomes it). Takes the builder: it cannot be used again. ValueError if target is not a
+        the builder's entries to the current one (with no current dictionary it simply becomes
+        it). Scans read every target's dictionary merged into one. Takes the builder: it cannot be used again. ValueError if target is not a
         configured target."""
 
     def drop_dictionary(self, target: str) -> bool:

@@ -85,7 +85,8 @@ impl Kind {
 /// Always stop words, whatever the caller passes: the words of the tags.
 const TAG_WORDS: [&str; 10] = ["name", "address", "city", "zip", "mrn", "email", "phone", "ssn", "dob", "phi"];
 
-/// The random key of one dictionary: token hashes and sequence mixing both depend on it.
+/// The process's random dictionary key (`process_keys`): token hashes and sequence mixing both
+/// depend on it.
 #[derive(Clone)]
 struct Key {
     seeds: [u64; 4],

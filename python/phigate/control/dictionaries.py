@@ -61,6 +61,10 @@ class DictionaryKeeper:
         self._signatures: dict[str, Mapping[tuple[str, str], int | None]] = {}
         self._refreshes = 0
         self._lock = asyncio.Lock()
+        # Counts installs: a refresh that reads while a reload installs fresh dictionaries
+        # must not extend them with its copy of the old one (it would put back what the
+        # reload dropped: declassified columns, removed kinds, new stop words).
+        self._installs = 0
 
     def install(
         self,
@@ -69,6 +73,7 @@ class DictionaryKeeper:
         catalogs: Mapping[str, CatalogSnapshot | None],
     ) -> None:
         """Hand every newly read dictionary to the data plane; drop removed targets'."""
+        self._installs += 1
         for name in list(self._signatures):
             if name not in config.targets:
                 engine.drop_dictionary(name)
@@ -101,6 +106,7 @@ class DictionaryKeeper:
                 if name not in config.targets:
                     continue
                 builder = engine.dictionary_builder(name)
+                installs = self._installs
                 try:
                     load = await asyncio.to_thread(self._refresher, config, name, before, builder)
                 except PhigateError as exc:
@@ -111,6 +117,10 @@ class DictionaryKeeper:
                     continue
                 if load is None or name not in self._signatures:
                     continue  # dictionary turned off or target dropped meanwhile
+                if self._installs != installs:
+                    # A reload installed a new read meanwhile: it is newer than this one, and
+                    # this builder started from the dictionary it replaced.
+                    continue
                 self._signatures[name] = load.signatures
                 taken = load.take()
                 if load.columns == 0 or taken is None:
