@@ -232,8 +232,8 @@ class Engine:
         """Make builder's entries target's dictionary, for every session's next scan; returns
         {"entries": int, "bytes": int}. extend=False replaces the dictionary; extend=True adds
         the builder's entries to the current one (with no current dictionary it simply becomes
-        it). Scans read every target's dictionary merged into one. Takes the builder: it cannot be used again. ValueError if target is not a
-        configured target."""
+        it). Scans read every target's dictionary merged into one. Takes the builder: it cannot
+        be used again. ValueError if target is not a configured target."""
 
     def drop_dictionary(self, target: str) -> bool:
         """Remove target's dictionary; False if it had none."""
