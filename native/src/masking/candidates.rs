@@ -229,6 +229,13 @@ mod tests {
     use crate::masking::start_filter::StartBits;
     use proptest::prelude::*;
 
+    /// A window of `s` from two arbitrary numbers: both ends on char boundaries, in order.
+    fn window(s: &str, cut: (u16, u16)) -> (usize, usize) {
+        let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+        let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
+        (a.min(b), a.max(b))
+    }
+
     proptest! {
         /// With a filter every token passes, the walk finds exactly the tokens `Tokens` finds,
         /// each with the sample and the fold of its own fold, in any window; a token ruled out
@@ -238,9 +245,7 @@ mod tests {
             s in "([a-zA-Z0-9]{1,20}|[a-z]{60,70}|[ .,'-]{1,3}|é|Ü|\u{308}|ß|İ|ﹲ|½|\\PC){0,60}",
             cut in any::<(u16, u16)>(),
         ) {
-            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
-            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
-            let (from, to) = (a.min(b), a.max(b));
+            let (from, to) = window(&s, cut);
             let mut want = vec![];
             let mut t = Tokens::within(&s, from, to);
             while let Some((start, end, f)) = t.next_token() {
@@ -302,9 +307,7 @@ mod tests {
             log in 12u32..22,
             batch_len in 1usize..10,
         ) {
-            let bounds: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
-            let (a, b) = (bounds[cut.0 as usize % bounds.len()], bounds[cut.1 as usize % bounds.len()]);
-            let (from, to) = (a.min(b), a.max(b));
+            let (from, to) = window(&s, cut);
             let mut all = vec![];
             let mut t = Tokens::within(&s, from, to);
             while let Some((start, end, f)) = t.next_token() {

@@ -247,8 +247,9 @@ impl Detectors {
     ///
     /// Patterns first: among them the earliest, then longest, wins. Then the dictionary (all
     /// targets' merged: `DictionarySet::scanned`) scans only the text outside their hits and
-    /// outside tags already in the text, so its hits never overlap (none is dropped half-way, leaving the rest of a name in
-    /// clear) and scrubbing twice changes nothing the first time did not.
+    /// outside tags already in the text, so its hits never overlap (none is dropped half-way,
+    /// leaving the rest of a name in clear) and scrubbing twice changes nothing the first time
+    /// did not. (Several dictionaries are scanned in turn only if they could not be merged.)
     pub fn hits(&self, text: &str) -> Vec<Hit> {
         let mut hits = self.pattern_hits(text);
         if !self.dictionaries.any() {

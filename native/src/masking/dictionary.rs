@@ -650,16 +650,25 @@ impl DictionaryBuilder {
         entries.into_iter().map(|(h, first, start)| self.entry(h, first, start, kind)).sum()
     }
 
-    /// Adds every entry and marker of `other`, which must share this builder's key (it was
-    /// started from the same dictionary); returns the entries added, or None for another key.
+    /// Adds every entry and marker of `other`, which must share this builder's keys (every
+    /// builder of the process does); returns the entries added, or None for other keys.
     pub fn absorb(&mut self, other: &DictionaryBuilder) -> Option<usize> {
-        if other.key.seeds != self.key.seeds || !other.starts.same_keys(&self.starts) || !other.pairs.same_keys(&self.pairs) {
+        self.absorb_parts(&other.key, &other.table, &other.starts, &other.pairs)
+    }
+
+    /// `absorb` of a frozen dictionary, read in place (no copy of its table).
+    pub fn absorb_frozen(&mut self, other: &Dictionary) -> Option<usize> {
+        self.absorb_parts(&other.key, &other.table, &other.starts, &other.pairs)
+    }
+
+    fn absorb_parts(&mut self, key: &Key, table: &Table, starts: &StartBits, pairs: &PairSet) -> Option<usize> {
+        if key.seeds != self.key.seeds || !starts.same_keys(&self.starts) || !pairs.same_keys(&self.pairs) {
             return None;
         }
-        self.starts.absorb(&other.starts);
-        self.pairs.absorb(&other.pairs);
+        self.starts.absorb(starts);
+        self.pairs.absorb(pairs);
         let before = self.table.entries;
-        for s in other.table.occupied() {
+        for s in table.occupied() {
             self.table.insert(s, if s & MARKER == 0 { Merge::KeepFirst } else { Merge::Max });
         }
         Some(self.table.entries - before)

@@ -114,7 +114,7 @@ fn merged(m: &Dictionaries) -> Vec<Arc<Dictionary>> {
     }
     let mut all = DictionaryBuilder::from(&**full[0]);
     for d in &full[1..] {
-        if all.absorb(&DictionaryBuilder::from(&***d)).is_none() {
+        if all.absorb_frozen(d).is_none() {
             // Not under the same keys (not built by this process's builders): each apart.
             return full.into_iter().cloned().collect();
         }
