@@ -4,14 +4,17 @@
 //!
 //! A block of 64 ASCII bytes becomes two bit masks (token starts, token ends) once, and the
 //! walk keeps them between calls: each token costs a few bit operations, one load of its first
-//! 8 bytes and one bit of the filter. Candidates are collected a batch at a time, so the walk's
+//! 8 bytes and one bit of the filter. Tokens of one or two bytes that cannot start anything of
+//! their class (`StartFilter::trim`) leave the masks before the loop, a few operations for the
+//! whole block: in clinical text they are a third of the tokens ("of", "mg", the "7" of "36.7"). Candidates are collected a batch at a time, so the walk's
 //! state stays in registers across many blocks; the block masks come from AVX2 where the CPU
 //! has it (the walk is compiled twice). Blocks with a non-ASCII byte, and tokens of 64 bytes or
 //! more, go through `Tokens` (folded char by char, sampled from the fold; both paths give the
 //! same sample for the same fold).
 
 use crate::masking::start_filter::{Probe, StartFilter};
-use crate::masking::tokens::{ascii_fold_short, load8, masks, Folded, Sample, Tokens, FOLD, KEEP};
+use crate::masking::tokens::masks::{self, Masks};
+use crate::masking::tokens::{ascii_fold_short, load8, Folded, Sample, Tokens, FOLD, KEEP};
 
 /// The bytes of the head of a token of `len` < 64 bytes: its first min(len, 8).
 const KEEP_BLOCK: [u64; 64] = {
@@ -96,7 +99,7 @@ impl<'a> Cursor<'a> {
         &mut self,
         filter: &StartFilter,
         out: &mut [Candidate],
-        block_masks: impl Fn(&[u8; 64]) -> (u64, u64),
+        block_masks: impl Fn(&[u8; 64]) -> Masks,
         keep: impl Fn(u64, usize) -> u64,
     ) -> usize {
         let b = self.text.as_bytes();
@@ -138,7 +141,7 @@ impl<'a> Cursor<'a> {
             if pos >= self.to {
                 return n;
             }
-            let (word, high) = if pos + 64 <= self.to {
+            let Masks { word, high, digits } = if pos + 64 <= self.to {
                 block_masks(b[pos..pos + 64].try_into().expect("64 bytes"))
             } else {
                 let mut tail = [0u8; 64];
@@ -152,10 +155,10 @@ impl<'a> Cursor<'a> {
                 }
                 continue;
             }
-            // `pos` is never inside a token, so bit 0 needs no carry from the byte before.
+            // `pos` is never inside a token, so bit 0 needs no carry from the byte before. The
+            // tokens too short to start anything of their class never reach the filter.
             self.base = pos;
-            self.starts = word & !(word << 1);
-            self.ends = !word & (word << 1);
+            (self.starts, self.ends) = filter.trim(word & !(word << 1), !word & (word << 1), digits);
             self.next = (pos + 64).min(self.to);
         }
     }

@@ -278,3 +278,18 @@ fn filtered_scan_on_the_edges() {
     }
     assert_eq!(tagged(&d, &format!("{} 12 Elm Street, müller.", "q".repeat(60))), format!("{} [ADDRESS], [NAME].", "q".repeat(60)));
 }
+
+/// Tokens of one or two bytes are dropped by the walk only in a class whose every start is
+/// longer: a one-digit house number and a two-letter name still start hits among them.
+#[test]
+fn short_tokens_start_hits_when_a_value_starts_with_one() {
+    let d = build(&[(Kind::Address, "5 Oak Ave"), (Kind::Name, "Al Wu"), (Kind::Ssn, "984-96-1001")]);
+    let reference = with_filter(&d, None);
+    let text = "a 5 of Oak 5 oak ave; wu, al. 12 x 984 96 1001 y 5 OAK AVE".repeat(3);
+    assert_eq!(d.hits(&text), reference.hits(&text));
+    assert_eq!(tagged(&d, "BP 120/80 a 5 oak ave, x wu"), "BP 120/80 a [ADDRESS], x [NAME]");
+    let d = build(&[(Kind::Name, "Harris"), (Kind::Ssn, "984-96-1001")]);
+    let text = "a 5 of 12 x to be harris 984 96 1001 HR 98".repeat(4);
+    assert_eq!(d.hits(&text), with_filter(&d, None).hits(&text));
+    assert_eq!(tagged(&d, "seen by Harris, 984-96-1001 at 12 x"), "seen by [NAME], [SSN] at 12 x");
+}

@@ -10,6 +10,10 @@
 //! token after it before hashing anything (a 3-digit dose is an SSN's first group, rarely its
 //! first two groups).
 //!
+//! Each class (numbers, everything else: `CLASSES`) also keeps the length of its shortest
+//! start: a token of one or two bytes shorter than that is ruled out by its length alone, which
+//! the walk applies to a whole block of tokens at once (`trim`).
+//!
 //! The builder keeps the bitsets at full resolution; a frozen dictionary scans with them folded
 //! down to the smallest size that stays sparse (a few hundred names fit in 4 KB), or without a
 //! filter when even the full size is mostly ones (millions of tokens: then the batched,
@@ -28,6 +32,11 @@ const MIN_LOG: u32 = 12;
 const SPARSE: usize = 64;
 /// Beyond 1 bit in 4 set at full resolution the filter is not used.
 const DENSE: usize = 4;
+/// Tokens shorter than every start of their class are ruled out by length alone, up to this
+/// length: a token of one or two bytes is told by a shift of the block's end mask, so the walk
+/// drops them all at once per block, before any bitset is read (ordinary text is about one
+/// token in three of one or two bytes: "of", "mg", "BP", the digits of "36.7").
+const SHORT: usize = 3;
 
 /// Tokens are kept in two classes, each in bitsets of its own: those whose first folded byte
 /// is a digit and all others. A dictionary with tens of thousands of numbers (SSNs and phone
@@ -51,6 +60,8 @@ pub struct StartBits {
     /// Per class: the index of every start, and of those set by tokens that are entries alone.
     bits: [Indexes; CLASSES],
     alone: [Indexes; CLASSES],
+    /// Per class: the length in bytes of its shortest start (usize::MAX: none yet).
+    shortest: [usize; CLASSES],
 }
 
 /// Full-resolution bit indexes, deduplicated whenever they doubled since the last time.
@@ -96,12 +107,17 @@ struct Part {
     bits: Vec<u64>,
     alone: Vec<u64>,
     shift: u32,
+    /// Tokens of fewer bytes start nothing in this class (at most `SHORT`).
+    min_len: usize,
 }
 
 /// The folded bitsets a scan reads, per class.
 pub struct StartFilter {
     keys: [u64; 2],
     parts: [Part; CLASSES],
+    /// `min_len` as the walk's block masks: all ones where a class rules out one-byte
+    /// (`[0]`) or two-byte (`[1]`) tokens, per class.
+    short: [[u64; 2]; CLASSES],
 }
 
 /// What a token may start.
@@ -128,7 +144,7 @@ fn ones(bits: &[u64]) -> usize {
 impl StartBits {
     /// An empty set under `keys` (random per dictionary, like the table's hash key).
     pub fn new(keys: [u64; 2]) -> Self {
-        StartBits { keys, bits: Default::default(), alone: Default::default() }
+        StartBits { keys, bits: Default::default(), alone: Default::default(), shortest: [usize::MAX; CLASSES] }
     }
 
     pub fn same_keys(&self, other: &StartBits) -> bool {
@@ -141,6 +157,7 @@ impl StartBits {
         let c = class_of(s);
         let i = (fingerprint(&self.keys, s) >> (64 - FULL_LOG)) as u32;
         self.bits[c].insert(i);
+        self.shortest[c] = self.shortest[c].min(s.len);
         if start == Start::Alone {
             self.alone[c].insert(i);
         }
@@ -151,6 +168,7 @@ impl StartBits {
         for c in 0..CLASSES {
             self.bits[c].absorb(&other.bits[c]);
             self.alone[c].absorb(&other.alone[c]);
+            self.shortest[c] = self.shortest[c].min(other.shortest[c]);
         }
     }
 
@@ -174,14 +192,14 @@ impl StartBits {
             }
             unreachable!("the full size is always accepted")
         };
-        Some(StartFilter { keys: self.keys, parts: [part(0), part(1)] })
+        Some(StartFilter::of_parts(self.keys, [part(0), part(1)]))
     }
 
     /// Class `c`'s bitsets of 2^log bits: bit i is set when any full-resolution bit whose
     /// index has `i` as its top `log` bits is (the index is the fingerprint's top bits at
     /// every size).
     fn folded_part(&self, c: usize, log: u32) -> Part {
-        Part { bits: self.bits[c].fold(log), alone: self.alone[c].fold(log), shift: 64 - log }
+        Part { bits: self.bits[c].fold(log), alone: self.alone[c].fold(log), shift: 64 - log, min_len: self.shortest[c].min(SHORT) }
     }
 }
 
@@ -191,20 +209,20 @@ impl StartBits {
     /// size).
     pub(crate) fn folded_for_tests(&self, log: u32) -> StartFilter {
         let log = log.clamp(MIN_LOG, FULL_LOG);
-        StartFilter { keys: self.keys, parts: [self.folded_part(0, log), self.folded_part(1, log)] }
+        StartFilter::of_parts(self.keys, [self.folded_part(0, log), self.folded_part(1, log)])
     }
 
     /// A filter every token passes, as an entry alone (as if the set were full).
     pub(crate) fn everything_for_tests(&self) -> StartFilter {
-        let full = || Part { bits: vec![u64::MAX; 1 << (MIN_LOG - 6)], alone: vec![u64::MAX; 1 << (MIN_LOG - 6)], shift: 64 - MIN_LOG };
-        StartFilter { keys: self.keys, parts: [full(), full()] }
+        let full = || Part { bits: vec![u64::MAX; 1 << (MIN_LOG - 6)], alone: vec![u64::MAX; 1 << (MIN_LOG - 6)], shift: 64 - MIN_LOG, min_len: 0 };
+        StartFilter::of_parts(self.keys, [full(), full()])
     }
 
     /// A filter every token passes, only the real entries alone as such: every other token
     /// goes through the pair filter.
     pub(crate) fn every_start_for_tests(&self) -> StartFilter {
-        let part = |c: usize| Part { bits: vec![u64::MAX; 1 << (FULL_LOG - 6)], ..self.folded_part(c, FULL_LOG) };
-        StartFilter { keys: self.keys, parts: [part(0), part(1)] }
+        let part = |c: usize| Part { bits: vec![u64::MAX; 1 << (FULL_LOG - 6)], min_len: 0, ..self.folded_part(c, FULL_LOG) };
+        StartFilter::of_parts(self.keys, [part(0), part(1)])
     }
 }
 
@@ -238,10 +256,19 @@ impl Probe<'_> {
 }
 
 impl StartFilter {
+    fn of_parts(keys: [u64; 2], parts: [Part; CLASSES]) -> Self {
+        let all = |rule: bool| if rule { u64::MAX } else { 0 };
+        let short = [0, 1].map(|c| [all(parts[c].min_len > 1), all(parts[c].min_len > 2)]);
+        StartFilter { keys, parts, short }
+    }
+
     /// False when no entry or longer sequence starts with a token of this fold sample.
     #[inline(always)]
     pub fn may_start(&self, s: Sample) -> bool {
         let p = &self.parts[class_of(s)];
+        if s.len < p.min_len {
+            return false;
+        }
         let i = (fingerprint(&self.keys, s) >> p.shift) as usize;
         debug_assert!(i / 64 < p.bits.len());
         // SAFETY: `shift` is 64 - log and `bits` has 2^log bits, so `i` (the fingerprint's top
@@ -249,6 +276,19 @@ impl StartFilter {
         // every token of the text.
         let word = unsafe { *p.bits.get_unchecked(i / 64) };
         word >> (i % 64) & 1 == 1
+    }
+
+    /// A block's token starts and ends (bit j: byte j) without the tokens of one and two
+    /// bytes `may_start` rules out by length (`digits`: the block's ASCII digits, which tell a
+    /// token's class from its first byte). A token of one byte at j has its end at j + 1, one
+    /// of two bytes at j + 2 (its second byte is a letter or digit, or there would be an end
+    /// at j + 1); a token that runs past the block has no end in it and stays.
+    #[inline(always)]
+    pub fn trim(&self, starts: u64, ends: u64, digits: u64) -> (u64, u64) {
+        let [[word_one, word_two], [digit_one, digit_two]] = self.short;
+        let one = starts & (ends >> 1) & (digits & digit_one | !digits & word_one);
+        let two = starts & (ends >> 2) & (digits & digit_two | !digits & word_two);
+        (starts & !(one | two), ends & !(one << 1 | two << 2))
     }
 
     /// The filter as the token walk reads it.
@@ -348,5 +388,51 @@ mod tests {
             .collect();
         passed.sort_unstable();
         assert!(passed[4] < 400, "a median {} of 10,000 other numbers pass ({passed:?})", passed[4]);
+    }
+
+    /// The tokens of `text` (at most 64 bytes) a block of the walk reads after `trim`.
+    fn trimmed(f: &StartFilter, text: &str) -> Vec<String> {
+        let mut block = [0u8; 64];
+        block[..text.len()].copy_from_slice(text.as_bytes());
+        let m = crate::masking::tokens::masks::scalar(&block);
+        let (mut starts, mut ends) = f.trim(m.word & !(m.word << 1), !m.word & (m.word << 1), m.digits);
+        let mut out = vec![];
+        while ends != 0 {
+            let (s, e) = (starts.trailing_zeros() as usize, ends.trailing_zeros() as usize);
+            out.push(text[s..e].to_string());
+            (starts, ends) = (starts & (starts - 1), ends & (ends - 1));
+        }
+        out
+    }
+
+    #[test]
+    fn tokens_shorter_than_every_start_of_their_class_are_ruled_out() {
+        // Words start at three letters at the shortest, numbers at one digit (a house number).
+        let mut s = StartBits::new(rand::random());
+        s.insert(sample("lee"), Start::Alone);
+        s.insert(sample("5"), Start::Sequence);
+        let f = s.filter().expect("sparse");
+        assert!(!f.may_start(sample("le")) && !f.may_start(sample("l")), "shorter than every word start");
+        assert!(f.may_start(sample("lee")) && f.may_start(sample("5")));
+        assert_eq!(trimmed(&f, "a of lee 5 12 xy BP 120 I"), ["lee", "5", "12", "120"], "one- and two-byte words dropped");
+        // Two-letter words start entries now; one letter still does not. Numbers: three digits.
+        let mut s = StartBits::new(rand::random());
+        s.insert(sample("wu"), Start::Alone);
+        s.insert(sample("984"), Start::Sequence);
+        let f = s.filter().expect("sparse");
+        assert_eq!(trimmed(&f, "a of lee 5 12 xy BP 120 I"), ["of", "lee", "xy", "BP", "120"]);
+        // A token running past the block has no end in it: it stays, for the next block.
+        let text = format!("{} ab", "x".repeat(62));
+        assert_eq!(trimmed(&f, &text[..64]), ["x".repeat(62)]);
+        let mut block = [b'q'; 64];
+        block[61] = b' ';
+        let m = crate::masking::tokens::masks::scalar(&block);
+        let (starts, _) = f.trim(m.word & !(m.word << 1), !m.word & (m.word << 1), m.digits);
+        assert_eq!(starts, 1 | 1 << 62, "the two letters at the block's end may go on in the next");
+        // Filters that pass every token rule none out by length.
+        for all in [s.everything_for_tests(), s.every_start_for_tests()] {
+            assert_eq!(trimmed(&all, "a of 5 12"), ["a", "of", "5", "12"]);
+            assert!(all.may_start(sample("a")));
+        }
     }
 }

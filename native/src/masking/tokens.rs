@@ -133,11 +133,11 @@ pub(crate) fn ascii_sample(b: &[u8], start: usize, end: usize) -> Sample {
 #[inline]
 pub(crate) fn masks_at(b: &[u8], base: usize, to: usize) -> (u64, u64) {
     if base + 64 <= to {
-        masks::of(b[base..base + 64].try_into().expect("64 bytes"))
+        masks::of(b[base..base + 64].try_into().expect("64 bytes")).word_high()
     } else {
         let mut tail = [0u8; 64];
         tail[..to - base].copy_from_slice(&b[base..to]);
-        masks::of(&tail)
+        masks::of(&tail).word_high()
     }
 }
 
@@ -226,11 +226,11 @@ impl<'a> Tokens<'a> {
         self.block = block;
         let b = &self.text.as_bytes()[..self.to];
         let (word, high) = if block + 64 <= b.len() {
-            masks::of(b[block..block + 64].try_into().expect("64 bytes"))
+            masks::of(b[block..block + 64].try_into().expect("64 bytes")).word_high()
         } else if block < b.len() {
             let mut tail = [0u8; 64];
             tail[..b.len() - block].copy_from_slice(&b[block..]);
-            masks::of(&tail)
+            masks::of(&tail).word_high()
         } else {
             (0, 0)
         };
@@ -416,12 +416,31 @@ impl<'a> Tokens<'a> {
     }
 }
 
-/// The two masks of a 64-byte block: ASCII letters and digits; bytes >= 0x80.
+/// The masks of a 64-byte block: ASCII letters and digits; bytes >= 0x80; ASCII digits.
 pub(crate) mod masks {
+    /// A 64-byte block as bit masks (bit j = byte j).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Masks {
+        /// ASCII letters and digits: the bytes of tokens.
+        pub word: u64,
+        /// Non-ASCII bytes.
+        pub high: u64,
+        /// ASCII digits (a token's start filter class is its first byte's).
+        pub digits: u64,
+    }
+
+    impl Masks {
+        /// What the tokenizer reads: (word, high).
+        #[inline(always)]
+        pub fn word_high(self) -> (u64, u64) {
+            (self.word, self.high)
+        }
+    }
+
     /// AVX2 (two 32-byte steps) where the CPU has it, else SSE2 (part of every x86_64).
     #[cfg(target_arch = "x86_64")]
     #[inline]
-    pub fn of(b: &[u8; 64]) -> (u64, u64) {
+    pub fn of(b: &[u8; 64]) -> Masks {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
             unsafe { of_avx2(b) }
@@ -434,13 +453,13 @@ pub(crate) mod masks {
     /// them into 64 single bits and packs them again (hundreds of instructions a block).
     #[cfg(target_arch = "x86_64")]
     #[inline(never)]
-    pub fn of_sse2(b: &[u8; 64]) -> (u64, u64) {
+    pub fn of_sse2(b: &[u8; 64]) -> Masks {
         use std::arch::x86_64::*;
         // SAFETY: SSE2 is part of the x86_64 baseline; each load reads 16 bytes inside `b`.
         unsafe {
             let (a, z, zero, nine, fold) =
                 (_mm_set1_epi8(b'a' as i8), _mm_set1_epi8(b'z' as i8), _mm_set1_epi8(b'0' as i8), _mm_set1_epi8(b'9' as i8), _mm_set1_epi8(0x20));
-            let (mut word, mut high) = (0u64, 0u64);
+            let (mut word, mut high, mut digits) = (0u64, 0u64, 0u64);
             for k in 0..4 {
                 let v = _mm_loadu_si128(b.as_ptr().add(16 * k) as *const __m128i);
                 // Unsigned range checks: min(max(x, lo), hi) == x exactly for lo..=hi. OR 0x20
@@ -450,8 +469,9 @@ pub(crate) mod masks {
                 let digit = _mm_cmpeq_epi8(_mm_min_epu8(_mm_max_epu8(v, zero), nine), v);
                 word |= u64::from(_mm_movemask_epi8(_mm_or_si128(letter, digit)) as u16) << (16 * k);
                 high |= u64::from(_mm_movemask_epi8(v) as u16) << (16 * k);
+                digits |= u64::from(_mm_movemask_epi8(digit) as u16) << (16 * k);
             }
-            (word, high)
+            Masks { word, high, digits }
         }
     }
 
@@ -459,11 +479,11 @@ pub(crate) mod masks {
     #[cfg(target_arch = "x86_64")]
     #[inline(never)]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn of_avx2(b: &[u8; 64]) -> (u64, u64) {
+    pub unsafe fn of_avx2(b: &[u8; 64]) -> Masks {
         use std::arch::x86_64::*;
         let (a, z, zero, nine, fold) =
             (_mm256_set1_epi8(b'a' as i8), _mm256_set1_epi8(b'z' as i8), _mm256_set1_epi8(b'0' as i8), _mm256_set1_epi8(b'9' as i8), _mm256_set1_epi8(0x20));
-        let (mut word, mut high) = (0u64, 0u64);
+        let (mut word, mut high, mut digits) = (0u64, 0u64, 0u64);
         for k in 0..2 {
             // SAFETY: each load reads 32 bytes inside `b`.
             let v = unsafe { _mm256_loadu_si256(b.as_ptr().add(32 * k) as *const __m256i) };
@@ -472,24 +492,26 @@ pub(crate) mod masks {
             let digit = _mm256_cmpeq_epi8(_mm256_min_epu8(_mm256_max_epu8(v, zero), nine), v);
             word |= u64::from(_mm256_movemask_epi8(_mm256_or_si256(letter, digit)) as u32) << (32 * k);
             high |= u64::from(_mm256_movemask_epi8(v) as u32) << (32 * k);
+            digits |= u64::from(_mm256_movemask_epi8(digit) as u32) << (32 * k);
         }
-        (word, high)
+        Masks { word, high, digits }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub fn of(b: &[u8; 64]) -> (u64, u64) {
+    pub fn of(b: &[u8; 64]) -> Masks {
         scalar(b)
     }
 
     /// One byte at a time: the reference the SIMD version is tested against.
     #[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
-    pub fn scalar(b: &[u8; 64]) -> (u64, u64) {
-        let (mut word, mut high) = (0u64, 0u64);
+    pub fn scalar(b: &[u8; 64]) -> Masks {
+        let (mut word, mut high, mut digits) = (0u64, 0u64, 0u64);
         for (j, &c) in b.iter().enumerate() {
             word |= u64::from(c.is_ascii_alphanumeric()) << j;
             high |= u64::from(c >= 0x80) << j;
+            digits |= u64::from(c.is_ascii_digit()) << j;
         }
-        (word, high)
+        Masks { word, high, digits }
     }
 }
 
