@@ -244,9 +244,10 @@ def describe() -> dict[str, Any]:
                                         for c, (k, m) in s.classified.items()},
                          "select": s.select_sql, "copy": s.copy_sql} for s in SETS},
         "clear_role_see_clear": CLEAR_KINDS,
-        "identifier_dictionary": "on (the default): learned from full_name (kind name); the "
-                                 "masked identity's note and encounter values are scanned with "
-                                 "it and with the content detectors",
+        "identifier_dictionary": "on (the default): learned from full_name (kind name) and "
+                                 "ssn (kind ssn, 20,000 values); the masked identity's note and "
+                                 "encounter values are scanned with it and with the content "
+                                 "detectors",
     }
 
 
