@@ -14,7 +14,7 @@
 
 use crate::masking::start_filter::{Probe, StartFilter};
 use crate::masking::tokens::masks::{self, Masks};
-use crate::masking::tokens::{ascii_fold_short, load8, Folded, Sample, Tokens, FOLD, KEEP};
+use crate::masking::tokens::{ascii_fold_short, Folded, Sample, Tokens, FOLD, KEEP};
 
 /// The bytes of the head of a token of `len` < 64 bytes: its first min(len, 8).
 const KEEP_BLOCK: [u64; 64] = {
@@ -107,18 +107,25 @@ impl<'a> Cursor<'a> {
         loop {
             if self.starts != 0 {
                 // The 8 bytes at any token start of the block are in the text, but for the last
-                // block or so: only there does each load check its bounds.
+                // block or so: that one is read from a zero-padded copy (bytes past the text read
+                // as zero, as `tokens::load8` reads them), so no load checks its bounds.
                 let base = self.base;
+                let padded: [u8; 64 + 8];
+                let block = if base + 64 + 8 <= b.len() {
+                    &b[base..base + 64 + 8]
+                } else {
+                    padded = {
+                        let mut p = [0u8; 64 + 8];
+                        p[..b.len() - base].copy_from_slice(&b[base..]);
+                        p
+                    };
+                    &padded[..]
+                };
                 // The filter's keys, shifts and bitsets in registers for the block.
                 let probe = filter.probe();
-                n = if base + 64 + 8 <= b.len() {
-                    // SAFETY: base + 64 + 8 <= b.len(), so the block's bytes and 8 past it are in
-                    // `b`, and `s` < 64.
-                    let block = unsafe { b.as_ptr().add(base) };
-                    self.drain(&probe, out, n, |s| u64::from_le(unsafe { block.add(s).cast::<u64>().read_unaligned() }), &keep)
-                } else {
-                    self.drain(&probe, out, n, |s| load8(b, base + s), &keep)
-                };
+                let block = block.as_ptr();
+                // SAFETY: `block` has 64 + 8 bytes and `s` < 64.
+                n = self.drain(&probe, out, n, |s| u64::from_le(unsafe { block.add(s).cast::<u64>().read_unaligned() }), &keep);
                 if n == out.len() {
                     return n;
                 }
