@@ -17,8 +17,9 @@
 /// True when some built-in detector may match `b` (false means certainly none).
 #[cfg(target_arch = "x86_64")]
 pub fn may_match(b: &[u8]) -> bool {
-    if std::arch::is_x86_feature_detected!("avx512vl") && std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has AVX-512 VL and BW (and so AVX2); loads as below.
+    use std::arch::is_x86_feature_detected as has;
+    if has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") {
+        // SAFETY: the CPU has every feature the function is compiled for; loads as below.
         unsafe { simd::may_match_avx512vl(b) }
     } else if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2; every load reads inside `b` or a zero-padded copy of its tail.
