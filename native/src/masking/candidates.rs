@@ -126,7 +126,12 @@ impl<'a> Cursor<'a> {
                 let probe = filter.probe();
                 let block = block.as_ptr();
                 // SAFETY: `block` has 64 + 8 bytes and `s` < 64.
+                let before = n;
                 n = self.drain(&probe, out, n, |s| u64::from_le(unsafe { block.add(s).cast::<u64>().read_unaligned() }), &keep);
+                // What each candidate may start is read a batch later: its word asked for now.
+                for c in &out[before..n] {
+                    filter.prefetch_start(c.sample);
+                }
                 if n == out.len() {
                     return n;
                 }

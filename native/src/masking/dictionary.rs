@@ -206,14 +206,7 @@ impl Table {
     /// Asks the CPU to bring bucket `line` into cache now, to be read a few tokens later.
     #[inline(always)]
     fn prefetch(&self, line: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let line: *const Line = &self.lines[line];
-            // SAFETY: a prefetch is a hint; it never faults and the address is in the table.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.cast()) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = line;
+        crate::masking::prefetch(&self.lines[line]);
     }
 
     /// (entry kind code, marker length) of hash `h`, whose home bucket is `line`; 0 where
@@ -416,14 +409,30 @@ impl Dictionary {
         let mut batch = [(0usize, 0usize, 0u64, None::<Sample>); CANDIDATES];
         // Where the next hit may start: the end of the last hit.
         let mut resume = from;
+        // Per candidate of a batch: whether it is an entry alone, else the pair filter's bit
+        // for it and the token after it (None: no token after it, so it continues nothing).
+        let mut asks = [(false, None::<usize>); CANDIDATES];
         loop {
             let got = cursor.fill(filter, &mut candidates);
+            // The bitset words every candidate of the batch will read are requested first, so
+            // that their cache misses (large dictionaries, and cold between rows) overlap.
+            for (c, ask) in candidates[..got].iter().zip(&mut asks) {
+                let alone = filter.start(c.sample) == Start::Alone;
+                let pair = if alone {
+                    None
+                } else {
+                    sample_after(text, c.end, to).map(|second| self.pair_filter.index(c.sample, second))
+                };
+                if let Some(i) = pair {
+                    self.pair_filter.prefetch(i);
+                }
+                *ask = (alone, pair);
+            }
             let mut n = 0;
-            for c in &candidates[..got] {
+            for (c, &(unasked, pair)) in candidates[..got].iter().zip(&asks) {
                 // A token that can only start a sequence: the token after it decides, from
                 // samples, before anything is hashed.
-                let unasked = filter.start(c.sample) == Start::Alone;
-                if !unasked && !self.continues(c.sample, text, c.end, to) {
+                if !unasked && !pair.is_some_and(|i| self.pair_filter.has(i)) {
                     continue;
                 }
                 let hash = self.key.token(cursor.fold(c));

@@ -20,3 +20,16 @@ pub mod values;
 
 #[cfg(test)]
 mod mask_tests;
+
+/// Asks the CPU to bring the cache line of `x` in now, to be read a little later (the
+/// dictionary's tables and bitsets, when they are too large to stay in cache between rows).
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults, and `x` is a valid reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((x as *const T).cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}

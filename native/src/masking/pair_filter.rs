@@ -104,7 +104,23 @@ impl PairFilter {
     /// of sample `second`.
     #[inline]
     pub fn may_continue(&self, first: Sample, second: Sample) -> bool {
-        let i = (pair_hash(&self.keys, first, second) >> self.shift) as usize;
+        self.has(self.index(first, second))
+    }
+
+    /// The bit `may_continue` reads for the pair: `prefetch` it, `has` it later (a batch of
+    /// candidates waits for its bits together, not one after the other).
+    #[inline]
+    pub fn index(&self, first: Sample, second: Sample) -> usize {
+        (pair_hash(&self.keys, first, second) >> self.shift) as usize
+    }
+
+    #[inline]
+    pub fn prefetch(&self, i: usize) {
+        crate::masking::prefetch(&self.bits[i / 64]);
+    }
+
+    #[inline]
+    pub fn has(&self, i: usize) -> bool {
         self.bits[i / 64] >> (i % 64) & 1 == 1
     }
 

@@ -312,6 +312,16 @@ impl StartFilter {
         }
     }
 
+    /// Asks the CPU to fetch the word of the `alone` bitset `start` will read for `s`: a
+    /// candidate's `start` comes a batch later, and with tens of thousands of numbers stored
+    /// that bitset is too large to stay in cache between rows.
+    #[inline]
+    pub fn prefetch_start(&self, s: Sample) {
+        let p = &self.parts[class_of(s)];
+        let i = (fingerprint(&self.keys, s) >> p.shift) as usize;
+        crate::masking::prefetch(&p.alone[i / 64]);
+    }
+
     pub fn memory_bytes(&self) -> usize {
         self.parts.iter().map(|p| (p.bits.capacity() + p.alone.capacity()) * 8).sum()
     }
