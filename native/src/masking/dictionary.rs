@@ -418,11 +418,7 @@ impl Dictionary {
             // that their cache misses (large dictionaries, and cold between rows) overlap.
             for (c, ask) in candidates[..got].iter().zip(&mut asks) {
                 let alone = filter.start(c.sample) == Start::Alone;
-                let pair = if alone {
-                    None
-                } else {
-                    sample_after(text, c.end, to).map(|second| self.pair_filter.index(c.sample, second))
-                };
+                let pair = if alone { None } else { self.pair_bit(c.sample, text, c.end, to) };
                 if let Some(i) = pair {
                     self.pair_filter.prefetch(i);
                 }
@@ -462,7 +458,14 @@ impl Dictionary {
     /// with the token after it (false is exact; true may be wrong).
     #[inline]
     fn continues(&self, first: Sample, text: &str, end: usize, to: usize) -> bool {
-        sample_after(text, end, to).is_some_and(|second| self.pair_filter.may_continue(first, second))
+        self.pair_bit(first, text, end, to).is_some_and(|i| self.pair_filter.has(i))
+    }
+
+    /// The pair filter's bit for a token of sample `first` that ends at `end` and the token
+    /// after it; None when no token follows (then nothing stored goes on from it).
+    #[inline]
+    fn pair_bit(&self, first: Sample, text: &str, end: usize, to: usize) -> Option<usize> {
+        sample_after(text, end, to).map(|second| self.pair_filter.index(first, second))
     }
 
     /// The longest stored sequence starting with the token hashed `first`, which ends at

@@ -21,7 +21,7 @@ pub fn may_match(b: &[u8]) -> bool {
     if has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512bw") {
         // SAFETY: the CPU has every feature the function is compiled for; loads as below.
         unsafe { simd::may_match_avx512vl(b) }
-    } else if std::arch::is_x86_feature_detected!("avx2") {
+    } else if has!("avx2") {
         // SAFETY: the CPU has AVX2; every load reads inside `b` or a zero-padded copy of its tail.
         unsafe { simd::may_match_avx2(b) }
     } else {
