@@ -403,7 +403,37 @@ fn dictionary_benches() {
 /// the masked bulk read's whole row (DataRow and COPY line) with the bulk-read dictionary.
 /// `row-varied`: the bulk-read row with 256 notes of the same words in different orders, one
 /// after the other, so that (as in a real read) the branch predictor cannot learn one note.
-const CASES: [&str; 8] = ["note-none", "note-bulk", "note-demo", "note5-demo", "row-bulk", "copy-bulk", "row-bulk-nodict", "row-varied"];
+/// `row-stream`: the masked bulk read as the gateway does it: 20,000 different rows (notes with
+/// their own vitals, doses and lab values), each copied in from a 22 MB stream as a socket read
+/// would, masked, and the output copied out 64 KB at a time as a socket write would, so that
+/// the dictionary's bitsets and table compete with the stream for the caches.
+const CASES: [&str; 9] = ["note-none", "note-bulk", "note-demo", "note5-demo", "row-bulk", "copy-bulk", "row-bulk-nodict", "row-varied", "row-stream"];
+
+/// A clinical note like the masked bulk read's (benches/masked_bulk.py): its own numbers.
+fn bench_note(rng: &mut Rng) -> String {
+    const DEPTS: &[&str] = &["internal medicine", "cardiology", "endocrinology", "pulmonology", "nephrology", "family medicine"];
+    const CONDITIONS: &[&str] = &["type 2 diabetes mellitus", "essential hypertension", "chronic kidney disease stage 3a", "asthma", "hypothyroidism", "atrial fibrillation", "gout"];
+    const MEDS: &[(&str, &str, &str)] = &[("metformin", "500", "twice daily"), ("lisinopril", "10", "once daily"), ("atorvastatin", "40", "at bedtime"), ("levothyroxine", "0.075", "every morning"), ("allopurinol", "100", "once daily"), ("metoprolol succinate", "50", "once daily")];
+    const FILLER: &[&str] = &[
+        "Exam: lungs clear to auscultation bilaterally, no wheezes or crackles. Heart regular rate and rhythm, no murmurs, rubs or gallops. Abdomen soft, non-tender, non-distended. No peripheral edema today. ",
+        "Reviewed home readings brought to the visit; most fall within the target range with a few higher values after missed doses. ",
+        "Discussed diet, regular walking and medication adherence; the patient verbalized understanding and agrees with the plan. ",
+        "No chest pain, no fever or chills, no changes in bowel habits, no new rashes. Sleep is fair. Denies tobacco use; alcohol occasionally on weekends. ",
+        "Medication reconciliation completed; no side effects reported other than mild nausea in the first week, now resolved. ",
+    ];
+    let mut r = |lo: u64, hi: u64| lo + rng.next(hi - lo + 1);
+    let (m1, m2) = (MEDS[r(0, 2) as usize], MEDS[r(3, 5) as usize]);
+    let mut t = format!(
+        "Seen in the {} clinic for follow-up of {}. Reports intermittent fatigue for the past {} days. Vitals: BP {}/{}, HR {}, RR {}, temp {}.{} C, SpO2 {}% on room air, weight {}.{} kg. Current medications: {} {} mg {}, {} {} mg {}. Labs this month: HbA1c {}.{}%, creatinine {}.{:02} mg/dL, eGFR {}, potassium {}.{} mmol/L, LDL {} mg/dL. ",
+        DEPTS[r(0, 5) as usize], CONDITIONS[r(0, 6) as usize], r(2, 30), r(104, 168), r(58, 98), r(52, 110), r(12, 22), r(36, 37), r(0, 9), r(91, 100), r(48, 130), r(0, 9),
+        m1.0, m1.1, m1.2, m2.0, m2.1, m2.2, r(5, 10), r(0, 9), r(0, 2), r(0, 99), r(28, 110), r(3, 5), r(0, 9), r(55, 190)
+    );
+    while t.len() < 1024 {
+        t.push_str(FILLER[r(0, 4) as usize]);
+    }
+    t.truncate(t[..1024].rfind(". ").map_or(1024, |i| i + 1));
+    t
+}
 
 /// 256 notes: the clinical note's words, shuffled.
 fn varied_notes() -> Vec<String> {
@@ -435,7 +465,7 @@ fn callgrind_case(case: &str) {
     };
     let detectors = match case {
         "note-none" | "row-bulk-nodict" => Arc::new(Detectors::standard()),
-        "note-bulk" | "row-bulk" | "copy-bulk" | "row-varied" => with(bulk_read_dictionary()),
+        "note-bulk" | "row-bulk" | "copy-bulk" | "row-varied" | "row-stream" => with(bulk_read_dictionary()),
         "note-demo" | "note5-demo" => with(demo_dictionary()),
         _ => panic!("unknown case {case:?}; one of {CASES:?}"),
     };
@@ -457,8 +487,46 @@ fn callgrind_case(case: &str) {
         .map(|note| data_row(&[b"12345", b"ENC-A12345", b"547-48-4730", b"Joseph Martinez", b"1981-03-16", note.as_bytes()]))
         .collect();
     let mut next = 0;
+    // row-stream: the rows one after the other as they come from PostgreSQL, a socket read's
+    // buffer, and where the socket writes copy the output to.
+    let (stream, starts) = if case == "row-stream" {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut stream = Vec::new();
+        let mut starts = vec![0];
+        for i in 0..20_000u32 {
+            let ssn = format!("{:03}-{:02}-{:04}", 100 + rng.next(800), 1 + rng.next(99), 1 + rng.next(9999));
+            let note = bench_note(&mut rng);
+            stream.extend_from_slice(&data_row(&[i.to_string().as_bytes(), format!("ENC-A{i:05}").as_bytes(), ssn.as_bytes(), b"Joseph Martinez", b"1981-03-16", note.as_bytes()]));
+            starts.push(stream.len());
+        }
+        (stream, starts)
+    } else {
+        (Vec::new(), vec![0])
+    };
+    let mut read_buf = vec![0u8; 1 << 16];
+    let mut sent = vec![0u8; stream.len().max(1 << 16)];
+    let (mut row_at, mut read_at, mut sent_at) = (0, 0, 0);
     let mut out = BytesMut::with_capacity(1 << 16);
     let mut work: Box<dyn FnMut()> = match case {
+        "row-stream" => Box::new(|| {
+            let row = &stream[starts[row_at]..starts[row_at + 1]];
+            row_at = (row_at + 1) % (starts.len() - 1);
+            // Each row lands after the last in the read buffer, as a socket read fills it.
+            if read_at + row.len() > read_buf.len() {
+                read_at = 0;
+            }
+            read_buf[read_at..read_at + row.len()].copy_from_slice(row);
+            mask_data_row(&plan, black_box(&read_buf[read_at..read_at + row.len()]), &mut out).unwrap();
+            read_at += row.len();
+            if out.len() >= 60 * 1024 {
+                if sent_at + out.len() > sent.len() {
+                    sent_at = 0;
+                }
+                sent[sent_at..sent_at + out.len()].copy_from_slice(&out);
+                sent_at += out.len();
+                out.clear();
+            }
+        }),
         "row-varied" => Box::new(|| {
             out.clear();
             next = (next + 1) % varied.len();
