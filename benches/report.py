@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,9 @@ def _paired(res: dict[str, Any], what: str) -> float | None:
     rounds cancels out, where the best of each reader can come from different rounds."""
     u, m = res.get("unmasked") or {}, res.get("masked") or {}
     us, ms = u.get(f"{what}_seconds") or [], m.get(f"{what}_seconds") or []
-    pairs = sorted(a / b for a, b in zip(us, ms) if b)
-    if not pairs or len(us) != len(ms):
+    if not us or len(us) != len(ms) or not all(ms):
         return None
-    mid = len(pairs) // 2
-    return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
+    return statistics.median(a / b for a, b in zip(us, ms, strict=True))
 
 
 def _errnote(res: dict[str, Any], sysname: str) -> str:
