@@ -91,9 +91,9 @@ def _cell(res: dict[str, Any], sysname: str, key: str) -> float | None:
 
 
 def _paired(res: dict[str, Any], what: str) -> float | None:
-    """The median over the rounds of the masked read's rows/s over the unmasked read's in the
-    same round (the two run one after the other in each round): drift of the machine between
-    rounds cancels out, where the best of each reader can come from different rounds."""
+    """The median over the passes of the masked read's rows/s over the unmasked read's in the
+    same pass (every reader reads once per pass): drift of the machine slower than a pass
+    largely cancels out, where the best of each reader can come from different passes."""
     u, m = res.get("unmasked") or {}, res.get("masked") or {}
     us, ms = u.get(f"{what}_seconds") or [], m.get(f"{what}_seconds") or []
     if not us or len(us) != len(ms) or not all(ms):
@@ -435,9 +435,9 @@ def _masking_section(mk: dict[str, Any]) -> list[str]:
                      f"{_f(_ratio(v['unmasked'], v['direct']), 2)} |")
     L.append("")
     L.append("masked/unmasked is the best masked read over the best unmasked read (the target's "
-             "measure); \"paired\" is the median over the rounds of the masked read's rows/s "
-             "over the unmasked read's of the same round, which drift of a shared machine between "
-             "rounds does not move.")
+             "measure); \"paired\" is the median over the passes of the masked read's rows/s "
+             "over the unmasked read's of the same pass, which largely cancels drift of a shared "
+             "machine between passes.")
     L.append("")
     L.append("The same, as MB/s of the clear payload (best):")
     L.append("")
