@@ -263,14 +263,21 @@ impl StartFilter {
         StartFilter { keys, parts, short }
     }
 
+    /// The part of a sample's class and its bit index there (the same index in `bits` and
+    /// `alone`).
+    #[inline(always)]
+    fn bit(&self, s: Sample) -> (&Part, usize) {
+        let p = &self.parts[class_of(s)];
+        (p, (fingerprint(&self.keys, s) >> p.shift) as usize)
+    }
+
     /// False when no entry or longer sequence starts with a token of this fold sample.
     #[inline(always)]
     pub fn may_start(&self, s: Sample) -> bool {
-        let p = &self.parts[class_of(s)];
+        let (p, i) = self.bit(s);
         if s.len < p.min_len {
             return false;
         }
-        let i = (fingerprint(&self.keys, s) >> p.shift) as usize;
         debug_assert!(i / 64 < p.bits.len());
         // SAFETY: `shift` is 64 - log and `bits` has 2^log bits, so `i` (the fingerprint's top
         // log bits) indexes a bit inside it. The bounds check costs a compare and a branch on
@@ -303,8 +310,7 @@ impl StartFilter {
     /// no entry alone.
     #[inline]
     pub fn start(&self, s: Sample) -> Start {
-        let p = &self.parts[class_of(s)];
-        let i = (fingerprint(&self.keys, s) >> p.shift) as usize;
+        let (p, i) = self.bit(s);
         if p.alone[i / 64] >> (i % 64) & 1 == 1 {
             Start::Alone
         } else {
@@ -317,8 +323,7 @@ impl StartFilter {
     /// that bitset is too large to stay in cache between rows.
     #[inline]
     pub fn prefetch_start(&self, s: Sample) {
-        let p = &self.parts[class_of(s)];
-        let i = (fingerprint(&self.keys, s) >> p.shift) as usize;
+        let (p, i) = self.bit(s);
         crate::masking::prefetch(&p.alone[i / 64]);
     }
 
