@@ -224,17 +224,7 @@ impl<'a> Tokens<'a> {
     #[inline]
     fn load(&mut self, block: usize) {
         self.block = block;
-        let b = &self.text.as_bytes()[..self.to];
-        let (word, high) = if block + 64 <= b.len() {
-            masks::of(b[block..block + 64].try_into().expect("64 bytes")).word_high()
-        } else if block < b.len() {
-            let mut tail = [0u8; 64];
-            tail[..b.len() - block].copy_from_slice(&b[block..]);
-            masks::of(&tail).word_high()
-        } else {
-            (0, 0)
-        };
-        (self.word, self.high) = (word, high);
+        (self.word, self.high) = if block < self.to { self.masks_at(block) } else { (0, 0) };
     }
 
     /// Moves the block so that it holds `pos`; false when `pos` is past the window.
