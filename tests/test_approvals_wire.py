@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +89,13 @@ def in_thread(fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
     future = pool.submit(fn)
     pool.shutdown(wait=False)
     return future
+
+
+def drop_socket(conn: psycopg.Connection[Any]) -> None:
+    """Cut the connection at the socket, as a client that dies would, leaving libpq's state to
+    the thread that is using it."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 # --- hold, approve, deny, timeout ----------------------------------------------------------
@@ -177,11 +186,14 @@ def test_disconnect_withdraws_the_request(
     conn = psycopg_connect(held, agent)
     future = in_thread(lambda: conn.execute("INSERT INTO approval_scratch VALUES (4, 'd')"))
     [request] = approver.wait_pending()
-    conn.pgconn.finish()  # the client goes away without a word
+    # The client goes away without a word. The socket is shut down rather than the connection
+    # finished: finishing frees libpq's state under the thread still waiting on it (a crash).
+    drop_socket(conn)
     view = approver.wait_status(request["id"], "withdrawn")
     assert "disconnect" in str(view.get("outcome"))
     with pytest.raises(psycopg.Error):
         future.result(10)
+    conn.close()
 
 
 def test_a_token_that_expires_while_held_closes_the_session(
